@@ -1,0 +1,39 @@
+-- reproject's own catalog. Idempotent: applied at every start under a transaction advisory lock.
+CREATE SCHEMA IF NOT EXISTS reproject;
+
+-- One row per build of a projection version: the tables live in their own schema, `schema_name`.
+CREATE TABLE IF NOT EXISTS reproject.builds (
+    build_id          bigserial   PRIMARY KEY,
+    projection        text        NOT NULL,
+    version           integer     NOT NULL,
+    schema_name       text        NOT NULL UNIQUE,
+    topic             text        NOT NULL,
+    -- loading -> indexing -> catching_up -> ready -> active -> retired -> dropped; failed on error.
+    phase             text        NOT NULL,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    loaded_at         timestamptz,
+    swapped_at        timestamptz,
+    retired_at        timestamptz,
+    history_truncated boolean     NOT NULL DEFAULT false,
+    events_replayed   bigint      NOT NULL DEFAULT 0,
+    rows_loaded       bigint      NOT NULL DEFAULT 0,
+    -- Who is writing this build now (process, host) and how far it got, refreshed every few seconds.
+    writer            text,
+    progress          jsonb,
+    progress_at       timestamptz,
+    last_error        text,
+    CONSTRAINT builds_phase CHECK (phase IN
+        ('loading', 'indexing', 'catching_up', 'ready', 'active', 'retired', 'failed', 'dropped'))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS builds_one_active ON reproject.builds (projection) WHERE phase = 'active';
+
+-- Per build and partition, the next offset to read: stored in the same transaction as the rows it
+-- describes, so a restart resumes exactly where the committed rows end.
+CREATE TABLE IF NOT EXISTS reproject.positions (
+    build_id        bigint  NOT NULL REFERENCES reproject.builds ON DELETE CASCADE,
+    partition       integer NOT NULL,
+    next_offset     bigint  NOT NULL,
+    -- The log's end (high watermark, last offset + 1) when last looked at, for lag.
+    log_end_offset  bigint,
+    PRIMARY KEY (build_id, partition)
+);

@@ -1,0 +1,2 @@
+-- Built after the bulk load.
+ALTER TABLE daily_sales ADD PRIMARY KEY (day, currency);

@@ -1,0 +1,40 @@
+//! The shop's projections. Each file declares its tables (matching `schemas/<name>/v<N>/`) and the
+//! changes each event makes.
+
+mod customer_stats;
+mod daily_sales;
+mod order_summary;
+
+pub use customer_stats::CustomerStats;
+pub use daily_sales::DailySales;
+pub use order_summary::OrderSummary;
+
+use std::sync::Arc;
+
+use super::ShopEvent;
+use crate::envelope::timestamp_micros;
+use crate::projection::{DynProjection, Value};
+
+pub fn all() -> Vec<DynProjection<ShopEvent>> {
+    vec![
+        Arc::new(OrderSummary::new()),
+        Arc::new(CustomerStats::new()),
+        Arc::new(DailySales::new()),
+    ]
+}
+
+/// A payload timestamp as a column value; an absent or out-of-range one is NULL.
+fn time(ts: &Option<prost_types::Timestamp>) -> Value {
+    ts.as_ref()
+        .and_then(timestamp_micros)
+        .map_or(Value::Null, Value::Timestamp)
+}
+
+/// The UTC day of a payload timestamp, falling back to the event's own time when the payload has none.
+fn utc_day(ts: &Option<prost_types::Timestamp>, occurred_at_micros: i64) -> Value {
+    let micros = ts
+        .as_ref()
+        .and_then(timestamp_micros)
+        .unwrap_or(occurred_at_micros);
+    Value::Date(micros.div_euclid(86_400_000_000) as i32)
+}

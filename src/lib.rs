@@ -1,0 +1,24 @@
+//! reproject replays an event log from Kafka, from offset zero, through versioned Protobuf upcasters
+//! into freshly created PostgreSQL projection tables, keeps them current, and swaps a rebuilt view in
+//! atomically once it has caught up with the live head of the log.
+//!
+//! # Layout
+//!
+//! The modules follow the data's path:
+//!
+//! ```text
+//! source/      Kafka: client settings, partitions, watermarks, reading from stored positions, dev broker
+//! envelope/    decoding the stored record and the versioned type of its payload
+//! upcast/      the upcaster registry: steps from one message version to the next, checked at start-up
+//! projection/  the projection interface, row changes, and folding them into rows in memory
+//! sink/        PostgreSQL: binary COPY, the catalog, bulk loads and transactional batches with positions
+//! swap/        a build's life: fresh tables, replay, indexes, catch-up, the atomic cut-over, following
+//! domain/      the example shop: its events in three versions, upcasters, projections, generator
+//! cli/         one file per subcommand
+//! ```
+
+pub mod domain;
+pub mod envelope;
+pub mod projection;
+pub mod proto;
+pub mod upcast;

@@ -1,0 +1,63 @@
+//! What a projection declares about each table it writes: columns, their types, the key, and the
+//! defaults a row starts from when a change touches a key that has no row yet.
+
+use super::value::{ColumnType, Value};
+
+#[derive(Clone, Debug)]
+pub struct Column {
+    pub name: &'static str,
+    pub ty: ColumnType,
+    /// The value a freshly created row holds before any change sets this column. Counters start at 0.
+    pub default: Value,
+}
+
+impl Column {
+    pub fn new(name: &'static str, ty: ColumnType) -> Column {
+        Column {
+            name,
+            ty,
+            default: Value::Null,
+        }
+    }
+
+    pub fn counter(name: &'static str) -> Column {
+        Column {
+            name,
+            ty: ColumnType::BigInt,
+            default: Value::BigInt(0),
+        }
+    }
+}
+
+/// A table of a projection. The first `key_len` columns form the primary key, so a row's key is always
+/// a prefix of the row: this keeps the fold and the COPY encoder free of column lookups.
+#[derive(Clone, Debug)]
+pub struct TableSpec {
+    pub name: &'static str,
+    pub columns: Vec<Column>,
+    pub key_len: usize,
+    /// A time column that buckets rows for verification (by day or month), if the table has one.
+    pub bucket_column: Option<&'static str>,
+}
+
+impl TableSpec {
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+
+    pub fn key_columns(&self) -> &[Column] {
+        &self.columns[..self.key_len]
+    }
+
+    /// The row a key starts from: the key itself followed by each column's default.
+    pub fn default_row(&self, key: &[super::value::Value]) -> Vec<Value> {
+        let mut row = Vec::with_capacity(self.columns.len());
+        row.extend_from_slice(key);
+        row.extend(
+            self.columns[self.key_len..]
+                .iter()
+                .map(|c| c.default.clone()),
+        );
+        row
+    }
+}
