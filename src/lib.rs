@@ -17,8 +17,13 @@
 //! cli/         one file per subcommand
 //! ```
 
+pub mod cli;
 pub mod domain;
+pub mod engine;
 pub mod envelope;
 pub mod projection;
 pub mod proto;
+pub mod sink;
+pub mod source;
+pub mod swap;
 pub mod upcast;

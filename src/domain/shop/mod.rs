@@ -12,6 +12,7 @@
 pub mod events;
 pub mod generator;
 pub mod projections;
+pub mod totals;
 pub mod upcasters;
 
 pub use events::ShopEvent;

@@ -38,3 +38,35 @@ fn utc_day(ts: &Option<prost_types::Timestamp>, occurred_at_micros: i64) -> Valu
         .unwrap_or(occurred_at_micros);
     Value::Date(micros.div_euclid(86_400_000_000) as i32)
 }
+
+/// The SQL of each projection version, compiled in from `schemas/`.
+pub fn embedded_schema(projection: &str, version: u32) -> Option<crate::projection::SchemaSql> {
+    macro_rules! sql {
+        ($name:literal, $v:literal) => {
+            crate::projection::SchemaSql {
+                tables: include_str!(concat!(
+                    "../../../../schemas/",
+                    $name,
+                    "/v",
+                    $v,
+                    "/tables.sql"
+                ))
+                .to_string(),
+                indexes: include_str!(concat!(
+                    "../../../../schemas/",
+                    $name,
+                    "/v",
+                    $v,
+                    "/indexes.sql"
+                ))
+                .to_string(),
+            }
+        };
+    }
+    Some(match (projection, version) {
+        ("order_summary", 1) => sql!("order_summary", "1"),
+        ("customer_stats", 1) => sql!("customer_stats", "1"),
+        ("daily_sales", 1) => sql!("daily_sales", "1"),
+        _ => return None,
+    })
+}

@@ -1,0 +1,194 @@
+//! The checked configuration: flags win over the environment, the environment over the config file,
+//! the file over defaults.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+use super::GlobalArgs;
+use crate::domain::shop;
+use crate::engine::{Engine, EngineParts, SchemaSource, Tuning};
+use crate::source::{parse_property, KafkaSettings};
+
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const DEFAULT_TOPIC: &str = "shop.orders";
+
+/// `reproject.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: Option<String>,
+    /// PostgreSQL URL.
+    pub database_url: Option<String>,
+    /// The topic holding the event log.
+    pub topic: Option<String>,
+    /// Schema of the stable views.
+    pub view_schema: Option<String>,
+    /// librdkafka settings, e.g. `"security.protocol" = "SASL_SSL"`.
+    #[serde(default)]
+    pub kafka: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub database_url: String,
+    pub topic: String,
+    pub view_schema: String,
+    pub schema_dir: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl Settings {
+    pub fn resolve(global: &GlobalArgs) -> anyhow::Result<Settings> {
+        let explicit = global
+            .config
+            .clone()
+            .or_else(|| env("REPROJECT_CONFIG").map(PathBuf::from));
+        let file = match &explicit {
+            Some(path) => read_config(path)?,
+            None if std::path::Path::new("reproject.toml").exists() => {
+                read_config(std::path::Path::new("reproject.toml"))?
+            }
+            None => FileConfig::default(),
+        };
+        let brokers = global
+            .brokers
+            .clone()
+            .or_else(|| env("REPROJECT_BROKERS"))
+            .or(file.brokers)
+            .unwrap_or_else(|| DEFAULT_BROKERS.into());
+        let database_url = global
+            .database_url
+            .clone()
+            .or_else(|| env("DATABASE_URL"))
+            .or(file.database_url)
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        check_database_url(&database_url)?;
+        let topic = global
+            .topic
+            .clone()
+            .or_else(|| env("REPROJECT_TOPIC"))
+            .or(file.topic)
+            .unwrap_or_else(|| DEFAULT_TOPIC.into());
+        if topic.is_empty()
+            || topic.len() > 249
+            || !topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            bail!("topic {topic:?} is not a valid Kafka topic name (letters, digits, '.', '_', '-', at most 249)");
+        }
+        let mut properties: Vec<(String, String)> = file.kafka.into_iter().collect();
+        for p in &global.kafka_property {
+            properties.push(parse_property(p)?);
+        }
+        Ok(Settings {
+            kafka: KafkaSettings {
+                brokers,
+                properties,
+            },
+            database_url,
+            topic,
+            view_schema: global
+                .view_schema
+                .clone()
+                .or(file.view_schema)
+                .unwrap_or_else(|| "public".into()),
+            schema_dir: global.schema_dir.clone(),
+            quiet: global.quiet,
+        })
+    }
+
+    /// The engine for the shop domain.
+    pub async fn engine(&self, tuning: Tuning) -> anyhow::Result<Engine<shop::ShopEvent>> {
+        let registry = shop::registry().context("the shop's upcaster registry is inconsistent")?;
+        let engine = Engine::connect(EngineParts {
+            kafka: self.kafka.clone(),
+            topic: self.topic.clone(),
+            database_url: self.database_url.clone(),
+            view_schema: self.view_schema.clone(),
+            registry: std::sync::Arc::new(registry),
+            projections: shop::projections(),
+            schemas: SchemaSource {
+                dir: self.schema_dir.clone(),
+                embedded: shop::projections::embedded_schema,
+            },
+            tuning,
+        })
+        .await
+        .with_context(|| format!("PostgreSQL at {}", redact_url(&self.database_url)))?;
+        Ok(engine)
+    }
+}
+
+fn read_config(path: &std::path::Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// A URL PostgreSQL will accept, checked before anything connects so the error names the URL.
+fn check_database_url(url: &str) -> anyhow::Result<()> {
+    let parsed = url::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL {} is malformed: {e}", redact_url(url)))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        bail!(
+            "DATABASE_URL {} must start with postgres:// or postgresql://",
+            redact_url(url)
+        );
+    }
+    Ok(())
+}
+
+/// The URL with its password replaced, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => match url.split_once('@') {
+            Some((_, host)) => format!("<unparseable>@{host}"),
+            None => "<unparseable url>".to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_appear_in_printed_urls() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:REDACTED@db:5432/x"
+        );
+        assert!(!redact_url("postgres://app:s3cret@db:5432/x?sslmode=require").contains("s3cret"));
+        assert!(!redact_url("not a url:s3cret@db").contains("s3cret"));
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/db"),
+            "postgres://postgres@127.0.0.1/db"
+        );
+    }
+
+    #[test]
+    fn malformed_database_urls_are_refused_with_the_password_hidden() {
+        let err = check_database_url("mysql://u:pw@h/db").expect_err("scheme");
+        assert!(
+            err.to_string().contains("postgres://") && !err.to_string().contains("pw@"),
+            "{err}"
+        );
+        assert!(check_database_url("::::").is_err());
+        assert!(check_database_url("postgres://postgres@127.0.0.1:5432/postgres").is_ok());
+    }
+}

@@ -1,0 +1,36 @@
+//! `reproject dev-broker`: librdkafka's mock cluster as a process of its own.
+
+use clap::Args;
+
+use super::{GlobalArgs, Outcome, Settings};
+use crate::source::dev_broker::DevBroker;
+
+#[derive(Args, Debug)]
+pub struct DevBrokerArgs {
+    /// Port to listen on for clients (forwarded to the mock broker)
+    #[arg(long, default_value_t = 9092)]
+    pub port: u16,
+    /// Partitions of the topic to create
+    #[arg(long, default_value_t = 8)]
+    pub partitions: i32,
+}
+
+pub async fn run(global: &GlobalArgs, args: DevBrokerArgs) -> anyhow::Result<Outcome> {
+    let settings = Settings::resolve(global)?;
+    let broker = DevBroker::start(&settings.topic, args.partitions)?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{}: {e}", args.port))?;
+    println!(
+        "dev broker ready: bootstrap 127.0.0.1:{} (mock cluster at {}), topic {} with {} partitions. Ctrl-C stops it; its data lives in memory only.",
+        args.port,
+        broker.bootstrap_servers(),
+        settings.topic,
+        args.partitions
+    );
+    tokio::select! {
+        result = broker.forward(listener) => result.map_err(|e| anyhow::anyhow!("dev broker listener failed: {e}"))?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(Outcome::Success)
+}

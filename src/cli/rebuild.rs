@@ -1,0 +1,130 @@
+//! `reproject rebuild`: rebuild projections and swap them in.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use crate::engine::rebuild::{self, RebuildOptions, RebuildReport};
+use crate::engine::Tuning;
+use crate::swap::SwapOptions;
+
+#[derive(Args, Debug, Clone)]
+pub struct SwapArgs {
+    /// How long the swap may wait for a reader's lock before it backs off and retries
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    pub swap_lock_timeout_ms: u64,
+    /// How many times to try the swap before giving up
+    #[arg(long, default_value_t = 200)]
+    pub swap_attempts: u32,
+}
+
+impl SwapArgs {
+    pub fn options(&self, settings: &Settings) -> SwapOptions {
+        SwapOptions {
+            view_schema: settings.view_schema.clone(),
+            lock_timeout: Duration::from_millis(self.swap_lock_timeout_ms),
+            max_attempts: self.swap_attempts.max(1),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TuningArgs {
+    /// Events per transaction while catching up and following
+    #[arg(long, default_value_t = 20_000)]
+    pub batch_events: usize,
+    /// Swap once the new build lags the log end by at most this many events
+    #[arg(long, default_value_t = 1_000)]
+    pub lag_threshold: i64,
+    /// Give up when Kafka makes no progress for this long while reporting errors
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub stall_timeout: u64,
+}
+
+impl TuningArgs {
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            batch_events: self.batch_events.max(1),
+            lag_threshold: self.lag_threshold.max(0),
+            stall_timeout: Duration::from_secs(self.stall_timeout.max(1)),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RebuildArgs {
+    /// Projections to rebuild
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub projections: Vec<String>,
+    /// Rebuild every projection (in one pass over the log)
+    #[arg(long)]
+    pub all: bool,
+    /// Rebuild even though the log no longer starts at offset 0 (the view will miss the lost events)
+    #[arg(long)]
+    pub allow_truncated_history: bool,
+    /// Build and catch up, but leave the current view live until `reproject swap`
+    #[arg(long)]
+    pub no_swap: bool,
+    #[command(flatten)]
+    pub swap: SwapArgs,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+pub async fn run(global: &GlobalArgs, args: RebuildArgs) -> anyhow::Result<Outcome> {
+    let settings = Settings::resolve(global)?;
+    let engine = settings.engine(args.tuning.tuning()).await?;
+    let names: Vec<String> = if args.all {
+        engine
+            .projections
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect()
+    } else {
+        args.projections.clone()
+    };
+    let options = RebuildOptions {
+        allow_truncated_history: args.allow_truncated_history,
+        swap: !args.no_swap,
+        swap_options: args.swap.options(&settings),
+        quiet: settings.quiet,
+    };
+    let report = rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?;
+    print_report(&report);
+    Ok(Outcome::Success)
+}
+
+pub fn print_report(report: &RebuildReport) {
+    let rate = report.events_replayed as f64 / report.replay_seconds.max(1e-9);
+    println!(
+        "rebuilt {} (builds {:?}): {} events replayed in {:.2}s ({:.0}/s), {} rows loaded in {:.2}s, indexes {:.2}s, \
+         caught up {} events in {:.2}s, swap {:.2}s",
+        report.projections.join(", "),
+        report.builds,
+        report.events_replayed,
+        report.replay_seconds,
+        rate,
+        report.rows_loaded,
+        report.load_seconds,
+        report.index_seconds,
+        report.catch_up_events,
+        report.catch_up_seconds,
+        report.swap_seconds
+    );
+    for s in &report.swaps {
+        println!(
+            "  {} now reads build {}{} (swap took {} attempt(s), {:.1} ms to commit)",
+            s.projection,
+            s.build_id,
+            s.retired_build_id
+                .map(|r| format!("; build {r} retired, kept for rollback"))
+                .unwrap_or_default(),
+            s.attempts,
+            s.commit_ms
+        );
+    }
+    if report.history_truncated {
+        println!("  warning: built from a truncated log (--allow-truncated-history); events before the log start are missing");
+    }
+}

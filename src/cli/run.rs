@@ -1,0 +1,44 @@
+//! `reproject run`: keep projections current and backfill new versions.
+
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::rebuild::{SwapArgs, TuningArgs};
+use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use crate::engine::rebuild::RebuildOptions;
+use crate::engine::run::{self, RunOptions};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Only follow active builds; do not backfill missing or outdated projection versions
+    #[arg(long)]
+    pub no_backfill: bool,
+    /// Exit once everything is active and lags by at most this many events (for scripts and tests)
+    #[arg(long, value_name = "EVENTS")]
+    pub exit_when_caught_up: Option<i64>,
+    /// Rebuild even though the log no longer starts at offset 0
+    #[arg(long)]
+    pub allow_truncated_history: bool,
+    #[command(flatten)]
+    pub swap: SwapArgs,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<Outcome> {
+    let settings = Settings::resolve(global)?;
+    let engine = Arc::new(settings.engine(args.tuning.tuning()).await?);
+    let options = RunOptions {
+        backfill: !args.no_backfill,
+        rebuild: RebuildOptions {
+            allow_truncated_history: args.allow_truncated_history,
+            swap: true,
+            swap_options: args.swap.options(&settings),
+            quiet: true,
+        },
+        exit_when_caught_up: args.exit_when_caught_up,
+    };
+    run::run(engine, options, shutdown_token()).await?;
+    Ok(Outcome::Success)
+}

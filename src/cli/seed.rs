@@ -1,0 +1,123 @@
+//! `reproject seed`: append a deterministic shop history to the topic.
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+
+use super::{GlobalArgs, Outcome, Settings};
+use crate::domain::shop::generator::{History, HistoryConfig};
+use crate::source::producer::LogWriter;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Partitioner {
+    /// librdkafka's default: CRC32 of the key
+    ConsistentRandom,
+    /// The Java client's default: murmur2 of the key
+    Murmur2Random,
+}
+
+impl Partitioner {
+    pub fn librdkafka_name(self) -> &'static str {
+        match self {
+            Partitioner::ConsistentRandom => "consistent_random",
+            Partitioner::Murmur2Random => "murmur2_random",
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SeedArgs {
+    /// Events to write
+    #[arg(long, default_value_t = 100_000)]
+    pub events: u64,
+    /// Orders the history is spread over [default: events / 10]
+    #[arg(long)]
+    pub orders: Option<u64>,
+    /// Customers placing them [default: orders / 5]
+    #[arg(long)]
+    pub customers: Option<u64>,
+    /// Random seed: the same arguments write the same log
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Skip the first N events of the history (to append what comes after an earlier seed)
+    #[arg(long, default_value_t = 0)]
+    pub skip: u64,
+    /// Partitions to create the topic with, where the broker supports creating topics
+    #[arg(long, default_value_t = 8)]
+    pub partitions: i32,
+    /// How records are assigned to partitions by key
+    #[arg(long, value_enum, default_value_t = Partitioner::ConsistentRandom)]
+    pub partitioner: Partitioner,
+    /// Write the totals the views must show after these events to this JSON file
+    #[arg(long, value_name = "FILE")]
+    pub expected: Option<std::path::PathBuf>,
+}
+
+pub fn history_config(
+    events: u64,
+    orders: Option<u64>,
+    customers: Option<u64>,
+    seed: u64,
+) -> HistoryConfig {
+    let orders = orders.unwrap_or((events / 10).max(1));
+    HistoryConfig::new(
+        events,
+        orders,
+        customers.unwrap_or((orders / 5).max(5)),
+        seed,
+    )
+}
+
+pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome> {
+    let settings = Settings::resolve(global)?;
+    settings
+        .kafka
+        .ensure_topic(&settings.topic, args.partitions)
+        .await?;
+    let config = history_config(
+        args.skip + args.events,
+        args.orders,
+        args.customers,
+        args.seed,
+    );
+    let (kafka, topic, partitioner) = (
+        settings.kafka.clone(),
+        settings.topic.clone(),
+        args.partitioner,
+    );
+    let (skip, events) = (args.skip, args.events);
+    let started = Instant::now();
+    let (written, expected) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut history = History::new(config);
+        let mut writer = LogWriter::new(&kafka, &topic, partitioner.librdkafka_name())?;
+        for record in history.by_ref().take(skip as usize) {
+            let _ = record;
+        }
+        for record in history.by_ref().take(events as usize) {
+            writer.send(&record.key, &record.value)?;
+        }
+        let written = writer.finish()?;
+        Ok((written, history.expected()))
+    })
+    .await??;
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "wrote {written} events to {} in {seconds:.1}s ({:.0}/s): {} orders, versions {:?}",
+        settings.topic,
+        written as f64 / seconds.max(1e-9),
+        expected.orders,
+        expected.events_by_version
+    );
+    if let Some(path) = args.expected {
+        let json = serde_json::to_string_pretty(&expected)?;
+        std::fs::write(&path, json)
+            .with_context(|| format!("writing expected totals to {}", path.display()))?;
+        println!(
+            "expected totals after {} events written to {}",
+            expected.events,
+            path.display()
+        );
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,110 @@
+//! `reproject status`: builds, positions, lag and progress per projection.
+
+use clap::{Args, ValueEnum};
+
+use super::{GlobalArgs, Outcome, Settings};
+use crate::engine::status::{self, BuildStatus, StatusReport};
+use crate::engine::Tuning;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Output format
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<Outcome> {
+    let settings = Settings::resolve(global)?;
+    let engine = settings.engine(Tuning::default()).await?;
+    let report = status::collect(&engine).await?;
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Table => print!("{}", render(&report)),
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn render(report: &StatusReport) -> String {
+    let mut out = String::new();
+    match (&report.log_end, &report.broker_error) {
+        (Some(end), _) => out.push_str(&format!(
+            "topic {}: {} partitions, log end {} events\n",
+            report.topic,
+            end.len(),
+            end.values().sum::<i64>()
+        )),
+        (None, Some(e)) => out.push_str(&format!(
+            "topic {}: brokers unreachable ({e}); lag unknown\n",
+            report.topic
+        )),
+        _ => {}
+    }
+    for p in &report.projections {
+        out.push_str(&format!(
+            "\n{} (code v{})\n",
+            p.name,
+            p.code_version.map_or_else(|| "?".into(), |v| v.to_string())
+        ));
+        match &p.active {
+            Some(b) => line(&mut out, "active", b),
+            None => out.push_str("  active    none\n"),
+        }
+        for b in &p.building {
+            line(&mut out, "building", b);
+        }
+        for b in &p.retired {
+            line(&mut out, b.build.phase.as_str(), b);
+        }
+    }
+    out
+}
+
+fn line(out: &mut String, label: &str, b: &BuildStatus) {
+    out.push_str(&format!(
+        "  {label:<9} build {:<4} v{:<3} {:<12} rows {:<10} lag {}",
+        b.build.build_id,
+        b.build.version,
+        b.build.phase.as_str(),
+        b.rows,
+        b.lag.map_or_else(|| "-".into(), |l| l.to_string())
+    ));
+    if let Some(progress) = &b.progress {
+        let fresh = b.progress_age_seconds.is_some_and(|a| a < 30.0);
+        if fresh && b.build.phase != crate::sink::Phase::Retired {
+            let rate = progress
+                .get("events_per_second")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0);
+            let eta = progress.get("eta_seconds").and_then(|v| v.as_f64());
+            let phase = progress.get("phase").and_then(|v| v.as_str()).unwrap_or("");
+            out.push_str(&format!("  {phase} {rate:.0} events/s"));
+            if let Some(eta) = eta {
+                out.push_str(&format!(" eta {eta:.0}s"));
+            }
+            if let Some(w) = &b.writer {
+                out.push_str(&format!("  by {w}"));
+            }
+        }
+    }
+    if b.build.history_truncated {
+        out.push_str("  (built from a truncated log)");
+    }
+    out.push('\n');
+    if let Some(e) = &b.last_error {
+        out.push_str(&format!("            last error: {e}\n"));
+    }
+    if !b.positions.is_empty() && label != "retired" {
+        let parts: Vec<String> = b
+            .positions
+            .iter()
+            .map(|(p, o)| format!("{p}:{o}"))
+            .collect();
+        out.push_str(&format!("            next offsets {}\n", parts.join(" ")));
+    }
+}

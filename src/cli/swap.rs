@@ -1,0 +1,76 @@
+//! `reproject swap`: make a build that `rebuild --no-swap` left ready the live one.
+
+use clap::Args;
+
+use super::rebuild::{SwapArgs as SwapTuning, TuningArgs};
+use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use crate::engine::follow::{self, FollowTarget, Until};
+use crate::sink::Phase;
+
+#[derive(Args, Debug)]
+pub struct SwapArgs {
+    /// The projection to swap
+    pub projection: String,
+    #[command(flatten)]
+    pub swap: SwapTuning,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+pub async fn run(global: &GlobalArgs, args: SwapArgs) -> anyhow::Result<Outcome> {
+    let settings = Settings::resolve(global)?;
+    let engine = settings.engine(args.tuning.tuning()).await?;
+    let projection = engine.projection(&args.projection)?;
+    let builds = engine.catalog.builds(Some(projection.name())).await?;
+    let Some(build) = builds
+        .into_iter()
+        .find(|b| matches!(b.phase, Phase::Ready | Phase::CatchingUp))
+    else {
+        anyhow::bail!("{} has no caught-up build waiting to be swapped in; run `reproject rebuild {} --no-swap` first", args.projection, args.projection);
+    };
+    if build.version != projection.version() {
+        anyhow::bail!(
+            "{}: the waiting build {} is version {}, but this binary's code is version {}",
+            args.projection,
+            build.build_id,
+            build.version,
+            projection.version()
+        );
+    }
+    // Catch up first: the build may have waited a while.
+    let positions = engine.catalog.positions(build.build_id).await?;
+    let target = FollowTarget {
+        build: build.clone(),
+        projection: projection.clone(),
+        positions,
+    };
+    follow::follow(
+        &engine,
+        vec![target],
+        Until::CaughtUp {
+            lag_below: engine.tuning.lag_threshold,
+        },
+        &shutdown_token(),
+        "catching up",
+    )
+    .await?;
+    let report = crate::swap::swap(
+        &engine.database_url,
+        &build,
+        projection.tables(),
+        &args.swap.options(&settings),
+    )
+    .await?;
+    println!(
+        "{} now reads build {}{} ({} attempt(s), {:.1} ms to commit)",
+        report.projection,
+        report.build_id,
+        report
+            .retired_build_id
+            .map(|r| format!("; build {r} retired"))
+            .unwrap_or_default(),
+        report.attempts,
+        report.commit_ms
+    );
+    Ok(Outcome::Success)
+}

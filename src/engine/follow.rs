@@ -1,0 +1,246 @@
+//! Keeping builds current: read from their stored positions and apply each batch in one transaction
+//! that also moves the positions. Used to catch a fresh build up to the log's head before it is
+//! swapped in, and by `run` to keep active builds current.
+//!
+//! Every build followed is locked for writing (an advisory lock per build), so `run` and `rebuild`
+//! never both write one build. A transient database error rolls the batch back; the same batch is
+//! retried on a new connection with exponential backoff and jitter, so nothing is lost or applied
+//! twice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use super::progress::{lag, Progress, Snapshot};
+use super::reader::{self, ReaderConfig, Target};
+use super::{holder_name, Engine, EngineError, Result};
+use crate::projection::DynProjection;
+use crate::sink::catalog::Positions;
+use crate::sink::lock::{AdvisoryLock, LockKind};
+use crate::sink::writer::{BatchWriter, BuildBatch, BuildTables};
+use crate::sink::Build;
+
+/// A build to keep current, and where it stands.
+pub struct FollowTarget<E> {
+    pub build: Build,
+    pub projection: DynProjection<E>,
+    pub positions: Positions,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Until {
+    /// Return once the lag to the log end is at most this many events.
+    CaughtUp { lag_below: i64 },
+    /// Return when cancelled (or when the catalog shows a build is no longer ours to write: see run).
+    Cancelled,
+}
+
+pub struct FollowOutcome {
+    pub positions: Vec<Positions>,
+    pub events: u64,
+    pub rows_written: u64,
+    pub lag: Option<i64>,
+}
+
+const MAX_RETRIES: u32 = 8;
+
+pub async fn follow<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    mut targets: Vec<FollowTarget<E>>,
+    until: Until,
+    cancel: &CancellationToken,
+    label: &str,
+) -> Result<FollowOutcome> {
+    let holder = holder_name(label);
+    let mut locks = Vec::new();
+    for t in &targets {
+        let subject = format!(
+            "build {} ({} v{})",
+            t.build.build_id, t.build.projection, t.build.version
+        );
+        locks.push(
+            AdvisoryLock::try_acquire(&engine.database_url, LockKind::Writer, &subject, &holder)
+                .await?,
+        );
+    }
+    // Positions may have moved while we waited for the locks: read them again under the locks.
+    for t in &mut targets {
+        t.positions = engine.catalog.positions(t.build.build_id).await?;
+    }
+    let result = follow_locked(engine, &mut targets, until, cancel, label).await;
+    for lock in locks {
+        lock.release().await;
+    }
+    result
+}
+
+async fn follow_locked<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    targets: &mut [FollowTarget<E>],
+    until: Until,
+    cancel: &CancellationToken,
+    label: &str,
+) -> Result<FollowOutcome> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader_targets = targets
+        .iter()
+        .map(|t| Target {
+            projection: t.projection.clone(),
+            positions: t.positions.clone(),
+        })
+        .collect();
+    let config = ReaderConfig {
+        topic: engine.topic.clone(),
+        stop_at: None,
+        max_batch_events: engine.tuning.batch_events,
+        max_batch_wait: Duration::from_millis(200),
+        log_end_every: Some(Duration::from_millis(500)),
+        stall_timeout: engine.tuning.stall_timeout,
+    };
+    let (mut batches, reader) = reader::spawn(
+        engine.kafka.clone(),
+        engine.registry.clone(),
+        reader_targets,
+        config,
+        stop.clone(),
+        4,
+    );
+    let outcome = apply_batches(engine, targets, until, cancel, label, &mut batches).await;
+    stop.store(true, Ordering::Relaxed);
+    drop(batches);
+    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    outcome
+}
+
+async fn apply_batches<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    targets: &mut [FollowTarget<E>],
+    until: Until,
+    cancel: &CancellationToken,
+    label: &str,
+    batches: &mut tokio::sync::mpsc::Receiver<
+        std::result::Result<reader::Batch, reader::ReadError>,
+    >,
+) -> Result<FollowOutcome> {
+    let mut writer = BatchWriter::connect(&engine.database_url).await?;
+    let mut progress = Progress::new(label.to_string(), None, false);
+    let mut events = 0u64;
+    let mut rows_written = 0u64;
+    let mut last_lag: Option<i64> = None;
+    let mut log_end = Positions::new();
+    let mut last_snapshot = Instant::now() - Duration::from_secs(60);
+    let writer_name = holder_name(label);
+    loop {
+        let batch = tokio::select! {
+            _ = cancel.cancelled() => {
+                progress.finish();
+                return Ok(FollowOutcome { positions: targets.iter().map(|t| t.positions.clone()).collect(), events, rows_written, lag: last_lag });
+            }
+            next = batches.recv() => match next {
+                Some(batch) => batch?,
+                None => return Err(EngineError::Interrupted),
+            },
+        };
+        if let Some(end) = &batch.log_end {
+            log_end = end.clone();
+        }
+        let nexts: Vec<Positions> = targets
+            .iter()
+            .map(|t| {
+                let mut next = t.positions.clone();
+                for (p, o) in &batch.next {
+                    let entry = next.entry(*p).or_insert(*o);
+                    *entry = (*entry).max(*o);
+                }
+                next
+            })
+            .collect();
+        if batch.events > 0 {
+            let mut attempt = 0;
+            loop {
+                let build_batches: Vec<BuildBatch<'_>> = targets
+                    .iter()
+                    .zip(&nexts)
+                    .zip(&batch.changes)
+                    .map(|((t, next), changes)| BuildBatch {
+                        tables: BuildTables {
+                            build_id: t.build.build_id,
+                            projection: t.projection.name(),
+                            version: t.projection.version(),
+                            schema: &t.build.schema_name,
+                            specs: t.projection.tables(),
+                        },
+                        changes,
+                        expected: &t.positions,
+                        next,
+                        log_end: &log_end,
+                    })
+                    .collect();
+                match writer.apply(&build_batches).await {
+                    Ok(rows) => {
+                        rows_written += rows;
+                        break;
+                    }
+                    Err(e) if e.is_retriable() && attempt < MAX_RETRIES => {
+                        attempt += 1;
+                        let delay = backoff(attempt);
+                        tracing::warn!(message = "batch failed; retrying on a new connection", error = %e, attempt, delay_ms = delay.as_millis() as u64);
+                        tokio::time::sleep(delay).await;
+                        match crate::sink::writer::BatchWriter::connect(&engine.database_url).await
+                        {
+                            Ok(w) => writer = w,
+                            Err(e) => tracing::warn!(message = "reconnecting failed", error = %e),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            events += batch.events;
+        }
+        for (t, next) in targets.iter_mut().zip(nexts) {
+            t.positions = next;
+        }
+        let min_lag = targets.iter().map(|t| lag(&t.positions, &log_end)).max();
+        if !log_end.is_empty() {
+            last_lag = min_lag;
+        }
+        progress.update(events, last_lag);
+        if last_snapshot.elapsed() >= Duration::from_secs(2) {
+            last_snapshot = Instant::now();
+            for t in targets.iter() {
+                let snap = Snapshot::new(
+                    "following",
+                    events,
+                    progress.elapsed(),
+                    &t.positions,
+                    &log_end,
+                );
+                engine
+                    .catalog
+                    .write_progress(t.build.build_id, &writer_name, &snap.to_json())
+                    .await;
+            }
+        }
+        if let (Until::CaughtUp { lag_below }, Some(l)) = (until, last_lag) {
+            if l <= lag_below && !log_end.is_empty() {
+                progress.finish();
+                return Ok(FollowOutcome {
+                    positions: targets.iter().map(|t| t.positions.clone()).collect(),
+                    events,
+                    rows_written,
+                    lag: last_lag,
+                });
+            }
+        }
+    }
+}
+
+/// 100 ms, doubling, at most 10 s, with up to 50% jitter so that many writers do not retry in step.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
+    let jitter = rand::rng().random_range(0..=base / 2);
+    Duration::from_millis(base + jitter)
+}

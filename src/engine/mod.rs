@@ -1,0 +1,203 @@
+//! The engine: a build's whole life, from fresh tables to the live view.
+//!
+//! ```text
+//! rebuild:  create tables -> replay history into memory -> bulk COPY + positions -> indexes
+//!           -> catch up in transactional batches -> swap (swap/) -> `run` keeps it current
+//! run:      follow every active build from its stored positions; backfill what is new or outdated
+//! ```
+
+pub mod follow;
+pub mod progress;
+pub mod reader;
+pub mod rebuild;
+pub mod run;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sqlx::postgres::PgPoolOptions;
+
+use crate::projection::{DynProjection, SchemaSql};
+use crate::sink::lock::LockError;
+use crate::sink::{Catalog, SinkError};
+use crate::source::{KafkaSettings, SourceError};
+use crate::swap::SwapError;
+use crate::upcast::Registry;
+
+pub use reader::ReadError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown projection {name:?} (known: {known})")]
+    UnknownProjection { name: String, known: String },
+    #[error("{topic}: history is incomplete, the log no longer starts at offset 0 ({partitions}); \
+             a rebuild would silently miss those events. Pass --allow-truncated-history to rebuild from what is left")]
+    TruncatedHistory { topic: String, partitions: String },
+    #[error("schema file {path}: {reason}")]
+    SchemaFile { path: String, reason: String },
+    #[error("projection {projection}: {reason}")]
+    Projection { projection: String, reason: String },
+    #[error("interrupted; committed work is kept and the next run resumes from it")]
+    Interrupted,
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+}
+
+impl EngineError {
+    /// Worth retrying from the stored positions: a dropped database connection and the like.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            EngineError::Sink(e) => e.is_retriable(),
+            EngineError::Swap(SwapError::Sink(e)) => e.is_retriable(),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Where each projection version's SQL comes from: a directory laid out like `schemas/`, or the copy
+/// compiled into the binary.
+#[derive(Clone)]
+pub struct SchemaSource {
+    pub dir: Option<PathBuf>,
+    pub embedded: fn(&str, u32) -> Option<SchemaSql>,
+}
+
+impl SchemaSource {
+    pub fn load(&self, projection: &str, version: u32) -> Result<SchemaSql> {
+        match &self.dir {
+            Some(dir) => {
+                let base = dir.join(projection).join(format!("v{version}"));
+                let read = |file: &str| {
+                    let path = base.join(file);
+                    std::fs::read_to_string(&path).map_err(|e| EngineError::SchemaFile {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })
+                };
+                Ok(SchemaSql {
+                    tables: read("tables.sql")?,
+                    indexes: read("indexes.sql")?,
+                })
+            }
+            None => (self.embedded)(projection, version).ok_or_else(|| EngineError::SchemaFile {
+                path: format!("schemas/{projection}/v{version}/"),
+                reason: "no SQL for this version is compiled in".into(),
+            }),
+        }
+    }
+}
+
+/// Knobs of the engine that every command shares.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// Events per transactional batch when catching up or following.
+    pub batch_events: usize,
+    /// Stop catching up and swap once the lag to the log end is at most this many events.
+    pub lag_threshold: i64,
+    /// How long to wait for Kafka to make progress while it reports errors.
+    pub stall_timeout: std::time::Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            batch_events: 20_000,
+            lag_threshold: 1_000,
+            stall_timeout: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+/// Everything a command needs: where the log and the database are, and the domain's code.
+pub struct Engine<E> {
+    pub kafka: KafkaSettings,
+    pub topic: String,
+    pub database_url: String,
+    pub view_schema: String,
+    pub registry: Arc<Registry<E>>,
+    pub projections: Vec<DynProjection<E>>,
+    pub schemas: SchemaSource,
+    pub catalog: Catalog,
+    pub tuning: Tuning,
+}
+
+pub struct EngineParts<E> {
+    pub kafka: KafkaSettings,
+    pub topic: String,
+    pub database_url: String,
+    pub view_schema: String,
+    pub registry: Arc<Registry<E>>,
+    pub projections: Vec<DynProjection<E>>,
+    pub schemas: SchemaSource,
+    pub tuning: Tuning,
+}
+
+impl<E: Send + Sync + 'static> Engine<E> {
+    /// Connect to PostgreSQL and make sure reproject's catalog exists.
+    pub async fn connect(parts: EngineParts<E>) -> Result<Engine<E>> {
+        crate::sink::check_identifier("view schema", &parts.view_schema)?;
+        for p in &parts.projections {
+            crate::sink::check_identifier("projection", p.name())?;
+            for t in p.tables() {
+                crate::sink::check_identifier("table", t.name)?;
+            }
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(&parts.database_url)
+            .await
+            .map_err(|source| SinkError::Database {
+                context: "connecting to PostgreSQL".into(),
+                source,
+            })?;
+        let catalog = Catalog::new(pool);
+        catalog.migrate().await?;
+        Ok(Engine {
+            kafka: parts.kafka,
+            topic: parts.topic,
+            database_url: parts.database_url,
+            view_schema: parts.view_schema,
+            registry: parts.registry,
+            projections: parts.projections,
+            schemas: parts.schemas,
+            catalog,
+            tuning: parts.tuning,
+        })
+    }
+
+    pub fn projection(&self, name: &str) -> Result<DynProjection<E>> {
+        self.projections
+            .iter()
+            .find(|p| p.name() == name)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownProjection {
+                name: name.to_string(),
+                known: self
+                    .projections
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
+/// How this process names itself in locks and progress: command, pid and host.
+pub fn holder_name(command: &str) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("reproject {command} pid={} host={host}", std::process::id())
+}

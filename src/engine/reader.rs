@@ -1,0 +1,309 @@
+//! The reading half of the pipeline, on a thread of its own: poll Kafka, decode the envelope, upcast
+//! the payload, and let every target projection turn the event into row changes. Batches go to the
+//! writing half over a bounded channel, so a slow database pushes back on reading instead of
+//! buffering the log in memory.
+//!
+//! Each target has its own positions: an event below a target's position for its partition was
+//! already applied to that target and is skipped for it. That lets one read of the log serve builds
+//! that stand at different places (after a crash, or when `run` follows several projections).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::mpsc;
+
+use crate::envelope::{self, message_version};
+use crate::projection::{Change, Changes, DynProjection, Event};
+use crate::sink::catalog::Positions;
+use crate::source::{KafkaSettings, SourceError};
+use crate::upcast::Registry;
+
+/// A record that cannot be turned into row changes, with where it is and who wanted it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{topic}/{partition} at offset {offset}{typ}, read for {projections}: {reason}",
+    typ = type_label(type_url, *version))]
+pub struct BadRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub type_url: Option<String>,
+    pub version: Option<u32>,
+    pub projections: String,
+    pub reason: String,
+}
+
+fn type_label(type_url: &Option<String>, version: Option<u32>) -> String {
+    match (type_url, version) {
+        (Some(url), Some(v)) => format!(" (type {url}, version {v})"),
+        (Some(url), None) => format!(" (type {url}, no version in its name)"),
+        _ => String::new(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("bad record: {0}")]
+    BadRecord(#[from] BadRecord),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{topic}/{partition}: the broker no longer has offset {offset} (retention or compaction removed it); \
+             rebuild the projection, with --allow-truncated-history if the loss is acceptable")]
+    OffsetGone {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+    #[error("no progress reading {topic} for {seconds}s: {last_error}")]
+    Stalled {
+        topic: String,
+        seconds: u64,
+        last_error: String,
+    },
+}
+
+/// One projection the reader feeds, and the position it stands at.
+pub struct Target<E> {
+    pub projection: DynProjection<E>,
+    pub positions: Positions,
+}
+
+pub struct ReaderConfig {
+    pub topic: String,
+    /// Stop once every partition has reached this end (the replay's snapshot of the log end).
+    pub stop_at: Option<Positions>,
+    pub max_batch_events: usize,
+    pub max_batch_wait: Duration,
+    /// How often to ask the brokers where the log ends (for lag). None: never.
+    pub log_end_every: Option<Duration>,
+    /// Give up after this long without reading anything while the brokers report errors.
+    pub stall_timeout: Duration,
+}
+
+/// What one batch did to each target, and where the reader stands after it.
+#[derive(Default)]
+pub struct Batch {
+    /// Per target, in target order.
+    pub changes: Vec<Vec<Change>>,
+    /// Next offset to read per partition, after this batch (the reader's, not a target's).
+    pub next: Positions,
+    pub events: u64,
+    pub bytes: u64,
+    /// The log end, when it was asked for with this batch.
+    pub log_end: Option<Positions>,
+    /// True on the last batch of a bounded read.
+    pub done: bool,
+}
+
+/// Start reading. The thread stops when `stop_at` is reached, when `stop` is set, when the receiver
+/// is dropped, or at the first error (which it sends).
+pub fn spawn<E: Send + Sync + 'static>(
+    settings: KafkaSettings,
+    registry: Arc<Registry<E>>,
+    targets: Vec<Target<E>>,
+    config: ReaderConfig,
+    stop: Arc<AtomicBool>,
+    capacity: usize,
+) -> (
+    mpsc::Receiver<Result<Batch, ReadError>>,
+    std::thread::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let handle = std::thread::Builder::new()
+        .name("reproject-reader".into())
+        .spawn(move || {
+            if let Err(e) = read(&settings, &registry, &targets, &config, &stop, &tx) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        })
+        .unwrap_or_else(|e| panic!("cannot start the reader thread: {e}"));
+    (rx, handle)
+}
+
+fn read<E: 'static>(
+    settings: &KafkaSettings,
+    registry: &Registry<E>,
+    targets: &[Target<E>],
+    config: &ReaderConfig,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<Result<Batch, ReadError>>,
+) -> Result<(), ReadError> {
+    let topic = config.topic.as_str();
+    let consumer: BaseConsumer = settings.consumer("reproject")?;
+    // Start each partition at the lowest position any target needs.
+    let mut next: Positions = BTreeMap::new();
+    for target in targets {
+        for (&p, &o) in &target.positions {
+            next.entry(p)
+                .and_modify(|cur: &mut i64| *cur = (*cur).min(o))
+                .or_insert(o);
+        }
+    }
+    let reached = |next: &Positions| match &config.stop_at {
+        Some(end) => end.iter().all(|(p, e)| next.get(p).is_some_and(|n| n >= e)),
+        None => false,
+    };
+    let partitions: Vec<i32> = next.keys().copied().collect();
+    let projections = targets
+        .iter()
+        .map(|t| t.projection.name())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if reached(&next) {
+        let _ = tx.blocking_send(Ok(Batch {
+            next,
+            done: true,
+            changes: vec![Vec::new(); targets.len()],
+            ..Batch::default()
+        }));
+        return Ok(());
+    }
+    settings.assign(&consumer, topic, &next)?;
+
+    let mut scratch = Changes::default();
+    let mut batch = Batch {
+        changes: vec![Vec::new(); targets.len()],
+        ..Batch::default()
+    };
+    let mut batch_started = Instant::now();
+    let mut last_log_end = Instant::now() - Duration::from_secs(3600);
+    let mut last_progress = Instant::now();
+    let mut last_error: Option<String> = None;
+
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let polled = consumer.poll(Duration::from_millis(50));
+        match polled {
+            None => {
+                // Idle: a partition whose last records are transaction markers never delivers them,
+                // so take the consumer's own fetch position as where it stands.
+                if config.stop_at.is_some() {
+                    for (p, o) in settings.fetch_positions(&consumer) {
+                        if let Some(n) = next.get_mut(&p) {
+                            *n = (*n).max(o);
+                        }
+                    }
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(KafkaError::MessageConsumption(code)))
+                if matches!(
+                    code,
+                    RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange
+                ) =>
+            {
+                // The error does not say which partition: find one whose position the log no longer has.
+                let bounds = settings.bounds(&consumer, topic, &partitions)?;
+                let (partition, offset) = next
+                    .iter()
+                    .find(|(p, o)| bounds.start.get(p).is_some_and(|s| **o < *s))
+                    .map(|(p, o)| (*p, *o))
+                    .unwrap_or((-1, -1));
+                tracing::error!(
+                    message = "offset out of range",
+                    topic,
+                    partition,
+                    offset,
+                    ?code
+                );
+                return Err(ReadError::OffsetGone {
+                    topic: topic.into(),
+                    partition,
+                    offset,
+                });
+            }
+            Some(Err(error)) => {
+                // librdkafka retries broker and network failures itself; remember the error in case
+                // nothing moves for too long.
+                if last_error.is_none() {
+                    tracing::warn!(message = "Kafka reports an error; retrying", topic, %error);
+                }
+                last_error = Some(error.to_string());
+            }
+            Some(Ok(message)) => {
+                last_progress = Instant::now();
+                last_error = None;
+                let partition = message.partition();
+                let offset = message.offset();
+                let bytes = message.payload().unwrap_or_default();
+                batch.bytes += bytes.len() as u64;
+                let bad = |type_url: Option<&str>, reason: String| BadRecord {
+                    topic: topic.to_string(),
+                    partition,
+                    offset,
+                    type_url: type_url.map(str::to_string),
+                    version: type_url.and_then(message_version),
+                    projections: projections.clone(),
+                    reason,
+                };
+                let decoded = envelope::decode(bytes, partition, offset)
+                    .map_err(|e| bad(None, e.to_string()))?;
+                let payload = registry
+                    .upcast(&decoded.type_url, &decoded.payload)
+                    .map_err(|e| bad(Some(&decoded.type_url), e.to_string()))?;
+                let event = Event {
+                    meta: &decoded.meta,
+                    payload: &payload,
+                };
+                for (i, target) in targets.iter().enumerate() {
+                    if target
+                        .positions
+                        .get(&partition)
+                        .is_some_and(|&p| offset < p)
+                    {
+                        continue;
+                    }
+                    target.projection.apply(&event, &mut scratch);
+                    batch.changes[i].extend(scratch.drain());
+                }
+                next.insert(partition, offset + 1);
+                batch.events += 1;
+            }
+        }
+        if last_error.is_some() && last_progress.elapsed() > config.stall_timeout {
+            return Err(ReadError::Stalled {
+                topic: topic.into(),
+                seconds: config.stall_timeout.as_secs(),
+                last_error: last_error.unwrap_or_default(),
+            });
+        }
+        let done = reached(&next);
+        let full = batch.events as usize >= config.max_batch_events;
+        let waited = batch_started.elapsed() >= config.max_batch_wait;
+        let want_log_end = config
+            .log_end_every
+            .is_some_and(|every| last_log_end.elapsed() >= every);
+        if done || full || (waited && (batch.events > 0 || want_log_end)) {
+            if want_log_end {
+                last_log_end = Instant::now();
+                match settings.bounds(&consumer, topic, &partitions) {
+                    Ok(bounds) => batch.log_end = Some(bounds.end),
+                    Err(error) => {
+                        tracing::warn!(message = "could not read the log end", topic, %error)
+                    }
+                }
+            }
+            batch.next = next.clone();
+            batch.done = done;
+            let fresh = Batch {
+                changes: vec![Vec::new(); targets.len()],
+                ..Batch::default()
+            };
+            if tx
+                .blocking_send(Ok(std::mem::replace(&mut batch, fresh)))
+                .is_err()
+                || done
+            {
+                return Ok(());
+            }
+            batch_started = Instant::now();
+        }
+    }
+}

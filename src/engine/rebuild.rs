@@ -1,0 +1,454 @@
+//! `rebuild`: a projection version from offset zero into fresh tables, caught up, and swapped in.
+//!
+//! 1. Each projection gets a build: new, or the one a previous attempt left. A build interrupted
+//!    during its bulk load starts over (nothing of it was committed); one interrupted later resumes
+//!    from its stored positions.
+//! 2. The log's start and end are read per partition; a log that no longer starts at 0 is refused
+//!    unless `allow_truncated_history`.
+//! 3. History up to that end is replayed once for all projections being built: decoded, upcast,
+//!    projected and folded in memory on two threads, then bulk-loaded with binary COPY, sorted by
+//!    key, committed with the positions. Then keys and indexes, then ANALYZE.
+//! 4. Catch-up: transactional batches with positions until the lag is under the threshold.
+//! 5. Swap (unless `swap` is false: the build then waits, caught up, in phase `ready`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+use super::follow::{self, FollowTarget, Until};
+use super::progress::{Progress, Snapshot};
+use super::reader::{self, ReaderConfig, Target};
+use super::{holder_name, Engine, EngineError, Result};
+use crate::projection::{DynProjection, RowStore};
+use crate::sink::catalog::{self, Phase, Positions};
+use crate::sink::lock::{AdvisoryLock, LockKind};
+use crate::sink::writer::{self, BuildTables};
+use crate::sink::{Build, Context};
+use crate::swap::{self, SwapOptions, SwapReport};
+
+#[derive(Clone, Debug)]
+pub struct RebuildOptions {
+    pub allow_truncated_history: bool,
+    /// Swap the new build in once caught up; otherwise leave it `ready` for `reproject swap`.
+    pub swap: bool,
+    pub swap_options: SwapOptions,
+    /// No progress bar (tests, benchmarks).
+    pub quiet: bool,
+}
+
+/// What a rebuild did, per phase, for the report and the benchmarks.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RebuildReport {
+    pub projections: Vec<String>,
+    pub builds: Vec<i64>,
+    pub events_replayed: u64,
+    pub rows_loaded: u64,
+    pub replay_seconds: f64,
+    pub load_seconds: f64,
+    pub index_seconds: f64,
+    pub catch_up_events: u64,
+    pub catch_up_seconds: f64,
+    pub swap_seconds: f64,
+    pub swaps: Vec<SwapReport>,
+    pub history_truncated: bool,
+}
+
+struct Job<E> {
+    projection: DynProjection<E>,
+    build: Build,
+}
+
+pub async fn rebuild<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    names: &[String],
+    options: &RebuildOptions,
+    cancel: &CancellationToken,
+) -> Result<RebuildReport> {
+    let projections = names
+        .iter()
+        .map(|n| engine.projection(n))
+        .collect::<Result<Vec<_>>>()?;
+    let holder = holder_name("rebuild");
+    let mut locks = Vec::new();
+    for p in &projections {
+        locks.push(
+            AdvisoryLock::try_acquire(&engine.database_url, LockKind::Rebuild, p.name(), &holder)
+                .await?,
+        );
+    }
+    let result = rebuild_locked(engine, projections, options, cancel).await;
+    for lock in locks {
+        lock.release().await;
+    }
+    result
+}
+
+async fn rebuild_locked<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    projections: Vec<DynProjection<E>>,
+    options: &RebuildOptions,
+    cancel: &CancellationToken,
+) -> Result<RebuildReport> {
+    let mut report = RebuildReport {
+        projections: projections.iter().map(|p| p.name().to_string()).collect(),
+        ..Default::default()
+    };
+    let mut to_replay = Vec::new();
+    let mut to_resume = Vec::new();
+    for projection in projections {
+        let job = prepare_build(engine, projection).await?;
+        report.builds.push(job.build.build_id);
+        if job.build.phase == Phase::Loading {
+            to_replay.push(job);
+        } else {
+            to_resume.push(job);
+        }
+    }
+    if !to_replay.is_empty() {
+        replay_and_load(engine, &mut to_replay, options, cancel, &mut report).await?;
+    }
+    let mut jobs = to_replay;
+    jobs.extend(to_resume);
+    for job in &mut jobs {
+        if job.build.phase == Phase::Indexing {
+            let started = Instant::now();
+            build_indexes(engine, job).await?;
+            report.index_seconds += started.elapsed().as_secs_f64();
+        }
+    }
+
+    // Catch up with everything that arrived since the log end the replay read to.
+    let started = Instant::now();
+    let mut targets = Vec::new();
+    for job in &jobs {
+        let positions = engine.catalog.positions(job.build.build_id).await?;
+        targets.push(FollowTarget {
+            build: job.build.clone(),
+            projection: job.projection.clone(),
+            positions,
+        });
+    }
+    let caught_up = follow::follow(
+        engine,
+        targets,
+        Until::CaughtUp {
+            lag_below: engine.tuning.lag_threshold,
+        },
+        cancel,
+        "catching up",
+    )
+    .await?;
+    if cancel.is_cancelled() {
+        return Err(EngineError::Interrupted);
+    }
+    report.catch_up_events = caught_up.events;
+    report.catch_up_seconds = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    for job in &jobs {
+        if options.swap {
+            let swapped = swap::swap(
+                &engine.database_url,
+                &job.build,
+                job.projection.tables(),
+                &options.swap_options,
+            )
+            .await?;
+            tracing::info!(message = "swapped", projection = %swapped.projection, build_id = swapped.build_id,
+                retired = ?swapped.retired_build_id, attempts = swapped.attempts, commit_ms = swapped.commit_ms);
+            report.swaps.push(swapped);
+        } else {
+            engine
+                .catalog
+                .set_phase(job.build.build_id, Phase::Ready)
+                .await?;
+            tracing::info!(message = "built and caught up; waiting for `reproject swap`", projection = %job.build.projection, build_id = job.build.build_id);
+        }
+    }
+    report.swap_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Find or create the build this rebuild works on. Abandons in-progress builds of other versions.
+async fn prepare_build<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    projection: DynProjection<E>,
+) -> Result<Job<E>> {
+    let builds = engine.catalog.builds(Some(projection.name())).await?;
+    let mut current: Option<Build> = None;
+    let mut conn = engine
+        .catalog
+        .pool()
+        .acquire()
+        .await
+        .context(|| "connecting".into())?;
+    for build in builds.into_iter().filter(|b| b.phase.in_progress()) {
+        if build.version == projection.version() && current.is_none() && build.topic == engine.topic
+        {
+            current = Some(build);
+        } else {
+            tracing::info!(
+                message = "abandoning an unfinished build of another version",
+                projection = projection.name(),
+                build_id = build.build_id,
+                version = build.version
+            );
+            writer::drop_schema(&mut conn, &build.schema_name).await?;
+            catalog::set_phase(&mut conn, build.build_id, Phase::Dropped).await?;
+        }
+    }
+    let build = match current {
+        Some(build) if build.phase == Phase::Loading => {
+            // Nothing of an interrupted load was committed but its empty tables: start it over.
+            tracing::info!(
+                message = "restarting an interrupted bulk load",
+                projection = projection.name(),
+                build_id = build.build_id
+            );
+            writer::drop_schema(&mut conn, &build.schema_name).await?;
+            sqlx::query("DELETE FROM reproject.positions WHERE build_id = $1")
+                .bind(build.build_id)
+                .execute(&mut *conn)
+                .await
+                .context(|| format!("clearing the positions of build {}", build.build_id))?;
+            build
+        }
+        Some(build) => {
+            tracing::info!(
+                message = "resuming build",
+                projection = projection.name(),
+                build_id = build.build_id,
+                phase = build.phase.as_str()
+            );
+            build
+        }
+        None => {
+            engine
+                .catalog
+                .create_build(
+                    projection.name(),
+                    projection.version(),
+                    &engine.topic,
+                    false,
+                )
+                .await?
+        }
+    };
+    Ok(Job { projection, build })
+}
+
+fn tables<'a, E>(job: &'a Job<E>) -> BuildTables<'a> {
+    BuildTables {
+        build_id: job.build.build_id,
+        projection: job.projection.name(),
+        version: job.projection.version(),
+        schema: &job.build.schema_name,
+        specs: job.projection.tables(),
+    }
+}
+
+async fn replay_and_load<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    jobs: &mut [Job<E>],
+    options: &RebuildOptions,
+    cancel: &CancellationToken,
+    report: &mut RebuildReport,
+) -> Result<()> {
+    let kafka = engine.kafka.clone();
+    let topic = engine.topic.clone();
+    let bounds = tokio::task::spawn_blocking(move || {
+        let consumer = kafka.consumer("reproject")?;
+        let partitions = kafka.partitions(&consumer, &topic)?;
+        kafka.bounds(&consumer, &topic, &partitions)
+    })
+    .await
+    .map_err(|e| EngineError::Projection {
+        projection: "-".into(),
+        reason: format!("reader task failed: {e}"),
+    })??;
+    let truncated = bounds.truncated();
+    if !truncated.is_empty() {
+        let partitions = truncated
+            .iter()
+            .map(|(p, s)| format!("partition {p} starts at {s}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !options.allow_truncated_history {
+            for job in jobs.iter() {
+                engine
+                    .catalog
+                    .set_phase(job.build.build_id, Phase::Failed)
+                    .await?;
+            }
+            return Err(EngineError::TruncatedHistory {
+                topic: engine.topic.clone(),
+                partitions,
+            });
+        }
+        tracing::warn!(message = "rebuilding from a truncated log, as asked", topic = %engine.topic, %partitions);
+        report.history_truncated = true;
+        for job in jobs.iter() {
+            sqlx::query("UPDATE reproject.builds SET history_truncated = true WHERE build_id = $1")
+                .bind(job.build.build_id)
+                .execute(engine.catalog.pool())
+                .await
+                .context(|| "marking the build as built from a truncated log".into())?;
+        }
+    }
+
+    let mut conn = sqlx::PgConnection::connect(&engine.database_url)
+        .await
+        .context(|| "connecting for the bulk load".into())?;
+    for job in jobs.iter() {
+        let sql = engine
+            .schemas
+            .load(job.projection.name(), job.projection.version())?;
+        writer::create_tables(&mut conn, tables(job), &sql).await?;
+    }
+
+    // Replay: a reader thread decodes, upcasts and projects; this fold thread folds.
+    let started = Instant::now();
+    let total: i64 = bounds
+        .end
+        .iter()
+        .map(|(p, e)| e - bounds.start.get(p).copied().unwrap_or(0))
+        .sum();
+    let stop = Arc::new(AtomicBool::new(false));
+    let targets = jobs
+        .iter()
+        .map(|j| Target {
+            projection: j.projection.clone(),
+            positions: bounds.start.clone(),
+        })
+        .collect();
+    let config = ReaderConfig {
+        topic: engine.topic.clone(),
+        stop_at: Some(bounds.end.clone()),
+        max_batch_events: 20_000,
+        max_batch_wait: Duration::from_millis(100),
+        log_end_every: None,
+        stall_timeout: engine.tuning.stall_timeout,
+    };
+    let (mut batches, reader) = reader::spawn(
+        engine.kafka.clone(),
+        engine.registry.clone(),
+        targets,
+        config,
+        stop.clone(),
+        8,
+    );
+    let read_events = Arc::new(AtomicU64::new(0));
+    let specs: Vec<DynProjection<E>> = jobs.iter().map(|j| j.projection.clone()).collect();
+    let counter = read_events.clone();
+    let start_positions = bounds.start.clone();
+    let fold = tokio::task::spawn_blocking(move || -> Result<(Vec<RowStore>, Positions, u64)> {
+        let mut stores: Vec<RowStore> = specs
+            .iter()
+            .map(|p| RowStore::new(p.tables().len()))
+            .collect();
+        let mut positions = start_positions;
+        let mut events = 0;
+        while let Some(batch) = batches.blocking_recv() {
+            let batch = batch?;
+            for ((store, projection), changes) in stores.iter_mut().zip(&specs).zip(batch.changes) {
+                for change in changes {
+                    store.apply(projection.tables(), change).map_err(|e| {
+                        EngineError::Projection {
+                            projection: projection.name().to_string(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                }
+            }
+            events += batch.events;
+            counter.store(events, Ordering::Relaxed);
+            positions.extend(batch.next);
+            if batch.done {
+                return Ok((stores, positions, events));
+            }
+        }
+        Err(EngineError::Interrupted)
+    });
+    let mut progress = Progress::new("replaying", Some(total.max(0) as u64), options.quiet);
+    let writer_name = holder_name("rebuild");
+    tokio::pin!(fold);
+    let (stores, positions, events) = loop {
+        tokio::select! {
+            result = &mut fold => break result.map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("fold task failed: {e}") })??,
+            _ = cancel.cancelled() => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(EngineError::Interrupted);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                let done = read_events.load(Ordering::Relaxed);
+                progress.update(done, Some(total - done as i64));
+                let mut snap = Snapshot::new("loading", done, progress.elapsed(), &Positions::new(), &bounds.end);
+                snap.lag = total - done as i64;
+                for job in jobs.iter() {
+                    engine.catalog.write_progress(job.build.build_id, &writer_name, &snap.to_json()).await;
+                }
+            }
+        }
+    };
+    progress.finish();
+    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    report.events_replayed = events;
+    report.replay_seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        message = "replayed history",
+        events,
+        seconds = report.replay_seconds,
+        events_per_second = (events as f64 / report.replay_seconds.max(1e-9)).round()
+    );
+
+    // Bulk load each build with its positions, in one transaction per build.
+    let started = Instant::now();
+    for (job, store) in jobs.iter_mut().zip(&stores) {
+        let mut tx = conn
+            .begin()
+            .await
+            .context(|| "starting the bulk load".into())?;
+        let rows = writer::bulk_load(&mut tx, tables(job), store).await?;
+        catalog::insert_positions(&mut tx, job.build.build_id, &positions, &bounds.end).await?;
+        sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3 WHERE build_id = $1")
+            .bind(job.build.build_id)
+            .bind(events as i64)
+            .bind(rows as i64)
+            .execute(&mut *tx)
+            .await
+            .context(|| "recording the load".into())?;
+        catalog::set_phase(&mut tx, job.build.build_id, Phase::Indexing).await?;
+        tx.commit()
+            .await
+            .context(|| format!("committing the bulk load of {}", job.build.schema_name))?;
+        job.build.phase = Phase::Indexing;
+        report.rows_loaded += rows;
+        tracing::info!(
+            message = "loaded",
+            projection = job.projection.name(),
+            build_id = job.build.build_id,
+            rows
+        );
+    }
+    drop(stores);
+    report.load_seconds = started.elapsed().as_secs_f64();
+    Ok(())
+}
+
+async fn build_indexes<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    job: &mut Job<E>,
+) -> Result<()> {
+    let sql = engine
+        .schemas
+        .load(job.projection.name(), job.projection.version())?;
+    let mut conn = sqlx::PgConnection::connect(&engine.database_url)
+        .await
+        .context(|| "connecting to build indexes".into())?;
+    writer::build_indexes(&mut conn, tables(job), &sql).await?;
+    job.build.phase = Phase::CatchingUp;
+    Ok(())
+}

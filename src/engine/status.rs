@@ -1,0 +1,143 @@
+//! What `status` shows: per projection, the active build, builds in progress with their phase, and
+//! per partition the stored position, the log end and the lag; rows, rate and an ETA.
+
+use std::collections::BTreeMap;
+
+use super::{Engine, Result};
+use crate::sink::catalog::Positions;
+use crate::sink::{qualified, Build, Context, Phase};
+
+#[derive(Debug, serde::Serialize)]
+pub struct StatusReport {
+    pub topic: String,
+    /// The log end per partition, from the brokers now (None if they could not be reached).
+    pub log_end: Option<Positions>,
+    pub broker_error: Option<String>,
+    pub projections: Vec<ProjectionStatus>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub code_version: Option<u32>,
+    pub active: Option<BuildStatus>,
+    pub building: Vec<BuildStatus>,
+    pub retired: Vec<BuildStatus>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct BuildStatus {
+    pub build: Build,
+    pub positions: Positions,
+    pub lag: Option<i64>,
+    pub rows: i64,
+    pub writer: Option<String>,
+    pub progress: Option<serde_json::Value>,
+    pub progress_age_seconds: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<StatusReport> {
+    let kafka = engine.kafka.clone();
+    let topic = engine.topic.clone();
+    let log_end = tokio::task::spawn_blocking(move || {
+        let consumer = kafka.consumer("reproject-status")?;
+        let partitions = kafka.partitions(&consumer, &topic)?;
+        kafka.bounds(&consumer, &topic, &partitions)
+    })
+    .await;
+    let (log_end, broker_error) = match log_end {
+        Ok(Ok(bounds)) => (Some(bounds.end), None),
+        Ok(Err(e)) => (None, Some(e.to_string())),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let builds = engine.catalog.builds(None).await?;
+    let mut by_projection: BTreeMap<String, Vec<Build>> = BTreeMap::new();
+    for p in &engine.projections {
+        by_projection.entry(p.name().to_string()).or_default();
+    }
+    for b in builds {
+        by_projection
+            .entry(b.projection.clone())
+            .or_default()
+            .push(b);
+    }
+    let mut projections = Vec::new();
+    for (name, builds) in by_projection {
+        let mut status = ProjectionStatus {
+            code_version: engine.projection(&name).ok().map(|p| p.version()),
+            name,
+            active: None,
+            building: Vec::new(),
+            retired: Vec::new(),
+        };
+        for build in builds {
+            let phase = build.phase;
+            if matches!(phase, Phase::Dropped | Phase::Failed) && status.retired.len() >= 3 {
+                continue;
+            }
+            let s = build_status(engine, build, log_end.as_ref()).await?;
+            match phase {
+                Phase::Active => status.active = Some(s),
+                p if p.in_progress() => status.building.push(s),
+                _ => status.retired.push(s),
+            }
+        }
+        projections.push(status);
+    }
+    Ok(StatusReport {
+        topic: engine.topic.clone(),
+        log_end,
+        broker_error,
+        projections,
+    })
+}
+
+async fn build_status<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    build: Build,
+    log_end: Option<&Positions>,
+) -> Result<BuildStatus> {
+    let positions = engine.catalog.positions(build.build_id).await?;
+    let lag = match (log_end, positions.is_empty()) {
+        (Some(end), false) => Some(super::progress::lag(&positions, end)),
+        _ => None,
+    };
+    let mut rows = 0;
+    if matches!(
+        build.phase,
+        Phase::Active | Phase::CatchingUp | Phase::Ready | Phase::Retired | Phase::Indexing
+    ) {
+        if let Ok(p) = engine.projection(&build.projection) {
+            for t in p.tables() {
+                let n: Option<i64> = sqlx::query_scalar(
+                    "SELECT n_live_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = $2",
+                )
+                .bind(&build.schema_name)
+                .bind(t.name)
+                .fetch_optional(engine.catalog.pool())
+                .await
+                .context(|| format!("counting rows of {}", qualified(&build.schema_name, t.name)))?;
+                rows += n.unwrap_or(0);
+            }
+        }
+    }
+    let extra: Option<(Option<String>, Option<sqlx::types::Json<serde_json::Value>>, Option<f64>, Option<String>)> = sqlx::query_as(
+        "SELECT writer, progress, extract(epoch FROM now() - progress_at)::float8, last_error FROM reproject.builds WHERE build_id = $1",
+    )
+    .bind(build.build_id)
+    .fetch_optional(engine.catalog.pool())
+    .await
+    .context(|| format!("reading progress of build {}", build.build_id))?;
+    let (writer, progress, age, last_error) = extra.unwrap_or((None, None, None, None));
+    Ok(BuildStatus {
+        build,
+        positions,
+        lag,
+        rows,
+        writer,
+        progress: progress.map(|j| j.0),
+        progress_age_seconds: age,
+        last_error,
+    })
+}

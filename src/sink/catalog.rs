@@ -1,0 +1,376 @@
+//! reproject's catalog in PostgreSQL (schema `reproject`, see `schemas/catalog.sql`): the builds of
+//! each projection version, their phase, and per partition the next offset each build will read.
+
+use std::collections::BTreeMap;
+
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::{check_identifier, Context, Result, SinkError};
+
+const CATALOG_SQL: &str = include_str!("../../schemas/catalog.sql");
+/// Key of the transaction advisory lock that serialises catalog migrations between processes.
+const MIGRATION_LOCK: i64 = 0x5245_5052_4f4a_0001;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Replaying history into memory and bulk-loading it; nothing is committed until the load is.
+    Loading,
+    /// Rows and positions are committed; primary keys and indexes are being built.
+    Indexing,
+    /// Applying what arrived since the load, in transactional batches.
+    CatchingUp,
+    /// Caught up and waiting for `swap` (built with `--no-swap`).
+    Ready,
+    /// What the stable name reads.
+    Active,
+    /// Replaced by a newer build; kept for rollback.
+    Retired,
+    Failed,
+    Dropped,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Loading => "loading",
+            Phase::Indexing => "indexing",
+            Phase::CatchingUp => "catching_up",
+            Phase::Ready => "ready",
+            Phase::Active => "active",
+            Phase::Retired => "retired",
+            Phase::Failed => "failed",
+            Phase::Dropped => "dropped",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Phase> {
+        Some(match text {
+            "loading" => Phase::Loading,
+            "indexing" => Phase::Indexing,
+            "catching_up" => Phase::CatchingUp,
+            "ready" => Phase::Ready,
+            "active" => Phase::Active,
+            "retired" => Phase::Retired,
+            "failed" => Phase::Failed,
+            "dropped" => Phase::Dropped,
+            _ => return None,
+        })
+    }
+
+    /// Still being built: a rebuild of the same version resumes it instead of starting over.
+    pub fn in_progress(self) -> bool {
+        matches!(
+            self,
+            Phase::Loading | Phase::Indexing | Phase::CatchingUp | Phase::Ready
+        )
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Build {
+    pub build_id: i64,
+    pub projection: String,
+    pub version: u32,
+    pub schema_name: String,
+    pub topic: String,
+    pub phase: Phase,
+    pub history_truncated: bool,
+    pub events_replayed: i64,
+    pub rows_loaded: i64,
+}
+
+/// Per partition, the next offset to read.
+pub type Positions = BTreeMap<i32, i64>;
+
+/// Catalog queries. Reads go through a pool; writes that must commit with rows take the caller's
+/// transaction.
+#[derive(Clone)]
+pub struct Catalog {
+    pool: PgPool,
+}
+
+const BUILD_COLUMNS: &str =
+    "build_id, projection, version, schema_name, topic, phase, history_truncated, events_replayed, rows_loaded";
+
+fn build_from_row(row: &sqlx::postgres::PgRow) -> Result<Build> {
+    let phase: String = row
+        .try_get("phase")
+        .context(|| "reading reproject.builds".into())?;
+    Ok(Build {
+        build_id: row
+            .try_get("build_id")
+            .context(|| "reading reproject.builds".into())?,
+        projection: row
+            .try_get("projection")
+            .context(|| "reading reproject.builds".into())?,
+        version: row
+            .try_get::<i32, _>("version")
+            .context(|| "reading reproject.builds".into())? as u32,
+        schema_name: row
+            .try_get("schema_name")
+            .context(|| "reading reproject.builds".into())?,
+        topic: row
+            .try_get("topic")
+            .context(|| "reading reproject.builds".into())?,
+        phase: Phase::parse(&phase).ok_or_else(|| {
+            SinkError::Invalid(format!("reproject.builds holds an unknown phase {phase:?}"))
+        })?,
+        history_truncated: row
+            .try_get("history_truncated")
+            .context(|| "reading reproject.builds".into())?,
+        events_replayed: row
+            .try_get("events_replayed")
+            .context(|| "reading reproject.builds".into())?,
+        rows_loaded: row
+            .try_get("rows_loaded")
+            .context(|| "reading reproject.builds".into())?,
+    })
+}
+
+impl Catalog {
+    pub fn new(pool: PgPool) -> Catalog {
+        Catalog { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Create or update the catalog. Safe to run from many processes at once.
+    pub async fn migrate(&self) -> Result<()> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .context(|| "starting the catalog migration".into())?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .context(|| "locking the catalog for migration".into())?;
+        sqlx::raw_sql(CATALOG_SQL)
+            .execute(&mut *tx)
+            .await
+            .context(|| "creating reproject's catalog (schema reproject)".into())?;
+        tx.commit()
+            .await
+            .context(|| "committing the catalog migration".into())
+    }
+
+    /// Register a new build and name its schema `rp_<projection>_v<version>_b<id>`.
+    pub async fn create_build(
+        &self,
+        projection: &str,
+        version: u32,
+        topic: &str,
+        truncated: bool,
+    ) -> Result<Build> {
+        check_identifier("projection", projection)?;
+        let row = sqlx::query(&format!(
+            "WITH b AS (SELECT nextval(pg_get_serial_sequence('reproject.builds', 'build_id')) AS id)
+             INSERT INTO reproject.builds (build_id, projection, version, schema_name, topic, phase, history_truncated)
+             SELECT id, $1, $2, format('rp_%s_v%s_b%s', $1::text, $2::int, id), $3, 'loading', $4 FROM b
+             RETURNING {BUILD_COLUMNS}"
+        ))
+        .bind(projection)
+        .bind(version as i32)
+        .bind(topic)
+        .bind(truncated)
+        .fetch_one(&self.pool)
+        .await
+        .context(|| format!("registering a new build of {projection} v{version}"))?;
+        build_from_row(&row)
+    }
+
+    pub async fn build(&self, build_id: i64) -> Result<Build> {
+        let row = sqlx::query(&format!(
+            "SELECT {BUILD_COLUMNS} FROM reproject.builds WHERE build_id = $1"
+        ))
+        .bind(build_id)
+        .fetch_optional(&self.pool)
+        .await
+        .context(|| format!("reading build {build_id}"))?
+        .ok_or_else(|| SinkError::Invalid(format!("build {build_id} does not exist")))?;
+        build_from_row(&row)
+    }
+
+    /// Every build of a projection (all projections when None), newest first.
+    pub async fn builds(&self, projection: Option<&str>) -> Result<Vec<Build>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BUILD_COLUMNS} FROM reproject.builds WHERE $1::text IS NULL OR projection = $1
+             ORDER BY projection, build_id DESC"
+        ))
+        .bind(projection)
+        .fetch_all(&self.pool)
+        .await
+        .context(|| "listing builds".into())?;
+        rows.iter().map(build_from_row).collect()
+    }
+
+    pub async fn active_build(&self, projection: &str) -> Result<Option<Build>> {
+        Ok(self
+            .builds(Some(projection))
+            .await?
+            .into_iter()
+            .find(|b| b.phase == Phase::Active))
+    }
+
+    pub async fn set_phase(&self, build_id: i64, phase: Phase) -> Result<()> {
+        set_phase(
+            &mut *self.pool.acquire().await.context(|| "connecting".into())?,
+            build_id,
+            phase,
+        )
+        .await
+    }
+
+    pub async fn record_error(&self, build_id: i64, error: &str) -> Result<()> {
+        sqlx::query("UPDATE reproject.builds SET last_error = $2 WHERE build_id = $1")
+            .bind(build_id)
+            .bind(error)
+            .execute(&self.pool)
+            .await
+            .context(|| format!("recording the error of build {build_id}"))?;
+        Ok(())
+    }
+
+    pub async fn positions(&self, build_id: i64) -> Result<Positions> {
+        let rows = sqlx::query(
+            "SELECT partition, next_offset FROM reproject.positions WHERE build_id = $1",
+        )
+        .bind(build_id)
+        .fetch_all(&self.pool)
+        .await
+        .context(|| format!("reading the positions of build {build_id}"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("partition").context(|| "positions".into())?,
+                    r.try_get("next_offset").context(|| "positions".into())?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Progress of a running build, shown by `status`. Best effort: a failure is only logged.
+    pub async fn write_progress(&self, build_id: i64, writer: &str, progress: &serde_json::Value) {
+        let result = sqlx::query(
+            "UPDATE reproject.builds SET progress = $2, writer = $3, progress_at = now() WHERE build_id = $1",
+        )
+        .bind(build_id)
+        .bind(sqlx::types::Json(progress))
+        .bind(writer)
+        .execute(&self.pool)
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(message = "could not record progress", build_id, %error);
+        }
+    }
+}
+
+pub async fn set_phase(conn: &mut PgConnection, build_id: i64, phase: Phase) -> Result<()> {
+    let stamp = match phase {
+        Phase::Indexing => ", loaded_at = now()",
+        Phase::Active => ", swapped_at = now()",
+        Phase::Retired => ", retired_at = now()",
+        _ => "",
+    };
+    sqlx::query(&format!(
+        "UPDATE reproject.builds SET phase = $2{stamp} WHERE build_id = $1"
+    ))
+    .bind(build_id)
+    .bind(phase.as_str())
+    .execute(conn)
+    .await
+    .context(|| format!("setting build {build_id} to phase {}", phase.as_str()))?;
+    Ok(())
+}
+
+/// Record where a freshly loaded build stands, in the load's transaction.
+pub async fn insert_positions(
+    conn: &mut PgConnection,
+    build_id: i64,
+    positions: &Positions,
+    log_end: &Positions,
+) -> Result<()> {
+    let partitions: Vec<i32> = positions.keys().copied().collect();
+    let next: Vec<i64> = positions.values().copied().collect();
+    let end: Vec<Option<i64>> = partitions.iter().map(|p| log_end.get(p).copied()).collect();
+    sqlx::query(
+        "INSERT INTO reproject.positions (build_id, partition, next_offset, log_end_offset)
+         SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::bigint[])",
+    )
+    .bind(build_id)
+    .bind(&partitions)
+    .bind(&next)
+    .bind(&end)
+    .execute(conn)
+    .await
+    .context(|| format!("recording the positions of build {build_id}"))?;
+    Ok(())
+}
+
+/// Move a build's positions from `expected` to `next`, in the caller's transaction. Fails, and so
+/// rolls the batch back, if any partition is not where this writer left it.
+pub async fn advance_positions(
+    conn: &mut PgConnection,
+    build_id: i64,
+    expected: &Positions,
+    next: &Positions,
+    log_end: &Positions,
+) -> Result<()> {
+    let moved: Vec<i32> = next
+        .iter()
+        .filter(|(p, o)| expected.get(p) != Some(o))
+        .map(|(p, _)| *p)
+        .collect();
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let exp: Vec<i64> = moved
+        .iter()
+        .map(|p| expected.get(p).copied().unwrap_or(-1))
+        .collect();
+    let new: Vec<i64> = moved
+        .iter()
+        .map(|p| next.get(p).copied().unwrap_or(-1))
+        .collect();
+    let end: Vec<Option<i64>> = moved.iter().map(|p| log_end.get(p).copied()).collect();
+    let updated: Vec<i32> = sqlx::query_scalar(
+        "UPDATE reproject.positions p SET next_offset = n.next_offset, log_end_offset = coalesce(n.log_end, p.log_end_offset)
+         FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS n(partition, expected, next_offset, log_end)
+         WHERE p.build_id = $1 AND p.partition = n.partition AND p.next_offset = n.expected
+         RETURNING p.partition",
+    )
+    .bind(build_id)
+    .bind(&moved)
+    .bind(&exp)
+    .bind(&new)
+    .bind(&end)
+    .fetch_all(&mut *conn)
+    .await
+    .context(|| format!("advancing the positions of build {build_id}"))?;
+    if updated.len() == moved.len() {
+        return Ok(());
+    }
+    let partition = moved
+        .iter()
+        .copied()
+        .find(|p| !updated.contains(p))
+        .unwrap_or(-1);
+    let found: Option<i64> = sqlx::query_scalar(
+        "SELECT next_offset FROM reproject.positions WHERE build_id = $1 AND partition = $2",
+    )
+    .bind(build_id)
+    .bind(partition)
+    .fetch_optional(&mut *conn)
+    .await
+    .context(|| format!("reading the position of build {build_id}"))?;
+    Err(SinkError::PositionConflict {
+        build_id,
+        partition,
+        expected: expected.get(&partition).copied().unwrap_or(-1),
+        found: found.map_or_else(|| "missing".to_string(), |o| o.to_string()),
+    })
+}

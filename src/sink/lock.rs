@@ -1,0 +1,112 @@
+//! Advisory locks that keep two writers off the same thing.
+//!
+//! Session-scoped locks on a connection of their own: the lock lives exactly as long as that
+//! connection, so a process that dies (even by SIGKILL) releases it, and nothing has to be cleaned up
+//! by hand. The connection's `application_name` says who holds it, so a process refused the lock can
+//! name the one that has it.
+//!
+//! - one per projection for rebuilding it (`rebuild`, and `run` when it backfills);
+//! - one per build for writing its rows (`rebuild`'s catch-up, `run`'s follower).
+
+use sqlx::{Connection, PgConnection};
+
+use super::{stable_hash, Context, SinkError};
+
+/// The first key of every reproject advisory lock ("RP" and a kind), so ours never collide with an
+/// application's own advisory locks that use the single-bigint form.
+const REBUILD_LOCK: i32 = 0x5250_0001;
+const WRITER_LOCK: i32 = 0x5250_0002;
+
+#[derive(Debug, Clone, Copy)]
+pub enum LockKind {
+    /// Rebuilding a projection.
+    Rebuild,
+    /// Writing one build's tables.
+    Writer,
+}
+
+pub struct AdvisoryLock {
+    conn: PgConnection,
+    what: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("{what} is already locked by another process: {holder}")]
+    Held { what: String, holder: String },
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+impl AdvisoryLock {
+    /// Take the lock or fail at once, naming whoever holds it.
+    pub async fn try_acquire(
+        database_url: &str,
+        kind: LockKind,
+        subject: &str,
+        holder: &str,
+    ) -> std::result::Result<AdvisoryLock, LockError> {
+        let (class, object, what) = match kind {
+            LockKind::Rebuild => (
+                REBUILD_LOCK,
+                stable_hash(subject),
+                format!("rebuilding projection {subject}"),
+            ),
+            LockKind::Writer => (
+                WRITER_LOCK,
+                stable_hash(subject),
+                format!("writing {subject}"),
+            ),
+        };
+        let mut conn = PgConnection::connect(database_url)
+            .await
+            .context(|| format!("connecting to PostgreSQL to lock {what}"))?;
+        let name: String = holder.chars().take(60).collect();
+        sqlx::query("SELECT set_config('application_name', $1, false)")
+            .bind(&name)
+            .execute(&mut conn)
+            .await
+            .context(|| "naming the lock connection".into())?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(class)
+            .bind(object)
+            .fetch_one(&mut conn)
+            .await
+            .context(|| format!("locking {what}"))?;
+        if got {
+            return Ok(AdvisoryLock { conn, what });
+        }
+        let holder: Option<String> = sqlx::query_scalar(
+            "SELECT format('%s (PostgreSQL backend pid %s, connected since %s)',
+                           coalesce(nullif(a.application_name, ''), 'unnamed client'), a.pid,
+                           to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ'))
+             FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+             WHERE l.locktype = 'advisory' AND l.classid = $1::int::oid AND l.objid = $2::int::oid
+               AND l.objsubid = 2 AND l.granted
+             LIMIT 1",
+        )
+        .bind(class)
+        .bind(object)
+        .fetch_optional(&mut conn)
+        .await
+        .context(|| format!("finding who holds the lock on {what}"))?;
+        Err(LockError::Held {
+            what,
+            holder: holder.unwrap_or_else(|| "a process that has since gone".into()),
+        })
+    }
+
+    /// Whether the lock is still held: false once its connection is gone (the server restarted or
+    /// the connection was killed), after which the holder must stop writing.
+    pub async fn is_held(&mut self) -> bool {
+        self.conn.ping().await.is_ok()
+    }
+
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    pub async fn release(self) {
+        let _ = self.conn.close().await;
+    }
+}

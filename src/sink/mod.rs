@@ -1,0 +1,145 @@
+//! Writing to PostgreSQL: binary COPY, reproject's catalog, advisory locks, bulk loads and
+//! transactional batches that commit rows and log positions together.
+
+pub mod catalog;
+pub mod copy;
+pub mod database;
+pub mod lock;
+pub mod writer;
+
+pub use catalog::{Build, Catalog, Phase};
+
+/// What went wrong talking to PostgreSQL, with what reproject was doing at the time.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{context}: {source}")]
+    Database {
+        context: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("build {build_id}: partition {partition} was expected at offset {expected}, but another writer moved it (now {found}); stopping so that no event is applied twice")]
+    PositionConflict {
+        build_id: i64,
+        partition: i32,
+        expected: i64,
+        found: String,
+    },
+    #[error("projection {projection} v{version}, table {table}: {detail}")]
+    SchemaMismatch {
+        projection: String,
+        version: u32,
+        table: String,
+        detail: String,
+    },
+    #[error("{0}")]
+    Copy(#[from] copy::CopyDecodeError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SinkError {
+    /// Transient failures worth retrying from the stored position: the connection dropped or timed
+    /// out, a serialization failure or deadlock, the server shutting down. Everything else is a bug
+    /// or bad data and retrying would only repeat it.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            SinkError::Database { source, .. } => match source {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                sqlx::Error::Database(db) => matches!(
+                    db.code().as_deref(),
+                    Some(
+                        "40001"
+                            | "40P01"
+                            | "57P01"
+                            | "57P02"
+                            | "57P03"
+                            | "08000"
+                            | "08003"
+                            | "08006"
+                    )
+                ),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = SinkError> = std::result::Result<T, E>;
+
+/// Attach what reproject was doing to a database error.
+pub trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for std::result::Result<T, sqlx::Error> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| SinkError::Database {
+            context: what(),
+            source,
+        })
+    }
+}
+
+/// `"name"`, with embedded quotes doubled: the only way a name reaches SQL text.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn qualified(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}
+
+/// Names reproject puts into SQL (projection, table and schema names) must be plain lowercase
+/// identifiers: no quoting surprises, no injection, and within PostgreSQL's 63-byte limit.
+pub fn check_identifier(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(SinkError::Invalid(format!(
+            "{kind} name {name:?} is not allowed: use 1-32 characters of a-z, 0-9 and _, starting with a letter or _"
+        )))
+    }
+}
+
+/// A stable 32-bit FNV-1a hash, for advisory lock keys that every process must agree on.
+pub fn stable_hash(text: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in text.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_identifiers_reach_sql() {
+        assert!(check_identifier("projection", "order_summary").is_ok());
+        for bad in [
+            "",
+            "Order",
+            "a-b",
+            "x\"; DROP TABLE y; --",
+            "1abc",
+            "a b",
+            &"a".repeat(33),
+        ] {
+            assert!(check_identifier("projection", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

@@ -1,0 +1,493 @@
+//! Getting folded rows into a build's tables.
+//!
+//! Two paths, one codec:
+//! - **Bulk load** during a rebuild: the tables were just created without keys or indexes; every row
+//!   goes in with one binary COPY per table, sorted by key so that the same log always gives the same
+//!   physical table; positions commit in the same transaction.
+//! - **Incremental batches** when catching up or following the log: one transaction per batch reads
+//!   the current rows of every key the batch touches, folds the batch's changes into them, and writes
+//!   the results back (upsert, or delete where the fold removed the row) together with the new
+//!   positions, compare-and-set, so a batch is applied exactly once or not at all.
+
+use std::collections::HashSet;
+
+use futures::TryStreamExt;
+use sqlx::{Connection, PgConnection};
+
+use super::catalog::{self, Positions};
+use super::copy::{decode_rows, CopyEncoder};
+use super::{qualified, quote_ident, Context, Result, SinkError};
+use crate::projection::{Change, RowStore, SchemaSql, TableSpec, Value};
+
+/// Bytes of COPY data sent to the server at a time.
+const COPY_CHUNK: usize = 4 << 20;
+
+/// A build's tables: where they live and what the projection says they look like.
+#[derive(Clone, Copy)]
+pub struct BuildTables<'a> {
+    pub build_id: i64,
+    pub projection: &'a str,
+    pub version: u32,
+    pub schema: &'a str,
+    pub specs: &'a [TableSpec],
+}
+
+impl BuildTables<'_> {
+    fn mismatch(&self, table: &str, detail: String) -> SinkError {
+        SinkError::SchemaMismatch {
+            projection: self.projection.to_string(),
+            version: self.version,
+            table: table.to_string(),
+            detail,
+        }
+    }
+}
+
+/// Create the build's schema and run its `tables.sql` there, then check that the tables have exactly
+/// the columns, in the order and of the types, that the projection code declares.
+pub async fn create_tables(
+    conn: &mut PgConnection,
+    build: BuildTables<'_>,
+    sql: &SchemaSql,
+) -> Result<()> {
+    let mut tx = conn
+        .begin()
+        .await
+        .context(|| "starting to create tables".into())?;
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA {schema}; SET LOCAL search_path TO {schema};",
+        schema = quote_ident(build.schema)
+    ))
+    .execute(&mut *tx)
+    .await
+    .context(|| format!("creating schema {}", build.schema))?;
+    sqlx::raw_sql(&sql.tables)
+        .execute(&mut *tx)
+        .await
+        .context(|| {
+            format!(
+                "running tables.sql of {} v{} in schema {}",
+                build.projection, build.version, build.schema
+            )
+        })?;
+    verify_tables(&mut tx, build).await?;
+    tx.commit()
+        .await
+        .context(|| format!("committing the tables of {}", build.schema))
+}
+
+/// Compare the tables in the build's schema with the projection's declarations.
+pub async fn verify_tables(conn: &mut PgConnection, build: BuildTables<'_>) -> Result<()> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, data_type::text FROM information_schema.columns
+         WHERE table_schema = $1 ORDER BY table_name, ordinal_position",
+    )
+    .bind(build.schema)
+    .fetch_all(&mut *conn)
+    .await
+    .context(|| format!("reading the columns of schema {}", build.schema))?;
+    for spec in build.specs {
+        let actual: Vec<(&str, &str)> = rows
+            .iter()
+            .filter(|(t, _, _)| t == spec.name)
+            .map(|(_, c, ty)| (c.as_str(), ty.as_str()))
+            .collect();
+        if actual.is_empty() {
+            return Err(build.mismatch(spec.name, "tables.sql does not create this table".into()));
+        }
+        let declared: Vec<(&str, &str)> = spec
+            .columns
+            .iter()
+            .map(|c| (c.name, c.ty.pg_name()))
+            .collect();
+        if actual != declared {
+            let fmt = |cols: &[(&str, &str)]| {
+                cols.iter()
+                    .map(|(c, t)| format!("{c} {t}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(build.mismatch(
+                spec.name,
+                format!(
+                    "the code declares ({}) but tables.sql creates ({})",
+                    fmt(&declared),
+                    fmt(&actual)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub async fn drop_schema(conn: &mut PgConnection, schema: &str) -> Result<()> {
+    sqlx::query(&format!(
+        "DROP SCHEMA IF EXISTS {} CASCADE",
+        quote_ident(schema)
+    ))
+    .execute(conn)
+    .await
+    .context(|| format!("dropping schema {schema}"))?;
+    Ok(())
+}
+
+/// COPY every row of `store` into the build's tables, in the caller's transaction. Returns rows written.
+pub async fn bulk_load(
+    conn: &mut PgConnection,
+    build: BuildTables<'_>,
+    store: &RowStore,
+) -> Result<u64> {
+    let mut written = 0;
+    for (index, spec) in build.specs.iter().enumerate() {
+        let mut rows: Vec<&Vec<Value>> = store.table(index).live_rows().collect();
+        rows.sort_unstable_by(|a, b| a[..spec.key_len].cmp(&b[..spec.key_len]));
+        written += copy_rows(conn, build.schema, spec, rows.into_iter()).await?;
+    }
+    Ok(written)
+}
+
+async fn copy_rows<'r>(
+    conn: &mut PgConnection,
+    schema: &str,
+    spec: &TableSpec,
+    rows: impl Iterator<Item = &'r Vec<Value>>,
+) -> Result<u64> {
+    copy_into(
+        conn,
+        &qualified(schema, spec.name),
+        spec.columns.len(),
+        rows,
+        |row| row,
+    )
+    .await
+}
+
+async fn copy_into<'r, T: 'r>(
+    conn: &mut PgConnection,
+    target: &str,
+    columns: usize,
+    items: impl Iterator<Item = &'r T>,
+    cells: impl Fn(&'r T) -> &'r [Value],
+) -> Result<u64> {
+    let statement = format!("COPY {target} FROM STDIN (FORMAT binary)");
+    let mut copy = conn
+        .copy_in_raw(&statement)
+        .await
+        .context(|| format!("starting COPY into {target}"))?;
+    let mut encoder = CopyEncoder::new(columns);
+    for item in items {
+        encoder.row(cells(item));
+        if encoder.buffered() >= COPY_CHUNK {
+            copy.send(encoder.take_chunk())
+                .await
+                .context(|| format!("sending COPY data to {target}"))?;
+        }
+    }
+    copy.send(encoder.finish())
+        .await
+        .context(|| format!("sending COPY data to {target}"))?;
+    copy.finish()
+        .await
+        .context(|| format!("finishing COPY into {target}"))
+}
+
+/// Run `indexes.sql` and ANALYZE the tables, in one transaction: a crash leaves no half-built index.
+pub async fn build_indexes(
+    conn: &mut PgConnection,
+    build: BuildTables<'_>,
+    sql: &SchemaSql,
+) -> Result<()> {
+    let mut tx = conn
+        .begin()
+        .await
+        .context(|| "starting the index build".into())?;
+    sqlx::raw_sql(&format!(
+        "SET LOCAL search_path TO {};",
+        quote_ident(build.schema)
+    ))
+    .execute(&mut *tx)
+    .await
+    .context(|| "setting the search path".into())?;
+    sqlx::raw_sql(&sql.indexes)
+        .execute(&mut *tx)
+        .await
+        .context(|| {
+            format!(
+                "running indexes.sql of {} v{} in schema {}",
+                build.projection, build.version, build.schema
+            )
+        })?;
+    for spec in build.specs {
+        let table = qualified(build.schema, spec.name);
+        sqlx::query(&format!("ANALYZE {table}"))
+            .execute(&mut *tx)
+            .await
+            .context(|| format!("analyzing {table}"))?;
+    }
+    catalog::set_phase(&mut tx, build.build_id, catalog::Phase::CatchingUp).await?;
+    tx.commit()
+        .await
+        .context(|| format!("committing the indexes of {}", build.schema))
+}
+
+/// One build's share of an incremental batch.
+pub struct BuildBatch<'a> {
+    pub tables: BuildTables<'a>,
+    pub changes: &'a [Change],
+    /// Where the build's positions stand now, and where they move to when this batch commits.
+    pub expected: &'a Positions,
+    pub next: &'a Positions,
+    pub log_end: &'a Positions,
+}
+
+/// Applies incremental batches over one dedicated connection, which keeps its staging tables.
+pub struct BatchWriter {
+    conn: PgConnection,
+    staging: HashSet<String>,
+}
+
+impl BatchWriter {
+    pub async fn connect(database_url: &str) -> Result<BatchWriter> {
+        let conn = PgConnection::connect(database_url)
+            .await
+            .context(|| "connecting the batch writer".into())?;
+        Ok(BatchWriter {
+            conn,
+            staging: HashSet::new(),
+        })
+    }
+
+    /// Apply every build's changes and advance its positions, all in one transaction. Returns the
+    /// rows written (upserted or deleted). On error nothing is applied and the batch may be retried.
+    pub async fn apply(&mut self, batches: &[BuildBatch<'_>]) -> Result<u64> {
+        let mut tx = self
+            .conn
+            .begin()
+            .await
+            .context(|| "starting a batch".into())?;
+        let mut written = 0;
+        for batch in batches {
+            let mut per_table: Vec<Vec<Change>> = vec![Vec::new(); batch.tables.specs.len()];
+            for change in batch.changes {
+                if let Some(list) = per_table.get_mut(change.table()) {
+                    list.push(change.clone());
+                }
+            }
+            let mut store = RowStore::new(batch.tables.specs.len());
+            for (index, changes) in per_table.into_iter().enumerate() {
+                if changes.is_empty() {
+                    continue;
+                }
+                let spec = &batch.tables.specs[index];
+                let names = StagingNames::new(batch.tables.build_id, index);
+                if !self.staging.contains(&names.keys) {
+                    create_staging(&mut tx, batch.tables.schema, spec, &names).await?;
+                    self.staging.insert(names.keys.clone());
+                }
+                let keys = touched_keys(spec, &changes);
+                load_current_rows(
+                    &mut tx,
+                    batch.tables.schema,
+                    spec,
+                    &names,
+                    &keys,
+                    store.table_mut(index),
+                )
+                .await?;
+                for change in changes {
+                    store.apply(batch.tables.specs, change).map_err(|e| {
+                        SinkError::Invalid(format!(
+                            "projection {} v{}: {e}",
+                            batch.tables.projection, batch.tables.version
+                        ))
+                    })?;
+                }
+                written +=
+                    write_back(&mut tx, batch.tables.schema, spec, &names, &store, index).await?;
+            }
+            catalog::advance_positions(
+                &mut tx,
+                batch.tables.build_id,
+                batch.expected,
+                batch.next,
+                batch.log_end,
+            )
+            .await?;
+        }
+        tx.commit().await.context(|| "committing a batch".into())?;
+        Ok(written)
+    }
+}
+
+struct StagingNames {
+    keys: String,
+    rows: String,
+}
+
+impl StagingNames {
+    fn new(build_id: i64, table: usize) -> StagingNames {
+        StagingNames {
+            keys: format!("rp_keys_{build_id}_{table}"),
+            rows: format!("rp_rows_{build_id}_{table}"),
+        }
+    }
+}
+
+/// Session temp tables that empty themselves at every commit: the keys a batch touches, and the rows
+/// it writes back.
+async fn create_staging(
+    conn: &mut PgConnection,
+    schema: &str,
+    spec: &TableSpec,
+    names: &StagingNames,
+) -> Result<()> {
+    let target = qualified(schema, spec.name);
+    let key_columns = key_list(spec, None);
+    sqlx::raw_sql(&format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {keys} ON COMMIT DELETE ROWS AS SELECT {key_columns} FROM {target} WITH NO DATA;
+         CREATE TEMP TABLE IF NOT EXISTS {rows} (LIKE {target}) ON COMMIT DELETE ROWS;",
+        keys = quote_ident(&names.keys),
+        rows = quote_ident(&names.rows),
+    ))
+    .execute(conn)
+    .await
+    .context(|| format!("creating staging tables for {target}"))?;
+    Ok(())
+}
+
+fn key_list(spec: &TableSpec, alias: Option<&str>) -> String {
+    spec.key_columns()
+        .iter()
+        .map(|c| match alias {
+            Some(a) => format!("{a}.{}", quote_ident(c.name)),
+            None => quote_ident(c.name),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn key_match(spec: &TableSpec, left: &str, right: &str) -> String {
+    spec.key_columns()
+        .iter()
+        .map(|c| format!("{left}.{col} = {right}.{col}", col = quote_ident(c.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+fn touched_keys(spec: &TableSpec, changes: &[Change]) -> Vec<Vec<Value>> {
+    let mut seen = HashSet::new();
+    let mut keys = Vec::new();
+    for change in changes {
+        let key: &[Value] = match change {
+            Change::Upsert { row, .. } => &row[..spec.key_len.min(row.len())],
+            Change::Set { key, .. }
+            | Change::Add { key, .. }
+            | Change::Min { key, .. }
+            | Change::Max { key, .. }
+            | Change::Delete { key, .. } => key,
+        };
+        if seen.insert(key.to_vec()) {
+            keys.push(key.to_vec());
+        }
+    }
+    keys
+}
+
+/// Seed the fold with what the table holds for every touched key (or that it holds nothing).
+async fn load_current_rows(
+    conn: &mut PgConnection,
+    schema: &str,
+    spec: &TableSpec,
+    names: &StagingNames,
+    keys: &[Vec<Value>],
+    rows: &mut crate::projection::TableRows,
+) -> Result<()> {
+    copy_into(
+        conn,
+        &quote_ident(&names.keys),
+        spec.key_len,
+        keys.iter(),
+        |k| k.as_slice(),
+    )
+    .await?;
+    let target = qualified(schema, spec.name);
+    let statement = format!(
+        "COPY (SELECT t.* FROM {target} t JOIN {keys} k ON {on}) TO STDOUT (FORMAT binary)",
+        keys = quote_ident(&names.keys),
+        on = key_match(spec, "t", "k"),
+    );
+    let chunks: Vec<bytes::Bytes> = conn
+        .copy_out_raw(&statement)
+        .await
+        .context(|| format!("reading current rows of {target}"))?
+        .try_collect()
+        .await
+        .context(|| format!("reading current rows of {target}"))?;
+    let data = chunks.concat();
+    let types: Vec<_> = spec.columns.iter().map(|c| c.ty).collect();
+    for key in keys {
+        rows.seed(key.clone(), None);
+    }
+    for row in decode_rows(&data, &types)? {
+        rows.seed(row[..spec.key_len].to_vec(), Some(row));
+    }
+    Ok(())
+}
+
+async fn write_back(
+    conn: &mut PgConnection,
+    schema: &str,
+    spec: &TableSpec,
+    names: &StagingNames,
+    store: &RowStore,
+    index: usize,
+) -> Result<u64> {
+    let target = qualified(schema, spec.name);
+    let rows = store.table(index);
+    let live: Vec<&Vec<Value>> = rows.live_rows().collect();
+    let mut written = 0;
+    if live.len() < rows.len() {
+        // The fold removed some rows: delete touched keys that have nothing staged.
+        let deleted = sqlx::query(&format!(
+            "DELETE FROM {target} t USING {keys} k WHERE {on}
+             AND NOT EXISTS (SELECT 1 FROM {staged} s WHERE {staged_on})",
+            keys = quote_ident(&names.keys),
+            staged = quote_ident(&names.rows),
+            on = key_match(spec, "t", "k"),
+            staged_on = key_match(spec, "s", "k"),
+        ))
+        .execute(&mut *conn)
+        .await
+        .context(|| format!("deleting rows from {target}"))?;
+        written += deleted.rows_affected();
+    }
+    if live.is_empty() {
+        return Ok(written);
+    }
+    copy_into(
+        conn,
+        &quote_ident(&names.rows),
+        spec.columns.len(),
+        live.into_iter(),
+        |r| r.as_slice(),
+    )
+    .await?;
+    let updates: Vec<String> = spec.columns[spec.key_len..]
+        .iter()
+        .map(|c| format!("{col} = EXCLUDED.{col}", col = quote_ident(c.name)))
+        .collect();
+    let on_conflict = if updates.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", updates.join(", "))
+    };
+    let upserted = sqlx::query(&format!(
+        "INSERT INTO {target} SELECT * FROM {staged} ON CONFLICT ({keys}) {on_conflict}",
+        staged = quote_ident(&names.rows),
+        keys = key_list(spec, None),
+    ))
+    .execute(&mut *conn)
+    .await
+    .context(|| format!("upserting rows into {target}"))?;
+    Ok(written + upserted.rows_affected())
+}

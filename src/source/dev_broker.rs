@@ -1,0 +1,71 @@
+//! A development broker: librdkafka's in-process mock cluster, kept alive as a process of its own so
+//! that separate commands (`seed`, `rebuild`, `run`, `status`) can share it.
+//!
+//! The mock cluster listens on a port it picks. To give users a fixed address, the dev broker also
+//! listens on `--port` and forwards each connection to the mock broker; clients bootstrap through
+//! the fixed port and then talk to the address the broker advertises, both on loopback.
+//!
+//! The mock keeps at most 5 MiB of batches per partition (shared/LIMITS.md): use enough partitions and
+//! compression for large histories. `rebuild` checks each partition's log start, so history the mock
+//! dropped is noticed, not silently skipped.
+
+use rdkafka::mocking::MockCluster;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::SourceError;
+
+/// A running mock cluster with one topic created.
+pub struct DevBroker {
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+}
+
+impl DevBroker {
+    pub fn start(topic: &str, partitions: i32) -> Result<DevBroker, SourceError> {
+        let cluster = MockCluster::new(1).map_err(|source| SourceError::Kafka {
+            brokers: "mock cluster".into(),
+            context: "starting the mock cluster".into(),
+            source,
+        })?;
+        cluster
+            .create_topic(topic, partitions, 1)
+            .map_err(|source| SourceError::Kafka {
+                brokers: cluster.bootstrap_servers(),
+                context: format!("creating topic {topic} with {partitions} partitions"),
+                source,
+            })?;
+        Ok(DevBroker { cluster })
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    pub fn cluster(&self) -> &MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+        &self.cluster
+    }
+
+    /// Create another topic on the running cluster.
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), SourceError> {
+        self.cluster
+            .create_topic(topic, partitions, 1)
+            .map_err(|source| SourceError::Kafka {
+                brokers: self.bootstrap_servers(),
+                context: format!("creating topic {topic}"),
+                source,
+            })
+    }
+
+    /// Forward connections from `listener` to the mock broker until the task is dropped.
+    pub async fn forward(&self, listener: TcpListener) -> std::io::Result<()> {
+        let target = self.bootstrap_servers();
+        loop {
+            let (mut inbound, _) = listener.accept().await?;
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    }
+}

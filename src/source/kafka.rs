@@ -1,0 +1,263 @@
+//! librdkafka clients, configured for replay.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::Offset;
+use rdkafka::TopicPartitionList;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("Kafka ({brokers}): {context}: {source}")]
+    Kafka {
+        brokers: String,
+        context: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("topic {topic} does not exist on {brokers}")]
+    TopicMissing { topic: String, brokers: String },
+    #[error("invalid Kafka setting {0}")]
+    BadSetting(String),
+}
+
+/// How to reach the brokers: bootstrap servers plus any librdkafka property (`-X key=value`), which
+/// is how TLS and SASL (PLAIN, SCRAM) are configured for managed clusters.
+#[derive(Clone, Debug)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub properties: Vec<(String, String)>,
+}
+
+/// Per partition: the first offset the broker still has, and the log end (last offset + 1).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogBounds {
+    pub start: BTreeMap<i32, i64>,
+    pub end: BTreeMap<i32, i64>,
+}
+
+impl LogBounds {
+    /// Partitions whose history no longer starts at offset zero.
+    pub fn truncated(&self) -> Vec<(i32, i64)> {
+        self.start
+            .iter()
+            .filter(|(_, s)| **s > 0)
+            .map(|(p, s)| (*p, *s))
+            .collect()
+    }
+}
+
+impl KafkaSettings {
+    fn error(&self, context: impl Into<String>) -> impl FnOnce(KafkaError) -> SourceError + '_ {
+        let context = context.into();
+        move |source| SourceError::Kafka {
+            brokers: self.brokers.clone(),
+            context,
+            source,
+        }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        config.set("client.id", "reproject");
+        config
+    }
+
+    fn with_user_properties(&self, mut config: ClientConfig) -> ClientConfig {
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// A consumer tuned for reading history fast (settings measured in shared/LIMITS.md). It never
+    /// commits offsets or resets them: positions live in PostgreSQL, and an offset the broker no longer
+    /// has is an error, not a silent jump.
+    pub fn consumer(&self, group: &str) -> Result<BaseConsumer, SourceError> {
+        let mut config = self.base();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "error")
+            .set("max.partition.fetch.bytes", "10485760")
+            .set("fetch.max.bytes", "104857600")
+            .set("receive.message.max.bytes", "209715200")
+            .set("queued.max.messages.kbytes", "1048576")
+            .set("queued.min.messages", "1000000")
+            .set("fetch.wait.max.ms", "10")
+            .set("fetch.queue.backoff.ms", "10")
+            .set("isolation.level", "read_committed");
+        self.with_user_properties(config)
+            .create()
+            .map_err(self.error("creating a consumer"))
+    }
+
+    /// A producer for `seed`: compressed (the broker keeps compressed bytes) and batched.
+    pub fn producer(&self, partitioner: &str) -> Result<BaseProducer, SourceError> {
+        let mut config = self.base();
+        config
+            .set("compression.type", "zstd")
+            .set("linger.ms", "10")
+            .set("batch.size", "1000000")
+            .set("batch.num.messages", "100000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("message.max.bytes", "10000000")
+            .set("enable.idempotence", "true")
+            .set("partitioner", partitioner);
+        self.with_user_properties(config)
+            .create()
+            .map_err(self.error("creating a producer"))
+    }
+
+    /// The topic's partitions, sorted.
+    pub fn partitions(
+        &self,
+        consumer: &BaseConsumer,
+        topic: &str,
+    ) -> Result<Vec<i32>, SourceError> {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+            .map_err(self.error(format!("reading metadata of topic {topic}")))?;
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return Err(SourceError::TopicMissing {
+                topic: topic.into(),
+                brokers: self.brokers.clone(),
+            });
+        };
+        if let Some(err) = t.error() {
+            let code: rdkafka::types::RDKafkaErrorCode = err.into();
+            if code == rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition {
+                return Err(SourceError::TopicMissing {
+                    topic: topic.into(),
+                    brokers: self.brokers.clone(),
+                });
+            }
+            return Err(self.error(format!("reading metadata of topic {topic}"))(
+                KafkaError::MetadataFetch(code),
+            ));
+        }
+        let mut partitions: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+        partitions.sort_unstable();
+        if partitions.is_empty() {
+            return Err(SourceError::TopicMissing {
+                topic: topic.into(),
+                brokers: self.brokers.clone(),
+            });
+        }
+        Ok(partitions)
+    }
+
+    /// Log start and end of every partition, asked of the brokers now.
+    pub fn bounds(
+        &self,
+        consumer: &BaseConsumer,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<LogBounds, SourceError> {
+        let mut bounds = LogBounds::default();
+        for &p in partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, METADATA_TIMEOUT)
+                .map_err(self.error(format!("reading the log bounds of {topic}/{p}")))?;
+            bounds.start.insert(p, low);
+            bounds.end.insert(p, high);
+        }
+        Ok(bounds)
+    }
+
+    /// Point the consumer at `positions` (next offset to read, per partition).
+    pub fn assign(
+        &self,
+        consumer: &BaseConsumer,
+        topic: &str,
+        positions: &BTreeMap<i32, i64>,
+    ) -> Result<(), SourceError> {
+        let mut list = TopicPartitionList::new();
+        for (&p, &offset) in positions {
+            list.add_partition_offset(topic, p, Offset::Offset(offset))
+                .map_err(self.error(format!("assigning {topic}/{p} at offset {offset}")))?;
+        }
+        consumer
+            .assign(&list)
+            .map_err(self.error(format!("assigning partitions of {topic}")))
+    }
+
+    /// Create the topic through the admin API. A broker that does not support CreateTopics (such as
+    /// librdkafka's mock cluster) is fine if the topic already exists with enough partitions.
+    pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), SourceError> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<_> = self
+            .with_user_properties(self.base())
+            .create()
+            .map_err(self.error("creating an admin client"))?;
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let outcome = admin
+            .create_topics(
+                [&new],
+                &AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT)),
+            )
+            .await;
+        let created = match outcome {
+            Ok(results) => results.into_iter().all(|r| match r {
+                Ok(_) => true,
+                Err((_, code)) => code == rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+            }),
+            Err(_) => false,
+        };
+        let consumer = self.consumer("reproject-admin")?;
+        match self.partitions(&consumer, topic) {
+            Ok(existing) if existing.len() as i32 >= partitions => Ok(()),
+            Ok(existing) => Err(SourceError::BadSetting(format!(
+                "topic {topic} has {} partitions, {partitions} were asked for",
+                existing.len()
+            ))),
+            Err(e) if created => Err(e),
+            Err(_) => Err(SourceError::BadSetting(format!(
+                "topic {topic} does not exist and {} did not create it (a broker without CreateTopics support, \
+                 such as the mock cluster, needs it created up front: `reproject dev-broker --partitions N` does)",
+                self.brokers
+            ))),
+        }
+    }
+
+    /// Where the consumer will fetch next, per partition. Past control records (transaction markers),
+    /// which are never delivered as messages.
+    pub fn fetch_positions(&self, consumer: &BaseConsumer) -> BTreeMap<i32, i64> {
+        let mut out = BTreeMap::new();
+        if let Ok(list) = consumer.position() {
+            for e in list.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    out.insert(e.partition(), o);
+                }
+            }
+        }
+        out
+    }
+
+    /// Wait until every queued record is delivered.
+    pub fn flush(&self, producer: &BaseProducer) -> Result<(), SourceError> {
+        producer
+            .flush(Duration::from_secs(60))
+            .map_err(self.error("delivering records"))
+    }
+}
+
+/// Parse `key=value` as given to `-X`.
+pub fn parse_property(text: &str) -> Result<(String, String), SourceError> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(SourceError::BadSetting(format!(
+            "{text:?}: expected key=value, e.g. -X security.protocol=SASL_SSL"
+        ))),
+    }
+}

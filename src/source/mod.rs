@@ -1,0 +1,12 @@
+//! Reading the event log from Kafka: client settings, partitions and watermarks, a consumer that
+//! starts at stored positions, and a development broker.
+//!
+//! An offset here always means "the next one to read"; a log end (high watermark) is last + 1; a log
+//! start is the first offset the broker still has. History is complete only if every partition's
+//! log start is 0.
+
+pub mod dev_broker;
+mod kafka;
+pub mod producer;
+
+pub use kafka::{parse_property, KafkaSettings, LogBounds, SourceError};

@@ -1,0 +1,136 @@
+//! Appending records to the log (for `seed` and the demo's live traffic). Every record's delivery is
+//! checked: a record the broker refused fails the command, it is never dropped quietly.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+
+use super::{KafkaSettings, SourceError};
+
+#[derive(Default)]
+struct DeliveryTracker {
+    failed: Mutex<(u64, Option<String>)>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            if let Ok(mut failed) = self.failed.lock() {
+                failed.0 += 1;
+                failed.1.get_or_insert_with(|| error.to_string());
+            }
+        }
+    }
+}
+
+/// Writes records and reports how many were delivered.
+pub struct LogWriter {
+    settings: KafkaSettings,
+    producer: BaseProducer<DeliveryTracker>,
+    topic: String,
+    sent: u64,
+}
+
+impl LogWriter {
+    /// `partitioner` is librdkafka's name: `consistent_random` (its default) or `murmur2_random` (the
+    /// Java client's).
+    pub fn new(
+        settings: &KafkaSettings,
+        topic: &str,
+        partitioner: &str,
+    ) -> Result<LogWriter, SourceError> {
+        let mut config = rdkafka::ClientConfig::new();
+        config
+            .set("bootstrap.servers", &settings.brokers)
+            .set("client.id", "reproject-seed")
+            .set("compression.type", "zstd")
+            .set("linger.ms", "10")
+            .set("batch.size", "1000000")
+            .set("batch.num.messages", "100000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("enable.idempotence", "true")
+            .set("partitioner", partitioner);
+        for (k, v) in &settings.properties {
+            config.set(k, v);
+        }
+        let producer = config
+            .create_with_context(DeliveryTracker::default())
+            .map_err(|source| SourceError::Kafka {
+                brokers: settings.brokers.clone(),
+                context: "creating a producer".into(),
+                source,
+            })?;
+        Ok(LogWriter {
+            settings: settings.clone(),
+            producer,
+            topic: topic.to_string(),
+            sent: 0,
+        })
+    }
+
+    pub fn send(&mut self, key: &str, value: &[u8]) -> Result<(), SourceError> {
+        let mut record = BaseRecord::to(&self.topic).key(key).payload(value);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((source, _)) => {
+                    return Err(SourceError::Kafka {
+                        brokers: self.settings.brokers.clone(),
+                        context: format!("appending to {}", self.topic),
+                        source,
+                    })
+                }
+            }
+        }
+        self.sent += 1;
+        if self.sent % 10_000 == 0 {
+            self.producer.poll(Duration::ZERO);
+        }
+        Ok(())
+    }
+
+    /// Wait for every record to be delivered; fail if any was not.
+    pub fn finish(&mut self) -> Result<u64, SourceError> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(50));
+        }
+        self.producer
+            .flush(Duration::from_secs(10))
+            .map_err(|source| SourceError::Kafka {
+                brokers: self.settings.brokers.clone(),
+                context: format!("delivering records to {}", self.topic),
+                source,
+            })?;
+        let failed = self
+            .producer
+            .context()
+            .failed
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or((0, None));
+        if failed.0 > 0 {
+            return Err(SourceError::BadSetting(format!(
+                "{} of {} records were not delivered to {}: {}",
+                failed.0,
+                self.sent,
+                self.topic,
+                failed.1.unwrap_or_default()
+            )));
+        }
+        Ok(self.sent)
+    }
+}
