@@ -40,6 +40,9 @@ pub struct TuningArgs {
     /// Give up when Kafka makes no progress for this long while reporting errors
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub stall_timeout: u64,
+    /// Apply at most this many events per second while catching up and following
+    #[arg(long, value_name = "EVENTS")]
+    pub max_rate: Option<u64>,
 }
 
 impl TuningArgs {
@@ -48,6 +51,7 @@ impl TuningArgs {
             batch_events: self.batch_events.max(1),
             lag_threshold: self.lag_threshold.max(0),
             stall_timeout: Duration::from_secs(self.stall_timeout.max(1)),
+            max_rate: self.max_rate,
         }
     }
 }

@@ -199,6 +199,13 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 }
             }
             events += batch.events;
+            if let Some(rate) = engine.tuning.max_rate.filter(|r| *r > 0) {
+                // Hold the average at the cap: sleep until this many events are due.
+                let due = Duration::from_secs_f64(events as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(progress.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
         }
         for (t, next) in targets.iter_mut().zip(nexts) {
             t.positions = next;
@@ -225,7 +232,16 @@ async fn apply_batches<E: Send + Sync + 'static>(
             }
         }
         if let (Until::CaughtUp { lag_below }, Some(l)) = (until, last_lag) {
-            if l <= lag_below && !log_end.is_empty() {
+            // A batch's log end was measured when it was read; batches may have waited since. Ask
+            // the brokers again before calling it caught up.
+            let confirmed = l <= lag_below && !log_end.is_empty() && {
+                let fresh = fresh_log_end(engine).await?;
+                let fresh_lag = targets.iter().map(|t| lag(&t.positions, &fresh)).max().unwrap_or(0);
+                log_end = fresh;
+                last_lag = Some(fresh_lag);
+                fresh_lag <= lag_below
+            };
+            if confirmed {
                 progress.finish();
                 return Ok(FollowOutcome {
                     positions: targets.iter().map(|t| t.positions.clone()).collect(),
@@ -236,6 +252,18 @@ async fn apply_batches<E: Send + Sync + 'static>(
             }
         }
     }
+}
+
+async fn fresh_log_end<E>(engine: &Engine<E>) -> Result<Positions> {
+    let (kafka, topic) = (engine.kafka.clone(), engine.topic.clone());
+    let bounds = tokio::task::spawn_blocking(move || {
+        let consumer = kafka.consumer("reproject-lag")?;
+        let partitions = kafka.partitions(&consumer, &topic)?;
+        kafka.bounds(&consumer, &topic, &partitions)
+    })
+    .await
+    .map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("log end check failed: {e}") })??;
+    Ok(bounds.end)
 }
 
 /// 100 ms, doubling, at most 10 s, with up to 50% jitter so that many writers do not retry in step.

@@ -107,6 +107,8 @@ pub struct Tuning {
     pub lag_threshold: i64,
     /// How long to wait for Kafka to make progress while it reports errors.
     pub stall_timeout: std::time::Duration,
+    /// A hard cap on events applied per second when catching up or following (None: no cap).
+    pub max_rate: Option<u64>,
 }
 
 impl Default for Tuning {
@@ -115,6 +117,7 @@ impl Default for Tuning {
             batch_events: 20_000,
             lag_threshold: 1_000,
             stall_timeout: std::time::Duration::from_secs(300),
+            max_rate: None,
         }
     }
 }

@@ -150,13 +150,7 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     let started = Instant::now();
     for job in &jobs {
         if options.swap {
-            let swapped = swap::swap(
-                &engine.database_url,
-                &job.build,
-                job.projection.tables(),
-                &options.swap_options,
-            )
-            .await?;
+            let swapped = swap_when_caught_up(engine, job, options, cancel).await?;
             tracing::info!(message = "swapped", projection = %swapped.projection, build_id = swapped.build_id,
                 retired = ?swapped.retired_build_id, attempts = swapped.attempts, commit_ms = swapped.commit_ms);
             report.swaps.push(swapped);
@@ -170,6 +164,29 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     }
     report.swap_seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Swap, catching up again first whenever the live build has moved past the new one (a `run`
+/// following it meanwhile): the view must never go back in time.
+async fn swap_when_caught_up<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    job: &Job<E>,
+    options: &RebuildOptions,
+    cancel: &CancellationToken,
+) -> Result<SwapReport> {
+    let mut attempts = 0;
+    loop {
+        match swap::swap(&engine.database_url, &job.build, job.projection.tables(), &options.swap_options).await {
+            Err(swap::SwapError::Behind { .. }) if attempts < 20 => {
+                attempts += 1;
+                tracing::info!(message = "the live build moved ahead; catching up again before the swap", projection = job.projection.name());
+                let positions = engine.catalog.positions(job.build.build_id).await?;
+                let target = FollowTarget { build: job.build.clone(), projection: job.projection.clone(), positions };
+                follow::follow(engine, vec![target], Until::CaughtUp { lag_below: 0 }, cancel, "catching up").await?;
+            }
+            result => return Ok(result?),
+        }
+    }
 }
 
 /// Find or create the build this rebuild works on. Abandons in-progress builds of other versions.

@@ -43,6 +43,8 @@ pub enum SwapError {
         build_id: i64,
         phase: String,
     },
+    #[error("swap of {projection}: build {build_id} is behind the live build {active} on partition {partition} ({behind} < {ahead}); it must catch up first")]
+    Behind { projection: String, build_id: i64, active: i64, partition: i32, behind: i64, ahead: i64 },
     #[error(transparent)]
     Sink(#[from] SinkError),
 }
@@ -163,6 +165,31 @@ async fn try_swap(
         }
         if phase == "active" && id != build.build_id {
             retired = Some(id);
+        }
+    }
+    if let Some(old) = retired {
+        // Readers must never see the view go back in time: the new build must stand at or past the
+        // live one on every partition. Lock the live build's positions so its follower cannot move
+        // them until this commits.
+        let rows: Vec<(i64, i32, i64)> = sqlx::query_as(
+            "SELECT build_id, partition, next_offset FROM reproject.positions WHERE build_id = ANY($1) ORDER BY build_id, partition FOR UPDATE",
+        )
+        .bind(vec![old, build.build_id])
+        .fetch_all(&mut *tx)
+        .await
+        .context(|| format!("comparing the positions of builds {old} and {}", build.build_id))?;
+        for (id, partition, ahead) in rows.iter().filter(|r| r.0 == old) {
+            let behind = rows.iter().find(|r| r.0 == build.build_id && r.1 == *partition).map_or(-1, |r| r.2);
+            if behind < *ahead {
+                return Err(SwapError::Behind {
+                    projection: build.projection.clone(),
+                    build_id: build.build_id,
+                    active: *id,
+                    partition: *partition,
+                    behind,
+                    ahead: *ahead,
+                });
+            }
         }
     }
     for spec in specs {

@@ -1,0 +1,136 @@
+//! Shared fixtures: a fresh database per test (left behind for debugging, dropped at the next run),
+//! an in-process mock Kafka cluster per test, a seeded shop history, and an engine wired to both.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reproject::domain::shop::{self, generator::History, generator::HistoryConfig, ShopEvent};
+use reproject::engine::rebuild::RebuildOptions;
+use reproject::engine::{Engine, EngineParts, SchemaSource, Tuning};
+use reproject::sink::database::recreate_database;
+use reproject::source::dev_broker::DevBroker;
+use reproject::source::producer::LogWriter;
+use reproject::source::KafkaSettings;
+use reproject::swap::SwapOptions;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+pub const TOPIC: &str = "shop.orders";
+
+/// The server tests run against: TEST_DATABASE_URL, else the local one.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh, empty database named after the test.
+pub async fn fresh_database(test: &str) -> String {
+    recreate_database(&admin_url(), &format!("rp_test_{test}"))
+        .await
+        .unwrap_or_else(|e| panic!("cannot create a database for {test} (is PostgreSQL running? see README): {e}"))
+}
+
+pub async fn pool(url: &str) -> PgPool {
+    PgPoolOptions::new().max_connections(4).connect(url).await.expect("connect to the test database")
+}
+
+pub struct Kafka {
+    pub broker: DevBroker,
+    pub settings: KafkaSettings,
+}
+
+impl Kafka {
+    pub fn start(partitions: i32) -> Kafka {
+        let broker = DevBroker::start(TOPIC, partitions).expect("start the mock cluster");
+        let settings = KafkaSettings { brokers: broker.bootstrap_servers(), properties: Vec::new() };
+        Kafka { broker, settings }
+    }
+}
+
+pub fn history(events: u64, seed: u64) -> History {
+    History::new(HistoryConfig::new(events, (events / 10).max(1), (events / 50).max(5), seed))
+}
+
+/// Append the next `count` events of `history` to the topic.
+pub fn append(kafka: &KafkaSettings, history: &mut History, count: u64) {
+    let mut writer = LogWriter::new(kafka, TOPIC, "consistent_random").expect("producer");
+    for record in history.by_ref().take(count as usize) {
+        writer.send(&record.key, &record.value).expect("send");
+    }
+    writer.finish().expect("every record delivered");
+}
+
+/// Append at about `rate` events per second from a thread; returns the history when done.
+pub fn append_in_background(kafka: &KafkaSettings, mut history: History, count: u64, rate: u64) -> std::thread::JoinHandle<History> {
+    let kafka = kafka.clone();
+    std::thread::spawn(move || {
+        let mut writer = LogWriter::new(&kafka, TOPIC, "consistent_random").expect("producer");
+        let started = std::time::Instant::now();
+        for (i, record) in history.by_ref().take(count as usize).enumerate() {
+            writer.send(&record.key, &record.value).expect("send");
+            if i % 100 == 0 {
+                let due = Duration::from_secs_f64(i as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        writer.finish().expect("every record delivered");
+        history
+    })
+}
+
+pub fn tuning() -> Tuning {
+    Tuning { batch_events: 5_000, lag_threshold: 0, stall_timeout: Duration::from_secs(60), max_rate: None }
+}
+
+pub async fn engine(database_url: &str, kafka: &KafkaSettings, tuning: Tuning) -> Engine<ShopEvent> {
+    Engine::connect(EngineParts {
+        kafka: kafka.clone(),
+        topic: TOPIC.into(),
+        database_url: database_url.into(),
+        view_schema: "public".into(),
+        registry: Arc::new(shop::registry().expect("registry")),
+        projections: shop::projections(),
+        schemas: SchemaSource { dir: None, embedded: shop::projections::embedded_schema },
+        tuning,
+    })
+    .await
+    .expect("engine connects")
+}
+
+pub fn rebuild_options() -> RebuildOptions {
+    RebuildOptions { allow_truncated_history: false, swap: true, swap_options: SwapOptions::default(), quiet: true }
+}
+
+pub fn all_projections() -> Vec<String> {
+    shop::projections().iter().map(|p| p.name().to_string()).collect()
+}
+
+/// md5 over every row of a table, in key order: equal checksums mean equal tables.
+pub async fn checksum(pool: &PgPool, schema: &str, table: &str, key: &str) -> String {
+    sqlx::query_scalar(&format!(
+        "SELECT coalesce(md5(string_agg(t::text, E'\\n' ORDER BY {key})), 'empty') FROM \"{schema}\".\"{table}\" t"
+    ))
+    .fetch_one(pool)
+    .await
+    .expect("checksum")
+}
+
+pub async fn schema_of(pool: &PgPool, build_id: i64) -> String {
+    sqlx::query_scalar("SELECT schema_name FROM reproject.builds WHERE build_id = $1")
+        .bind(build_id)
+        .fetch_one(pool)
+        .await
+        .expect("build exists")
+}
+
+/// Follow every active build until nothing is left to apply.
+pub async fn drain(engine: Arc<Engine<ShopEvent>>) {
+    let options = reproject::engine::run::RunOptions { backfill: false, rebuild: rebuild_options(), exit_when_caught_up: Some(0) };
+    tokio::time::timeout(Duration::from_secs(120), reproject::engine::run::run(engine, options, Default::default()))
+        .await
+        .expect("caught up within 2 minutes")
+        .expect("run succeeds");
+}
