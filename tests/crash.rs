@@ -16,7 +16,17 @@ use tokio_util::sync::CancellationToken;
 
 fn spawn_rebuild(db: &str, brokers: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .args(["rebuild", "--all", "--quiet", "--brokers", brokers, "--database-url", db, "--topic", TOPIC])
+        .args([
+            "rebuild",
+            "--all",
+            "--quiet",
+            "--brokers",
+            brokers,
+            "--database-url",
+            db,
+            "--topic",
+            TOPIC,
+        ])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -31,7 +41,10 @@ async fn wait_for(pool: &PgPool, child: &mut Child, sql: &str) -> bool {
         if let Ok(Some(_)) = child.try_wait() {
             return false;
         }
-        let hit: Option<bool> = sqlx::query_scalar(sql).fetch_optional(pool).await.unwrap_or(None);
+        let hit: Option<bool> = sqlx::query_scalar(sql)
+            .fetch_optional(pool)
+            .await
+            .unwrap_or(None);
         if hit == Some(true) {
             return true;
         }
@@ -41,7 +54,11 @@ async fn wait_for(pool: &PgPool, child: &mut Child, sql: &str) -> bool {
 }
 
 async fn assert_no_duplicate_rows(pool: &PgPool) {
-    for (table, key) in [("order_summary", "order_id"), ("customer_stats", "customer_id"), ("daily_sales", "day, currency")] {
+    for (table, key) in [
+        ("order_summary", "order_id"),
+        ("customer_stats", "customer_id"),
+        ("daily_sales", "day, currency"),
+    ] {
         let (rows, keys): (i64, i64) = sqlx::query_as(&format!(
             "SELECT count(*), count(DISTINCT ({key})) FROM public.{table}"
         ))
@@ -69,23 +86,42 @@ async fn a_rebuild_killed_during_the_bulk_load_starts_over_and_finishes_correctl
     .await;
     child.kill().expect("SIGKILL");
     let _ = child.wait();
-    assert!(replaying, "the rebuild never reached its bulk load, or finished before it could be killed");
-    let loading: i64 = sqlx::query_scalar("SELECT count(*) FROM reproject.builds WHERE phase = 'loading'")
-        .fetch_one(&pool)
-        .await
-        .expect("count");
+    assert!(
+        replaying,
+        "the rebuild never reached its bulk load, or finished before it could be killed"
+    );
+    let loading: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reproject.builds WHERE phase = 'loading'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
     assert_eq!(loading, 3, "killed while loading");
 
     let engine = engine(&db, &kafka.settings, tuning()).await;
-    let report = rebuild(&engine, &all_projections(), &rebuild_options(), &CancellationToken::new()).await.expect("second attempt");
-    assert_eq!(report.events_replayed, 300_000, "the load started over from offset 0");
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT build_id FROM reproject.builds WHERE phase = 'active' ORDER BY build_id")
-        .fetch_all(&pool)
-        .await
-        .expect("ids");
+    let report = rebuild(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("second attempt");
+    assert_eq!(
+        report.events_replayed, 300_000,
+        "the load started over from offset 0"
+    );
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT build_id FROM reproject.builds WHERE phase = 'active' ORDER BY build_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("ids");
     assert_eq!(ids, vec![1, 2, 3], "the interrupted builds were reused");
     let actual = actual_totals(&pool, "public").await.expect("totals");
-    assert_eq!(differences(&history.expected(), &actual), Vec::<String>::new());
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new()
+    );
     assert_no_duplicate_rows(&pool).await;
 }
 
@@ -99,7 +135,18 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
     let pool = pool(&db).await;
 
     // A rate cap keeps the catch-up going for seconds, so the kill lands in the middle of it.
-    let mut child = spawn_rebuild(&db, &kafka.settings.brokers, &["--batch-events", "200", "--lag-threshold", "0", "--max-rate", "4000"]);
+    let mut child = spawn_rebuild(
+        &db,
+        &kafka.settings.brokers,
+        &[
+            "--batch-events",
+            "200",
+            "--lag-threshold",
+            "0",
+            "--max-rate",
+            "4000",
+        ],
+    );
     let mid_catch_up = wait_for(
         &pool,
         &mut child,
@@ -110,7 +157,10 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
     .await;
     child.kill().expect("SIGKILL");
     let _ = child.wait();
-    assert!(mid_catch_up, "the rebuild never reached catch-up with committed batches, or finished first");
+    assert!(
+        mid_catch_up,
+        "the rebuild never reached catch-up with committed batches, or finished first"
+    );
     let (phase_count, applied): (i64, i64) = sqlx::query_as(
         "SELECT count(*), (SELECT sum(next_offset)::bigint FROM reproject.positions WHERE build_id = 1)
          FROM reproject.builds WHERE phase = 'catching_up'",
@@ -119,16 +169,38 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
     .await
     .expect("state");
     assert_eq!(phase_count, 3);
-    assert!(applied > 52_000 && applied < 90_000, "killed with some, not all, catch-up batches committed ({applied})");
+    assert!(
+        applied > 52_000 && applied < 90_000,
+        "killed with some, not all, catch-up batches committed ({applied})"
+    );
 
-    let history = tokio::task::spawn_blocking(move || producer.join().expect("producer")).await.expect("join");
+    let history = tokio::task::spawn_blocking(move || producer.join().expect("producer"))
+        .await
+        .expect("join");
     let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
-    let report = rebuild(&engine, &all_projections(), &rebuild_options(), &CancellationToken::new()).await.expect("resumed");
-    assert_eq!(report.events_replayed, 0, "resumed from the stored positions, no second replay");
+    let report = rebuild(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("resumed");
+    assert_eq!(
+        report.events_replayed, 0,
+        "resumed from the stored positions, no second replay"
+    );
     drain(engine.clone()).await;
     let actual = actual_totals(&pool, "public").await.expect("totals");
-    assert_eq!(differences(&history.expected(), &actual), Vec::<String>::new());
-    let applied: i64 = sqlx::query_scalar("SELECT sum(last_sequence)::bigint FROM public.order_summary").fetch_one(&pool).await.expect("sum");
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new()
+    );
+    let applied: i64 =
+        sqlx::query_scalar("SELECT sum(last_sequence)::bigint FROM public.order_summary")
+            .fetch_one(&pool)
+            .await
+            .expect("sum");
     assert_eq!(applied, 90_000);
     assert_no_duplicate_rows(&pool).await;
 }

@@ -19,15 +19,33 @@ async fn rebuilt_views_equal_the_generators_totals_across_all_three_schema_versi
     append(&kafka.settings, &mut history, 60_000);
     let expected = history.expected();
     for version in ["v1", "v2", "v3"] {
-        assert!(expected.events_by_version.get(version).copied().unwrap_or(0) > 1_000, "history lacks {version}: {:?}", expected.events_by_version);
+        assert!(
+            expected
+                .events_by_version
+                .get(version)
+                .copied()
+                .unwrap_or(0)
+                > 1_000,
+            "history lacks {version}: {:?}",
+            expected.events_by_version
+        );
     }
 
     let engine = engine(&db, &kafka.settings, tuning()).await;
-    let report = rebuild(&engine, &all_projections(), &rebuild_options(), &CancellationToken::new()).await.expect("rebuild");
+    let report = rebuild(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild");
 
     assert_eq!(report.events_replayed, 60_000);
     assert_eq!(report.swaps.len(), 3);
-    let actual = actual_totals(engine.catalog.pool(), "public").await.expect("totals");
+    let actual = actual_totals(engine.catalog.pool(), "public")
+        .await
+        .expect("totals");
     assert_eq!(differences(&expected, &actual), Vec::<String>::new());
     assert_eq!(actual.orders, expected.orders);
 }
@@ -40,22 +58,47 @@ async fn rebuilding_the_same_log_twice_gives_identical_tables() {
     let engine = engine(&db, &kafka.settings, tuning()).await;
     let pool = engine.catalog.pool().clone();
 
-    let first = rebuild(&engine, &all_projections(), &rebuild_options(), &CancellationToken::new()).await.expect("first");
-    let second = rebuild(&engine, &all_projections(), &rebuild_options(), &CancellationToken::new()).await.expect("second");
-    assert_ne!(first.builds, second.builds, "the second rebuild made new builds");
+    let first = rebuild(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("first");
+    let second = rebuild(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("second");
+    assert_ne!(
+        first.builds, second.builds,
+        "the second rebuild made new builds"
+    );
 
-    let tables = [("order_summary", "order_id"), ("customer_stats", "customer_id"), ("daily_sales", "day, currency")];
+    let tables = [
+        ("order_summary", "order_id"),
+        ("customer_stats", "customer_id"),
+        ("daily_sales", "day, currency"),
+    ];
     for ((table, key), (a, b)) in tables.iter().zip(first.builds.iter().zip(&second.builds)) {
         let (sa, sb) = (schema_of(&pool, *a).await, schema_of(&pool, *b).await);
-        let (ca, cb) = (checksum(&pool, &sa, table, key).await, checksum(&pool, &sb, table, key).await);
+        let (ca, cb) = (
+            checksum(&pool, &sa, table, key).await,
+            checksum(&pool, &sb, table, key).await,
+        );
         assert_ne!(ca, "empty", "{table} is empty");
         assert_eq!(ca, cb, "{table}: build {a} and build {b} differ");
     }
     // The second swap retired the first builds, which stay for rollback.
-    let retired: i64 = sqlx::query_scalar("SELECT count(*) FROM reproject.builds WHERE phase = 'retired'")
-        .fetch_one(&pool)
-        .await
-        .expect("count");
+    let retired: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reproject.builds WHERE phase = 'retired'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
     assert_eq!(retired, 3);
 }
 
@@ -68,21 +111,38 @@ async fn events_appended_during_a_rebuild_are_in_the_new_view_once_each() {
     let producer = append_in_background(&kafka.settings, history, 20_000, 10_000);
 
     let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
-    let report = rebuild(&engine, &all_projections(), &rebuild_options(), &CancellationToken::new()).await.expect("rebuild");
+    let report = rebuild(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild");
     let history = producer.join().expect("producer");
     drain(engine.clone()).await;
 
     assert!(report.events_replayed >= 60_000);
     let expected = history.expected();
     assert_eq!(expected.events, 80_000);
-    let actual = actual_totals(engine.catalog.pool(), "public").await.expect("totals");
-    assert_eq!(differences(&expected, &actual), Vec::<String>::new(), "counters would double if an event were applied twice");
-    // Each order's row has seen exactly its last event: no event skipped or applied out of turn.
-    let applied: i64 = sqlx::query_scalar("SELECT sum(last_sequence)::bigint FROM public.order_summary")
-        .fetch_one(engine.catalog.pool())
+    let actual = actual_totals(engine.catalog.pool(), "public")
         .await
-        .expect("sum");
-    assert_eq!(applied, 80_000, "the sequence numbers of the last events add up to every event");
+        .expect("totals");
+    assert_eq!(
+        differences(&expected, &actual),
+        Vec::<String>::new(),
+        "counters would double if an event were applied twice"
+    );
+    // Each order's row has seen exactly its last event: no event skipped or applied out of turn.
+    let applied: i64 =
+        sqlx::query_scalar("SELECT sum(last_sequence)::bigint FROM public.order_summary")
+            .fetch_one(engine.catalog.pool())
+            .await
+            .expect("sum");
+    assert_eq!(
+        applied, 80_000,
+        "the sequence numbers of the last events add up to every event"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,21 +156,101 @@ async fn a_log_that_no_longer_starts_at_offset_zero_is_refused() {
         .set("linger.ms", "0")
         .create()
         .expect("producer");
-    let noise: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let noise: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     for _ in 0..40 {
-        producer.send(rdkafka::producer::BaseRecord::<str, [u8]>::to(TOPIC).key("k").payload(&noise)).expect("send");
-        rdkafka::producer::Producer::flush(&producer, std::time::Duration::from_secs(10)).expect("flush");
+        producer
+            .send(
+                rdkafka::producer::BaseRecord::<str, [u8]>::to(TOPIC)
+                    .key("k")
+                    .payload(&noise),
+            )
+            .expect("send");
+        rdkafka::producer::Producer::flush(&producer, std::time::Duration::from_secs(10))
+            .expect("flush");
     }
     let engine = engine(&db, &kafka.settings, tuning()).await;
-    let error = rebuild(&engine, &["order_summary".to_string()], &rebuild_options(), &CancellationToken::new())
-        .await
-        .expect_err("a truncated log must be refused");
-    assert!(matches!(error, EngineError::TruncatedHistory { .. }), "{error}");
+    let error = rebuild(
+        &engine,
+        &["order_summary".to_string()],
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("a truncated log must be refused");
+    assert!(
+        matches!(error, EngineError::TruncatedHistory { .. }),
+        "{error}"
+    );
     let message = error.to_string();
-    assert!(message.contains("partition 0 starts at") && message.contains("--allow-truncated-history"), "{message}");
-    let views: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_views WHERE schemaname = 'public'")
-        .fetch_one(engine.catalog.pool())
-        .await
-        .expect("count");
+    assert!(
+        message.contains("partition 0 starts at") && message.contains("--allow-truncated-history"),
+        "{message}"
+    );
+    let views: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_views WHERE schemaname = 'public'")
+            .fetch_one(engine.catalog.pool())
+            .await
+            .expect("count");
     assert_eq!(views, 0, "nothing was swapped in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_of_unknown_type_stops_the_rebuild_naming_where_it_is_and_who_read_it() {
+    use prost::Message;
+    use reproject::proto::reproject::v1::EventEnvelope;
+    let db = fresh_database("unknown_type").await;
+    let kafka = Kafka::start(1);
+    append(&kafka.settings, &mut history(1_000, 9), 1_000);
+    let envelope = EventEnvelope {
+        event_id: vec![7; 16],
+        aggregate_type: "Order".into(),
+        aggregate_id: "o-future".into(),
+        sequence: 1,
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: 1_800_000_000,
+            nanos: 0,
+        }),
+        payload: Some(prost_types::Any {
+            type_url: "type.googleapis.com/shop.v9.OrderPlaced".into(),
+            value: vec![],
+        }),
+        metadata: Default::default(),
+    };
+    let mut writer =
+        reproject::source::producer::LogWriter::new(&kafka.settings, TOPIC, "consistent_random")
+            .expect("producer");
+    writer
+        .send("o-future", &envelope.encode_to_vec())
+        .expect("send");
+    writer.finish().expect("delivered");
+
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    let error = rebuild(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("an unknown type must stop the rebuild");
+    let message = error.to_string();
+    for part in [
+        "shop.orders/0 at offset 1000",
+        "type.googleapis.com/shop.v9.OrderPlaced",
+        "version 9",
+        "order_summary",
+        "customer_stats",
+        "daily_sales",
+        "no upcaster knows",
+    ] {
+        assert!(message.contains(part), "missing {part:?} in: {message}");
+    }
+    let active: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reproject.builds WHERE phase = 'active'")
+            .fetch_one(engine.catalog.pool())
+            .await
+            .expect("count");
+    assert_eq!(active, 0, "nothing went live");
 }

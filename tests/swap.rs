@@ -26,7 +26,9 @@ struct ReaderLog {
 
 async fn read_in_a_loop(url: String, stop: Arc<AtomicBool>) -> ReaderLog {
     let mut log = ReaderLog::default();
-    let mut conn = sqlx::PgConnection::connect(&url).await.expect("reader connects");
+    let mut conn = sqlx::PgConnection::connect(&url)
+        .await
+        .expect("reader connects");
     let mut last = 0i64;
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
@@ -62,18 +64,40 @@ async fn readers_never_see_an_error_an_empty_view_or_fewer_orders_during_rebuild
     let mut history = history(70_000, 3);
     append(&kafka.settings, &mut history, 30_000);
     let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
-    let first = rebuild(&engine, &all_projections(), &rebuild_options(), &CancellationToken::new()).await.expect("first build");
+    let first = rebuild(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("first build");
 
     // Readers start once the views exist; `run` keeps the live builds current meanwhile.
     let stop = Arc::new(AtomicBool::new(false));
-    let readers: Vec<_> = (0..4).map(|_| tokio::spawn(read_in_a_loop(db.clone(), stop.clone()))).collect();
+    let readers: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(read_in_a_loop(db.clone(), stop.clone())))
+        .collect();
     let follower_cancel = CancellationToken::new();
-    let options = RunOptions { backfill: false, rebuild: rebuild_options(), exit_when_caught_up: None };
+    let options = RunOptions {
+        backfill: false,
+        rebuild: rebuild_options(),
+        exit_when_caught_up: None,
+    };
     let follower = run(engine.clone(), options, follower_cancel.clone());
     let producer = append_in_background(&kafka.settings, history, 40_000, 8_000);
     let work = async {
-        let second = rebuild(&engine, &all_projections(), &rebuild_options(), &CancellationToken::new()).await.expect("second build");
-        let history = tokio::task::spawn_blocking(move || producer.join().expect("producer")).await.expect("join");
+        let second = rebuild(
+            &engine,
+            &all_projections(),
+            &rebuild_options(),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("second build");
+        let history = tokio::task::spawn_blocking(move || producer.join().expect("producer"))
+            .await
+            .expect("join");
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.store(true, Ordering::Relaxed);
         follower_cancel.cancel();
@@ -81,22 +105,48 @@ async fn readers_never_see_an_error_an_empty_view_or_fewer_orders_during_rebuild
     };
     let (followed, (second, history)) = tokio::join!(follower, work);
     followed.expect("the follower ran cleanly");
-    let logs: Vec<ReaderLog> = futures::future::join_all(readers).await.into_iter().map(|r| r.expect("reader task")).collect();
+    let logs: Vec<ReaderLog> = futures::future::join_all(readers)
+        .await
+        .into_iter()
+        .map(|r| r.expect("reader task"))
+        .collect();
 
     assert_eq!(second.swaps.len(), 3);
     for (swap, old) in second.swaps.iter().zip(&first.builds) {
-        assert_eq!(swap.retired_build_id, Some(*old), "{} retired its previous build", swap.projection);
+        assert_eq!(
+            swap.retired_build_id,
+            Some(*old),
+            "{} retired its previous build",
+            swap.projection
+        );
     }
     for (i, log) in logs.iter().enumerate() {
-        assert!(log.queries > 20, "reader {i} ran only {} queries", log.queries);
-        assert!(log.errors.is_empty(), "reader {i} got errors: {:?}", &log.errors[..log.errors.len().min(3)]);
+        assert!(
+            log.queries > 20,
+            "reader {i} ran only {} queries",
+            log.queries
+        );
+        assert!(
+            log.errors.is_empty(),
+            "reader {i} got errors: {:?}",
+            &log.errors[..log.errors.len().min(3)]
+        );
         assert_eq!(log.empty, 0, "reader {i} saw an empty view");
-        assert!(log.decreases.is_empty(), "reader {i} saw order_summary shrink: {:?}", log.decreases);
+        assert!(
+            log.decreases.is_empty(),
+            "reader {i} saw order_summary shrink: {:?}",
+            log.decreases
+        );
     }
     let longest = logs.iter().map(|l| l.longest).max().unwrap_or_default();
     eprintln!("longest reader query during the swap: {longest:?}");
 
     drain(engine.clone()).await;
-    let actual = actual_totals(engine.catalog.pool(), "public").await.expect("totals");
-    assert_eq!(differences(&history.expected(), &actual), Vec::<String>::new());
+    let actual = actual_totals(engine.catalog.pool(), "public")
+        .await
+        .expect("totals");
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new()
+    );
 }

@@ -31,7 +31,7 @@ pub struct SeedArgs {
     /// Events to write
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
-    /// Orders the history is spread over [default: events / 10]
+    /// Orders the history is spread over [default: a tenth of --events, or of --skip when appending]
     #[arg(long)]
     pub orders: Option<u64>,
     /// Customers placing them [default: orders / 5]
@@ -40,12 +40,14 @@ pub struct SeedArgs {
     /// Random seed: the same arguments write the same log
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Skip the first N events of the history (to append what comes after an earlier seed)
+    /// Skip the first N events of the history (to append what comes after an earlier seed of N events
+    /// made with the same --orders, --customers and --seed)
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
-    /// Partitions to create the topic with, where the broker supports creating topics
-    #[arg(long, default_value_t = 8)]
-    pub partitions: i32,
+    /// Partitions to create the topic with, where the broker supports creating topics [default: 8]; an
+    /// existing topic is used as it is
+    #[arg(long)]
+    pub partitions: Option<i32>,
     /// How records are assigned to partitions by key
     #[arg(long, value_enum, default_value_t = Partitioner::ConsistentRandom)]
     pub partitioner: Partitioner,
@@ -75,12 +77,14 @@ pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome>
         .kafka
         .ensure_topic(&settings.topic, args.partitions)
         .await?;
-    let config = history_config(
-        args.skip + args.events,
-        args.orders,
-        args.customers,
-        args.seed,
-    );
+    // The stream is shaped by the history size it was seeded for (orders, items per order), so an
+    // append with `--skip N` shapes it like the earlier seed of N events it continues.
+    let shaped_for = if args.skip > 0 {
+        args.skip
+    } else {
+        args.events
+    };
+    let config = history_config(shaped_for, args.orders, args.customers, args.seed);
     let (kafka, topic, partitioner) = (
         settings.kafka.clone(),
         settings.topic.clone(),

@@ -236,7 +236,11 @@ async fn apply_batches<E: Send + Sync + 'static>(
             // the brokers again before calling it caught up.
             let confirmed = l <= lag_below && !log_end.is_empty() && {
                 let fresh = fresh_log_end(engine).await?;
-                let fresh_lag = targets.iter().map(|t| lag(&t.positions, &fresh)).max().unwrap_or(0);
+                let fresh_lag = targets
+                    .iter()
+                    .map(|t| lag(&t.positions, &fresh))
+                    .max()
+                    .unwrap_or(0);
                 log_end = fresh;
                 last_lag = Some(fresh_lag);
                 fresh_lag <= lag_below
@@ -262,7 +266,10 @@ async fn fresh_log_end<E>(engine: &Engine<E>) -> Result<Positions> {
         kafka.bounds(&consumer, &topic, &partitions)
     })
     .await
-    .map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("log end check failed: {e}") })??;
+    .map_err(|e| EngineError::Projection {
+        projection: "-".into(),
+        reason: format!("log end check failed: {e}"),
+    })??;
     Ok(bounds.end)
 }
 

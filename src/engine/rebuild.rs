@@ -176,13 +176,34 @@ async fn swap_when_caught_up<E: Send + Sync + 'static>(
 ) -> Result<SwapReport> {
     let mut attempts = 0;
     loop {
-        match swap::swap(&engine.database_url, &job.build, job.projection.tables(), &options.swap_options).await {
+        match swap::swap(
+            &engine.database_url,
+            &job.build,
+            job.projection.tables(),
+            &options.swap_options,
+        )
+        .await
+        {
             Err(swap::SwapError::Behind { .. }) if attempts < 20 => {
                 attempts += 1;
-                tracing::info!(message = "the live build moved ahead; catching up again before the swap", projection = job.projection.name());
+                tracing::info!(
+                    message = "the live build moved ahead; catching up again before the swap",
+                    projection = job.projection.name()
+                );
                 let positions = engine.catalog.positions(job.build.build_id).await?;
-                let target = FollowTarget { build: job.build.clone(), projection: job.projection.clone(), positions };
-                follow::follow(engine, vec![target], Until::CaughtUp { lag_below: 0 }, cancel, "catching up").await?;
+                let target = FollowTarget {
+                    build: job.build.clone(),
+                    projection: job.projection.clone(),
+                    positions,
+                };
+                follow::follow(
+                    engine,
+                    vec![target],
+                    Until::CaughtUp { lag_below: 0 },
+                    cancel,
+                    "catching up",
+                )
+                .await?;
             }
             result => return Ok(result?),
         }

@@ -194,33 +194,49 @@ impl KafkaSettings {
 
     /// Create the topic through the admin API. A broker that does not support CreateTopics (such as
     /// librdkafka's mock cluster) is fine if the topic already exists with enough partitions.
-    pub async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<(), SourceError> {
+    /// Make sure `topic` exists, creating it with `partitions` (default 8) through the admin API when
+    /// it does not. An existing topic is used as it is; asking for another count only warns.
+    pub async fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: Option<i32>,
+    ) -> Result<(), SourceError> {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let consumer = self.consumer("reproject-admin")?;
+        // Look before creating: a broker without CreateTopics support (the mock cluster) leaves the
+        // request unanswered until it times out, so an existing topic must not pay for that.
+        match self.partitions(&consumer, topic) {
+            Ok(existing) => {
+                if partitions.is_some_and(|asked| existing.len() as i32 != asked) {
+                    tracing::warn!(
+                        message = "topic exists with another partition count; using it as it is",
+                        topic,
+                        partitions = existing.len(),
+                        asked = partitions
+                    );
+                }
+                return Ok(());
+            }
+            Err(SourceError::TopicMissing { .. }) => {}
+            Err(e) => return Err(e),
+        }
         let admin: AdminClient<_> = self
             .with_user_properties(self.base())
             .create()
             .map_err(self.error("creating an admin client"))?;
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        let outcome = admin
-            .create_topics(
-                [&new],
-                &AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT)),
-            )
-            .await;
-        let created = match outcome {
+        let new = NewTopic::new(topic, partitions.unwrap_or(8), TopicReplication::Fixed(1));
+        let options = AdminOptions::new()
+            .operation_timeout(Some(METADATA_TIMEOUT))
+            .request_timeout(Some(METADATA_TIMEOUT));
+        let created = match admin.create_topics([&new], &options).await {
             Ok(results) => results.into_iter().all(|r| match r {
                 Ok(_) => true,
                 Err((_, code)) => code == rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
             }),
             Err(_) => false,
         };
-        let consumer = self.consumer("reproject-admin")?;
         match self.partitions(&consumer, topic) {
-            Ok(existing) if existing.len() as i32 >= partitions => Ok(()),
-            Ok(existing) => Err(SourceError::BadSetting(format!(
-                "topic {topic} has {} partitions, {partitions} were asked for",
-                existing.len()
-            ))),
+            Ok(_) => Ok(()),
             Err(e) if created => Err(e),
             Err(_) => Err(SourceError::BadSetting(format!(
                 "topic {topic} does not exist and {} did not create it (a broker without CreateTopics support, \

@@ -44,7 +44,14 @@ pub enum SwapError {
         phase: String,
     },
     #[error("swap of {projection}: build {build_id} is behind the live build {active} on partition {partition} ({behind} < {ahead}); it must catch up first")]
-    Behind { projection: String, build_id: i64, active: i64, partition: i32, behind: i64, ahead: i64 },
+    Behind {
+        projection: String,
+        build_id: i64,
+        active: i64,
+        partition: i32,
+        behind: i64,
+        ahead: i64,
+    },
     #[error(transparent)]
     Sink(#[from] SinkError),
 }
@@ -179,7 +186,10 @@ async fn try_swap(
         .await
         .context(|| format!("comparing the positions of builds {old} and {}", build.build_id))?;
         for (id, partition, ahead) in rows.iter().filter(|r| r.0 == old) {
-            let behind = rows.iter().find(|r| r.0 == build.build_id && r.1 == *partition).map_or(-1, |r| r.2);
+            let behind = rows
+                .iter()
+                .find(|r| r.0 == build.build_id && r.1 == *partition)
+                .map_or(-1, |r| r.2);
             if behind < *ahead {
                 return Err(SwapError::Behind {
                     projection: build.projection.clone(),

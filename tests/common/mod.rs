@@ -21,18 +21,25 @@ pub const TOPIC: &str = "shop.orders";
 
 /// The server tests run against: TEST_DATABASE_URL, else the local one.
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A fresh, empty database named after the test.
 pub async fn fresh_database(test: &str) -> String {
     recreate_database(&admin_url(), &format!("rp_test_{test}"))
         .await
-        .unwrap_or_else(|e| panic!("cannot create a database for {test} (is PostgreSQL running? see README): {e}"))
+        .unwrap_or_else(|e| {
+            panic!("cannot create a database for {test} (is PostgreSQL running? see README): {e}")
+        })
 }
 
 pub async fn pool(url: &str) -> PgPool {
-    PgPoolOptions::new().max_connections(4).connect(url).await.expect("connect to the test database")
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect(url)
+        .await
+        .expect("connect to the test database")
 }
 
 pub struct Kafka {
@@ -43,13 +50,21 @@ pub struct Kafka {
 impl Kafka {
     pub fn start(partitions: i32) -> Kafka {
         let broker = DevBroker::start(TOPIC, partitions).expect("start the mock cluster");
-        let settings = KafkaSettings { brokers: broker.bootstrap_servers(), properties: Vec::new() };
+        let settings = KafkaSettings {
+            brokers: broker.bootstrap_servers(),
+            properties: Vec::new(),
+        };
         Kafka { broker, settings }
     }
 }
 
 pub fn history(events: u64, seed: u64) -> History {
-    History::new(HistoryConfig::new(events, (events / 10).max(1), (events / 50).max(5), seed))
+    History::new(HistoryConfig::new(
+        events,
+        (events / 10).max(1),
+        (events / 50).max(5),
+        seed,
+    ))
 }
 
 /// Append the next `count` events of `history` to the topic.
@@ -62,7 +77,12 @@ pub fn append(kafka: &KafkaSettings, history: &mut History, count: u64) {
 }
 
 /// Append at about `rate` events per second from a thread; returns the history when done.
-pub fn append_in_background(kafka: &KafkaSettings, mut history: History, count: u64, rate: u64) -> std::thread::JoinHandle<History> {
+pub fn append_in_background(
+    kafka: &KafkaSettings,
+    mut history: History,
+    count: u64,
+    rate: u64,
+) -> std::thread::JoinHandle<History> {
     let kafka = kafka.clone();
     std::thread::spawn(move || {
         let mut writer = LogWriter::new(&kafka, TOPIC, "consistent_random").expect("producer");
@@ -82,10 +102,19 @@ pub fn append_in_background(kafka: &KafkaSettings, mut history: History, count: 
 }
 
 pub fn tuning() -> Tuning {
-    Tuning { batch_events: 5_000, lag_threshold: 0, stall_timeout: Duration::from_secs(60), max_rate: None }
+    Tuning {
+        batch_events: 5_000,
+        lag_threshold: 0,
+        stall_timeout: Duration::from_secs(60),
+        max_rate: None,
+    }
 }
 
-pub async fn engine(database_url: &str, kafka: &KafkaSettings, tuning: Tuning) -> Engine<ShopEvent> {
+pub async fn engine(
+    database_url: &str,
+    kafka: &KafkaSettings,
+    tuning: Tuning,
+) -> Engine<ShopEvent> {
     Engine::connect(EngineParts {
         kafka: kafka.clone(),
         topic: TOPIC.into(),
@@ -93,7 +122,10 @@ pub async fn engine(database_url: &str, kafka: &KafkaSettings, tuning: Tuning) -
         view_schema: "public".into(),
         registry: Arc::new(shop::registry().expect("registry")),
         projections: shop::projections(),
-        schemas: SchemaSource { dir: None, embedded: shop::projections::embedded_schema },
+        schemas: SchemaSource {
+            dir: None,
+            embedded: shop::projections::embedded_schema,
+        },
         tuning,
     })
     .await
@@ -101,11 +133,19 @@ pub async fn engine(database_url: &str, kafka: &KafkaSettings, tuning: Tuning) -
 }
 
 pub fn rebuild_options() -> RebuildOptions {
-    RebuildOptions { allow_truncated_history: false, swap: true, swap_options: SwapOptions::default(), quiet: true }
+    RebuildOptions {
+        allow_truncated_history: false,
+        swap: true,
+        swap_options: SwapOptions::default(),
+        quiet: true,
+    }
 }
 
 pub fn all_projections() -> Vec<String> {
-    shop::projections().iter().map(|p| p.name().to_string()).collect()
+    shop::projections()
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect()
 }
 
 /// md5 over every row of a table, in key order: equal checksums mean equal tables.
@@ -128,9 +168,16 @@ pub async fn schema_of(pool: &PgPool, build_id: i64) -> String {
 
 /// Follow every active build until nothing is left to apply.
 pub async fn drain(engine: Arc<Engine<ShopEvent>>) {
-    let options = reproject::engine::run::RunOptions { backfill: false, rebuild: rebuild_options(), exit_when_caught_up: Some(0) };
-    tokio::time::timeout(Duration::from_secs(120), reproject::engine::run::run(engine, options, Default::default()))
-        .await
-        .expect("caught up within 2 minutes")
-        .expect("run succeeds");
+    let options = reproject::engine::run::RunOptions {
+        backfill: false,
+        rebuild: rebuild_options(),
+        exit_when_caught_up: Some(0),
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        reproject::engine::run::run(engine, options, Default::default()),
+    )
+    .await
+    .expect("caught up within 2 minutes")
+    .expect("run succeeds");
 }

@@ -37,7 +37,8 @@ const DAY: i64 = 86_400;
 
 #[derive(Clone, Debug)]
 pub struct HistoryConfig {
-    /// How many events make "the history" (the expected totals cover this many, or more on request).
+    /// The history size the stream is shaped for: with `orders` it sets the items per order. The
+    /// stream itself is endless; `History::expected` covers whatever was emitted.
     pub events: u64,
     pub orders: u64,
     pub customers: u64,

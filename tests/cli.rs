@@ -1,0 +1,265 @@
+//! The binary as users run it: separate processes sharing a `dev-broker`, `run` backfilling and
+//! stopping on SIGTERM, and one clear line with a non-zero exit for bad input.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn reproject(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args(args)
+        .output()
+        .expect("run reproject")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+struct DevBrokerProcess {
+    child: Child,
+    address: String,
+}
+
+impl Drop for DevBrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dev_broker(partitions: u32) -> DevBrokerProcess {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args([
+            "dev-broker",
+            "--port",
+            &port.to_string(),
+            "--partitions",
+            &partitions.to_string(),
+            "--quiet",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start dev-broker");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("dev-broker prints its address");
+    assert!(line.contains("dev broker ready"), "{line}");
+    DevBrokerProcess {
+        child,
+        address: format!("127.0.0.1:{port}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_dev_broker() {
+    let db = fresh_database("cli").await;
+    let broker = dev_broker(4);
+    let expected = std::env::temp_dir().join(format!(
+        "reproject-cli-expected-{}.json",
+        std::process::id()
+    ));
+    let expected = expected.to_string_lossy().into_owned();
+    let common = [
+        "--brokers",
+        broker.address.as_str(),
+        "--database-url",
+        db.as_str(),
+        "--quiet",
+    ];
+
+    let seed = reproject(
+        &[
+            &["seed", "--events", "20000", "--expected", &expected],
+            &common[..],
+        ]
+        .concat(),
+    );
+    assert!(seed.status.success(), "seed: {}", text(&seed.stderr));
+    assert!(
+        text(&seed.stdout).contains("wrote 20000 events"),
+        "{}",
+        text(&seed.stdout)
+    );
+
+    let rebuild = reproject(&[&["rebuild", "--all"], &common[..]].concat());
+    assert!(
+        rebuild.status.success(),
+        "rebuild: {}",
+        text(&rebuild.stderr)
+    );
+    assert!(
+        text(&rebuild.stdout).contains("20000 events replayed"),
+        "{}",
+        text(&rebuild.stdout)
+    );
+
+    let status = reproject(&[&["status", "--format", "json"], &common[..]].concat());
+    assert!(status.status.success(), "status: {}", text(&status.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&status.stdout).expect("status --format json is JSON");
+    let projections = report["projections"].as_array().expect("projections");
+    assert_eq!(projections.len(), 3);
+    for p in projections {
+        assert_eq!(p["active"]["lag"], 0, "{}", p["name"]);
+        assert!(
+            p["active"]["positions"]
+                .as_object()
+                .is_some_and(|o| o.len() == 4),
+            "{p}"
+        );
+    }
+    let table = reproject(&[&["status"], &common[..]].concat());
+    assert!(
+        text(&table.stdout).contains("order_summary (code v1)"),
+        "{}",
+        text(&table.stdout)
+    );
+
+    let check = reproject(&[&["check-totals", "--expected", &expected], &common[..]].concat());
+    assert!(
+        check.status.success(),
+        "check-totals: {}{}",
+        text(&check.stdout),
+        text(&check.stderr)
+    );
+    assert!(text(&check.stdout).contains("all totals agree"));
+    let _ = std::fs::remove_file(&expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_backfills_projections_that_were_never_built_and_stops_cleanly_on_sigterm() {
+    let db = fresh_database("run_backfill").await;
+    let broker = dev_broker(2);
+    let common = [
+        "--brokers",
+        broker.address.as_str(),
+        "--database-url",
+        db.as_str(),
+        "--quiet",
+    ];
+    let seed = reproject(&[&["seed", "--events", "10000"], &common[..]].concat());
+    assert!(seed.status.success(), "seed: {}", text(&seed.stderr));
+
+    let mut run = Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args([&["run"], &common[..]].concat())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start run");
+    let pool = pool(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut active = 0i64;
+    while Instant::now() < deadline && active < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        active = sqlx::query_scalar("SELECT count(*) FROM reproject.builds WHERE phase = 'active'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+    }
+    assert_eq!(
+        active, 3,
+        "run backfilled and swapped in all three projections"
+    );
+
+    // More events while it runs are applied.
+    let more = reproject(
+        &[
+            &["seed", "--events", "2000", "--skip", "10000"],
+            &common[..],
+        ]
+        .concat(),
+    );
+    assert!(more.status.success(), "{}", text(&more.stderr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut applied = 0i64;
+    while Instant::now() < deadline && applied < 12_000 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        applied = sqlx::query_scalar(
+            "SELECT coalesce(sum(last_sequence), 0)::bigint FROM public.order_summary",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0);
+    }
+    assert_eq!(applied, 12_000, "every event, once");
+
+    let term = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = run.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = run.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = status.expect("run stopped within 15 s of SIGTERM");
+    assert!(status.success(), "run exits 0 after SIGTERM: {status:?}");
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["status", "--database-url", "mysql://u:hunter2@h/db"],
+            "must start with postgres://",
+        ),
+        (
+            &[
+                "status",
+                "--database-url",
+                "postgres://u:hunter2@127.0.0.1:1/db",
+            ],
+            "PostgreSQL at postgres://u:REDACTED@127.0.0.1:1/db",
+        ),
+        (
+            &[
+                "rebuild",
+                "no_such_projection",
+                "--database-url",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ],
+            "unknown projection \"no_such_projection\"",
+        ),
+        (&["seed", "-X", "nonsense"], "expected key=value"),
+    ];
+    for (args, expected) in cases {
+        let out = reproject(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+            "{stderr}"
+        );
+        assert_eq!(
+            stderr
+                .trim()
+                .lines()
+                .filter(|l| l.starts_with("reproject:"))
+                .count(),
+            1,
+            "{stderr}"
+        );
+    }
+    let unknown_flag = reproject(&["rebuild", "--no-such-flag"]);
+    assert_eq!(unknown_flag.status.code(), Some(2));
+    assert!(text(&unknown_flag.stderr).contains("--no-such-flag"));
+}
