@@ -26,7 +26,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let result = runtime.block_on(cli::run(cli));
+    // Blocking tasks still talking to a broker that is gone must not hold the exit for minutes.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::from(EXIT_CHECK_FAILED),
         Err(error) => {

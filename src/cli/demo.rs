@@ -33,8 +33,9 @@ pub struct DemoArgs {
     /// Rate of the live events, per second
     #[arg(long, default_value_t = 20_000)]
     pub live_rate: u64,
-    /// Partitions of the topic
-    #[arg(long, default_value_t = 8)]
+    /// Partitions of the topic (the mock cluster keeps at most 5 MiB per partition: about 100,000
+    /// compressed shop events)
+    #[arg(long, default_value_t = 16)]
     pub partitions: i32,
     /// Random seed of the history
     #[arg(long, default_value_t = 42)]
@@ -91,11 +92,18 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
         args.live_events,
         args.live_rate.max(1),
     );
+    // Stopped early when the rebuild fails, so the error is printed now, not after the producer has
+    // given up on a broker that went away with the demo.
+    let stop_live = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = stop_live.clone();
     let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<History> {
         let mut history = history;
         let mut writer = LogWriter::new(&kafka, &topic, "consistent_random")?;
         let started = Instant::now();
         for (i, record) in history.by_ref().take(live as usize).enumerate() {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                anyhow::bail!("live producer stopped");
+            }
             writer.send(&record.key, &record.value)?;
             let due = Duration::from_secs_f64(i as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -107,32 +115,21 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
     });
 
     // 3. Rebuild everything and swap.
-    let engine = std::sync::Arc::new(settings.engine(Tuning::default()).await?);
-    let names: Vec<String> = engine
-        .projections
-        .iter()
-        .map(|p| p.name().to_string())
-        .collect();
-    let swap_options = SwapOptions {
-        view_schema: settings.view_schema.clone(),
-        ..SwapOptions::default()
+    let engine = match rebuild_all(&settings).await {
+        Ok(engine) => engine,
+        Err(e) => {
+            stop_live.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = producer.await;
+            return Err(e);
+        }
     };
-    let options = RebuildOptions {
-        allow_truncated_history: false,
-        swap: true,
-        swap_options,
-        quiet: settings.quiet,
-    };
-    println!("== rebuilding {} while events arrive", names.join(", "));
-    let report = rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?;
-    print_report(&report);
 
     // 4. Apply what is left, then check.
     let history = producer.await??;
     println!("== live producer done; following the log until every event is applied");
     let run_options = RunOptions {
         backfill: false,
-        rebuild: options,
+        rebuild: rebuild_options(&settings),
         exit_when_caught_up: Some(0),
     };
     tokio::time::timeout(
@@ -150,4 +147,32 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
         expected.events
     );
     Ok(totals::print_comparison(&expected, &actual))
+}
+
+fn rebuild_options(settings: &Settings) -> RebuildOptions {
+    RebuildOptions {
+        allow_truncated_history: false,
+        swap: true,
+        swap_options: SwapOptions {
+            view_schema: settings.view_schema.clone(),
+            ..SwapOptions::default()
+        },
+        quiet: settings.quiet,
+    }
+}
+
+async fn rebuild_all(
+    settings: &Settings,
+) -> anyhow::Result<std::sync::Arc<crate::engine::Engine<crate::domain::shop::ShopEvent>>> {
+    let engine = std::sync::Arc::new(settings.engine(Tuning::default()).await?);
+    let names: Vec<String> = engine
+        .projections
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
+    let options = rebuild_options(settings);
+    println!("== rebuilding {} while events arrive", names.join(", "));
+    let report = rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?;
+    print_report(&report);
+    Ok(engine)
 }

@@ -10,8 +10,9 @@ pub struct DevBrokerArgs {
     /// Port to listen on for clients (forwarded to the mock broker)
     #[arg(long, default_value_t = 9092)]
     pub port: u16,
-    /// Partitions of the topic to create
-    #[arg(long, default_value_t = 8)]
+    /// Partitions of the topic to create (the mock cluster keeps at most 5 MiB per partition: about
+    /// 100,000 compressed shop events)
+    #[arg(long, default_value_t = 16)]
     pub partitions: i32,
 }
 

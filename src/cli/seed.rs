@@ -44,7 +44,7 @@ pub struct SeedArgs {
     /// made with the same --orders, --customers and --seed)
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
-    /// Partitions to create the topic with, where the broker supports creating topics [default: 8]; an
+    /// Partitions to create the topic with, where the broker supports creating topics [default: 16]; an
     /// existing topic is used as it is
     #[arg(long)]
     pub partitions: Option<i32>,

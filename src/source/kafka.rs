@@ -194,7 +194,7 @@ impl KafkaSettings {
 
     /// Create the topic through the admin API. A broker that does not support CreateTopics (such as
     /// librdkafka's mock cluster) is fine if the topic already exists with enough partitions.
-    /// Make sure `topic` exists, creating it with `partitions` (default 8) through the admin API when
+    /// Make sure `topic` exists, creating it with `partitions` (default 16) through the admin API when
     /// it does not. An existing topic is used as it is; asking for another count only warns.
     pub async fn ensure_topic(
         &self,
@@ -224,7 +224,7 @@ impl KafkaSettings {
             .with_user_properties(self.base())
             .create()
             .map_err(self.error("creating an admin client"))?;
-        let new = NewTopic::new(topic, partitions.unwrap_or(8), TopicReplication::Fixed(1));
+        let new = NewTopic::new(topic, partitions.unwrap_or(16), TopicReplication::Fixed(1));
         let options = AdminOptions::new()
             .operation_timeout(Some(METADATA_TIMEOUT))
             .request_timeout(Some(METADATA_TIMEOUT));
