@@ -37,3 +37,22 @@ CREATE TABLE IF NOT EXISTS reproject.positions (
     log_end_offset  bigint,
     PRIMARY KEY (build_id, partition)
 );
+
+-- Where each aggregate's events lie in the log, recorded by a full replay (a by-product of it) so
+-- that `reproject replay` reads only that range. `aggregate_index_coverage` says up to which offset
+-- (exclusive) each partition was indexed: events past it are found by reading from there to the end.
+CREATE TABLE IF NOT EXISTS reproject.aggregate_offsets (
+    topic         text    NOT NULL,
+    aggregate_id  text    NOT NULL,
+    partition     bigint  NOT NULL,
+    first_offset  bigint  NOT NULL,
+    last_offset   bigint  NOT NULL,
+    PRIMARY KEY (topic, aggregate_id, partition)
+);
+CREATE TABLE IF NOT EXISTS reproject.aggregate_index_coverage (
+    topic            text    NOT NULL,
+    partition        integer NOT NULL,
+    covered_through  bigint  NOT NULL,
+    indexed_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition)
+);

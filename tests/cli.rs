@@ -135,6 +135,44 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
     );
     assert!(text(&check.stdout).contains("all totals agree"));
     let _ = std::fs::remove_file(&expected);
+
+    // replay: JSON lines for tools, one clear line and exit 2 for what cannot be answered.
+    let pool = pool(&db).await;
+    let id: String =
+        sqlx::query_scalar("SELECT order_id FROM public.order_summary ORDER BY order_id LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .expect("an order");
+    let replay = reproject(&[&["replay", id.as_str(), "--format", "json"], &common[..]].concat());
+    assert_eq!(replay.status.code(), Some(0), "{}", text(&replay.stderr));
+    let lines: Vec<serde_json::Value> = text(&replay.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect();
+    let kinds: Vec<&str> = lines.iter().filter_map(|l| l["kind"].as_str()).collect();
+    assert!(
+        kinds.iter().filter(|k| **k == "event").count() >= 3,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last(), Some(&"summary"));
+    assert!(lines
+        .iter()
+        .any(|l| l["kind"] == "comparison" && l["comparison"]["verdict"] == "agree"));
+    for (args, expected) in [
+        (vec!["replay", "no-such-order"], "has no events"),
+        (
+            vec!["replay", id.as_str(), "--projection", "nope"],
+            "unknown projection \"nope\"",
+        ),
+    ] {
+        let out = reproject(&[&args[..], &common[..]].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

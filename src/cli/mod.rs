@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod dev_broker;
 mod rebuild;
+mod replay;
 mod run;
 mod seed;
 mod status;
@@ -92,6 +93,9 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Make a caught-up build (built with `rebuild --no-swap`) the live one.
     Swap(swap::SwapArgs),
+    /// Replay one aggregate's events through the upcasters and projections, and compare with the live
+    /// rows: why does this row look the way it does?
+    Replay(replay::ReplayArgs),
     /// Compare the live shop views with the totals `seed --expected` wrote.
     CheckTotals(totals::CheckTotalsArgs),
 }
@@ -114,6 +118,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Status(args) => status::run(&global, args).await,
         Command::Swap(args) => swap::run(&global, args).await,
         Command::CheckTotals(args) => totals::run(&global, args).await,
+        Command::Replay(args) => replay::run(&global, args).await,
     }
 }
 

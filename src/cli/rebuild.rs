@@ -128,6 +128,12 @@ pub fn print_report(report: &RebuildReport) {
             s.commit_ms
         );
     }
+    if report.aggregates_indexed > 0 {
+        println!(
+            "  aggregate index: {} aggregates recorded in {:.2}s (for `reproject replay`)",
+            report.aggregates_indexed, report.aggregate_index_seconds
+        );
+    }
     if report.history_truncated {
         println!("  warning: built from a truncated log (--allow-truncated-history); events before the log start are missing");
     }

@@ -3,28 +3,12 @@
 use std::time::Instant;
 
 use anyhow::Context as _;
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use super::{GlobalArgs, Outcome, Settings};
 use crate::domain::shop::generator::{History, HistoryConfig};
+use crate::source::partitioner::Partitioner;
 use crate::source::producer::LogWriter;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Partitioner {
-    /// librdkafka's default: CRC32 of the key
-    ConsistentRandom,
-    /// The Java client's default: murmur2 of the key
-    Murmur2Random,
-}
-
-impl Partitioner {
-    pub fn librdkafka_name(self) -> &'static str {
-        match self {
-            Partitioner::ConsistentRandom => "consistent_random",
-            Partitioner::Murmur2Random => "murmur2_random",
-        }
-    }
-}
 
 #[derive(Args, Debug)]
 pub struct SeedArgs {

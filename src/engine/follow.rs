@@ -99,6 +99,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
         max_batch_wait: Duration::from_millis(200),
         log_end_every: Some(Duration::from_millis(500)),
         stall_timeout: engine.tuning.stall_timeout,
+        index_aggregates: false,
     };
     let (mut batches, reader) = reader::spawn(
         engine.kafka.clone(),

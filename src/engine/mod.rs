@@ -4,12 +4,15 @@
 //! rebuild:  create tables -> replay history into memory -> bulk COPY + positions -> indexes
 //!           -> catch up in transactional batches -> swap (swap/) -> `run` keeps it current
 //! run:      follow every active build from its stored positions; backfill what is new or outdated
+//! replay:   one aggregate's events, traced through upcasters and projections, checked against the
+//!           live rows; writes nothing to the projection tables
 //! ```
 
 pub mod follow;
 pub mod progress;
 pub mod reader;
 pub mod rebuild;
+pub mod replay;
 pub mod run;
 pub mod status;
 
@@ -38,6 +41,12 @@ pub enum EngineError {
     SchemaFile { path: String, reason: String },
     #[error("projection {projection}: {reason}")]
     Projection { projection: String, reason: String },
+    #[error("aggregate {aggregate_id:?} has no events in {topic} (looked in {looked_in}); check the id, or pass --scan-all if the producers use another partitioner")]
+    NoSuchAggregate {
+        aggregate_id: String,
+        topic: String,
+        looked_in: String,
+    },
     #[error("interrupted; committed work is kept and the next run resumes from it")]
     Interrupted,
     #[error(transparent)]

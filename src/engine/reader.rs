@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::envelope::{self, message_version};
 use crate::projection::{Change, Changes, DynProjection, Event};
+use crate::sink::aggregate_index::AggregateIndex;
 use crate::sink::catalog::Positions;
 use crate::source::{KafkaSettings, SourceError};
 use crate::upcast::Registry;
@@ -83,6 +84,8 @@ pub struct ReaderConfig {
     pub log_end_every: Option<Duration>,
     /// Give up after this long without reading anything while the brokers report errors.
     pub stall_timeout: Duration,
+    /// Record where each aggregate's events lie (for `replay`), handed over with the last batch.
+    pub index_aggregates: bool,
 }
 
 /// What one batch did to each target, and where the reader stands after it.
@@ -98,6 +101,8 @@ pub struct Batch {
     pub log_end: Option<Positions>,
     /// True on the last batch of a bounded read.
     pub done: bool,
+    /// On the last batch, when asked for: where each aggregate's events lie.
+    pub aggregates: Option<AggregateIndex>,
 }
 
 /// Start reading. The thread stops when `stop_at` is reached, when `stop` is set, when the receiver
@@ -166,6 +171,7 @@ fn read<E: 'static>(
     settings.assign(&consumer, topic, &next)?;
 
     let mut scratch = Changes::default();
+    let mut aggregates = config.index_aggregates.then(AggregateIndex::default);
     let mut batch = Batch {
         changes: vec![Vec::new(); targets.len()],
         ..Batch::default()
@@ -245,6 +251,9 @@ fn read<E: 'static>(
                 };
                 let decoded = envelope::decode(bytes, partition, offset)
                     .map_err(|e| bad(None, e.to_string()))?;
+                if let Some(index) = aggregates.as_mut() {
+                    index.record(&decoded.meta.aggregate_id, partition, offset);
+                }
                 let payload = registry
                     .upcast(&decoded.type_url, &decoded.payload)
                     .map_err(|e| bad(Some(&decoded.type_url), e.to_string()))?;
@@ -292,6 +301,9 @@ fn read<E: 'static>(
             }
             batch.next = next.clone();
             batch.done = done;
+            if done {
+                batch.aggregates = aggregates.take();
+            }
             let fresh = Batch {
                 changes: vec![Vec::new(); targets.len()],
                 ..Batch::default()

@@ -23,6 +23,7 @@ use super::progress::{Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::{DynProjection, RowStore};
+use crate::sink::aggregate_index::{self, AggregateIndex};
 use crate::sink::catalog::{self, Phase, Positions};
 use crate::sink::lock::{AdvisoryLock, LockKind};
 use crate::sink::writer::{self, BuildTables};
@@ -52,6 +53,9 @@ pub struct RebuildReport {
     pub catch_up_events: u64,
     pub catch_up_seconds: f64,
     pub swap_seconds: f64,
+    /// Aggregates recorded in the aggregate index, and the time it took to write it.
+    pub aggregates_indexed: u64,
+    pub aggregate_index_seconds: f64,
     pub swaps: Vec<SwapReport>,
     pub history_truncated: bool,
 }
@@ -369,6 +373,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         max_batch_wait: Duration::from_millis(100),
         log_end_every: None,
         stall_timeout: engine.tuning.stall_timeout,
+        index_aggregates: true,
     };
     let (mut batches, reader) = reader::spawn(
         engine.kafka.clone(),
@@ -382,7 +387,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let specs: Vec<DynProjection<E>> = jobs.iter().map(|j| j.projection.clone()).collect();
     let counter = read_events.clone();
     let start_positions = bounds.start.clone();
-    let fold = tokio::task::spawn_blocking(move || -> Result<(Vec<RowStore>, Positions, u64)> {
+    type Folded = (Vec<RowStore>, Positions, u64, Option<AggregateIndex>);
+    let fold = tokio::task::spawn_blocking(move || -> Result<Folded> {
         let mut stores: Vec<RowStore> = specs
             .iter()
             .map(|p| RowStore::new(p.tables().len()))
@@ -405,7 +411,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             counter.store(events, Ordering::Relaxed);
             positions.extend(batch.next);
             if batch.done {
-                return Ok((stores, positions, events));
+                return Ok((stores, positions, events, batch.aggregates));
             }
         }
         Err(EngineError::Interrupted)
@@ -413,7 +419,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let mut progress = Progress::new("replaying", Some(total.max(0) as u64), options.quiet);
     let writer_name = holder_name("rebuild");
     tokio::pin!(fold);
-    let (stores, positions, events) = loop {
+    let (stores, positions, events, aggregates) = loop {
         tokio::select! {
             result = &mut fold => break result.map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("fold task failed: {e}") })??,
             _ = cancel.cancelled() => {
@@ -473,6 +479,15 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     }
     drop(stores);
     report.load_seconds = started.elapsed().as_secs_f64();
+
+    // The aggregate index comes free with the replay; `replay` uses it to read only where an
+    // aggregate's events lie.
+    if let Some(index) = aggregates {
+        let started = Instant::now();
+        report.aggregates_indexed =
+            aggregate_index::replace(&mut conn, &engine.topic, &index, &positions).await?;
+        report.aggregate_index_seconds = started.elapsed().as_secs_f64();
+    }
     Ok(())
 }
 

@@ -38,6 +38,10 @@ pub struct TableSpec {
     pub key_len: usize,
     /// A time column that buckets rows for verification (by day or month), if the table has one.
     pub bucket_column: Option<&'static str>,
+    /// Every row is made from one aggregate's events alone (one row per order, say), so `replay` can
+    /// compare the row it computes with the live one. False for rows that gather many aggregates
+    /// (per customer, per day): replay then shows the aggregate's contribution, without a verdict.
+    pub per_aggregate: bool,
 }
 
 impl TableSpec {

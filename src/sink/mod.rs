@@ -1,6 +1,7 @@
 //! Writing to PostgreSQL: binary COPY, reproject's catalog, advisory locks, bulk loads and
 //! transactional batches that commit rows and log positions together.
 
+pub mod aggregate_index;
 pub mod catalog;
 pub mod copy;
 pub mod database;

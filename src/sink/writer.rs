@@ -162,7 +162,8 @@ async fn copy_rows<'r>(
     .await
 }
 
-async fn copy_into<'r, T: 'r>(
+/// COPY `items` into `target` (already quoted) in binary, `cells` giving each item's row.
+pub async fn copy_into<'r, T: 'r>(
     conn: &mut PgConnection,
     target: &str,
     columns: usize,
@@ -402,35 +403,71 @@ async fn load_current_rows(
     keys: &[Vec<Value>],
     rows: &mut crate::projection::TableRows,
 ) -> Result<()> {
+    let target = qualified(schema, spec.name);
+    let current = rows_by_key(conn, &target, &names.keys, spec, keys).await?;
+    for key in keys {
+        rows.seed(key.clone(), None);
+    }
+    for row in current {
+        rows.seed(row[..spec.key_len].to_vec(), Some(row));
+    }
+    Ok(())
+}
+
+/// The rows of `target` (a quoted table or view with `spec`'s columns) whose keys are in `keys`, read
+/// with binary COPY through `keys_table`, a temp table of the key columns that is emptied on commit.
+pub async fn rows_by_key(
+    conn: &mut PgConnection,
+    target: &str,
+    keys_table: &str,
+    spec: &TableSpec,
+    keys: &[Vec<Value>],
+) -> Result<Vec<Vec<Value>>> {
     copy_into(
         conn,
-        &quote_ident(&names.keys),
+        &quote_ident(keys_table),
         spec.key_len,
         keys.iter(),
         |k| k.as_slice(),
     )
     .await?;
-    let target = qualified(schema, spec.name);
+    let columns = spec
+        .columns
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let statement = format!(
-        "COPY (SELECT t.* FROM {target} t JOIN {keys} k ON {on}) TO STDOUT (FORMAT binary)",
-        keys = quote_ident(&names.keys),
+        "COPY (SELECT {columns} FROM {target} t JOIN {keys} k ON {on}) TO STDOUT (FORMAT binary)",
+        keys = quote_ident(keys_table),
         on = key_match(spec, "t", "k"),
     );
     let chunks: Vec<bytes::Bytes> = conn
         .copy_out_raw(&statement)
         .await
-        .context(|| format!("reading current rows of {target}"))?
+        .context(|| format!("reading rows of {target}"))?
         .try_collect()
         .await
-        .context(|| format!("reading current rows of {target}"))?;
-    let data = chunks.concat();
+        .context(|| format!("reading rows of {target}"))?;
     let types: Vec<_> = spec.columns.iter().map(|c| c.ty).collect();
-    for key in keys {
-        rows.seed(key.clone(), None);
-    }
-    for row in decode_rows(&data, &types)? {
-        rows.seed(row[..spec.key_len].to_vec(), Some(row));
-    }
+    Ok(decode_rows(&chunks.concat(), &types)?)
+}
+
+/// A temp table for [`rows_by_key`] with `target`'s key columns, dropped at commit.
+pub async fn create_key_table(
+    conn: &mut PgConnection,
+    target: &str,
+    keys_table: &str,
+    spec: &TableSpec,
+) -> Result<()> {
+    sqlx::query(&format!(
+        "CREATE TEMP TABLE {keys} ON COMMIT DROP AS SELECT {key_columns} FROM {target} WITH NO DATA",
+        keys = quote_ident(keys_table),
+        key_columns = key_list(spec, None),
+    ))
+    .execute(conn)
+    .await
+    .context(|| format!("creating a key table for {target}"))?;
     Ok(())
 }
 

@@ -192,8 +192,6 @@ impl KafkaSettings {
             .map_err(self.error(format!("assigning partitions of {topic}")))
     }
 
-    /// Create the topic through the admin API. A broker that does not support CreateTopics (such as
-    /// librdkafka's mock cluster) is fine if the topic already exists with enough partitions.
     /// Make sure `topic` exists, creating it with `partitions` (default 16) through the admin API when
     /// it does not. An existing topic is used as it is; asking for another count only warns.
     pub async fn ensure_topic(

@@ -7,6 +7,7 @@
 
 pub mod dev_broker;
 mod kafka;
+pub mod partitioner;
 pub mod producer;
 
 pub use kafka::{parse_property, KafkaSettings, LogBounds, SourceError};

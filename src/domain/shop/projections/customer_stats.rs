@@ -35,6 +35,7 @@ impl CustomerStats {
                 columns,
                 key_len: 1,
                 bucket_column: Some("first_order_at"),
+                per_aggregate: false,
             }],
         }
     }

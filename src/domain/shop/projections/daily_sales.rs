@@ -31,6 +31,7 @@ impl DailySales {
                 columns,
                 key_len: 2,
                 bucket_column: Some("day"),
+                per_aggregate: false,
             }],
         }
     }

@@ -53,6 +53,7 @@ impl OrderSummary {
                 columns,
                 key_len: 1,
                 bucket_column: Some("placed_at"),
+                per_aggregate: true,
             }],
         }
     }

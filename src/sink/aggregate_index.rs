@@ -1,0 +1,173 @@
+//! The aggregate index: for every aggregate, the first and last offset of its events per partition,
+//! recorded while a full replay reads the log anyway, so that `replay` can read just that range.
+//!
+//! A replay replaces a topic's whole index at once: it is built in a new table without an index,
+//! bulk-loaded with COPY, indexed, then renamed over the old one in the same transaction, so readers
+//! see the old index or the new one. Its coverage says how far each partition was read; events past
+//! that are not in the index and must be looked for by reading on from there.
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use super::writer::copy_into;
+use super::{Context, Result};
+use crate::projection::Value;
+
+/// The first and last offset at which an aggregate's events were seen in one partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub partition: i32,
+    pub first: i64,
+    pub last: i64,
+}
+
+/// Collected by the reader during a replay: one map per partition, looked up by the record's
+/// aggregate id without allocating unless the aggregate is new.
+#[derive(Default, Debug)]
+pub struct AggregateIndex {
+    partitions: BTreeMap<i32, FxHashMap<Box<str>, (i64, i64)>>,
+}
+
+impl AggregateIndex {
+    /// Note an event of `aggregate_id` at `offset`. Offsets arrive in increasing order per partition.
+    #[inline]
+    pub fn record(&mut self, aggregate_id: &str, partition: i32, offset: i64) {
+        let map = self.partitions.entry(partition).or_default();
+        match map.get_mut(aggregate_id) {
+            Some(span) => span.1 = offset,
+            None => {
+                map.insert(aggregate_id.into(), (offset, offset));
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.partitions.values().map(|m| m.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn rows<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = [Value; 5]> + 'a {
+        self.partitions.iter().flat_map(move |(&partition, map)| {
+            map.iter().map(move |(id, &(first, last))| {
+                [
+                    Value::text(topic),
+                    Value::text(&**id),
+                    Value::BigInt(i64::from(partition)),
+                    Value::BigInt(first),
+                    Value::BigInt(last),
+                ]
+            })
+        })
+    }
+}
+
+/// What the index knows about one aggregate: where its events lie, and up to which offset (per
+/// partition) the index covers the log.
+#[derive(Clone, Debug, Default)]
+pub struct Located {
+    pub spans: Vec<Span>,
+    pub covered_through: BTreeMap<i32, i64>,
+}
+
+/// Replace `topic`'s index with `index`, which covers each partition up to `covered_through`.
+pub async fn replace(
+    conn: &mut PgConnection,
+    topic: &str,
+    index: &AggregateIndex,
+    covered_through: &BTreeMap<i32, i64>,
+) -> Result<u64> {
+    let mut tx = conn
+        .begin()
+        .await
+        .context(|| "starting to write the aggregate index".into())?;
+    // Two rebuilds finishing together take turns instead of racing on the rename.
+    sqlx::raw_sql(
+        "LOCK TABLE reproject.aggregate_index_coverage IN SHARE ROW EXCLUSIVE MODE;
+         DROP TABLE IF EXISTS reproject.aggregate_offsets_next;
+         CREATE TABLE reproject.aggregate_offsets_next (LIKE reproject.aggregate_offsets);",
+    )
+    .execute(&mut *tx)
+    .await
+    .context(|| "preparing the new aggregate index".into())?;
+    let rows: Vec<[Value; 5]> = index.rows(topic).collect();
+    let written = copy_into(
+        &mut tx,
+        "reproject.aggregate_offsets_next",
+        5,
+        rows.iter(),
+        |r| r.as_slice(),
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO reproject.aggregate_offsets_next SELECT * FROM reproject.aggregate_offsets WHERE topic <> $1",
+    )
+    .bind(topic)
+    .execute(&mut *tx)
+    .await
+    .context(|| "keeping the index of other topics".into())?;
+    sqlx::raw_sql(
+        "ALTER TABLE reproject.aggregate_offsets_next ADD PRIMARY KEY (topic, aggregate_id, partition);
+         DROP TABLE reproject.aggregate_offsets;
+         ALTER TABLE reproject.aggregate_offsets_next RENAME TO aggregate_offsets;
+         ALTER INDEX reproject.aggregate_offsets_next_pkey RENAME TO aggregate_offsets_pkey;",
+    )
+    .execute(&mut *tx)
+    .await
+    .context(|| "swapping in the new aggregate index".into())?;
+    sqlx::query("DELETE FROM reproject.aggregate_index_coverage WHERE topic = $1")
+        .bind(topic)
+        .execute(&mut *tx)
+        .await
+        .context(|| "replacing the aggregate index coverage".into())?;
+    for (&partition, &through) in covered_through {
+        sqlx::query(
+            "INSERT INTO reproject.aggregate_index_coverage (topic, partition, covered_through) VALUES ($1, $2, $3)",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(through)
+        .execute(&mut *tx)
+        .await
+        .context(|| "recording the aggregate index coverage".into())?;
+    }
+    tx.commit()
+        .await
+        .context(|| "committing the aggregate index".into())?;
+    Ok(written)
+}
+
+/// Where `aggregate_id`'s events lie, as far as the index knows. No coverage means no index.
+pub async fn locate(pool: &PgPool, topic: &str, aggregate_id: &str) -> Result<Located> {
+    let spans: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT partition, first_offset, last_offset FROM reproject.aggregate_offsets
+         WHERE topic = $1 AND aggregate_id = $2 ORDER BY partition",
+    )
+    .bind(topic)
+    .bind(aggregate_id)
+    .fetch_all(pool)
+    .await
+    .context(|| format!("looking up aggregate {aggregate_id} in the aggregate index"))?;
+    let coverage: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, covered_through FROM reproject.aggregate_index_coverage WHERE topic = $1",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await
+    .context(|| "reading the aggregate index coverage".into())?;
+    Ok(Located {
+        spans: spans
+            .into_iter()
+            .map(|(partition, first, last)| Span {
+                partition: partition as i32,
+                first,
+                last,
+            })
+            .collect(),
+        covered_through: coverage.into_iter().collect(),
+    })
+}
