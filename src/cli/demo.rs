@@ -70,7 +70,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
     let started = Instant::now();
     let (history, versions) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut history = History::new(config);
-        let mut writer = LogWriter::new(&kafka, &topic, "consistent_random")?;
+        let mut writer = LogWriter::bulk(&kafka, &topic, "consistent_random")?;
         for record in history.by_ref().take(events as usize) {
             writer.send(&record.key, &record.value)?;
         }

@@ -78,7 +78,7 @@ pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome>
     let started = Instant::now();
     let (written, expected) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut history = History::new(config);
-        let mut writer = LogWriter::new(&kafka, &topic, partitioner.librdkafka_name())?;
+        let mut writer = LogWriter::bulk(&kafka, &topic, partitioner.librdkafka_name())?;
         for record in history.by_ref().take(skip as usize) {
             let _ = record;
         }

@@ -399,12 +399,26 @@ fn read_aggregate(
     let mut records = Vec::new();
     let mut scanned = 0;
     let mut seen = BTreeSet::new();
+    // One pass per range of the same partition (a span, then the unindexed tail); each pass reads
+    // all its partitions at once.
+    let mut passes: Vec<BTreeMap<i32, RangeRead>> = Vec::new();
     for range in &ranges {
-        scanned += read_range(
+        match passes
+            .iter_mut()
+            .find(|p| !p.contains_key(&range.partition))
+        {
+            Some(pass) => {
+                pass.insert(range.partition, *range);
+            }
+            None => passes.push([(range.partition, *range)].into()),
+        }
+    }
+    for pass in &passes {
+        scanned += read_ranges(
             kafka,
             &consumer,
             topic,
-            *range,
+            pass,
             |partition, offset, key, value| {
                 let matches = match key {
                     Some(k) => k == aggregate_id.as_bytes(),
@@ -422,45 +436,53 @@ fn read_aggregate(
     Ok((records, how, ranges, scanned))
 }
 
-/// Read offsets `range.from..range.to` of one partition, handing each record to `on_record`.
-/// Returns the records read.
-fn read_range(
+/// Read `from..to` of every partition in `ranges` (one range per partition) at once, handing each
+/// record to `on_record`. Returns the records read.
+fn read_ranges(
     kafka: &KafkaSettings,
     consumer: &BaseConsumer,
     topic: &str,
-    range: RangeRead,
+    ranges: &BTreeMap<i32, RangeRead>,
     mut on_record: impl FnMut(i32, i64, Option<&[u8]>, &[u8]),
 ) -> Result<u64> {
-    kafka.assign(consumer, topic, &[(range.partition, range.from)].into())?;
+    let starts = ranges.iter().map(|(&p, r)| (p, r.from)).collect();
+    kafka.assign(consumer, topic, &starts)?;
+    let mut open: BTreeSet<i32> = ranges.keys().copied().collect();
     let mut read = 0;
     let mut last_progress = Instant::now();
-    loop {
+    let describe = || {
+        ranges
+            .values()
+            .map(|r| format!("{topic}/{} offsets {}..{}", r.partition, r.from, r.to))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    while !open.is_empty() {
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(message)) => {
                 last_progress = Instant::now();
-                read += 1;
-                let offset = message.offset();
-                if offset >= range.to {
-                    break;
+                let (partition, offset) = (message.partition(), message.offset());
+                let Some(range) = ranges.get(&partition) else {
+                    continue;
+                };
+                if offset < range.to {
+                    read += 1;
+                    on_record(
+                        partition,
+                        offset,
+                        message.key(),
+                        message.payload().unwrap_or_default(),
+                    );
                 }
-                on_record(
-                    message.partition(),
-                    offset,
-                    message.key(),
-                    message.payload().unwrap_or_default(),
-                );
                 if offset + 1 >= range.to {
-                    break;
+                    open.remove(&partition);
                 }
             }
             Some(Err(error)) => {
                 if last_progress.elapsed() > Duration::from_secs(30) {
                     return Err(SourceError::Kafka {
                         brokers: kafka.brokers.clone(),
-                        context: format!(
-                            "reading {topic}/{} offsets {}..{}",
-                            range.partition, range.from, range.to
-                        ),
+                        context: format!("reading {}", describe()),
                         source: error,
                     }
                     .into());
@@ -469,20 +491,15 @@ fn read_range(
             None => {
                 // Transaction markers at the end of a range are never delivered: the fetch position
                 // says whether the range is done.
-                let position = kafka.fetch_positions(consumer);
-                if position
-                    .get(&range.partition)
-                    .is_some_and(|&p| p >= range.to)
-                {
-                    break;
+                for (p, position) in kafka.fetch_positions(consumer) {
+                    if ranges.get(&p).is_some_and(|r| position >= r.to) {
+                        open.remove(&p);
+                    }
                 }
-                if last_progress.elapsed() > Duration::from_secs(30) {
+                if !open.is_empty() && last_progress.elapsed() > Duration::from_secs(30) {
                     return Err(EngineError::Projection {
                         projection: "-".into(),
-                        reason: format!(
-                            "no records from {topic}/{} between offsets {} and {} for 30s",
-                            range.partition, range.from, range.to
-                        ),
+                        reason: format!("no records for 30s while reading {}", describe()),
                     });
                 }
             }
