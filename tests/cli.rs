@@ -253,7 +253,7 @@ async fn run_backfills_projections_that_were_never_built_and_stops_cleanly_on_si
 
 #[test]
 fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["status", "--database-url", "mysql://u:hunter2@h/db"],
             "must start with postgres://",
@@ -276,6 +276,15 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             "unknown projection \"no_such_projection\"",
         ),
         (&["seed", "-X", "nonsense"], "expected key=value"),
+        (
+            &[
+                "replay",
+                "x",
+                "--database-url",
+                "postgres://u:hunter2@127.0.0.1:1/db",
+            ],
+            "PostgreSQL at postgres://u:REDACTED@127.0.0.1:1/db",
+        ),
     ];
     for (args, expected) in cases {
         let out = reproject(args);
@@ -297,6 +306,23 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             "{stderr}"
         );
     }
+    // replay against a broker that is not there: the broker is named, after the metadata timeout.
+    let db = "postgres://postgres@127.0.0.1:5432/postgres";
+    let out = reproject(&[
+        "replay",
+        "some-order",
+        "--brokers",
+        "127.0.0.1:1",
+        "--database-url",
+        db,
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Kafka (127.0.0.1:1)") && stderr.contains("shop.orders"),
+        "{stderr}"
+    );
     let unknown_flag = reproject(&["rebuild", "--no-such-flag"]);
     assert_eq!(unknown_flag.status.code(), Some(2));
     assert!(text(&unknown_flag.stderr).contains("--no-such-flag"));
