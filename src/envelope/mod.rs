@@ -7,7 +7,6 @@
 use prost::Message;
 
 use crate::projection::EventMeta;
-use crate::proto::reproject::v1::EventEnvelope;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
@@ -30,9 +29,29 @@ pub struct Decoded {
     pub payload: Vec<u8>,
 }
 
+/// The fields of `reproject.v1.EventEnvelope` a projection can see, with the same tags. Decoding
+/// into it skips the string metadata map, whose allocations cost more than the rest of the envelope
+/// on the replay's hot path; writers use the full
+/// [`crate::proto::reproject::v1::EventEnvelope`].
+#[derive(Clone, PartialEq, prost::Message)]
+struct EnvelopeFields {
+    #[prost(bytes = "vec", tag = "1")]
+    event_id: Vec<u8>,
+    #[prost(string, tag = "2")]
+    aggregate_type: String,
+    #[prost(string, tag = "3")]
+    aggregate_id: String,
+    #[prost(uint64, tag = "4")]
+    sequence: u64,
+    #[prost(message, optional, tag = "5")]
+    occurred_at: Option<prost_types::Timestamp>,
+    #[prost(message, optional, tag = "6")]
+    payload: Option<prost_types::Any>,
+}
+
 /// Decode one record's value. `partition` and `offset` are only copied into the metadata.
 pub fn decode(bytes: &[u8], partition: i32, offset: i64) -> Result<Decoded, EnvelopeError> {
-    let env = EventEnvelope::decode(bytes)?;
+    let env = EnvelopeFields::decode(bytes)?;
     let payload = env.payload.ok_or(EnvelopeError::MissingPayload)?;
     let event_id: [u8; 16] = env
         .event_id
@@ -96,6 +115,32 @@ pub const TYPE_URL_PREFIX: &str = "type.googleapis.com/";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::reproject::v1::EventEnvelope;
+
+    #[test]
+    fn a_full_envelope_decodes_to_the_fields_projections_see_metadata_skipped() {
+        let full = EventEnvelope {
+            event_id: vec![7; 16],
+            aggregate_type: "Order".into(),
+            aggregate_id: "order-1".into(),
+            sequence: 3,
+            occurred_at: Some(micros_timestamp(1_700_000_000_123_456)),
+            payload: Some(prost_types::Any {
+                type_url: format!("{TYPE_URL_PREFIX}shop.v2.OrderPaid"),
+                value: vec![1, 2, 3],
+            }),
+            metadata: [("source".to_string(), "test".to_string())].into_iter().collect(),
+        };
+        let decoded = decode(&full.encode_to_vec(), 4, 99).expect("decodes");
+        assert_eq!(decoded.meta.event_id, [7; 16]);
+        assert_eq!(decoded.meta.aggregate_type, "Order");
+        assert_eq!(decoded.meta.aggregate_id, "order-1");
+        assert_eq!(decoded.meta.sequence, 3);
+        assert_eq!(decoded.meta.occurred_at_micros, 1_700_000_000_123_456);
+        assert_eq!((decoded.meta.partition, decoded.meta.offset), (4, 99));
+        assert_eq!(decoded.type_url, "type.googleapis.com/shop.v2.OrderPaid");
+        assert_eq!(decoded.payload, vec![1, 2, 3]);
+    }
 
     #[test]
     fn type_urls_name_a_message_and_its_version() {
