@@ -327,3 +327,49 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     assert_eq!(unknown_flag.status.code(), Some(2));
     assert!(text(&unknown_flag.stderr).contains("--no-such-flag"));
 }
+
+#[test]
+fn bench_reports_every_figure_as_json() {
+    let json = std::env::temp_dir().join(format!("reproject-bench-{}.json", std::process::id()));
+    let out = reproject(&[
+        "bench",
+        "--events",
+        "20000",
+        "--partitions",
+        "2",
+        "--baseline-events",
+        "2000",
+        "--readers",
+        "2",
+        "--database",
+        "rp_test_bench",
+        "--json",
+        &json.to_string_lossy(),
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let figures: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON file")).expect("JSON");
+    assert_eq!(figures["rebuild"]["events_replayed"], 20_000);
+    assert_eq!(figures["baseline_events"], 2_000);
+    assert_eq!(figures["reader_errors"], 0);
+    for field in [
+        "events_per_second",
+        "baseline_events_per_second",
+        "speedup",
+        "reader_longest_ms",
+    ] {
+        assert!(
+            figures[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {figures}"
+        );
+    }
+    assert!(figures["reader_queries"].as_u64().is_some_and(|n| n > 0));
+    assert!(figures["peak_rss_bytes"].as_u64().is_some_and(|n| n > 0));
+    let _ = std::fs::remove_file(&json);
+}

@@ -2,6 +2,7 @@
 //! Connection settings come from flags, then the environment, then a config file, then defaults that
 //! work on a development machine.
 
+mod bench;
 mod config;
 mod demo;
 mod dev_broker;
@@ -96,6 +97,9 @@ pub enum Command {
     /// Replay one aggregate's events through the upcasters and projections, and compare with the live
     /// rows: why does this row look the way it does?
     Replay(replay::ReplayArgs),
+    /// The end-to-end benchmark: seed, rebuild and swap, a per-event baseline on the same log, and
+    /// readers during a swap. `--json FILE` writes the figures.
+    Bench(bench::BenchArgs),
     /// Compare the live shop views with the totals `seed --expected` wrote.
     CheckTotals(totals::CheckTotalsArgs),
 }
@@ -119,6 +123,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Swap(args) => swap::run(&global, args).await,
         Command::CheckTotals(args) => totals::run(&global, args).await,
         Command::Replay(args) => replay::run(&global, args).await,
+        Command::Bench(args) => bench::run(&global, args).await,
     }
 }
 

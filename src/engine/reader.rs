@@ -299,9 +299,8 @@ fn read<E: 'static>(
         }
         // Checking every partition against its end costs as much as decoding with 128 partitions:
         // only when a record is the last one of its partition, or when idle.
-        let done = config.stop_at.is_some()
-            && (polled_nothing || last_of_partition)
-            && reached(&next);
+        let done =
+            config.stop_at.is_some() && (polled_nothing || last_of_partition) && reached(&next);
         let full = batch.events as usize >= config.max_batch_events;
         // The clock again only every 1,024 records, or when idle.
         let waited = (batch.events % 1_024 == 0 || polled_nothing)

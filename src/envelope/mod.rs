@@ -129,7 +129,9 @@ mod tests {
                 type_url: format!("{TYPE_URL_PREFIX}shop.v2.OrderPaid"),
                 value: vec![1, 2, 3],
             }),
-            metadata: [("source".to_string(), "test".to_string())].into_iter().collect(),
+            metadata: [("source".to_string(), "test".to_string())]
+                .into_iter()
+                .collect(),
         };
         let decoded = decode(&full.encode_to_vec(), 4, 99).expect("decodes");
         assert_eq!(decoded.meta.event_id, [7; 16]);

@@ -1,0 +1,386 @@
+//! `reproject bench`: the end-to-end benchmark. Seeds a history into the in-process mock cluster,
+//! rebuilds every projection and swaps, then, on the same log and database:
+//! - a baseline that does what a hand-written backfill script does: the same decoding and upcasters,
+//!   then one `INSERT .. ON CONFLICT DO UPDATE` per event in transactions of 1,000;
+//! - the swap's effect on readers: 8 connections query the stable name in a loop while
+//!   `order_summary` is rebuilt and swapped again.
+//!
+//! Prints the figures and, with `--json FILE`, writes them for scripts to compare runs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::Message;
+use serde::Serialize;
+use sqlx::Connection;
+
+use super::rebuild::print_report;
+use super::{GlobalArgs, Outcome, Settings};
+use crate::domain::shop::generator::History;
+use crate::domain::shop::ShopEvent;
+use crate::engine::rebuild::{self, RebuildOptions, RebuildReport};
+use crate::engine::{Engine, Tuning};
+use crate::envelope;
+use crate::projection::{Changes, Event, RowStore, Value};
+use crate::sink::database::recreate_database;
+use crate::source::dev_broker::DevBroker;
+use crate::source::producer::LogWriter;
+use crate::swap::SwapOptions;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Events in the history (orders: a tenth of it)
+    #[arg(long, default_value_t = 2_000_000)]
+    pub events: u64,
+    /// Partitions of the topic: the mock cluster keeps 5 MiB per partition (about 78,000 events)
+    #[arg(long, default_value_t = 32)]
+    pub partitions: i32,
+    /// Events the per-event baseline writes (at least 100,000 for a fair rate)
+    #[arg(long, default_value_t = 100_000)]
+    pub baseline_events: u64,
+    /// Readers querying the stable name while the swap happens
+    #[arg(long, default_value_t = 8)]
+    pub readers: usize,
+    /// The database to (re)create, on the server DATABASE_URL points at
+    #[arg(long, default_value = "reproject_bench")]
+    pub database: String,
+    /// Also write the figures as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct BenchFigures {
+    pub events: u64,
+    pub partitions: i32,
+    pub seed_seconds: f64,
+    /// From the rebuild's first fetch to the end of the last swap.
+    pub rebuild_seconds: f64,
+    pub events_per_second: f64,
+    pub rebuild: RebuildReport,
+    pub peak_rss_bytes: u64,
+    pub baseline_events: u64,
+    pub baseline_seconds: f64,
+    pub baseline_events_per_second: f64,
+    /// reproject's rate over the baseline's, in the same run.
+    pub speedup: f64,
+    pub readers: usize,
+    pub reader_queries: u64,
+    pub reader_errors: u64,
+    pub reader_longest_ms: f64,
+    pub reader_median_ms: f64,
+    pub swap_commit_ms: f64,
+}
+
+pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome> {
+    let mut settings = Settings::resolve(global)?;
+    let broker = DevBroker::start(&settings.topic, args.partitions)?;
+    settings.kafka.brokers = broker.bootstrap_servers();
+    settings.database_url = recreate_database(&settings.database_url, &args.database).await?;
+    settings.quiet = true;
+    let mut figures = BenchFigures {
+        events: args.events,
+        partitions: args.partitions,
+        baseline_events: args.baseline_events.min(args.events),
+        readers: args.readers,
+        ..BenchFigures::default()
+    };
+    println!(
+        "== bench: {} events over {} partitions (in-process mock cluster), database {}",
+        args.events, args.partitions, args.database
+    );
+
+    // The history.
+    let config = super::seed::history_config(args.events, None, None, 42);
+    let (kafka, topic, events) = (settings.kafka.clone(), settings.topic.clone(), args.events);
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut history = History::new(config);
+        let mut writer = LogWriter::bulk(&kafka, &topic, "consistent_random")?;
+        for record in history.by_ref().take(events as usize) {
+            writer.send(&record.key, &record.value)?;
+        }
+        writer.finish()?;
+        Ok(())
+    })
+    .await??;
+    figures.seed_seconds = started.elapsed().as_secs_f64();
+    println!("   seeded in {:.1}s", figures.seed_seconds);
+
+    // The rebuild, end to end.
+    let engine = Arc::new(settings.engine(Tuning::default()).await?);
+    let names: Vec<String> = engine
+        .projections
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
+    let options = RebuildOptions {
+        allow_truncated_history: false,
+        swap: true,
+        swap_options: SwapOptions {
+            view_schema: settings.view_schema.clone(),
+            ..SwapOptions::default()
+        },
+        quiet: true,
+    };
+    let cancel = super::shutdown_token();
+    let started = Instant::now();
+    let report = rebuild::rebuild(&engine, &names, &options, &cancel).await?;
+    figures.rebuild_seconds = started.elapsed().as_secs_f64();
+    figures.events_per_second = report.events_replayed as f64 / figures.rebuild_seconds;
+    figures.peak_rss_bytes = peak_rss_bytes();
+    print_report(&report);
+    figures.rebuild = report;
+
+    // The baseline, on the first events of the same log.
+    let started = Instant::now();
+    baseline(&engine, figures.baseline_events).await?;
+    figures.baseline_seconds = started.elapsed().as_secs_f64();
+    figures.baseline_events_per_second = figures.baseline_events as f64 / figures.baseline_seconds;
+    figures.speedup = figures.events_per_second / figures.baseline_events_per_second;
+
+    // Readers during a swap.
+    let stop = Arc::new(AtomicBool::new(false));
+    let id: String = sqlx::query_scalar("SELECT order_id FROM public.order_summary LIMIT 1")
+        .fetch_one(engine.catalog.pool())
+        .await
+        .context("picking an order for the readers")?;
+    let readers: Vec<_> = (0..args.readers)
+        .map(|_| {
+            tokio::spawn(read_in_a_loop(
+                settings.database_url.clone(),
+                id.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let again = rebuild::rebuild(&engine, &["order_summary".to_string()], &options, &cancel).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for reader in readers {
+        let (times, errors) = reader.await.context("a reader task failed")?;
+        latencies.extend(times);
+        figures.reader_errors += errors;
+    }
+    let again = again?;
+    figures.swap_commit_ms = again.swaps.first().map_or(0.0, |s| s.commit_ms);
+    latencies.sort_by(f64::total_cmp);
+    figures.reader_queries = latencies.len() as u64;
+    figures.reader_longest_ms = latencies.last().copied().unwrap_or(0.0);
+    figures.reader_median_ms = latencies.get(latencies.len() / 2).copied().unwrap_or(0.0);
+
+    print_figures(&figures);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&figures)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    drop(broker);
+    Ok(if figures.reader_errors == 0 {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+fn print_figures(f: &BenchFigures) {
+    let r = &f.rebuild;
+    println!("\n== figures");
+    println!(
+        "rebuild, first fetch to swap: {} events in {:.2}s = {:.0} events/s",
+        r.events_replayed, f.rebuild_seconds, f.events_per_second
+    );
+    println!(
+        "  replay {:.2}s, load {:.2}s ({} rows), indexes {:.2}s, aggregate index {:.2}s, catch-up {:.2}s, swap {:.2}s",
+        r.replay_seconds,
+        r.load_seconds,
+        r.rows_loaded,
+        r.index_seconds,
+        r.aggregate_index_seconds,
+        r.catch_up_seconds,
+        r.swap_seconds
+    );
+    println!(
+        "  peak RSS {:.0} MB (the in-process mock cluster's copy of the log included)",
+        f.peak_rss_bytes as f64 / 1e6
+    );
+    println!(
+        "baseline (one upsert per event, transactions of 1,000): {} events in {:.2}s = {:.0} events/s",
+        f.baseline_events, f.baseline_seconds, f.baseline_events_per_second
+    );
+    println!("speed-up over the baseline: {:.0}x", f.speedup);
+    println!(
+        "readers during a swap: {} readers, {} queries, {} errors, longest {:.1} ms, median {:.2} ms (swap commit {:.1} ms)",
+        f.readers, f.reader_queries, f.reader_errors, f.reader_longest_ms, f.reader_median_ms, f.swap_commit_ms
+    );
+}
+
+/// What a hand-written backfill does: consume, decode, upcast, project `order_summary`, and write
+/// each event's resulting row with its own `INSERT .. ON CONFLICT DO UPDATE`, committing every 1,000.
+async fn baseline(engine: &Engine<ShopEvent>, events: u64) -> anyhow::Result<()> {
+    let projection = engine.projection("order_summary")?;
+    let spec = projection.tables()[0].clone();
+    let mut conn = sqlx::PgConnection::connect(&engine.database_url).await?;
+    let sql = engine
+        .schemas
+        .load(projection.name(), projection.version())?;
+    sqlx::raw_sql(&format!(
+        "DROP SCHEMA IF EXISTS rp_bench_baseline CASCADE; CREATE SCHEMA rp_bench_baseline;
+         SET search_path TO rp_bench_baseline; {} {}; RESET search_path;",
+        sql.tables, sql.indexes
+    ))
+    .execute(&mut conn)
+    .await
+    .context("creating the baseline's table")?;
+    let columns: Vec<&str> = spec.columns.iter().map(|c| c.name).collect();
+    let placeholders: Vec<String> = spec
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "${}::{}",
+                i + 1,
+                c.ty.pg_name()
+                    .replace("timestamp with time zone", "timestamptz")
+            )
+        })
+        .collect();
+    let statement = format!(
+        "INSERT INTO rp_bench_baseline.order_summary ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        columns.join(", "),
+        placeholders.join(", "),
+        columns[..spec.key_len].join(", "),
+        columns[spec.key_len..]
+            .iter()
+            .map(|c| format!("{c} = EXCLUDED.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // Read the slice on a thread, as the script's consumer loop would.
+    let (kafka, topic, registry) = (
+        engine.kafka.clone(),
+        engine.topic.clone(),
+        engine.registry.clone(),
+    );
+    let specs = [spec.clone()];
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Vec<Value>>>(64);
+    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let consumer: BaseConsumer = kafka.consumer("reproject-bench-baseline")?;
+        let partitions = kafka.partitions(&consumer, &topic)?;
+        kafka.assign(
+            &consumer,
+            &topic,
+            &partitions.iter().map(|&p| (p, 0)).collect(),
+        )?;
+        let mut store = RowStore::new(1);
+        let mut changes = Changes::default();
+        let mut read = 0;
+        let mut chunk = Vec::new();
+        while read < events {
+            let Some(message) = consumer.poll(Duration::from_secs(10)) else {
+                anyhow::bail!("the baseline's consumer got nothing for 10 s");
+            };
+            let message = message?;
+            let decoded = envelope::decode(
+                message.payload().unwrap_or_default(),
+                message.partition(),
+                message.offset(),
+            )?;
+            let payload = registry.upcast(&decoded.type_url, &decoded.payload)?;
+            projection.apply(
+                &Event {
+                    meta: &decoded.meta,
+                    payload: &payload,
+                },
+                &mut changes,
+            );
+            let mut key = None;
+            for change in changes.drain() {
+                key = Some(match &change {
+                    crate::projection::Change::Upsert { row, .. } => {
+                        row[..specs[0].key_len].to_vec()
+                    }
+                    crate::projection::Change::Set { key, .. }
+                    | crate::projection::Change::Add { key, .. }
+                    | crate::projection::Change::Min { key, .. }
+                    | crate::projection::Change::Max { key, .. }
+                    | crate::projection::Change::Delete { key, .. } => key.clone(),
+                });
+                store.apply(&specs, change)?;
+            }
+            if let Some(row) = key.and_then(|k| store.table(0).get(&k).cloned().flatten()) {
+                chunk.push(row);
+            }
+            read += 1;
+            if chunk.len() == 1_000 {
+                if tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let _ = tx.blocking_send(chunk);
+        Ok(())
+    });
+    while let Some(rows) = rx.recv().await {
+        let mut transaction = conn.begin().await?;
+        for row in rows {
+            let mut query = sqlx::query(&statement);
+            for value in row {
+                query = match value {
+                    Value::Null => query.bind(None::<String>),
+                    Value::BigInt(v) => query.bind(v.to_string()),
+                    Value::Bool(b) => query.bind(b.to_string()),
+                    Value::Text(s) => query.bind(s),
+                    other => query.bind(other.to_string()),
+                };
+            }
+            query
+                .execute(&mut *transaction)
+                .await
+                .context("the baseline's upsert")?;
+        }
+        transaction.commit().await?;
+    }
+    reader.await??;
+    Ok(())
+}
+
+async fn read_in_a_loop(url: String, id: String, stop: Arc<AtomicBool>) -> (Vec<f64>, u64) {
+    let mut times = Vec::new();
+    let mut errors = 0;
+    let Ok(mut conn) = sqlx::PgConnection::connect(&url).await else {
+        return (times, 1);
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let result: Result<Option<String>, _> =
+            sqlx::query_scalar("SELECT status FROM public.order_summary WHERE order_id = $1")
+                .bind(&id)
+                .fetch_optional(&mut conn)
+                .await;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        if !matches!(result, Ok(Some(_))) {
+            errors += 1;
+        }
+    }
+    (times, errors)
+}
+
+/// Peak resident set size of this process (VmHWM), 0 where /proc is not available.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
