@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
-use reproject::engine::rebuild::rebuild;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 fn spawn_rebuild(db: &str, brokers: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_reproject"))
@@ -98,14 +96,7 @@ async fn a_rebuild_killed_during_the_bulk_load_starts_over_and_finishes_correctl
     assert_eq!(loading, 3, "killed while loading");
 
     let engine = engine(&db, &kafka.settings, tuning()).await;
-    let report = rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("second attempt");
+    let report = rebuild_all(&engine).await.expect("second attempt");
     assert_eq!(
         report.events_replayed, 300_000,
         "the load started over from offset 0"
@@ -178,14 +169,7 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
         .await
         .expect("join");
     let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
-    let report = rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("resumed");
+    let report = rebuild_all(&engine).await.expect("resumed");
     assert_eq!(
         report.events_replayed, 0,
         "resumed from the stored positions, no second replay"

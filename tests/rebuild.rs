@@ -32,14 +32,7 @@ async fn rebuilt_views_equal_the_generators_totals_across_all_three_schema_versi
     }
 
     let engine = engine(&db, &kafka.settings, tuning()).await;
-    let report = rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("rebuild");
+    let report = rebuild_all(&engine).await.expect("rebuild");
 
     assert_eq!(report.events_replayed, 60_000);
     assert_eq!(report.swaps.len(), 3);
@@ -58,22 +51,8 @@ async fn rebuilding_the_same_log_twice_gives_identical_tables() {
     let engine = engine(&db, &kafka.settings, tuning()).await;
     let pool = engine.catalog.pool().clone();
 
-    let first = rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("first");
-    let second = rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("second");
+    let first = rebuild_all(&engine).await.expect("first");
+    let second = rebuild_all(&engine).await.expect("second");
     assert_ne!(
         first.builds, second.builds,
         "the second rebuild made new builds"
@@ -111,14 +90,7 @@ async fn events_appended_during_a_rebuild_are_in_the_new_view_once_each() {
     let producer = append_in_background(&kafka.settings, history, 20_000, 10_000);
 
     let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
-    let report = rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("rebuild");
+    let report = rebuild_all(&engine).await.expect("rebuild");
     let history = producer.join().expect("producer");
     drain(engine.clone()).await;
 
@@ -227,14 +199,9 @@ async fn an_event_of_unknown_type_stops_the_rebuild_naming_where_it_is_and_who_r
     writer.finish().expect("delivered");
 
     let engine = engine(&db, &kafka.settings, tuning()).await;
-    let error = rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect_err("an unknown type must stop the rebuild");
+    let error = rebuild_all(&engine)
+        .await
+        .expect_err("an unknown type must stop the rebuild");
     let message = error.to_string();
     for part in [
         "shop.orders/0 at offset 1000",

@@ -60,14 +60,7 @@ async fn the_timeline_of_an_order_that_crossed_all_three_versions_shows_every_up
     let kafka = Kafka::start(4);
     append(&kafka.settings, &mut history(40_000, 5), 40_000);
     let engine = engine(&db, &kafka.settings, tuning()).await;
-    rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("rebuild");
+    rebuild_all(&engine).await.expect("rebuild");
     let pool = engine.catalog.pool().clone();
     let id = an_order_that_crossed_all_versions(&pool).await;
 

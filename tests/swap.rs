@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
-use reproject::engine::rebuild::rebuild;
 use reproject::engine::run::{run, RunOptions};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
@@ -64,14 +63,7 @@ async fn readers_never_see_an_error_an_empty_view_or_fewer_orders_during_rebuild
     let mut history = history(70_000, 3);
     append(&kafka.settings, &mut history, 30_000);
     let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
-    let first = rebuild(
-        &engine,
-        &all_projections(),
-        &rebuild_options(),
-        &CancellationToken::new(),
-    )
-    .await
-    .expect("first build");
+    let first = rebuild_all(&engine).await.expect("first build");
 
     // Readers start once the views exist; `run` keeps the live builds current meanwhile.
     let stop = Arc::new(AtomicBool::new(false));
@@ -87,14 +79,7 @@ async fn readers_never_see_an_error_an_empty_view_or_fewer_orders_during_rebuild
     let follower = run(engine.clone(), options, follower_cancel.clone());
     let producer = append_in_background(&kafka.settings, history, 40_000, 8_000);
     let work = async {
-        let second = rebuild(
-            &engine,
-            &all_projections(),
-            &rebuild_options(),
-            &CancellationToken::new(),
-        )
-        .await
-        .expect("second build");
+        let second = rebuild_all(&engine).await.expect("second build");
         let history = tokio::task::spawn_blocking(move || producer.join().expect("producer"))
             .await
             .expect("join");

@@ -725,17 +725,8 @@ fn key_text(key: &[Value]) -> String {
 }
 
 fn change_key(specs: &[TableSpec], change: &Change) -> Vec<Value> {
-    match change {
-        Change::Upsert { table, row } => {
-            let len = specs.get(*table).map_or(0, |s| s.key_len).min(row.len());
-            row[..len].to_vec()
-        }
-        Change::Set { key, .. }
-        | Change::Add { key, .. }
-        | Change::Min { key, .. }
-        | Change::Max { key, .. }
-        | Change::Delete { key, .. } => key.clone(),
-    }
+    let key_len = specs.get(change.table()).map_or(0, |s| s.key_len);
+    change.key(key_len).to_vec()
 }
 
 /// One change as a line a person reads: `order_summary[abc] set status = "paid"`.

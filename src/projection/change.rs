@@ -41,6 +41,19 @@ pub enum Change {
 }
 
 impl Change {
+    /// The key of the row this change touches; `key_len` is its table's (an upsert carries the key
+    /// as the first columns of its row).
+    pub fn key(&self, key_len: usize) -> &[Value] {
+        match self {
+            Change::Upsert { row, .. } => &row[..key_len.min(row.len())],
+            Change::Set { key, .. }
+            | Change::Add { key, .. }
+            | Change::Min { key, .. }
+            | Change::Max { key, .. }
+            | Change::Delete { key, .. } => key,
+        }
+    }
+
     pub fn table(&self) -> usize {
         match self {
             Change::Upsert { table, .. }

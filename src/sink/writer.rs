@@ -379,14 +379,7 @@ fn touched_keys(spec: &TableSpec, changes: &[Change]) -> Vec<Vec<Value>> {
     let mut seen = HashSet::new();
     let mut keys = Vec::new();
     for change in changes {
-        let key: &[Value] = match change {
-            Change::Upsert { row, .. } => &row[..spec.key_len.min(row.len())],
-            Change::Set { key, .. }
-            | Change::Add { key, .. }
-            | Change::Min { key, .. }
-            | Change::Max { key, .. }
-            | Change::Delete { key, .. } => key,
-        };
+        let key = change.key(spec.key_len);
         if seen.insert(key.to_vec()) {
             keys.push(key.to_vec());
         }

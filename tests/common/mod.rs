@@ -141,6 +141,19 @@ pub fn rebuild_options() -> RebuildOptions {
     }
 }
 
+/// Rebuild every projection and swap it in, as `reproject rebuild --all` does.
+pub async fn rebuild_all(
+    engine: &Engine<ShopEvent>,
+) -> reproject::engine::Result<reproject::engine::rebuild::RebuildReport> {
+    reproject::engine::rebuild::rebuild(
+        engine,
+        &all_projections(),
+        &rebuild_options(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+}
+
 pub fn all_projections() -> Vec<String> {
     shop::projections()
         .iter()
