@@ -77,6 +77,9 @@ pub struct BenchFigures {
     /// two cores), and the median.
     pub reader_longest_ms: f64,
     pub reader_median_ms: f64,
+    /// Reader queries over 100 ms, by the phase of the second rebuild they started in, with the
+    /// longest of each.
+    pub slow_reader_queries_by_phase: std::collections::BTreeMap<String, (u64, f64)>,
     pub swap_commit_ms: f64,
 }
 
@@ -154,22 +157,33 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
         .await
         .context("picking an order for the readers")?;
     let origin = Instant::now();
-    let readers: Vec<_> = (0..args.readers)
-        .map(|_| {
-            tokio::spawn(read_in_a_loop(
-                settings.database_url.clone(),
-                id.clone(),
-                stop.clone(),
-                origin,
-            ))
+    // The readers stand for applications: a thread and a runtime of their own, so that they see the
+    // database as an outside client does, not the rebuild's scheduling.
+    let readers = {
+        let (url, id, stop, count) = (
+            settings.database_url.clone(),
+            id.clone(),
+            stop.clone(),
+            args.readers,
+        );
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok::<_, std::io::Error>(runtime.block_on(futures::future::join_all(
+                (0..count).map(|_| read_in_a_loop(url.clone(), id.clone(), stop.clone(), origin)),
+            )))
         })
-        .collect();
+    };
     let again = rebuild::rebuild(&engine, &["order_summary".to_string()], &options, &cancel).await;
     let swap_end = origin.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut queries = Vec::new();
-    for reader in readers {
-        let (times, errors) = reader.await.context("a reader task failed")?;
+    let results = tokio::task::spawn_blocking(move || readers.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the readers' thread panicked"))?
+        .context("starting the readers' runtime")?;
+    for (times, errors) in results {
         queries.extend(times);
         figures.reader_errors += errors;
     }
@@ -182,6 +196,33 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
         .filter(|(start, ms)| *start <= swap_end && start + ms / 1e3 >= swap_start)
         .map(|(_, ms)| *ms)
         .fold(0.0, f64::max);
+    // Phases run one after another and end with the swap: lay them out back from its end.
+    let phases = [
+        ("replay", again.replay_seconds),
+        ("bulk load", again.load_seconds),
+        ("aggregate index", again.aggregate_index_seconds),
+        ("indexes", again.index_seconds),
+        ("catch-up", again.catch_up_seconds),
+        ("swap", again.swap_seconds),
+    ];
+    let mut bounds = Vec::new();
+    let mut end = swap_end;
+    for (name, seconds) in phases.iter().rev() {
+        bounds.push((*name, end - seconds));
+        end -= seconds;
+    }
+    for (start, ms) in queries.iter().filter(|(_, ms)| *ms > 100.0) {
+        let phase = bounds
+            .iter()
+            .find(|(_, from)| start >= from)
+            .map_or("before the replay", |(name, _)| name);
+        let entry = figures
+            .slow_reader_queries_by_phase
+            .entry(phase.to_string())
+            .or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(*ms);
+    }
     let mut latencies: Vec<f64> = queries.iter().map(|(_, ms)| *ms).collect();
     latencies.sort_by(f64::total_cmp);
     figures.reader_queries = latencies.len() as u64;
@@ -238,6 +279,9 @@ fn print_figures(f: &BenchFigures) {
         f.reader_longest_ms,
         f.reader_median_ms
     );
+    for (phase, (count, longest)) in &f.slow_reader_queries_by_phase {
+        println!("  reader queries over 100 ms during {phase}: {count}, longest {longest:.0} ms");
+    }
 }
 
 /// What a hand-written backfill does: consume, decode, upcast, project `order_summary`, and write

@@ -477,7 +477,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             rows
         );
     }
-    drop(stores);
+    // Freeing millions of rows takes seconds: not on a runtime worker.
+    tokio::task::spawn_blocking(move || drop(stores));
     report.load_seconds = started.elapsed().as_secs_f64();
 
     // The aggregate index comes free with the replay; `replay` uses it to read only where an
