@@ -6,8 +6,10 @@ mod bench;
 mod config;
 mod demo;
 mod dev_broker;
+mod gc;
 mod rebuild;
 mod replay;
+mod rollback;
 mod run;
 mod seed;
 mod status;
@@ -94,6 +96,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Make a caught-up build (built with `rebuild --no-swap`) the live one.
     Swap(swap::SwapArgs),
+    /// Make the previously live build of a projection live again, after catching it up.
+    Rollback(rollback::RollbackArgs),
+    /// Drop the tables of retired and failed builds beyond --keep and older than --older-than-hours.
+    Gc(gc::GcArgs),
     /// Replay one aggregate's events through the upcasters and projections, and compare with the live
     /// rows: why does this row look the way it does?
     Replay(replay::ReplayArgs),
@@ -123,6 +129,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Swap(args) => swap::run(&global, args).await,
         Command::CheckTotals(args) => totals::run(&global, args).await,
         Command::Replay(args) => replay::run(&global, args).await,
+        Command::Rollback(args) => rollback::run(&global, args).await,
+        Command::Gc(args) => gc::run(&global, args).await,
         Command::Bench(args) => bench::run(&global, args).await,
     }
 }

@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::rebuild::{SwapArgs as SwapTuning, TuningArgs};
 use super::{shutdown_token, GlobalArgs, Outcome, Settings};
-use crate::engine::follow::{self, FollowTarget, Until};
+use crate::engine::rebuild::catch_up_and_swap;
 use crate::sink::Phase;
 
 #[derive(Args, Debug)]
@@ -38,27 +38,12 @@ pub async fn run(global: &GlobalArgs, args: SwapArgs) -> anyhow::Result<Outcome>
         );
     }
     // Catch up first: the build may have waited a while.
-    let positions = engine.catalog.positions(build.build_id).await?;
-    let target = FollowTarget {
-        build: build.clone(),
-        projection: projection.clone(),
-        positions,
-    };
-    follow::follow(
+    let report = catch_up_and_swap(
         &engine,
-        vec![target],
-        Until::CaughtUp {
-            lag_below: engine.tuning.lag_threshold,
-        },
-        &shutdown_token(),
-        "catching up",
-    )
-    .await?;
-    let report = crate::swap::swap(
-        &engine.database_url,
         &build,
-        projection.tables(),
+        &projection,
         &args.swap.options(&settings),
+        &shutdown_token(),
     )
     .await?;
     println!(

@@ -154,7 +154,14 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     let started = Instant::now();
     for job in &jobs {
         if options.swap {
-            let swapped = swap_when_caught_up(engine, job, options, cancel).await?;
+            let swapped = swap_when_caught_up(
+                engine,
+                &job.build,
+                &job.projection,
+                &options.swap_options,
+                cancel,
+            )
+            .await?;
             tracing::info!(message = "swapped", projection = %swapped.projection, build_id = swapped.build_id,
                 retired = ?swapped.retired_build_id, attempts = swapped.attempts, commit_ms = swapped.commit_ms);
             report.swaps.push(swapped);
@@ -170,21 +177,52 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     Ok(report)
 }
 
+/// Catch `build` up with the log, then swap it in: what `swap` and `rollback` do.
+pub async fn catch_up_and_swap<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    build: &Build,
+    projection: &DynProjection<E>,
+    swap_options: &SwapOptions,
+    cancel: &CancellationToken,
+) -> Result<SwapReport> {
+    let positions = engine.catalog.positions(build.build_id).await?;
+    let target = FollowTarget {
+        build: build.clone(),
+        projection: projection.clone(),
+        positions,
+    };
+    follow::follow(
+        engine,
+        vec![target],
+        Until::CaughtUp {
+            lag_below: engine.tuning.lag_threshold,
+        },
+        cancel,
+        "catching up",
+    )
+    .await?;
+    if cancel.is_cancelled() {
+        return Err(EngineError::Interrupted);
+    }
+    swap_when_caught_up(engine, build, projection, swap_options, cancel).await
+}
+
 /// Swap, catching up again first whenever the live build has moved past the new one (a `run`
 /// following it meanwhile): the view must never go back in time.
 async fn swap_when_caught_up<E: Send + Sync + 'static>(
     engine: &Engine<E>,
-    job: &Job<E>,
-    options: &RebuildOptions,
+    build: &Build,
+    projection: &DynProjection<E>,
+    swap_options: &SwapOptions,
     cancel: &CancellationToken,
 ) -> Result<SwapReport> {
     let mut attempts = 0;
     loop {
         match swap::swap(
             &engine.database_url,
-            &job.build,
-            job.projection.tables(),
-            &options.swap_options,
+            build,
+            projection.tables(),
+            swap_options,
         )
         .await
         {
@@ -192,12 +230,12 @@ async fn swap_when_caught_up<E: Send + Sync + 'static>(
                 attempts += 1;
                 tracing::info!(
                     message = "the live build moved ahead; catching up again before the swap",
-                    projection = job.projection.name()
+                    projection = projection.name()
                 );
-                let positions = engine.catalog.positions(job.build.build_id).await?;
+                let positions = engine.catalog.positions(build.build_id).await?;
                 let target = FollowTarget {
-                    build: job.build.clone(),
-                    projection: job.projection.clone(),
+                    build: build.clone(),
+                    projection: projection.clone(),
                     positions,
                 };
                 follow::follow(
@@ -214,7 +252,6 @@ async fn swap_when_caught_up<E: Send + Sync + 'static>(
     }
 }
 
-/// Find or create the build this rebuild works on. Abandons in-progress builds of other versions.
 async fn prepare_build<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projection: DynProjection<E>,

@@ -2,6 +2,7 @@
 //! each projection version, their phase, and per partition the next offset each build will read.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Row};
 
@@ -206,6 +207,29 @@ impl Catalog {
         .await
         .context(|| "listing builds".into())?;
         rows.iter().map(build_from_row).collect()
+    }
+
+    /// Builds that no longer serve and still have tables (retired, or failed), most recently
+    /// retired first, each with how long ago it stopped serving (or was created, if it never did).
+    pub async fn past_builds(&self, projection: Option<&str>) -> Result<Vec<(Build, Duration)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BUILD_COLUMNS}, extract(epoch FROM now() - coalesce(retired_at, created_at))::float8 AS age
+             FROM reproject.builds
+             WHERE phase IN ('retired', 'failed') AND ($1::text IS NULL OR projection = $1)
+             ORDER BY projection, coalesce(retired_at, created_at) DESC, build_id DESC"
+        ))
+        .bind(projection)
+        .fetch_all(&self.pool)
+        .await
+        .context(|| "listing retired builds".into())?;
+        rows.iter()
+            .map(|row| {
+                let age: f64 = row
+                    .try_get("age")
+                    .context(|| "reading reproject.builds".into())?;
+                Ok((build_from_row(row)?, Duration::from_secs_f64(age.max(0.0))))
+            })
+            .collect()
     }
 
     pub async fn active_build(&self, projection: &str) -> Result<Option<Build>> {

@@ -1,0 +1,142 @@
+//! After the swap: rolling back to the previous build, and dropping the builds nobody needs.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use common::*;
+use reproject::domain::shop::totals::{actual_totals, differences};
+use reproject::engine::rebuild::rebuild;
+use tokio_util::sync::CancellationToken;
+
+fn reproject(db: &str, kafka: &Kafka, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args(args)
+        .args([
+            "--brokers",
+            &kafka.settings.brokers,
+            "--database-url",
+            db,
+            "--quiet",
+        ])
+        .output()
+        .expect("run reproject")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+async fn phase_of(pool: &sqlx::PgPool, build_id: i64) -> String {
+    sqlx::query_scalar("SELECT phase FROM reproject.builds WHERE build_id = $1")
+        .bind(build_id)
+        .fetch_one(pool)
+        .await
+        .expect("build")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_restores_the_previous_build_with_every_event_applied_and_gc_drops_what_is_left() {
+    let db = fresh_database("rollback_gc").await;
+    let kafka = Kafka::start(4);
+    let mut history = history(40_000, 21);
+    append(&kafka.settings, &mut history, 20_000);
+    let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
+    let pool = engine.catalog.pool().clone();
+    rebuild_all(&engine).await.expect("first builds 1-3");
+
+    // A second build of order_summary goes live; build 1 is retired at the position it had.
+    append(&kafka.settings, &mut history, 5_000);
+    let cancel = CancellationToken::new();
+    let second = rebuild(
+        &engine,
+        &["order_summary".to_string()],
+        &rebuild_options(),
+        &cancel,
+    )
+    .await
+    .expect("second build of order_summary");
+    assert_eq!(second.builds, vec![4]);
+    assert_eq!(phase_of(&pool, 1).await, "retired");
+
+    // Events keep arriving; then the rollback catches build 1 up before it goes live again.
+    append(&kafka.settings, &mut history, 5_000);
+    let out = reproject(&db, &kafka, &["rollback", "order_summary"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("reads build 1 again; build 4 retired"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(phase_of(&pool, 1).await, "active");
+    assert_eq!(phase_of(&pool, 4).await, "retired");
+    let schema: String = sqlx::query_scalar(
+        "SELECT substring(definition from 'FROM (rp_[a-z_0-9]+)\\.') FROM pg_views WHERE schemaname = 'public' AND viewname = 'order_summary'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("view definition");
+    assert_eq!(schema, schema_of(&pool, 1).await);
+    drain(engine.clone()).await;
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new(),
+        "every event, once"
+    );
+
+    // gc: a dry run drops nothing; keeping none drops build 4 only, never an active build.
+    let dry = reproject(
+        &db,
+        &kafka,
+        &["gc", "--keep", "0", "--older-than-hours", "0", "--dry-run"],
+    );
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(
+        text(&dry.stdout).contains("would drop build 4"),
+        "{}",
+        text(&dry.stdout)
+    );
+    assert_eq!(phase_of(&pool, 4).await, "retired");
+    let kept = reproject(
+        &db,
+        &kafka,
+        &["gc", "--keep", "1", "--older-than-hours", "0"],
+    );
+    assert!(
+        text(&kept.stdout).contains("0 build(s) dropped"),
+        "{}",
+        text(&kept.stdout)
+    );
+    let gc = reproject(
+        &db,
+        &kafka,
+        &["gc", "--keep", "0", "--older-than-hours", "0"],
+    );
+    assert!(gc.status.success(), "{}", text(&gc.stderr));
+    assert_eq!(phase_of(&pool, 4).await, "dropped");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname = $1")
+        .bind(schema_of(&pool, 4).await)
+        .fetch_one(&pool)
+        .await
+        .expect("schemas");
+    assert_eq!(left, 0, "build 4's schema is gone");
+    for build in [1, 2, 3] {
+        assert_eq!(phase_of(&pool, build).await, "active");
+    }
+
+    // Nothing retired is left to roll back to: one clear line.
+    let none = reproject(&db, &kafka, &["rollback", "order_summary"]);
+    assert_eq!(none.status.code(), Some(2));
+    assert!(
+        text(&none.stderr).contains("no retired build to roll back to"),
+        "{}",
+        text(&none.stderr)
+    );
+}
