@@ -56,3 +56,12 @@ CREATE TABLE IF NOT EXISTS reproject.aggregate_index_coverage (
     indexed_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (topic, partition)
 );
+
+-- Operator controls per projection: `reproject pause` / `resume` set `paused`; rebuilds, catch-ups and
+-- followers check it between batches and wait while it is set.
+CREATE TABLE IF NOT EXISTS reproject.controls (
+    projection  text        PRIMARY KEY,
+    paused      boolean     NOT NULL DEFAULT false,
+    changed_at  timestamptz NOT NULL DEFAULT now(),
+    changed_by  text
+);

@@ -140,3 +140,75 @@ async fn rollback_restores_the_previous_build_with_every_event_applied_and_gc_dr
         text(&none.stderr)
     );
 }
+
+async fn applied(pool: &sqlx::PgPool, build_id: i64) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM reproject.positions WHERE build_id = $1",
+    )
+    .bind(build_id)
+    .fetch_one(pool)
+    .await
+    .expect("positions")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follower() {
+    let db = fresh_database("pause_resume").await;
+    let kafka = Kafka::start(2);
+    let mut history = history(20_000, 8);
+    append(&kafka.settings, &mut history, 10_000);
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    let pool = engine.catalog.pool().clone();
+    rebuild_all(&engine).await.expect("builds");
+    assert_eq!(applied(&pool, 1).await, 10_000);
+
+    let paused = reproject(&db, &kafka, &["pause", "order_summary"]);
+    assert!(paused.status.success(), "{}", text(&paused.stderr));
+    append(&kafka.settings, &mut history, 10_000);
+    let mut run = Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args([
+            "run",
+            "--brokers",
+            &kafka.settings.brokers,
+            "--database-url",
+            &db,
+            "--quiet",
+        ])
+        .spawn()
+        .expect("start run");
+
+    // Paused: nothing moves, and status says so.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(
+        applied(&pool, 1).await,
+        10_000,
+        "a paused projection is not written"
+    );
+    let status = reproject(&db, &kafka, &["status", "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let order_summary = report["projections"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "order_summary"))
+        .expect("order_summary in status");
+    assert_eq!(order_summary["paused"], true);
+    // ...and the follower is there, waiting, not merely slow to start.
+    let phase: Option<String> =
+        sqlx::query_scalar("SELECT progress->>'phase' FROM reproject.builds WHERE build_id = 1")
+            .fetch_one(&pool)
+            .await
+            .expect("progress");
+    assert_eq!(phase.as_deref(), Some("paused"));
+
+    // Resumed: it catches up within seconds.
+    let resumed = reproject(&db, &kafka, &["resume", "order_summary"]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while applied(&pool, 1).await < 20_000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(applied(&pool, 1).await, 20_000, "resumed and caught up");
+    let _ = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status();
+    let _ = run.wait();
+}

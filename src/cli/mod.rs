@@ -7,6 +7,7 @@ mod config;
 mod demo;
 mod dev_broker;
 mod gc;
+mod pause;
 mod rebuild;
 mod replay;
 mod rollback;
@@ -96,6 +97,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Make a caught-up build (built with `rebuild --no-swap`) the live one.
     Swap(swap::SwapArgs),
+    /// Pause writing to a projection's builds (rebuild, catch-up, follow) at the next batch.
+    Pause(pause::PauseArgs),
+    /// Resume a paused projection.
+    Resume(pause::PauseArgs),
     /// Make the previously live build of a projection live again, after catching it up.
     Rollback(rollback::RollbackArgs),
     /// Drop the tables of retired and failed builds beyond --keep and older than --older-than-hours.
@@ -130,6 +135,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::CheckTotals(args) => totals::run(&global, args).await,
         Command::Replay(args) => replay::run(&global, args).await,
         Command::Rollback(args) => rollback::run(&global, args).await,
+        Command::Pause(args) => pause::run(&global, args, true).await,
+        Command::Resume(args) => pause::run(&global, args, false).await,
         Command::Gc(args) => gc::run(&global, args).await,
         Command::Bench(args) => bench::run(&global, args).await,
     }

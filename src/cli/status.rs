@@ -47,9 +47,14 @@ pub fn render(report: &StatusReport) -> String {
     }
     for p in &report.projections {
         out.push_str(&format!(
-            "\n{} (code v{})\n",
+            "\n{} (code v{}){}\n",
             p.name,
-            p.code_version.map_or_else(|| "?".into(), |v| v.to_string())
+            p.code_version.map_or_else(|| "?".into(), |v| v.to_string()),
+            if p.paused {
+                "  PAUSED (`reproject resume` continues)"
+            } else {
+                ""
+            }
         ));
         match &p.active {
             Some(b) => line(&mut out, "active", b),

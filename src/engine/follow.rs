@@ -133,8 +133,17 @@ async fn apply_batches<E: Send + Sync + 'static>(
     let mut last_lag: Option<i64> = None;
     let mut log_end = Positions::new();
     let mut last_snapshot = Instant::now() - Duration::from_secs(60);
+    let mut last_pause_check = Instant::now() - Duration::from_secs(60);
     let writer_name = holder_name(label);
+    let names: Vec<&str> = targets.iter().map(|t| t.projection.name()).collect();
     loop {
+        // `reproject pause` takes effect here, between batches: nothing is half-applied.
+        if last_pause_check.elapsed() >= PAUSE_CHECK_EVERY {
+            last_pause_check = Instant::now();
+            if wait_while_paused(engine, &names, targets, &writer_name, cancel).await? {
+                last_pause_check = Instant::now();
+            }
+        }
         let batch = tokio::select! {
             _ = cancel.cancelled() => {
                 progress.finish();
@@ -255,6 +264,45 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     lag: last_lag,
                 });
             }
+        }
+    }
+}
+
+/// How often followers and rebuilds look at the pause flags.
+pub const PAUSE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// If any of `names` is paused, wait (recording it in the builds' progress) until none is or until
+/// cancelled. Returns whether it waited.
+async fn wait_while_paused<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    names: &[&str],
+    targets: &[FollowTarget<E>],
+    writer_name: &str,
+    cancel: &CancellationToken,
+) -> Result<bool> {
+    let mut waited = false;
+    loop {
+        let paused = engine.catalog.paused(names).await?;
+        if paused.is_empty() || cancel.is_cancelled() {
+            if waited {
+                tracing::info!(message = "resumed", projections = ?names);
+            }
+            return Ok(waited);
+        }
+        if !waited {
+            tracing::info!(message = "paused by `reproject pause`; waiting for `reproject resume`", projections = ?paused);
+            for t in targets {
+                let snap = serde_json::json!({"phase": "paused", "paused": paused});
+                engine
+                    .catalog
+                    .write_progress(t.build.build_id, writer_name, &snap)
+                    .await;
+            }
+        }
+        waited = true;
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(PAUSE_CHECK_EVERY) => {}
         }
     }
 }

@@ -424,6 +424,10 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let specs: Vec<DynProjection<E>> = jobs.iter().map(|j| j.projection.clone()).collect();
     let counter = read_events.clone();
     let start_positions = bounds.start.clone();
+    // Set from the catalog's pause flags by the loop below; the fold waits between batches while
+    // it is set, and the bounded channel then holds the reader too.
+    let paused = Arc::new(AtomicBool::new(false));
+    let fold_paused = paused.clone();
     type Folded = (Vec<RowStore>, Positions, u64, Option<AggregateIndex>);
     let fold = tokio::task::spawn_blocking(move || -> Result<Folded> {
         let mut stores: Vec<RowStore> = specs
@@ -434,6 +438,9 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         let mut events = 0;
         while let Some(batch) = batches.blocking_recv() {
             let batch = batch?;
+            while fold_paused.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
             for ((store, projection), changes) in stores.iter_mut().zip(&specs).zip(batch.changes) {
                 for change in changes {
                     store.apply(projection.tables(), change).map_err(|e| {
@@ -464,6 +471,11 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                 return Err(EngineError::Interrupted);
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                let names: Vec<&str> = jobs.iter().map(|j| j.projection.name()).collect();
+                let now_paused = !engine.catalog.paused(&names).await?.is_empty();
+                if now_paused != paused.swap(now_paused, Ordering::Relaxed) {
+                    tracing::info!(message = if now_paused { "replay paused by `reproject pause`" } else { "replay resumed" }, projections = ?names);
+                }
                 let done = read_events.load(Ordering::Relaxed);
                 progress.update(done, Some(total - done as i64));
                 let mut snap = Snapshot::new("loading", done, progress.elapsed(), &Positions::new(), &bounds.end);

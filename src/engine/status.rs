@@ -20,6 +20,8 @@ pub struct StatusReport {
 pub struct ProjectionStatus {
     pub name: String,
     pub code_version: Option<u32>,
+    /// Set by `reproject pause`: its builds wait between batches.
+    pub paused: bool,
     pub active: Option<BuildStatus>,
     pub building: Vec<BuildStatus>,
     pub retired: Vec<BuildStatus>,
@@ -62,9 +64,12 @@ pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Sta
             .or_default()
             .push(b);
     }
+    let names: Vec<&str> = by_projection.keys().map(String::as_str).collect();
+    let paused = engine.catalog.paused(&names).await?;
     let mut projections = Vec::new();
     for (name, builds) in by_projection {
         let mut status = ProjectionStatus {
+            paused: paused.contains(&name),
             code_version: engine.projection(&name).ok().map(|p| p.version()),
             name,
             active: None,

@@ -232,6 +232,33 @@ impl Catalog {
             .collect()
     }
 
+    /// Pause or resume writing to a projection's builds (checked between batches).
+    pub async fn set_paused(&self, projection: &str, paused: bool, by: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO reproject.controls (projection, paused, changed_by) VALUES ($1, $2, $3)
+             ON CONFLICT (projection) DO UPDATE SET paused = $2, changed_by = $3, changed_at = now()",
+        )
+        .bind(projection)
+        .bind(paused)
+        .bind(by)
+        .execute(&self.pool)
+        .await
+        .context(|| format!("setting the pause flag of {projection}"))?;
+        Ok(())
+    }
+
+    /// Which of `projections` are paused now.
+    pub async fn paused(&self, projections: &[&str]) -> Result<Vec<String>> {
+        let names: Vec<String> = projections.iter().map(|p| p.to_string()).collect();
+        sqlx::query_scalar(
+            "SELECT projection FROM reproject.controls WHERE paused AND projection = ANY($1) ORDER BY projection",
+        )
+        .bind(&names)
+        .fetch_all(&self.pool)
+        .await
+        .context(|| "reading the pause flags".into())
+    }
+
     pub async fn active_build(&self, projection: &str) -> Result<Option<Build>> {
         Ok(self
             .builds(Some(projection))
