@@ -165,6 +165,11 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
     let paused = reproject(&db, &kafka, &["pause", "order_summary"]);
     assert!(paused.status.success(), "{}", text(&paused.stderr));
     append(&kafka.settings, &mut history, 10_000);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut run = Command::new(env!("CARGO_BIN_EXE_reproject"))
         .args([
             "run",
@@ -173,6 +178,8 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
             "--database-url",
             &db,
             "--quiet",
+            "--metrics-addr",
+            &metrics_addr,
         ])
         .spawn()
         .expect("start run");
@@ -207,8 +214,38 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert_eq!(applied(&pool, 1).await, 20_000, "resumed and caught up");
+
+    // What happened is visible to Prometheus.
+    let metrics = scrape(&metrics_addr);
+    for expected in [
+        "reproject_events_applied_total{projection=\"order_summary\",phase=\"follow\"} 10000",
+        "reproject_lag_events{projection=\"order_summary\",partition=\"0\"} 0",
+        "reproject_paused{projection=\"order_summary\"} 0",
+        "reproject_events_read_total{",
+        "reproject_batch_duration_seconds_bucket{",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "{expected} missing from:\n{metrics}"
+        );
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &run.id().to_string()])
         .status();
     let _ = run.wait();
+}
+
+/// GET /metrics over a plain TCP connection.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    stream
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
 }

@@ -58,6 +58,11 @@ pub struct GlobalArgs {
     #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
     pub kafka_property: Vec<String>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics while the command runs (useful with run and
+    /// rebuild), e.g. 127.0.0.1:9464
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// A TOML config file [env: REPROJECT_CONFIG] [default: ./reproject.toml when it exists]
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -124,6 +129,9 @@ pub enum Outcome {
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let global = cli.global;
+    if let Some(addr) = global.metrics_addr {
+        crate::engine::metrics::serve(addr).map_err(anyhow::Error::msg)?;
+    }
     match cli.command {
         Command::Demo(args) => demo::run(&global, args).await,
         Command::DevBroker(args) => dev_broker::run(&global, args).await,

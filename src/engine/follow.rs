@@ -189,12 +189,22 @@ async fn apply_batches<E: Send + Sync + 'static>(
                         log_end: &log_end,
                     })
                     .collect();
+                let started = Instant::now();
                 match writer.apply(&build_batches).await {
                     Ok(rows) => {
+                        super::metrics::batch_duration("follow", started.elapsed().as_secs_f64());
                         rows_written += rows;
+                        for t in targets.iter() {
+                            super::metrics::events_applied(
+                                t.projection.name(),
+                                "follow",
+                                batch.events,
+                            );
+                        }
                         break;
                     }
                     Err(e) if e.is_retriable() && attempt < MAX_RETRIES => {
+                        super::metrics::error("database_retry");
                         attempt += 1;
                         let delay = backoff(attempt);
                         tracing::warn!(message = "batch failed; retrying on a new connection", error = %e, attempt, delay_ms = delay.as_millis() as u64);
@@ -219,6 +229,14 @@ async fn apply_batches<E: Send + Sync + 'static>(
         }
         for (t, next) in targets.iter_mut().zip(nexts) {
             t.positions = next;
+        }
+        if !log_end.is_empty() {
+            for t in targets.iter() {
+                for (p, end) in &log_end {
+                    let at = t.positions.get(p).copied().unwrap_or(0);
+                    super::metrics::lag(t.projection.name(), *p, (end - at).max(0));
+                }
+            }
         }
         let min_lag = targets.iter().map(|t| lag(&t.positions, &log_end)).max();
         if !log_end.is_empty() {
@@ -283,6 +301,9 @@ async fn wait_while_paused<E: Send + Sync + 'static>(
     let mut waited = false;
     loop {
         let paused = engine.catalog.paused(names).await?;
+        for name in names {
+            super::metrics::paused(name, paused.iter().any(|p| p == name));
+        }
         if paused.is_empty() || cancel.is_cancelled() {
             if waited {
                 tracing::info!(message = "resumed", projections = ?names);

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod follow;
+pub mod metrics;
 pub mod progress;
 pub mod reader;
 pub mod rebuild;
@@ -176,6 +177,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
             })?;
         let catalog = Catalog::new(pool);
         catalog.migrate().await?;
+        metrics::max_rate(parts.tuning.max_rate);
         Ok(Engine {
             kafka: parts.kafka,
             topic: parts.topic,

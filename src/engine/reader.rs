@@ -172,6 +172,7 @@ fn read<E: 'static>(
 
     let mut scratch = Changes::default();
     let mut aggregates = config.index_aggregates.then(AggregateIndex::default);
+    let mut batch_start = next.clone();
     let mut batch = Batch {
         changes: vec![Vec::new(); targets.len()],
         ..Batch::default()
@@ -237,6 +238,7 @@ fn read<E: 'static>(
                     last_progress = Instant::now();
                     progressed = false;
                 }
+                super::metrics::error("kafka");
                 if last_error.is_none() {
                     tracing::warn!(message = "Kafka reports an error; retrying", topic, %error);
                 }
@@ -249,14 +251,17 @@ fn read<E: 'static>(
                 let offset = message.offset();
                 let bytes = message.payload().unwrap_or_default();
                 batch.bytes += bytes.len() as u64;
-                let bad = |type_url: Option<&str>, reason: String| BadRecord {
-                    topic: topic.to_string(),
-                    partition,
-                    offset,
-                    type_url: type_url.map(str::to_string),
-                    version: type_url.and_then(message_version),
-                    projections: projections.clone(),
-                    reason,
+                let bad = |type_url: Option<&str>, reason: String| {
+                    super::metrics::error("bad_record");
+                    BadRecord {
+                        topic: topic.to_string(),
+                        partition,
+                        offset,
+                        type_url: type_url.map(str::to_string),
+                        version: type_url.and_then(message_version),
+                        projections: projections.clone(),
+                        reason,
+                    }
                 };
                 let decoded = envelope::decode(bytes, partition, offset)
                     .map_err(|e| bad(None, e.to_string()))?;
@@ -319,6 +324,13 @@ fn read<E: 'static>(
                     }
                 }
             }
+            for (p, n) in &next {
+                let before = batch_start.get(p).copied().unwrap_or(*n);
+                if *n > before {
+                    super::metrics::events_read(topic, *p, (*n - before) as u64);
+                }
+            }
+            batch_start.clone_from(&next);
             batch.next = next.clone();
             batch.done = done;
             if done {

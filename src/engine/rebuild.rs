@@ -104,6 +104,7 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     let mut to_resume = Vec::new();
     for projection in projections {
         let job = prepare_build(engine, projection).await?;
+        super::metrics::build_phase(&job.build.projection, job.build.build_id, job.build.phase);
         report.builds.push(job.build.build_id);
         if job.build.phase == Phase::Loading {
             to_replay.push(job);
@@ -118,8 +119,14 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     jobs.extend(to_resume);
     for job in &mut jobs {
         if job.build.phase == Phase::Indexing {
+            super::metrics::build_phase(&job.build.projection, job.build.build_id, Phase::Indexing);
             let started = Instant::now();
             build_indexes(engine, job).await?;
+            super::metrics::build_phase(
+                &job.build.projection,
+                job.build.build_id,
+                Phase::CatchingUp,
+            );
             report.index_seconds += started.elapsed().as_secs_f64();
         }
     }
@@ -164,6 +171,10 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
             .await?;
             tracing::info!(message = "swapped", projection = %swapped.projection, build_id = swapped.build_id,
                 retired = ?swapped.retired_build_id, attempts = swapped.attempts, commit_ms = swapped.commit_ms);
+            super::metrics::build_phase(&job.build.projection, job.build.build_id, Phase::Active);
+            if let Some(retired) = swapped.retired_build_id {
+                super::metrics::build_phase(&job.build.projection, retired, Phase::Retired);
+            }
             report.swaps.push(swapped);
         } else {
             engine
@@ -519,6 +530,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             .context(|| format!("committing the bulk load of {}", job.build.schema_name))?;
         job.build.phase = Phase::Indexing;
         report.rows_loaded += rows;
+        super::metrics::rows_written(job.projection.name(), "bulk_load", rows);
+        super::metrics::events_applied(job.projection.name(), "replay", events);
         tracing::info!(
             message = "loaded",
             projection = job.projection.name(),
