@@ -72,16 +72,6 @@ pub async fn run(global: &GlobalArgs, args: RollbackArgs) -> anyhow::Result<Outc
         &shutdown_token(),
     )
     .await?;
-    println!(
-        "{} rolled back: it now reads build {} again{} ({} attempt(s), {:.1} ms to commit)",
-        report.projection,
-        report.build_id,
-        report
-            .retired_build_id
-            .map(|r| format!("; build {r} retired"))
-            .unwrap_or_default(),
-        report.attempts,
-        report.commit_ms
-    );
+    super::swap::print_swapped(&report, "rolled back: it now reads build", " again");
     Ok(Outcome::Success)
 }

@@ -46,8 +46,14 @@ pub async fn run(global: &GlobalArgs, args: SwapArgs) -> anyhow::Result<Outcome>
         &shutdown_token(),
     )
     .await?;
+    print_swapped(&report, "now reads build", "");
+    Ok(Outcome::Success)
+}
+
+/// `order_summary now reads build 4; build 1 retired (1 attempt(s), 4.2 ms to commit)`.
+pub(super) fn print_swapped(report: &crate::swap::SwapReport, what: &str, after: &str) {
     println!(
-        "{} now reads build {}{} ({} attempt(s), {:.1} ms to commit)",
+        "{} {what} {}{after}{} ({} attempt(s), {:.1} ms to commit)",
         report.projection,
         report.build_id,
         report
@@ -57,5 +63,4 @@ pub async fn run(global: &GlobalArgs, args: SwapArgs) -> anyhow::Result<Outcome>
         report.attempts,
         report.commit_ms
     );
-    Ok(Outcome::Success)
 }

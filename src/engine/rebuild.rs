@@ -196,6 +196,28 @@ pub async fn catch_up_and_swap<E: Send + Sync + 'static>(
     swap_options: &SwapOptions,
     cancel: &CancellationToken,
 ) -> Result<SwapReport> {
+    catch_up(
+        engine,
+        build,
+        projection,
+        engine.tuning.lag_threshold,
+        cancel,
+    )
+    .await?;
+    if cancel.is_cancelled() {
+        return Err(EngineError::Interrupted);
+    }
+    swap_when_caught_up(engine, build, projection, swap_options, cancel).await
+}
+
+/// Follow one build from its stored positions until its lag is at most `lag_below`.
+async fn catch_up<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    build: &Build,
+    projection: &DynProjection<E>,
+    lag_below: i64,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let positions = engine.catalog.positions(build.build_id).await?;
     let target = FollowTarget {
         build: build.clone(),
@@ -205,17 +227,12 @@ pub async fn catch_up_and_swap<E: Send + Sync + 'static>(
     follow::follow(
         engine,
         vec![target],
-        Until::CaughtUp {
-            lag_below: engine.tuning.lag_threshold,
-        },
+        Until::CaughtUp { lag_below },
         cancel,
         "catching up",
     )
     .await?;
-    if cancel.is_cancelled() {
-        return Err(EngineError::Interrupted);
-    }
-    swap_when_caught_up(engine, build, projection, swap_options, cancel).await
+    Ok(())
 }
 
 /// Swap, catching up again first whenever the live build has moved past the new one (a `run`
@@ -243,20 +260,7 @@ async fn swap_when_caught_up<E: Send + Sync + 'static>(
                     message = "the live build moved ahead; catching up again before the swap",
                     projection = projection.name()
                 );
-                let positions = engine.catalog.positions(build.build_id).await?;
-                let target = FollowTarget {
-                    build: build.clone(),
-                    projection: projection.clone(),
-                    positions,
-                };
-                follow::follow(
-                    engine,
-                    vec![target],
-                    Until::CaughtUp { lag_below: 0 },
-                    cancel,
-                    "catching up",
-                )
-                .await?;
+                catch_up(engine, build, projection, 0, cancel).await?;
             }
             result => return Ok(result?),
         }
