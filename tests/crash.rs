@@ -36,7 +36,8 @@ fn spawn_rebuild(db: &str, brokers: &str, extra: &[&str]) -> Child {
 async fn wait_for(pool: &PgPool, child: &mut Child, sql: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
+        if let Ok(Some(status)) = child.try_wait() {
+            eprintln!("the rebuild exited before the condition held: {status}");
             return false;
         }
         let hit: Option<bool> = sqlx::query_scalar(sql)
@@ -124,6 +125,20 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
     append(&kafka.settings, &mut history, 50_000);
     let producer = append_in_background(&kafka.settings, history, 40_000, 8_000);
     let pool = pool(&db).await;
+    // The producer must be running before the rebuild starts: if its first records came after the
+    // rebuild's first look at the log end, the rebuild could catch up and finish before any arrived.
+    let consumer = kafka.settings.consumer("crash-test").expect("consumer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let bounds = kafka
+            .settings
+            .bounds(&consumer, TOPIC, &[0, 1, 2, 3])
+            .expect("log bounds");
+        if bounds.end.values().sum::<i64>() >= 52_000 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // A rate cap keeps the catch-up going for seconds, so the kill lands in the middle of it.
     let mut child = spawn_rebuild(
