@@ -2,7 +2,7 @@
 //!
 //! The retired build's tables are where the swap left them, with their positions; it is caught up
 //! from there with this binary's projection code, so that code must be the retired build's version
-//! (roll back with the binary you rolled forward from).
+//! (roll back with the binary you rolled forward from; `catch_up_and_swap` checks it).
 
 use clap::Args;
 
@@ -53,17 +53,6 @@ pub async fn run(global: &GlobalArgs, args: RollbackArgs) -> anyhow::Result<Outc
             )
         })?,
     };
-    if build.version != projection.version() {
-        anyhow::bail!(
-            "{}: retired build {} is version {}, but this binary's code is version {}; catching it up needs \
-             version {}'s code: run rollback with the binary that has it",
-            args.projection,
-            build.build_id,
-            build.version,
-            projection.version(),
-            build.version
-        );
-    }
     let report = catch_up_and_swap(
         &engine,
         &build,

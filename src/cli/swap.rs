@@ -28,15 +28,6 @@ pub async fn run(global: &GlobalArgs, args: SwapArgs) -> anyhow::Result<Outcome>
     else {
         anyhow::bail!("{} has no caught-up build waiting to be swapped in; run `reproject rebuild {} --no-swap` first", args.projection, args.projection);
     };
-    if build.version != projection.version() {
-        anyhow::bail!(
-            "{}: the waiting build {} is version {}, but this binary's code is version {}",
-            args.projection,
-            build.build_id,
-            build.version,
-            projection.version()
-        );
-    }
     // Catch up first: the build may have waited a while.
     let report = catch_up_and_swap(
         &engine,

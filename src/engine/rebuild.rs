@@ -196,6 +196,20 @@ pub async fn catch_up_and_swap<E: Send + Sync + 'static>(
     swap_options: &SwapOptions,
     cancel: &CancellationToken,
 ) -> Result<SwapReport> {
+    // Catching up runs this binary's projection code: it must be the code the build was made with.
+    if build.version != projection.version() {
+        return Err(EngineError::Projection {
+            projection: projection.name().to_string(),
+            reason: format!(
+                "build {} is version {}, but this binary's code is version {}; catching it up needs \
+                 version {}'s code: run this with the binary that has it",
+                build.build_id,
+                build.version,
+                projection.version(),
+                build.version
+            ),
+        });
+    }
     catch_up(
         engine,
         build,
