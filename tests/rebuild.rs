@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
-use reproject::engine::rebuild::rebuild;
+use reproject::engine::rebuild::{rebuild, RebuildOptions};
 use reproject::engine::EngineError;
 use tokio_util::sync::CancellationToken;
 
@@ -220,4 +220,73 @@ async fn an_event_of_unknown_type_stops_the_rebuild_naming_where_it_is_and_who_r
             .await
             .expect("count");
     assert_eq!(active, 0, "nothing went live");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fold_over_its_memory_budget_spills_to_postgres_and_gives_the_same_tables() {
+    let db = fresh_database("spill").await;
+    let kafka = Kafka::start(4);
+    let mut history = history(60_000, 13);
+    append(&kafka.settings, &mut history, 60_000);
+    let expected = history.expected();
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    let pool = engine.catalog.pool().clone();
+
+    let in_memory = rebuild_all(&engine).await.expect("rebuild in memory");
+    assert_eq!(in_memory.spills, 0);
+    let full_fold = in_memory.peak_fold_bytes as usize;
+    assert!(full_fold > 1_000_000, "the fold held {full_fold} bytes");
+
+    let budget = full_fold / 10;
+    let options = RebuildOptions {
+        memory_budget: Some(budget),
+        ..rebuild_options()
+    };
+    let spilled = rebuild(
+        &engine,
+        &all_projections(),
+        &options,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild within a tenth of the memory");
+
+    // Each of the three builds flushed several times, and the fold never held much more than the
+    // budget (it is checked between batches of at most 20,000 events).
+    assert!(spilled.spills >= 3 * 3, "only {} spills", spilled.spills);
+    assert!(
+        (spilled.peak_fold_bytes as usize) < full_fold / 3,
+        "the fold peaked at {} bytes with a budget of {budget} (unbounded: {full_fold})",
+        spilled.peak_fold_bytes
+    );
+    assert_eq!(spilled.events_replayed, 60_000);
+    assert_eq!(spilled.rows_loaded, in_memory.rows_loaded);
+
+    let tables = [
+        ("order_summary", "order_id"),
+        ("customer_stats", "customer_id"),
+        ("daily_sales", "day, currency"),
+    ];
+    for ((table, key), (a, b)) in tables
+        .iter()
+        .zip(in_memory.builds.iter().zip(&spilled.builds))
+    {
+        let (sa, sb) = (schema_of(&pool, *a).await, schema_of(&pool, *b).await);
+        assert_eq!(
+            checksum(&pool, &sa, table, key).await,
+            checksum(&pool, &sb, table, key).await,
+            "{table}: the spilled build {b} differs from the in-memory build {a}"
+        );
+        // The spill's own key index is gone; indexes.sql's primary key took its place.
+        let spill_indexes: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND indexname LIKE 'rp_spill_%'",
+        )
+        .bind(&sb)
+        .fetch_one(&pool)
+        .await
+        .expect("indexes");
+        assert_eq!(spill_indexes, 0, "{sb} kept its spill index");
+    }
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    assert_eq!(differences(&expected, &actual), Vec::<String>::new());
 }

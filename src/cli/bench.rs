@@ -51,6 +51,8 @@ pub struct BenchArgs {
     /// Also write the figures as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub memory: super::rebuild::MemoryArgs,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -133,6 +135,7 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
             ..SwapOptions::default()
         },
         quiet: true,
+        memory_budget: args.memory.memory_budget,
     };
     let cancel = super::shutdown_token();
     let started = Instant::now();

@@ -158,6 +158,7 @@ fn rebuild_options(settings: &Settings) -> RebuildOptions {
             ..SwapOptions::default()
         },
         quiet: settings.quiet,
+        memory_budget: None,
     }
 }
 

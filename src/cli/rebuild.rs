@@ -30,8 +30,16 @@ impl SwapArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct MemoryArgs {
+    /// Memory the replay's fold may hold (for example 512MiB, 2GB); beyond it, folded rows are
+    /// flushed to the new tables and later events merged there. Default: fold all in memory
+    #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size)]
+    pub memory_budget: Option<usize>,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct TuningArgs {
-    /// Events per transaction while catching up and following
+    /// Events per batch: per transaction while catching up and following, per fold step while replaying
     #[arg(long, default_value_t = 20_000)]
     pub batch_events: usize,
     /// Swap once the new build lags the log end by at most this many events
@@ -71,6 +79,8 @@ pub struct RebuildArgs {
     #[arg(long)]
     pub no_swap: bool,
     #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
     pub swap: SwapArgs,
     #[command(flatten)]
     pub tuning: TuningArgs,
@@ -93,6 +103,7 @@ pub async fn run(global: &GlobalArgs, args: RebuildArgs) -> anyhow::Result<Outco
         swap: !args.no_swap,
         swap_options: args.swap.options(&settings),
         quiet: settings.quiet,
+        memory_budget: args.memory.memory_budget,
     };
     let report = rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?;
     print_report(&report);
@@ -132,6 +143,13 @@ pub fn print_report(report: &RebuildReport) {
         println!(
             "  aggregate index: {} aggregates recorded in {:.2}s (for `reproject replay`)",
             report.aggregates_indexed, report.aggregate_index_seconds
+        );
+    }
+    if report.spills > 0 {
+        println!(
+            "  memory budget: the fold peaked at {:.0} MB and was flushed to PostgreSQL {} time(s)",
+            report.peak_fold_bytes as f64 / 1e6,
+            report.spills
         );
     }
     if report.history_truncated {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::rebuild::{SwapArgs, TuningArgs};
+use super::rebuild::{MemoryArgs, SwapArgs, TuningArgs};
 use super::{shutdown_token, GlobalArgs, Outcome, Settings};
 use crate::engine::rebuild::RebuildOptions;
 use crate::engine::run::{self, RunOptions};
@@ -21,6 +21,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub allow_truncated_history: bool,
     #[command(flatten)]
+    pub memory: MemoryArgs,
+    #[command(flatten)]
     pub swap: SwapArgs,
     #[command(flatten)]
     pub tuning: TuningArgs,
@@ -36,6 +38,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<Outcome> 
             swap: true,
             swap_options: args.swap.options(&settings),
             quiet: true,
+            memory_budget: args.memory.memory_budget,
         },
         exit_when_caught_up: args.exit_when_caught_up,
     };

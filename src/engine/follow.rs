@@ -100,6 +100,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
         log_end_every: Some(Duration::from_millis(500)),
         stall_timeout: engine.tuning.stall_timeout,
         index_aggregates: false,
+        aggregate_index_max_bytes: None,
     };
     let (mut batches, reader) = reader::spawn(
         engine.kafka.clone(),

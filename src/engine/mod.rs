@@ -111,7 +111,8 @@ impl SchemaSource {
 /// Knobs of the engine that every command shares.
 #[derive(Clone, Debug)]
 pub struct Tuning {
-    /// Events per transactional batch when catching up or following.
+    /// Events per batch: per transaction when catching up or following; per fold step (and so the
+    /// most the fold may overshoot its memory budget by) when replaying.
     pub batch_events: usize,
     /// Stop catching up and swap once the lag to the log end is at most this many events.
     pub lag_threshold: i64,

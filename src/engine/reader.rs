@@ -86,6 +86,10 @@ pub struct ReaderConfig {
     pub stall_timeout: Duration,
     /// Record where each aggregate's events lie (for `replay`), handed over with the last batch.
     pub index_aggregates: bool,
+    /// Give up the aggregate index (with a warning) once it holds more than this many bytes: under
+    /// a memory budget it must not grow with the number of aggregates. `replay` then falls back to
+    /// the partitioner.
+    pub aggregate_index_max_bytes: Option<usize>,
 }
 
 /// What one batch did to each target, and where the reader stands after it.
@@ -267,6 +271,18 @@ fn read<E: 'static>(
                     .map_err(|e| bad(None, e.to_string()))?;
                 if let Some(index) = aggregates.as_mut() {
                     index.record(&decoded.meta.aggregate_id, partition, offset);
+                    if config
+                        .aggregate_index_max_bytes
+                        .is_some_and(|max| index.approx_bytes() > max)
+                    {
+                        tracing::warn!(
+                            message = "not recording the aggregate index: it outgrew its share of the memory budget; `replay` will find aggregates through the partitioner",
+                            topic = %topic,
+                            aggregates = index.len(),
+                            bytes = index.approx_bytes()
+                        );
+                        aggregates = None;
+                    }
                 }
                 let payload = registry
                     .upcast(&decoded.type_url, &decoded.payload)

@@ -26,6 +26,7 @@ use crate::projection::{DynProjection, RowStore};
 use crate::sink::aggregate_index::{self, AggregateIndex};
 use crate::sink::catalog::{self, Phase, Positions};
 use crate::sink::lock::{AdvisoryLock, LockKind};
+use crate::sink::spill::SpillState;
 use crate::sink::writer::{self, BuildTables};
 use crate::sink::{Build, Context};
 use crate::swap::{self, SwapOptions, SwapReport};
@@ -38,6 +39,9 @@ pub struct RebuildOptions {
     pub swap_options: SwapOptions,
     /// No progress bar (tests, benchmarks).
     pub quiet: bool,
+    /// Bytes the replay's fold may hold; beyond it, folded rows are flushed to the build's tables
+    /// and later changes merged there (see `sink::spill`). None: fold everything in memory.
+    pub memory_budget: Option<usize>,
 }
 
 /// What a rebuild did, per phase, for the report and the benchmarks.
@@ -58,6 +62,10 @@ pub struct RebuildReport {
     pub aggregate_index_seconds: f64,
     pub swaps: Vec<SwapReport>,
     pub history_truncated: bool,
+    /// Times the fold was flushed to PostgreSQL because it outgrew the memory budget (all builds).
+    pub spills: u64,
+    /// The largest the fold grew (rows and remembered keys of spilled builds), in bytes.
+    pub peak_fold_bytes: u64,
 }
 
 struct Job<E> {
@@ -435,11 +443,13 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let config = ReaderConfig {
         topic: engine.topic.clone(),
         stop_at: Some(bounds.end.clone()),
-        max_batch_events: 20_000,
+        // The fold checks its memory budget between batches: a batch is what it may overshoot by.
+        max_batch_events: engine.tuning.batch_events,
         max_batch_wait: Duration::from_millis(100),
         log_end_every: None,
         stall_timeout: engine.tuning.stall_timeout,
         index_aggregates: true,
+        aggregate_index_max_bytes: options.memory_budget.map(|b| b / 4),
     };
     let (mut batches, reader) = reader::spawn(
         engine.kafka.clone(),
@@ -457,20 +467,64 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     // it is set, and the bounded channel then holds the reader too.
     let paused = Arc::new(AtomicBool::new(false));
     let fold_paused = paused.clone();
-    type Folded = (Vec<RowStore>, Positions, u64, Option<AggregateIndex>);
+    type Folded = (
+        Vec<RowStore>,
+        Option<(sqlx::PgConnection, Vec<SpillState>)>,
+        Positions,
+        u64,
+        Option<AggregateIndex>,
+        usize,
+    );
+    let spill_to: Vec<(i64, String)> = jobs
+        .iter()
+        .map(|j| (j.build.build_id, j.build.schema_name.clone()))
+        .collect();
+    let budget = options.memory_budget;
+    let database_url = engine.database_url.clone();
+    let runtime = tokio::runtime::Handle::current();
     let fold = tokio::task::spawn_blocking(move || -> Result<Folded> {
         let mut stores: Vec<RowStore> = specs
             .iter()
             .map(|p| RowStore::new(p.tables().len()))
             .collect();
+        // With a budget, a connection of the fold's own to flush to and read back from.
+        let mut spill = match budget {
+            Some(_) => Some((
+                runtime
+                    .block_on(sqlx::PgConnection::connect(&database_url))
+                    .context(|| "connecting the replay's spill writer".into())?,
+                specs
+                    .iter()
+                    .map(|p| SpillState::new(p.tables().len()))
+                    .collect::<Vec<_>>(),
+            )),
+            None => None,
+        };
+        let build_tables = |i: usize| BuildTables {
+            build_id: spill_to[i].0,
+            projection: specs[i].name(),
+            version: specs[i].version(),
+            schema: &spill_to[i].1,
+            specs: specs[i].tables(),
+        };
         let mut positions = start_positions;
         let mut events = 0;
+        let mut peak_bytes = 0;
         while let Some(batch) = batches.blocking_recv() {
             let batch = batch?;
             while fold_paused.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            for ((store, projection), changes) in stores.iter_mut().zip(&specs).zip(batch.changes) {
+            for (i, changes) in batch.changes.into_iter().enumerate() {
+                let (store, projection) = (&mut stores[i], &specs[i]);
+                if let Some((conn, states)) = spill.as_mut() {
+                    runtime.block_on(states[i].read_back(
+                        conn,
+                        build_tables(i),
+                        store,
+                        &changes,
+                    ))?;
+                }
                 for change in changes {
                     store.apply(projection.tables(), change).map_err(|e| {
                         EngineError::Projection {
@@ -483,8 +537,47 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             events += batch.events;
             counter.store(events, Ordering::Relaxed);
             positions.extend(batch.next);
+            let held = stores.iter().map(RowStore::approx_bytes).sum::<usize>()
+                + spill.as_ref().map_or(0, |(_, states)| {
+                    states.iter().map(SpillState::approx_bytes).sum()
+                });
+            peak_bytes = peak_bytes.max(held);
             if batch.done {
-                return Ok((stores, positions, events, batch.aggregates));
+                return Ok((
+                    stores,
+                    spill,
+                    positions,
+                    events,
+                    batch.aggregates,
+                    peak_bytes,
+                ));
+            }
+            if let (Some(budget), Some((conn, states))) = (budget, spill.as_mut()) {
+                if held > budget {
+                    for (i, store) in stores.iter_mut().enumerate() {
+                        let started = Instant::now();
+                        runtime.block_on(async {
+                            let mut tx =
+                                conn.begin().await.context(|| "starting a spill".into())?;
+                            let rows = states[i].flush(&mut tx, build_tables(i), store).await?;
+                            tx.commit()
+                                .await
+                                .context(|| format!("committing a spill to {}", spill_to[i].1))?;
+                            tracing::info!(
+                                message =
+                                    "fold over its memory budget: flushed to the build's tables",
+                                projection = specs[i].name(),
+                                build_id = spill_to[i].0,
+                                rows,
+                                fold_bytes = held,
+                                budget,
+                                seconds = started.elapsed().as_secs_f64()
+                            );
+                            Ok::<_, EngineError>(())
+                        })?;
+                        *store = RowStore::new(specs[i].tables().len());
+                    }
+                }
             }
         }
         Err(EngineError::Interrupted)
@@ -492,7 +585,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let mut progress = Progress::new("replaying", Some(total.max(0) as u64), options.quiet);
     let writer_name = holder_name("rebuild");
     tokio::pin!(fold);
-    let (stores, positions, events, aggregates) = loop {
+    let (stores, spill, positions, events, aggregates, peak_bytes) = loop {
         tokio::select! {
             result = &mut fold => break result.map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("fold task failed: {e}") })??,
             _ = cancel.cancelled() => {
@@ -518,6 +611,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     progress.finish();
     let _ = tokio::task::spawn_blocking(move || reader.join()).await;
     report.events_replayed = events;
+    report.peak_fold_bytes = peak_bytes as u64;
     report.replay_seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         message = "replayed history",
@@ -528,12 +622,26 @@ async fn replay_and_load<E: Send + Sync + 'static>(
 
     // Bulk load each build with its positions, in one transaction per build.
     let started = Instant::now();
-    for (job, store) in jobs.iter_mut().zip(&stores) {
-        let mut tx = conn
+    // A build that spilled finishes on the spill's connection, which holds its staging tables.
+    let (mut spill_conn, mut spill_states) = match spill {
+        Some((conn, states)) => (Some(conn), states),
+        None => (None, Vec::new()),
+    };
+    for (i, (job, store)) in jobs.iter_mut().zip(&stores).enumerate() {
+        let mut tx = spill_conn
+            .as_mut()
+            .unwrap_or(&mut conn)
             .begin()
             .await
             .context(|| "starting the bulk load".into())?;
-        let rows = writer::bulk_load(&mut tx, tables(job), store).await?;
+        let rows = match spill_states.get_mut(i) {
+            Some(state) if state.spills > 0 => {
+                state.flush(&mut tx, tables(job), store).await?;
+                report.spills += u64::from(state.spills);
+                SpillState::row_count(&mut tx, tables(job)).await?
+            }
+            _ => writer::bulk_load(&mut tx, tables(job), store).await?,
+        };
         catalog::insert_positions(&mut tx, job.build.build_id, &positions, &bounds.end).await?;
         sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3 WHERE build_id = $1")
             .bind(job.build.build_id)

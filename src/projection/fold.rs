@@ -51,7 +51,7 @@ impl TableRows {
         self.rows.keys()
     }
 
-    pub fn contains_key(&self, key: &Key) -> bool {
+    pub fn contains_key(&self, key: &[Value]) -> bool {
         self.rows.contains_key(key)
     }
 

@@ -28,6 +28,8 @@ pub struct Span {
 #[derive(Default, Debug)]
 pub struct AggregateIndex {
     partitions: BTreeMap<i32, FxHashMap<Box<str>, (i64, i64)>>,
+    /// Rough heap bytes held, for the memory budget.
+    approx_bytes: usize,
 }
 
 impl AggregateIndex {
@@ -38,9 +40,15 @@ impl AggregateIndex {
         match map.get_mut(aggregate_id) {
             Some(span) => span.1 = offset,
             None => {
+                // The id's allocation, its boxed pointer and span, and the map's slot overhead.
+                self.approx_bytes += aggregate_id.len() + 48;
                 map.insert(aggregate_id.into(), (offset, offset));
             }
         }
+    }
+
+    pub fn approx_bytes(&self) -> usize {
+        self.approx_bytes
     }
 
     pub fn len(&self) -> usize {

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod copy;
 pub mod database;
 pub mod lock;
+pub mod spill;
 pub mod writer;
 
 pub use catalog::{Build, Catalog, Phase};

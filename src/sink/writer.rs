@@ -215,6 +215,16 @@ pub async fn build_indexes(
     .execute(&mut *tx)
     .await
     .context(|| "setting the search path".into())?;
+    // A load that spilled indexed the keys for its upserts; indexes.sql declares the real ones.
+    for spec in build.specs {
+        sqlx::query(&format!(
+            "DROP INDEX IF EXISTS {}",
+            qualified(build.schema, &super::spill::spill_index_name(spec.name))
+        ))
+        .execute(&mut *tx)
+        .await
+        .context(|| format!("dropping the spill index of {}", spec.name))?;
+    }
     sqlx::raw_sql(&sql.indexes)
         .execute(&mut *tx)
         .await
@@ -326,13 +336,13 @@ impl BatchWriter {
     }
 }
 
-struct StagingNames {
-    keys: String,
-    rows: String,
+pub(super) struct StagingNames {
+    pub(super) keys: String,
+    pub(super) rows: String,
 }
 
 impl StagingNames {
-    fn new(build_id: i64, table: usize) -> StagingNames {
+    pub(super) fn new(build_id: i64, table: usize) -> StagingNames {
         StagingNames {
             keys: format!("rp_keys_{build_id}_{table}"),
             rows: format!("rp_rows_{build_id}_{table}"),
@@ -342,7 +352,7 @@ impl StagingNames {
 
 /// Session temp tables that empty themselves at every commit: the keys a batch touches, and the rows
 /// it writes back.
-async fn create_staging(
+pub(super) async fn create_staging(
     conn: &mut PgConnection,
     schema: &str,
     spec: &TableSpec,
@@ -470,7 +480,7 @@ pub async fn create_key_table(
     Ok(())
 }
 
-async fn write_back(
+pub(super) async fn write_back(
     conn: &mut PgConnection,
     schema: &str,
     spec: &TableSpec,

@@ -138,6 +138,7 @@ pub fn rebuild_options() -> RebuildOptions {
         swap: true,
         swap_options: SwapOptions::default(),
         quiet: true,
+        memory_budget: None,
     }
 }
 

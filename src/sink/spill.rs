@@ -1,0 +1,214 @@
+//! Spilling a rebuild's fold to its tables when the fold outgrows the memory budget.
+//!
+//! Without a budget the replay folds the whole history in memory and bulk-loads it once. With one,
+//! the fold is flushed into the build's (still unpublished) tables whenever it grows past the budget,
+//! and forgotten. A later change to a row that was flushed first reads that row back, for all such
+//! keys of a batch in one query, so the fold again starts from the whole truth; the next flush
+//! upserts. Flushed keys are remembered as 64-bit hashes (about 16 bytes each, counted against the
+//! budget), so a key that was never flushed costs no lookup; a hash collision only costs a lookup
+//! that finds nothing.
+//!
+//! The flushes commit as they go: a build in the `loading` phase is started over from scratch after a
+//! crash anyway, and nothing reads its tables until its load, positions included, has committed.
+
+use std::hash::{Hash, Hasher};
+
+use rustc_hash::{FxHashSet, FxHasher};
+use sqlx::{Connection, PgConnection};
+
+use super::writer::{self, BuildTables, StagingNames};
+use super::{qualified, quote_ident, Context, Result};
+use crate::projection::{Change, RowStore, Value};
+
+/// What one build's fold has flushed so far.
+#[derive(Debug, Default)]
+pub struct SpillState {
+    /// Per table, the hashes of the keys flushed.
+    flushed: Vec<FxHashSet<u64>>,
+    /// Flushes done; after the first the tables carry a unique index on their keys for upserts.
+    pub spills: u32,
+    /// Staging tables this state's connection has created.
+    staging_ready: bool,
+}
+
+fn key_hash(key: &[Value]) -> u64 {
+    let mut hasher = FxHasher::default();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The index a spilled build's table carries during the load, so that later flushes can upsert and
+/// read rows back by key. `indexes.sql` adds the real keys afterwards; this one is dropped first.
+pub fn spill_index_name(table: &str) -> String {
+    format!("rp_spill_{table}")
+}
+
+impl SpillState {
+    pub fn new(tables: usize) -> SpillState {
+        SpillState {
+            flushed: (0..tables).map(|_| FxHashSet::default()).collect(),
+            spills: 0,
+            staging_ready: false,
+        }
+    }
+
+    /// Bytes the remembered key hashes take (a hash set slot is the hash plus a control byte, at
+    /// most 7/8 full).
+    pub fn approx_bytes(&self) -> usize {
+        self.flushed.iter().map(|s| s.capacity() * 9).sum()
+    }
+
+    async fn ensure_staging(
+        &mut self,
+        conn: &mut PgConnection,
+        tables: BuildTables<'_>,
+    ) -> Result<()> {
+        if !self.staging_ready {
+            for (index, spec) in tables.specs.iter().enumerate() {
+                writer::create_staging(
+                    conn,
+                    tables.schema,
+                    spec,
+                    &StagingNames::new(tables.build_id, index),
+                )
+                .await?;
+            }
+            self.staging_ready = true;
+        }
+        Ok(())
+    }
+
+    /// Before a batch's changes are folded: read back every row they touch that was flushed and is
+    /// not in the fold, so the fold continues from it.
+    pub async fn read_back(
+        &mut self,
+        conn: &mut PgConnection,
+        tables: BuildTables<'_>,
+        store: &mut RowStore,
+        changes: &[Change],
+    ) -> Result<()> {
+        if self.spills == 0 {
+            return Ok(());
+        }
+        let mut wanted: Vec<Vec<Vec<Value>>> = vec![Vec::new(); tables.specs.len()];
+        let mut seen: Vec<FxHashSet<&[Value]>> = vec![FxHashSet::default(); tables.specs.len()];
+        for change in changes {
+            let index = change.table();
+            let Some(spec) = tables.specs.get(index) else {
+                continue;
+            };
+            let key = change.key(spec.key_len);
+            if self.flushed[index].contains(&key_hash(key))
+                && !store.table(index).contains_key(key)
+                && seen[index].insert(key)
+            {
+                wanted[index].push(key.to_vec());
+            }
+        }
+        if wanted.iter().all(Vec::is_empty) {
+            return Ok(());
+        }
+        let mut tx = conn
+            .begin()
+            .await
+            .context(|| format!("starting to read back spilled rows of {}", tables.schema))?;
+        self.ensure_staging(&mut tx, tables).await?;
+        for (index, keys) in wanted.into_iter().enumerate() {
+            if keys.is_empty() {
+                continue;
+            }
+            let spec = &tables.specs[index];
+            let names = StagingNames::new(tables.build_id, index);
+            let target = qualified(tables.schema, spec.name);
+            let rows = writer::rows_by_key(&mut tx, &target, &names.keys, spec, &keys).await?;
+            let table = store.table_mut(index);
+            for key in keys {
+                table.seed(key, None);
+            }
+            for row in rows {
+                table.seed(row[..spec.key_len].to_vec(), Some(row));
+            }
+        }
+        tx.commit()
+            .await
+            .context(|| format!("finishing the read-back from {}", tables.schema))
+    }
+
+    /// Write the fold's rows to the build's tables, in the caller's transaction, and remember their
+    /// keys. The first flush COPYs into the empty tables and then indexes their keys; later ones
+    /// upsert, and delete rows the fold removed. Returns the rows written.
+    pub async fn flush(
+        &mut self,
+        conn: &mut PgConnection,
+        tables: BuildTables<'_>,
+        store: &RowStore,
+    ) -> Result<u64> {
+        let mut written = 0;
+        if self.spills == 0 {
+            written += writer::bulk_load(conn, tables, store).await?;
+            for spec in tables.specs {
+                let key_columns = spec
+                    .key_columns()
+                    .iter()
+                    .map(|c| quote_ident(c.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let target = qualified(tables.schema, spec.name);
+                sqlx::query(&format!(
+                    "CREATE UNIQUE INDEX {} ON {target} ({key_columns})",
+                    quote_ident(&spill_index_name(spec.name))
+                ))
+                .execute(&mut *conn)
+                .await
+                .context(|| format!("indexing the keys of {target} for later spills"))?;
+            }
+        } else {
+            self.ensure_staging(conn, tables).await?;
+            for (index, spec) in tables.specs.iter().enumerate() {
+                let rows = store.table(index);
+                if rows.is_empty() {
+                    continue;
+                }
+                let names = StagingNames::new(tables.build_id, index);
+                let removed: Vec<&Vec<Value>> = rows
+                    .entries()
+                    .filter(|(_, row)| row.is_none())
+                    .map(|(key, _)| key)
+                    .collect();
+                if !removed.is_empty() {
+                    writer::copy_into(
+                        conn,
+                        &quote_ident(&names.keys),
+                        spec.key_len,
+                        removed.into_iter(),
+                        |k| k.as_slice(),
+                    )
+                    .await?;
+                }
+                written +=
+                    writer::write_back(conn, tables.schema, spec, &names, store, index).await?;
+            }
+        }
+        for (index, flushed) in self.flushed.iter_mut().enumerate() {
+            let rows = store.table(index);
+            flushed.reserve(rows.len());
+            flushed.extend(rows.keys().map(|k| key_hash(k)));
+        }
+        self.spills += 1;
+        Ok(written)
+    }
+
+    /// Rows in the build's tables, once the last flush has committed (upserts do not count them).
+    pub async fn row_count(conn: &mut PgConnection, tables: BuildTables<'_>) -> Result<u64> {
+        let mut rows = 0;
+        for spec in tables.specs {
+            let target = qualified(tables.schema, spec.name);
+            let (count,): (i64,) = sqlx::query_as(&format!("SELECT count(*) FROM {target}"))
+                .fetch_one(&mut *conn)
+                .await
+                .context(|| format!("counting the rows of {target}"))?;
+            rows += count as u64;
+        }
+        Ok(rows)
+    }
+}
