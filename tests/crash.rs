@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
-fn spawn_rebuild(db: &str, brokers: &str, extra: &[&str]) -> Child {
+/// `reproject rebuild` with `what` (`--all`, or projection names) and `extra` flags.
+fn spawn_rebuild(db: &str, brokers: &str, what: &[&str], extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .arg("rebuild")
+        .args(what)
         .args([
-            "rebuild",
-            "--all",
             "--quiet",
             "--brokers",
             brokers,
@@ -76,7 +77,7 @@ async fn a_rebuild_killed_during_the_bulk_load_starts_over_and_finishes_correctl
     append(&kafka.settings, &mut history, 300_000);
     let pool = pool(&db).await;
 
-    let mut child = spawn_rebuild(&db, &kafka.settings.brokers, &[]);
+    let mut child = spawn_rebuild(&db, &kafka.settings.brokers, &["--all"], &[]);
     let replaying = wait_for(
         &pool,
         &mut child,
@@ -144,6 +145,7 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
     let mut child = spawn_rebuild(
         &db,
         &kafka.settings.brokers,
+        &["--all"],
         &[
             "--batch-events",
             "200",
@@ -201,5 +203,84 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
             .await
             .expect("sum");
     assert_eq!(applied, 90_000);
+    assert_no_duplicate_rows(&pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_killed_inside_its_swap_leaves_the_old_view_whole_and_the_next_run_swaps() {
+    let db = fresh_database("kill_during_swap").await;
+    let kafka = Kafka::start(4);
+    let mut history = history(30_000, 29);
+    append(&kafka.settings, &mut history, 30_000);
+    let pool = pool(&db).await;
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    rebuild_all(&engine).await.expect("first rebuild");
+    let view_before: String =
+        sqlx::query_scalar("SELECT pg_get_viewdef('public.order_summary'::regclass)")
+            .fetch_one(&pool)
+            .await
+            .expect("view definition");
+
+    // A reader's open transaction keeps the swap waiting inside its own transaction, where the
+    // kill lands: catalog rows locked, view not yet replaced.
+    let mut long_reader = sqlx::PgConnection::connect(&db).await.expect("connect");
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM public.order_summary;")
+        .execute(&mut long_reader)
+        .await
+        .expect("long read");
+    let mut child = spawn_rebuild(&db, &kafka.settings.brokers, &["order_summary"], &[]);
+    let in_swap = wait_for(
+        &pool,
+        &mut child,
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+          WHERE NOT l.granted AND c.relname = 'order_summary' AND c.relkind = 'v')",
+    )
+    .await;
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert!(in_swap, "the rebuild never waited in its swap");
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut long_reader)
+        .await
+        .expect("end the long read");
+
+    // Not done at all: the view, the catalog and the old build are as they were.
+    let view_after: String =
+        sqlx::query_scalar("SELECT pg_get_viewdef('public.order_summary'::regclass)")
+            .fetch_one(&pool)
+            .await
+            .expect("view definition");
+    assert_eq!(view_before, view_after);
+    let phases: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT build_id, phase FROM reproject.builds WHERE projection = 'order_summary' ORDER BY build_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("phases");
+    assert_eq!(phases[0].1, "active", "{phases:?}");
+    assert_eq!(phases.len(), 2, "{phases:?}");
+    assert_eq!(phases[1].1, "catching_up", "{phases:?}");
+
+    // The same command again: resumes the built tables, swaps, nothing replayed twice.
+    let report = reproject::engine::rebuild::rebuild(
+        &engine,
+        &["order_summary".to_string()],
+        &rebuild_options(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild again");
+    assert_eq!(
+        report.builds,
+        vec![phases[1].0],
+        "the killed build was resumed"
+    );
+    assert_eq!(report.events_replayed, 0);
+    assert_eq!(report.swaps[0].retired_build_id, Some(phases[0].0));
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new()
+    );
     assert_no_duplicate_rows(&pool).await;
 }

@@ -135,3 +135,108 @@ async fn readers_never_see_an_error_an_empty_view_or_fewer_orders_during_rebuild
         Vec::<String>::new()
     );
 }
+
+/// A reader that keeps a transaction open on `order_summary` blocks the swap's exclusive lock. The
+/// swap must not wait behind it for long: other readers queue behind a waiting exclusive lock, so
+/// the swap gives up after its lock timeout, backs off and retries, until the long reader is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_holding_the_view_delays_the_swap_but_never_queues_other_readers_beyond_the_lock_timeout(
+) {
+    let db = fresh_database("swap_lock").await;
+    let kafka = Kafka::start(4);
+    append(&kafka.settings, &mut history(20_000, 21), 20_000);
+    let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
+    rebuild_all(&engine).await.expect("first rebuild");
+    let pool = engine.catalog.pool().clone();
+
+    // The long reader: a transaction that has read the view and stays open.
+    let mut long_reader = sqlx::PgConnection::connect(&db).await.expect("connect");
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM public.order_summary;")
+        .execute(&mut long_reader)
+        .await
+        .expect("long read");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers = tokio::spawn(read_in_a_loop(db.clone(), stop.clone()));
+    let lock_timeout = Duration::from_millis(50);
+    let options = reproject::engine::rebuild::RebuildOptions {
+        swap_options: reproject::swap::SwapOptions {
+            lock_timeout,
+            ..Default::default()
+        },
+        ..rebuild_options()
+    };
+    let finished = AtomicBool::new(false);
+    let rebuild = async {
+        let report = reproject::engine::rebuild::rebuild(
+            &engine,
+            &["order_summary".to_string()],
+            &options,
+            &CancellationToken::new(),
+        )
+        .await;
+        finished.store(true, Ordering::SeqCst);
+        report
+    };
+    let control = async {
+        // Wait until the swap has been seen waiting for the lock, then hold on a while longer.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut waits_seen = 0;
+        while waits_seen < 3 && Instant::now() < deadline {
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+              WHERE NOT l.granted AND c.relname = 'order_summary')",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("pg_locks");
+            if waiting {
+                waits_seen += 1;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            waits_seen >= 3,
+            "the swap was never seen waiting for the lock"
+        );
+        assert!(
+            !finished.load(Ordering::SeqCst),
+            "the swap went through a held lock"
+        );
+        let held_for = Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut long_reader)
+            .await
+            .expect("end the long read");
+        held_for
+    };
+    let (report, held_for) = tokio::join!(rebuild, control);
+    let report = report.expect("rebuild and swap");
+    stop.store(true, Ordering::Relaxed);
+    let log = readers.await.expect("readers");
+    let swap = &report.swaps[0];
+    assert!(
+        swap.attempts >= 3,
+        "the swap took {} attempts",
+        swap.attempts
+    );
+    assert!(log.errors.is_empty(), "reader errors: {:?}", log.errors);
+    // The long reader held the view for well over a second; the others waited at most about one
+    // lock timeout (plus scheduling on a busy 2-core machine), never for the long reader.
+    assert!(held_for.elapsed() >= Duration::from_millis(500));
+    assert!(
+        log.longest < Duration::from_millis(400),
+        "a reader waited {:?} (lock timeout {lock_timeout:?}, {} queries)",
+        log.longest,
+        log.queries
+    );
+    let active: i64 = sqlx::query_scalar(
+        "SELECT build_id FROM reproject.builds WHERE projection = 'order_summary' AND phase = 'active'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("active build");
+    assert_eq!(active, report.builds[0]);
+}

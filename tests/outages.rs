@@ -1,0 +1,165 @@
+//! Outages and contention: the broker going away and coming back mid-rebuild, brokers answering
+//! fetches with errors, and two writers wanting the same projection at once.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use reproject::domain::shop::totals::{actual_totals, differences};
+use reproject::engine::follow::writer_lock_subject;
+use reproject::engine::rebuild::rebuild;
+use reproject::engine::{holder_name, EngineError};
+use reproject::sink::lock::{AdvisoryLock, LockKind};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_waits_out_a_broker_that_goes_away_and_comes_back_and_gives_correct_views() {
+    let db = fresh_database("broker_down").await;
+    let kafka = Kafka::start(4);
+    let mut history = history(80_000, 17);
+    append(&kafka.settings, &mut history, 80_000);
+    let expected = history.expected();
+    let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
+    let pool = engine.catalog.pool().clone();
+
+    // Fetches fail first with errors a broker sends during a leader change, then the broker goes.
+    let cluster = kafka.broker.cluster();
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20],
+    );
+    // The rebuild future is not Send (it holds borrows across awaits): run it beside the outage.
+    let finished = AtomicBool::new(false);
+    let rebuild = async {
+        let report = rebuild_all(&engine).await;
+        finished.store(true, Ordering::SeqCst);
+        report
+    };
+    let outage = async {
+        // Take the broker down once the rebuild has started reading.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let started: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM reproject.builds WHERE phase = 'loading')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(false);
+            if started || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cluster.broker_down(1).expect("broker down");
+        let down_at = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            !finished.load(Ordering::SeqCst),
+            "the rebuild finished while the broker was down"
+        );
+        cluster.broker_up(1).expect("broker up");
+        down_at
+    };
+    let (report, down_at) = tokio::join!(rebuild, outage);
+    let report = report.expect("rebuild after the outage");
+    assert!(down_at.elapsed() >= Duration::from_secs(3));
+    assert_eq!(report.events_replayed, 80_000);
+    assert_eq!(report.swaps.len(), 3);
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    assert_eq!(differences(&expected, &actual), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_of_the_same_projection_refuses_naming_the_first() {
+    let db = fresh_database("two_rebuilds").await;
+    let kafka = Kafka::start(2);
+    append(&kafka.settings, &mut history(2_000, 3), 2_000);
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+
+    // Another process is rebuilding order_summary.
+    let first = AdvisoryLock::try_acquire(
+        &db,
+        LockKind::Rebuild,
+        "order_summary",
+        "reproject rebuild pid=4242 host=elsewhere",
+    )
+    .await
+    .expect("the first rebuild's lock");
+    let err = rebuild(
+        &engine,
+        &["customer_stats".to_string(), "order_summary".to_string()],
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("a second rebuild of order_summary");
+    let message = err.to_string();
+    assert!(
+        message.contains("order_summary") && message.contains("pid=4242 host=elsewhere"),
+        "{message}"
+    );
+    // It refused before doing anything: no build of either projection was started.
+    let builds: i64 = sqlx::query_scalar("SELECT count(*) FROM reproject.builds")
+        .fetch_one(engine.catalog.pool())
+        .await
+        .expect("count");
+    assert_eq!(builds, 0);
+
+    // Once the first is done, the same command goes through.
+    first.release().await;
+    rebuild(
+        &engine,
+        &["order_summary".to_string()],
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("the rebuild, now alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_and_rebuild_never_write_the_same_build_at_once() {
+    let db = fresh_database("one_writer").await;
+    let kafka = Kafka::start(2);
+    let mut history = history(4_000, 5);
+    append(&kafka.settings, &mut history, 3_000);
+    let engine = Arc::new(engine(&db, &kafka.settings, tuning()).await);
+    let report = rebuild_all(&engine).await.expect("rebuild");
+    append(&kafka.settings, &mut history, 1_000);
+
+    // Someone else (a `run`) is writing order_summary's active build.
+    let build = engine
+        .catalog
+        .build(report.builds[0])
+        .await
+        .expect("the build");
+    let held = AdvisoryLock::try_acquire(
+        &db,
+        LockKind::Writer,
+        &writer_lock_subject(&build),
+        &holder_name("run"),
+    )
+    .await;
+    let held = match held {
+        Ok(lock) => lock,
+        Err(e) => panic!("taking the writer lock of build {}: {e}", build.build_id),
+    };
+    let options = reproject::engine::run::RunOptions {
+        backfill: false,
+        rebuild: rebuild_options(),
+        exit_when_caught_up: Some(0),
+    };
+    let err = reproject::engine::run::run(engine.clone(), options, CancellationToken::new())
+        .await
+        .expect_err("a second writer of the same build");
+    assert!(
+        matches!(&err, EngineError::Lock(_)) || err.to_string().contains("already locked"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("reproject run pid="), "{err}");
+    held.release().await;
+}
