@@ -65,3 +65,26 @@ CREATE TABLE IF NOT EXISTS reproject.controls (
     changed_at  timestamptz NOT NULL DEFAULT now(),
     changed_by  text
 );
+
+-- Records a build passed over under the `dead-letter` policy: the raw bytes, where they were, what was
+-- wrong. `reproject dead-letters retry` applies them once the code is fixed and marks them resolved.
+CREATE TABLE IF NOT EXISTS reproject.dead_letters (
+    dead_letter_id  bigserial   PRIMARY KEY,
+    build_id        bigint      NOT NULL REFERENCES reproject.builds ON DELETE CASCADE,
+    projection      text        NOT NULL,
+    topic           text        NOT NULL,
+    partition       integer     NOT NULL,
+    "offset"        bigint      NOT NULL,
+    kind            text        NOT NULL,
+    type_url        text,
+    version         integer,
+    reason          text        NOT NULL,
+    record_key      bytea,
+    record_value    bytea       NOT NULL,
+    event_id        uuid,
+    recorded_at     timestamptz NOT NULL DEFAULT now(),
+    retried_at      timestamptz,
+    retry_error     text,
+    resolved_at     timestamptz,
+    UNIQUE (build_id, topic, partition, "offset")
+);

@@ -70,7 +70,8 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("reproject={default},warn"))
+        // sqlx warns about every statement over a second; a bulk upsert is meant to take that long.
+        tracing_subscriber::EnvFilter::new(format!("reproject={default},sqlx::query=error,warn"))
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)

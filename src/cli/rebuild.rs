@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::{shutdown_token, GlobalArgs, Outcome, Settings};
 use crate::engine::rebuild::{self, RebuildOptions, RebuildReport};
-use crate::engine::Tuning;
+use crate::engine::{BadRecordPolicy, Tuning};
 use crate::swap::SwapOptions;
 
 #[derive(Args, Debug, Clone)]
@@ -51,6 +51,19 @@ pub struct TuningArgs {
     /// Apply at most this many events per second while catching up and following
     #[arg(long, value_name = "EVENTS")]
     pub max_rate: Option<u64>,
+    /// A record that cannot be applied (undecodable, wrong key, no upcaster, an upcaster refusing
+    /// it, an event id seen twice): stop there, or keep it in reproject.dead_letters and go on
+    #[arg(long, value_enum, default_value_t = OnBadRecord::Fail)]
+    pub on_bad_record: OnBadRecord,
+    /// With --on-bad-record dead-letter: stop once a build holds more dead letters than this
+    #[arg(long, default_value_t = 1_000, value_name = "RECORDS")]
+    pub dead_letter_budget: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBadRecord {
+    Fail,
+    DeadLetter,
 }
 
 impl TuningArgs {
@@ -60,6 +73,12 @@ impl TuningArgs {
             lag_threshold: self.lag_threshold.max(0),
             stall_timeout: Duration::from_secs(self.stall_timeout.max(1)),
             max_rate: self.max_rate,
+            bad_records: match self.on_bad_record {
+                OnBadRecord::Fail => BadRecordPolicy::Fail,
+                OnBadRecord::DeadLetter => BadRecordPolicy::DeadLetter {
+                    budget: self.dead_letter_budget,
+                },
+            },
         }
     }
 }
@@ -145,11 +164,18 @@ pub fn print_report(report: &RebuildReport) {
             report.aggregates_indexed, report.aggregate_index_seconds
         );
     }
-    if report.spills > 0 {
+    if report.events_replayed > 0 {
         println!(
-            "  memory budget: the fold peaked at {:.0} MB and was flushed to PostgreSQL {} time(s)",
+            "  the fold peaked at {:.0} MB{}",
             report.peak_fold_bytes as f64 / 1e6,
-            report.spills
+            if report.spills > 0 {
+                format!(
+                    " and was flushed to PostgreSQL {} time(s) to stay within --memory-budget",
+                    report.spills
+                )
+            } else {
+                String::new()
+            }
         );
     }
     if report.history_truncated {

@@ -43,6 +43,8 @@ pub struct FollowOutcome {
     pub events: u64,
     pub rows_written: u64,
     pub lag: Option<i64>,
+    /// Bad records stored in the dead letters.
+    pub dead_letters: u64,
 }
 
 const MAX_RETRIES: u32 = 8;
@@ -57,10 +59,7 @@ pub async fn follow<E: Send + Sync + 'static>(
     let holder = holder_name(label);
     let mut locks = Vec::new();
     for t in &targets {
-        let subject = format!(
-            "build {} ({} v{})",
-            t.build.build_id, t.build.projection, t.build.version
-        );
+        let subject = writer_lock_subject(&t.build);
         locks.push(
             AdvisoryLock::try_acquire(&engine.database_url, LockKind::Writer, &subject, &holder)
                 .await?,
@@ -75,6 +74,15 @@ pub async fn follow<E: Send + Sync + 'static>(
         lock.release().await;
     }
     result
+}
+
+/// What the writer lock of a build is taken on: whoever writes a build's tables (`run`, a rebuild's
+/// catch-up, `swap`, `rollback`) holds it, so two processes never write one build at once.
+pub fn writer_lock_subject(build: &crate::sink::Build) -> String {
+    format!(
+        "build {} ({} v{})",
+        build.build_id, build.projection, build.version
+    )
 }
 
 async fn follow_locked<E: Send + Sync + 'static>(
@@ -101,6 +109,11 @@ async fn follow_locked<E: Send + Sync + 'static>(
         stall_timeout: engine.tuning.stall_timeout,
         index_aggregates: false,
         aggregate_index_max_bytes: None,
+        prefetch_max_bytes: None,
+        dead_letters: matches!(
+            engine.tuning.bad_records,
+            super::BadRecordPolicy::DeadLetter { .. }
+        ),
     };
     let (mut batches, reader) = reader::spawn(
         engine.kafka.clone(),
@@ -131,6 +144,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
     let mut progress = Progress::new(label.to_string(), None, false);
     let mut events = 0u64;
     let mut rows_written = 0u64;
+    let mut dead_letters = 0u64;
     let mut last_lag: Option<i64> = None;
     let mut log_end = Positions::new();
     let mut last_snapshot = Instant::now() - Duration::from_secs(60);
@@ -148,7 +162,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
         let batch = tokio::select! {
             _ = cancel.cancelled() => {
                 progress.finish();
-                return Ok(FollowOutcome { positions: targets.iter().map(|t| t.positions.clone()).collect(), events, rows_written, lag: last_lag });
+                return Ok(FollowOutcome { positions: targets.iter().map(|t| t.positions.clone()).collect(), events, rows_written, lag: last_lag, dead_letters });
             }
             next = batches.recv() => match next {
                 Some(batch) => batch?,
@@ -169,6 +183,31 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 next
             })
             .collect();
+        // Each target's share of the batch's dead letters, within its budget.
+        let mut letters: Vec<Vec<&reader::DeadLetter>> = vec![Vec::new(); targets.len()];
+        for letter in &batch.dead_letters {
+            for &i in &letter.targets {
+                if let Some(list) = letters.get_mut(i) {
+                    list.push(letter);
+                }
+            }
+        }
+        for (t, new) in targets.iter().zip(&letters) {
+            if !new.is_empty() {
+                let held = writer.dead_letter_count(t.build.build_id).await?;
+                reader::check_dead_letter_budget(
+                    engine.tuning.bad_records,
+                    t.projection.name(),
+                    t.build.build_id,
+                    held,
+                    new,
+                )?;
+            }
+        }
+        let stored: Vec<Vec<_>> = letters
+            .iter()
+            .map(|list| list.iter().map(|l| l.stored()).collect())
+            .collect();
         if batch.events > 0 {
             let mut attempt = 0;
             loop {
@@ -176,7 +215,8 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     .iter()
                     .zip(&nexts)
                     .zip(&batch.changes)
-                    .map(|((t, next), changes)| BuildBatch {
+                    .zip(&stored)
+                    .map(|(((t, next), changes), dead_letters)| BuildBatch {
                         tables: BuildTables {
                             build_id: t.build.build_id,
                             projection: t.projection.name(),
@@ -185,6 +225,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                             specs: t.projection.tables(),
                         },
                         changes,
+                        dead_letters,
                         expected: &t.positions,
                         next,
                         log_end: &log_end,
@@ -220,6 +261,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 }
             }
             events += batch.events;
+            dead_letters += stored.iter().map(|l| l.len() as u64).sum::<u64>();
             if let Some(rate) = engine.tuning.max_rate.filter(|r| *r > 0) {
                 // Hold the average at the cap: sleep until this many events are due.
                 let due = Duration::from_secs_f64(events as f64 / rate as f64);
@@ -281,6 +323,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     events,
                     rows_written,
                     lag: last_lag,
+                    dead_letters,
                 });
             }
         }

@@ -48,6 +48,14 @@ pub enum EngineError {
         topic: String,
         looked_in: String,
     },
+    #[error("projection {projection} (build {build_id}): more than {budget} bad records, the dead-letter budget; the last: {last}. \
+             See them with `reproject dead-letters list {projection}`; after fixing the cause, run again (the build resumes) and `reproject dead-letters retry {projection}`")]
+    DeadLetterBudget {
+        projection: String,
+        build_id: i64,
+        budget: u64,
+        last: String,
+    },
     #[error("interrupted; committed work is kept and the next run resumes from it")]
     Interrupted,
     #[error(transparent)]
@@ -120,6 +128,20 @@ pub struct Tuning {
     pub stall_timeout: std::time::Duration,
     /// A hard cap on events applied per second when catching up or following (None: no cap).
     pub max_rate: Option<u64>,
+    /// What to do with a record that cannot be applied.
+    pub bad_records: BadRecordPolicy,
+}
+
+/// What a rebuild or follower does with a bad record (see [`reader::BadKind`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BadRecordPolicy {
+    /// Stop with an error naming the record; everything committed so far is kept, and the next run
+    /// resumes there once the cause is fixed.
+    #[default]
+    Fail,
+    /// Store the record in `reproject.dead_letters` and go on, until a build holds more than
+    /// `budget` of them.
+    DeadLetter { budget: u64 },
 }
 
 impl Default for Tuning {
@@ -129,6 +151,7 @@ impl Default for Tuning {
             lag_threshold: 1_000,
             stall_timeout: std::time::Duration::from_secs(300),
             max_rate: None,
+            bad_records: BadRecordPolicy::Fail,
         }
     }
 }

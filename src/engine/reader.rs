@@ -30,6 +30,8 @@ use crate::upcast::Registry;
 #[error("{topic}/{partition} at offset {offset}{typ}, read for {projections}: {reason}",
     typ = type_label(type_url, *version))]
 pub struct BadRecord {
+    /// What is wrong with it: `envelope`, `key`, `upcast` or `duplicate`.
+    pub kind: BadKind,
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
@@ -37,6 +39,118 @@ pub struct BadRecord {
     pub version: Option<u32>,
     pub projections: String,
     pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadKind {
+    /// The bytes are not an event envelope, or the envelope lacks a required field.
+    Envelope,
+    /// The record has no key, or its key is not the envelope's aggregate id.
+    Key,
+    /// The payload's type is unknown, it does not decode, or an upcaster step refused it.
+    Upcast,
+    /// An event id already applied a short while before (a producer's retry, usually).
+    Duplicate,
+}
+
+impl BadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BadKind::Envelope => "envelope",
+            BadKind::Key => "key",
+            BadKind::Upcast => "upcast",
+            BadKind::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// A bad record kept instead of stopping (the `dead-letter` policy): its bytes and coordinates, the
+/// error, and which of the reader's targets it was meant for.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub record: BadRecord,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub event_id: Option<[u8; 16]>,
+    pub targets: Vec<usize>,
+}
+
+impl DeadLetter {
+    pub fn stored(&self) -> crate::sink::dead_letters::NewDeadLetter<'_> {
+        crate::sink::dead_letters::NewDeadLetter {
+            topic: &self.record.topic,
+            partition: self.record.partition,
+            offset: self.record.offset,
+            kind: self.record.kind.as_str(),
+            type_url: self.record.type_url.as_deref(),
+            version: self.record.version,
+            reason: &self.record.reason,
+            key: self.key.as_deref(),
+            value: &self.value,
+            event_id: self.event_id,
+        }
+    }
+}
+
+/// Under the dead-letter policy, refuse to go on once a build would hold more than its budget:
+/// `held` are stored already, `new` are about to be.
+pub fn check_dead_letter_budget(
+    policy: super::BadRecordPolicy,
+    projection: &str,
+    build_id: i64,
+    held: u64,
+    new: &[&DeadLetter],
+) -> Result<(), super::EngineError> {
+    if let (super::BadRecordPolicy::DeadLetter { budget }, Some(last)) = (policy, new.last()) {
+        if held + new.len() as u64 > budget {
+            return Err(super::EngineError::DeadLetterBudget {
+                projection: projection.to_string(),
+                build_id,
+                budget,
+                last: last.record.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The event ids of the last records applied, to recognise one that comes again (a producer that
+/// retried a send writes it twice, close together). Bounded: ids older than the window are
+/// forgotten, so a copy written further apart than that is not recognised.
+pub struct RecentEventIds {
+    order: std::collections::VecDeque<u128>,
+    seen: rustc_hash::FxHashMap<u128, (i32, i64)>,
+    capacity: usize,
+}
+
+/// Records whose event ids are remembered: about 40 MB.
+pub const DUPLICATE_WINDOW: usize = 1_000_000;
+
+impl RecentEventIds {
+    pub fn new(capacity: usize) -> RecentEventIds {
+        RecentEventIds {
+            order: std::collections::VecDeque::with_capacity(capacity.min(1 << 16)),
+            seen: rustc_hash::FxHashMap::default(),
+            capacity,
+        }
+    }
+
+    /// Where the event was seen before, if it was.
+    pub fn seen_at(&self, event_id: &[u8; 16]) -> Option<(i32, i64)> {
+        self.seen.get(&u128::from_le_bytes(*event_id)).copied()
+    }
+
+    pub fn remember(&mut self, event_id: &[u8; 16], partition: i32, offset: i64) {
+        let id = u128::from_le_bytes(*event_id);
+        if self.seen.insert(id, (partition, offset)).is_none() {
+            self.order.push_back(id);
+            if self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 fn type_label(type_url: &Option<String>, version: Option<u32>) -> String {
@@ -74,6 +188,26 @@ pub struct Target<E> {
     pub positions: Positions,
 }
 
+impl<E> Target<E> {
+    /// Whether this target still needs the record at `offset` (it may stand past it).
+    fn wants(&self, partition: i32, offset: i64) -> bool {
+        self.positions.get(&partition).is_none_or(|&p| offset >= p)
+    }
+}
+
+/// An event id as people write UUIDs.
+pub fn hex(id: &[u8; 16]) -> String {
+    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 pub struct ReaderConfig {
     pub topic: String,
     /// Stop once every partition has reached this end (the replay's snapshot of the log end).
@@ -90,6 +224,11 @@ pub struct ReaderConfig {
     /// a memory budget it must not grow with the number of aggregates. `replay` then falls back to
     /// the partitioner.
     pub aggregate_index_max_bytes: Option<usize>,
+    /// Cap librdkafka's prefetch queue (and a fetch response) at this many bytes; None keeps the
+    /// consumer's large default, tuned for speed. A setting the user gave wins.
+    pub prefetch_max_bytes: Option<usize>,
+    /// Keep bad records in the batch's dead letters and go on (true), or stop at the first (false).
+    pub dead_letters: bool,
 }
 
 /// What one batch did to each target, and where the reader stands after it.
@@ -107,6 +246,8 @@ pub struct Batch {
     pub done: bool,
     /// On the last batch, when asked for: where each aggregate's events lie.
     pub aggregates: Option<AggregateIndex>,
+    /// Bad records passed over under the dead-letter policy.
+    pub dead_letters: Vec<DeadLetter>,
 }
 
 /// Start reading. The thread stops when `stop_at` is reached, when `stop` is set, when the receiver
@@ -143,7 +284,22 @@ fn read<E: 'static>(
     tx: &mpsc::Sender<Result<Batch, ReadError>>,
 ) -> Result<(), ReadError> {
     let topic = config.topic.as_str();
-    let consumer: BaseConsumer = settings.consumer("reproject")?;
+    let consumer: BaseConsumer = match config.prefetch_max_bytes {
+        Some(bytes) => {
+            let mut capped = settings.clone();
+            let kbytes = (bytes / 1024).max(1024);
+            // Put first so that a property the user set (applied in order, last wins) still wins.
+            capped.properties.splice(
+                0..0,
+                [
+                    ("queued.max.messages.kbytes".to_string(), kbytes.to_string()),
+                    ("fetch.max.bytes".to_string(), (kbytes * 1024).to_string()),
+                ],
+            );
+            capped.consumer("reproject")?
+        }
+        None => settings.consumer("reproject")?,
+    };
     // Start each partition at the lowest position any target needs.
     let mut next: Positions = BTreeMap::new();
     for target in targets {
@@ -175,6 +331,7 @@ fn read<E: 'static>(
     settings.assign(&consumer, topic, &next)?;
 
     let mut scratch = Changes::default();
+    let mut recent = RecentEventIds::new(DUPLICATE_WINDOW);
     let mut aggregates = config.index_aggregates.then(AggregateIndex::default);
     let mut batch_start = next.clone();
     let mut batch = Batch {
@@ -255,9 +412,10 @@ fn read<E: 'static>(
                 let offset = message.offset();
                 let bytes = message.payload().unwrap_or_default();
                 batch.bytes += bytes.len() as u64;
-                let bad = |type_url: Option<&str>, reason: String| {
+                let bad = |kind: BadKind, type_url: Option<&str>, reason: String| {
                     super::metrics::error("bad_record");
                     BadRecord {
+                        kind,
                         topic: topic.to_string(),
                         partition,
                         offset,
@@ -267,40 +425,85 @@ fn read<E: 'static>(
                         reason,
                     }
                 };
-                let decoded = envelope::decode(bytes, partition, offset)
-                    .map_err(|e| bad(None, e.to_string()))?;
-                if let Some(index) = aggregates.as_mut() {
-                    index.record(&decoded.meta.aggregate_id, partition, offset);
-                    if config
-                        .aggregate_index_max_bytes
-                        .is_some_and(|max| index.approx_bytes() > max)
-                    {
-                        tracing::warn!(
-                            message = "not recording the aggregate index: it outgrew its share of the memory budget; `replay` will find aggregates through the partitioner",
-                            topic = %topic,
-                            aggregates = index.len(),
-                            bytes = index.approx_bytes()
-                        );
-                        aggregates = None;
+                let mut event_id = None;
+                let outcome: Result<(), BadRecord> = 'record: {
+                    let decoded = match envelope::decode(bytes, partition, offset) {
+                        Ok(d) => d,
+                        Err(e) => break 'record Err(bad(BadKind::Envelope, None, e.to_string())),
+                    };
+                    event_id = Some(decoded.meta.event_id);
+                    let type_url = Some(decoded.type_url.as_str());
+                    if message.key() != Some(decoded.meta.aggregate_id.as_bytes()) {
+                        let reason = match message.key() {
+                            None => format!(
+                                "the record has no key; its envelope's aggregate id is {:?}",
+                                decoded.meta.aggregate_id
+                            ),
+                            Some(key) => format!(
+                                "the record's key {:?} is not its envelope's aggregate id {:?}",
+                                String::from_utf8_lossy(key),
+                                decoded.meta.aggregate_id
+                            ),
+                        };
+                        break 'record Err(bad(BadKind::Key, type_url, reason));
                     }
-                }
-                let payload = registry
-                    .upcast(&decoded.type_url, &decoded.payload)
-                    .map_err(|e| bad(Some(&decoded.type_url), e.to_string()))?;
-                let event = Event {
-                    meta: &decoded.meta,
-                    payload: &payload,
+                    if let Some(index) = aggregates.as_mut() {
+                        index.record(&decoded.meta.aggregate_id, partition, offset);
+                        if config
+                            .aggregate_index_max_bytes
+                            .is_some_and(|max| index.approx_bytes() > max)
+                        {
+                            tracing::warn!(
+                                message = "not recording the aggregate index: it outgrew its share of the memory budget; `replay` will find aggregates through the partitioner",
+                                topic = %topic,
+                                aggregates = index.len(),
+                                bytes = index.approx_bytes()
+                            );
+                            aggregates = None;
+                        }
+                    }
+                    let payload = match registry.upcast(&decoded.type_url, &decoded.payload) {
+                        Ok(p) => p,
+                        Err(e) => break 'record Err(bad(BadKind::Upcast, type_url, e.to_string())),
+                    };
+                    if let Some((p, o)) = recent.seen_at(&decoded.meta.event_id) {
+                        break 'record Err(bad(
+                            BadKind::Duplicate,
+                            type_url,
+                            format!(
+                                "event id {} was already applied from partition {p} at offset {o}; not applying it twice",
+                                hex(&decoded.meta.event_id)
+                            ),
+                        ));
+                    }
+                    let event = Event {
+                        meta: &decoded.meta,
+                        payload: &payload,
+                    };
+                    for (i, target) in targets.iter().enumerate() {
+                        if !target.wants(partition, offset) {
+                            continue;
+                        }
+                        target.projection.apply(&event, &mut scratch);
+                        batch.changes[i].extend(scratch.drain());
+                    }
+                    recent.remember(&decoded.meta.event_id, partition, offset);
+                    Ok(())
                 };
-                for (i, target) in targets.iter().enumerate() {
-                    if target
-                        .positions
-                        .get(&partition)
-                        .is_some_and(|&p| offset < p)
-                    {
-                        continue;
+                if let Err(record) = outcome {
+                    if !config.dead_letters {
+                        return Err(record.into());
                     }
-                    target.projection.apply(&event, &mut scratch);
-                    batch.changes[i].extend(scratch.drain());
+                    tracing::warn!(message = "bad record passed to the dead letters", %record);
+                    batch.dead_letters.push(DeadLetter {
+                        key: message.key().map(<[u8]>::to_vec),
+                        value: bytes.to_vec(),
+                        event_id,
+                        targets: (0..targets.len())
+                            .filter(|&i| targets[i].wants(partition, offset))
+                            .collect(),
+                        record,
+                    });
                 }
                 next.insert(partition, offset + 1);
                 last_of_partition = config

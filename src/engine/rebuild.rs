@@ -25,6 +25,7 @@ use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::{DynProjection, RowStore};
 use crate::sink::aggregate_index::{self, AggregateIndex};
 use crate::sink::catalog::{self, Phase, Positions};
+use crate::sink::dead_letters;
 use crate::sink::lock::{AdvisoryLock, LockKind};
 use crate::sink::spill::SpillState;
 use crate::sink::writer::{self, BuildTables};
@@ -39,8 +40,9 @@ pub struct RebuildOptions {
     pub swap_options: SwapOptions,
     /// No progress bar (tests, benchmarks).
     pub quiet: bool,
-    /// Bytes the replay's fold may hold; beyond it, folded rows are flushed to the build's tables
-    /// and later changes merged there (see `sink::spill`). None: fold everything in memory.
+    /// Bytes the replay may hold (shared out by [`MemoryShares`]); beyond its share, the fold is
+    /// flushed to the build's tables and later changes merged there (see `sink::spill`). None: fold
+    /// everything in memory, with a large prefetch.
     pub memory_budget: Option<usize>,
 }
 
@@ -66,6 +68,29 @@ pub struct RebuildReport {
     pub spills: u64,
     /// The largest the fold grew (rows and remembered keys of spilled builds), in bytes.
     pub peak_fold_bytes: u64,
+    /// Bad records stored in `reproject.dead_letters` by the replay and the catch-up (all builds).
+    pub dead_letters: u64,
+}
+
+/// How a rebuild's memory budget is shared out: most to the fold, which spills when it is over its
+/// share; a quarter to the aggregate index, which is given up beyond it; an eighth to librdkafka's
+/// prefetch queue. What is not covered (batches in flight, the runtime, connections) is a fixed
+/// overhead, measured in BENCHMARKS.md.
+#[derive(Clone, Copy, Debug)]
+struct MemoryShares {
+    fold: usize,
+    aggregate_index: usize,
+    prefetch: usize,
+}
+
+impl MemoryShares {
+    fn of(budget: usize) -> MemoryShares {
+        MemoryShares {
+            fold: budget / 8 * 5,
+            aggregate_index: budget / 4,
+            prefetch: budget / 8,
+        }
+    }
 }
 
 struct Job<E> {
@@ -164,6 +189,7 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
         return Err(EngineError::Interrupted);
     }
     report.catch_up_events = caught_up.events;
+    report.dead_letters += caught_up.dead_letters;
     report.catch_up_seconds = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
@@ -440,6 +466,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             positions: bounds.start.clone(),
         })
         .collect();
+    let budget = options.memory_budget.map(MemoryShares::of);
     let config = ReaderConfig {
         topic: engine.topic.clone(),
         stop_at: Some(bounds.end.clone()),
@@ -449,7 +476,12 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         log_end_every: None,
         stall_timeout: engine.tuning.stall_timeout,
         index_aggregates: true,
-        aggregate_index_max_bytes: options.memory_budget.map(|b| b / 4),
+        aggregate_index_max_bytes: budget.map(|b| b.aggregate_index),
+        prefetch_max_bytes: budget.map(|b| b.prefetch),
+        dead_letters: matches!(
+            engine.tuning.bad_records,
+            super::BadRecordPolicy::DeadLetter { .. }
+        ),
     };
     let (mut batches, reader) = reader::spawn(
         engine.kafka.clone(),
@@ -457,7 +489,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         targets,
         config,
         stop.clone(),
-        8,
+        // Each batch in the channel holds a batch's changes: few of them under a budget.
+        if budget.is_some() { 2 } else { 8 },
     );
     let read_events = Arc::new(AtomicU64::new(0));
     let specs: Vec<DynProjection<E>> = jobs.iter().map(|j| j.projection.clone()).collect();
@@ -474,12 +507,14 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         u64,
         Option<AggregateIndex>,
         usize,
+        Vec<Vec<reader::DeadLetter>>,
     );
+    let policy = engine.tuning.bad_records;
     let spill_to: Vec<(i64, String)> = jobs
         .iter()
         .map(|j| (j.build.build_id, j.build.schema_name.clone()))
         .collect();
-    let budget = options.memory_budget;
+    let budget = budget.map(|b| b.fold);
     let database_url = engine.database_url.clone();
     let runtime = tokio::runtime::Handle::current();
     let fold = tokio::task::spawn_blocking(move || -> Result<Folded> {
@@ -510,8 +545,21 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         let mut positions = start_positions;
         let mut events = 0;
         let mut peak_bytes = 0;
+        let mut dead_letters: Vec<Vec<reader::DeadLetter>> = vec![Vec::new(); specs.len()];
         while let Some(batch) = batches.blocking_recv() {
             let batch = batch?;
+            for letter in batch.dead_letters {
+                for &i in &letter.targets {
+                    reader::check_dead_letter_budget(
+                        policy,
+                        specs[i].name(),
+                        spill_to[i].0,
+                        dead_letters[i].len() as u64,
+                        &[&letter],
+                    )?;
+                    dead_letters[i].push(letter.clone());
+                }
+            }
             while fold_paused.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -550,6 +598,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                     events,
                     batch.aggregates,
                     peak_bytes,
+                    dead_letters,
                 ));
             }
             if let (Some(budget), Some((conn, states))) = (budget, spill.as_mut()) {
@@ -585,7 +634,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let mut progress = Progress::new("replaying", Some(total.max(0) as u64), options.quiet);
     let writer_name = holder_name("rebuild");
     tokio::pin!(fold);
-    let (stores, spill, positions, events, aggregates, peak_bytes) = loop {
+    let (stores, spill, positions, events, aggregates, peak_bytes, dead_letters) = loop {
         tokio::select! {
             result = &mut fold => break result.map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("fold task failed: {e}") })??,
             _ = cancel.cancelled() => {
@@ -642,6 +691,10 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             }
             _ => writer::bulk_load(&mut tx, tables(job), store).await?,
         };
+        let letters: Vec<_> = dead_letters[i].iter().map(|l| l.stored()).collect();
+        report.dead_letters +=
+            dead_letters::insert(&mut tx, job.build.build_id, job.projection.name(), &letters)
+                .await?;
         catalog::insert_positions(&mut tx, job.build.build_id, &positions, &bounds.end).await?;
         sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3 WHERE build_id = $1")
             .bind(job.build.build_id)

@@ -5,6 +5,7 @@ pub mod aggregate_index;
 pub mod catalog;
 pub mod copy;
 pub mod database;
+pub mod dead_letters;
 pub mod lock;
 pub mod spill;
 pub mod writer;

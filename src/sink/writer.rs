@@ -251,6 +251,8 @@ pub async fn build_indexes(
 pub struct BuildBatch<'a> {
     pub tables: BuildTables<'a>,
     pub changes: &'a [Change],
+    /// Bad records passed over in this batch, stored with it.
+    pub dead_letters: &'a [super::dead_letters::NewDeadLetter<'a>],
     /// Where the build's positions stand now, and where they move to when this batch commits.
     pub expected: &'a Positions,
     pub next: &'a Positions,
@@ -272,6 +274,10 @@ impl BatchWriter {
             conn,
             staging: HashSet::new(),
         })
+    }
+
+    pub async fn dead_letter_count(&mut self, build_id: i64) -> Result<u64> {
+        super::dead_letters::count(&mut self.conn, build_id).await
     }
 
     /// Apply every build's changes and advance its positions, all in one transaction. Returns the
@@ -321,6 +327,15 @@ impl BatchWriter {
                 }
                 written +=
                     write_back(&mut tx, batch.tables.schema, spec, &names, &store, index).await?;
+            }
+            if !batch.dead_letters.is_empty() {
+                super::dead_letters::insert(
+                    &mut tx,
+                    batch.tables.build_id,
+                    batch.tables.projection,
+                    batch.dead_letters,
+                )
+                .await?;
             }
             catalog::advance_positions(
                 &mut tx,

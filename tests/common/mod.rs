@@ -107,6 +107,7 @@ pub fn tuning() -> Tuning {
         lag_threshold: 0,
         stall_timeout: Duration::from_secs(60),
         max_rate: None,
+        bad_records: reproject::engine::BadRecordPolicy::Fail,
     }
 }
 
