@@ -4,6 +4,7 @@
 
 mod bench;
 mod config;
+mod dead_letters;
 mod demo;
 mod dev_broker;
 mod gc;
@@ -118,6 +119,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Compare the live shop views with the totals `seed --expected` wrote.
     CheckTotals(totals::CheckTotalsArgs),
+    /// Records passed over under `--on-bad-record dead-letter`: list, show, retry after a fix.
+    DeadLetters(dead_letters::DeadLettersArgs),
 }
 
 /// How a command ended, for the exit code.
@@ -147,6 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Resume(args) => pause::run(&global, args, false).await,
         Command::Gc(args) => gc::run(&global, args).await,
         Command::Bench(args) => bench::run(&global, args).await,
+        Command::DeadLetters(args) => dead_letters::run(&global, args).await,
     }
 }
 

@@ -178,6 +178,12 @@ pub fn print_report(report: &RebuildReport) {
             }
         );
     }
+    if report.dead_letters > 0 {
+        println!(
+            "  {} bad record(s) passed over and kept in reproject.dead_letters (`reproject dead-letters list`)",
+            report.dead_letters
+        );
+    }
     if report.history_truncated {
         println!("  warning: built from a truncated log (--allow-truncated-history); events before the log start are missing");
     }

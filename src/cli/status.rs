@@ -104,6 +104,12 @@ fn line(out: &mut String, label: &str, b: &BuildStatus) {
     if let Some(e) = &b.last_error {
         out.push_str(&format!("            last error: {e}\n"));
     }
+    if b.dead_letters > 0 {
+        out.push_str(&format!(
+            "            {} dead letter(s) unresolved: `reproject dead-letters list {}`\n",
+            b.dead_letters, b.build.projection
+        ));
+    }
     if !b.positions.is_empty() && label != "retired" {
         let parts: Vec<String> = b
             .positions

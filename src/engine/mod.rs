@@ -8,6 +8,7 @@
 //!           live rows; writes nothing to the projection tables
 //! ```
 
+pub mod dead_letters;
 pub mod follow;
 pub mod metrics;
 pub mod progress;

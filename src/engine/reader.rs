@@ -195,6 +195,63 @@ impl<E> Target<E> {
     }
 }
 
+/// Where a record was read, to name it in errors.
+pub struct Coordinates<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// The projections that wanted it, for the error.
+    pub projections: &'a str,
+}
+
+impl Coordinates<'_> {
+    pub fn bad(&self, kind: BadKind, type_url: Option<&str>, reason: String) -> BadRecord {
+        super::metrics::error("bad_record");
+        BadRecord {
+            kind,
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            offset: self.offset,
+            type_url: type_url.map(str::to_string),
+            version: type_url.and_then(message_version),
+            projections: self.projections.to_string(),
+            reason,
+        }
+    }
+
+    /// The record's envelope, checked: it decodes, and the record's key is its aggregate id.
+    pub fn decode(&self, key: Option<&[u8]>, value: &[u8]) -> Result<envelope::Decoded, BadRecord> {
+        let decoded = envelope::decode(value, self.partition, self.offset)
+            .map_err(|e| self.bad(BadKind::Envelope, None, e.to_string()))?;
+        if key != Some(decoded.meta.aggregate_id.as_bytes()) {
+            let reason = match key {
+                None => format!(
+                    "the record has no key; its envelope's aggregate id is {:?}",
+                    decoded.meta.aggregate_id
+                ),
+                Some(key) => format!(
+                    "the record's key {:?} is not its envelope's aggregate id {:?}",
+                    String::from_utf8_lossy(key),
+                    decoded.meta.aggregate_id
+                ),
+            };
+            return Err(self.bad(BadKind::Key, Some(&decoded.type_url), reason));
+        }
+        Ok(decoded)
+    }
+
+    /// The payload upcast to the latest version.
+    pub fn upcast<E: 'static>(
+        &self,
+        registry: &Registry<E>,
+        decoded: &envelope::Decoded,
+    ) -> Result<E, BadRecord> {
+        registry
+            .upcast(&decoded.type_url, &decoded.payload)
+            .map_err(|e| self.bad(BadKind::Upcast, Some(&decoded.type_url), e.to_string()))
+    }
+}
+
 /// An event id as people write UUIDs.
 pub fn hex(id: &[u8; 16]) -> String {
     let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -412,41 +469,20 @@ fn read<E: 'static>(
                 let offset = message.offset();
                 let bytes = message.payload().unwrap_or_default();
                 batch.bytes += bytes.len() as u64;
-                let bad = |kind: BadKind, type_url: Option<&str>, reason: String| {
-                    super::metrics::error("bad_record");
-                    BadRecord {
-                        kind,
-                        topic: topic.to_string(),
-                        partition,
-                        offset,
-                        type_url: type_url.map(str::to_string),
-                        version: type_url.and_then(message_version),
-                        projections: projections.clone(),
-                        reason,
-                    }
+                let at = Coordinates {
+                    topic,
+                    partition,
+                    offset,
+                    projections: &projections,
                 };
                 let mut event_id = None;
                 let outcome: Result<(), BadRecord> = 'record: {
-                    let decoded = match envelope::decode(bytes, partition, offset) {
+                    let decoded = match at.decode(message.key(), bytes) {
                         Ok(d) => d,
-                        Err(e) => break 'record Err(bad(BadKind::Envelope, None, e.to_string())),
+                        Err(e) => break 'record Err(e),
                     };
                     event_id = Some(decoded.meta.event_id);
                     let type_url = Some(decoded.type_url.as_str());
-                    if message.key() != Some(decoded.meta.aggregate_id.as_bytes()) {
-                        let reason = match message.key() {
-                            None => format!(
-                                "the record has no key; its envelope's aggregate id is {:?}",
-                                decoded.meta.aggregate_id
-                            ),
-                            Some(key) => format!(
-                                "the record's key {:?} is not its envelope's aggregate id {:?}",
-                                String::from_utf8_lossy(key),
-                                decoded.meta.aggregate_id
-                            ),
-                        };
-                        break 'record Err(bad(BadKind::Key, type_url, reason));
-                    }
                     if let Some(index) = aggregates.as_mut() {
                         index.record(&decoded.meta.aggregate_id, partition, offset);
                         if config
@@ -462,12 +498,12 @@ fn read<E: 'static>(
                             aggregates = None;
                         }
                     }
-                    let payload = match registry.upcast(&decoded.type_url, &decoded.payload) {
+                    let payload = match at.upcast(registry, &decoded) {
                         Ok(p) => p,
-                        Err(e) => break 'record Err(bad(BadKind::Upcast, type_url, e.to_string())),
+                        Err(e) => break 'record Err(e),
                     };
                     if let Some((p, o)) = recent.seen_at(&decoded.meta.event_id) {
-                        break 'record Err(bad(
+                        break 'record Err(at.bad(
                             BadKind::Duplicate,
                             type_url,
                             format!(

@@ -37,6 +37,8 @@ pub struct BuildStatus {
     pub progress: Option<serde_json::Value>,
     pub progress_age_seconds: Option<f64>,
     pub last_error: Option<String>,
+    /// Bad records this build passed over and that are not resolved yet.
+    pub dead_letters: i64,
 }
 
 pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<StatusReport> {
@@ -135,6 +137,13 @@ async fn build_status<E: Send + Sync + 'static>(
     .await
     .context(|| format!("reading progress of build {}", build.build_id))?;
     let (writer, progress, age, last_error) = extra.unwrap_or((None, None, None, None));
+    let dead_letters: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reproject.dead_letters WHERE build_id = $1 AND resolved_at IS NULL",
+    )
+    .bind(build.build_id)
+    .fetch_one(engine.catalog.pool())
+    .await
+    .context(|| format!("counting dead letters of build {}", build.build_id))?;
     Ok(BuildStatus {
         build,
         positions,
@@ -144,5 +153,6 @@ async fn build_status<E: Send + Sync + 'static>(
         progress: progress.map(|j| j.0),
         progress_age_seconds: age,
         last_error,
+        dead_letters,
     })
 }

@@ -280,6 +280,27 @@ impl BatchWriter {
         super::dead_letters::count(&mut self.conn, build_id).await
     }
 
+    /// Apply one retried dead letter's changes to a build, out of log order, and mark the letter
+    /// resolved, in one transaction. Positions do not move: the record was passed over long ago.
+    pub async fn apply_retried(
+        &mut self,
+        tables: BuildTables<'_>,
+        changes: &[Change],
+        dead_letter_id: i64,
+    ) -> Result<u64> {
+        let mut tx = self
+            .conn
+            .begin()
+            .await
+            .context(|| format!("starting the retry of dead letter {dead_letter_id}"))?;
+        let written = write_changes(&mut tx, &mut self.staging, tables, changes).await?;
+        super::dead_letters::mark_retried(&mut tx, dead_letter_id, None).await?;
+        tx.commit()
+            .await
+            .context(|| format!("committing the retry of dead letter {dead_letter_id}"))?;
+        Ok(written)
+    }
+
     /// Apply every build's changes and advance its positions, all in one transaction. Returns the
     /// rows written (upserted or deleted). On error nothing is applied and the batch may be retried.
     pub async fn apply(&mut self, batches: &[BuildBatch<'_>]) -> Result<u64> {
@@ -290,44 +311,8 @@ impl BatchWriter {
             .context(|| "starting a batch".into())?;
         let mut written = 0;
         for batch in batches {
-            let mut per_table: Vec<Vec<Change>> = vec![Vec::new(); batch.tables.specs.len()];
-            for change in batch.changes {
-                if let Some(list) = per_table.get_mut(change.table()) {
-                    list.push(change.clone());
-                }
-            }
-            let mut store = RowStore::new(batch.tables.specs.len());
-            for (index, changes) in per_table.into_iter().enumerate() {
-                if changes.is_empty() {
-                    continue;
-                }
-                let spec = &batch.tables.specs[index];
-                let names = StagingNames::new(batch.tables.build_id, index);
-                if !self.staging.contains(&names.keys) {
-                    create_staging(&mut tx, batch.tables.schema, spec, &names).await?;
-                    self.staging.insert(names.keys.clone());
-                }
-                let keys = touched_keys(spec, &changes);
-                load_current_rows(
-                    &mut tx,
-                    batch.tables.schema,
-                    spec,
-                    &names,
-                    &keys,
-                    store.table_mut(index),
-                )
-                .await?;
-                for change in changes {
-                    store.apply(batch.tables.specs, change).map_err(|e| {
-                        SinkError::Invalid(format!(
-                            "projection {} v{}: {e}",
-                            batch.tables.projection, batch.tables.version
-                        ))
-                    })?;
-                }
-                written +=
-                    write_back(&mut tx, batch.tables.schema, spec, &names, &store, index).await?;
-            }
+            written +=
+                write_changes(&mut tx, &mut self.staging, batch.tables, batch.changes).await?;
             if !batch.dead_letters.is_empty() {
                 super::dead_letters::insert(
                     &mut tx,
@@ -349,6 +334,55 @@ impl BatchWriter {
         tx.commit().await.context(|| "committing a batch".into())?;
         Ok(written)
     }
+}
+
+/// Fold `changes` into the current rows of the keys they touch and write the results back, in the
+/// caller's transaction. `staging` is which staging tables the connection has created.
+async fn write_changes(
+    tx: &mut PgConnection,
+    staging: &mut HashSet<String>,
+    tables: BuildTables<'_>,
+    changes: &[Change],
+) -> Result<u64> {
+    let mut written = 0;
+    let mut per_table: Vec<Vec<Change>> = vec![Vec::new(); tables.specs.len()];
+    for change in changes {
+        if let Some(list) = per_table.get_mut(change.table()) {
+            list.push(change.clone());
+        }
+    }
+    let mut store = RowStore::new(tables.specs.len());
+    for (index, changes) in per_table.into_iter().enumerate() {
+        if changes.is_empty() {
+            continue;
+        }
+        let spec = &tables.specs[index];
+        let names = StagingNames::new(tables.build_id, index);
+        if !staging.contains(&names.keys) {
+            create_staging(tx, tables.schema, spec, &names).await?;
+            staging.insert(names.keys.clone());
+        }
+        let keys = touched_keys(spec, &changes);
+        load_current_rows(
+            tx,
+            tables.schema,
+            spec,
+            &names,
+            &keys,
+            store.table_mut(index),
+        )
+        .await?;
+        for change in changes {
+            store.apply(tables.specs, change).map_err(|e| {
+                SinkError::Invalid(format!(
+                    "projection {} v{}: {e}",
+                    tables.projection, tables.version
+                ))
+            })?;
+        }
+        written += write_back(tx, tables.schema, spec, &names, &store, index).await?;
+    }
+    Ok(written)
 }
 
 pub(super) struct StagingNames {

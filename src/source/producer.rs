@@ -98,7 +98,15 @@ impl LogWriter {
     }
 
     pub fn send(&mut self, key: &str, value: &[u8]) -> Result<(), SourceError> {
-        let mut record = BaseRecord::to(&self.topic).key(key).payload(value);
+        self.send_raw(Some(key.as_bytes()), value)
+    }
+
+    /// Append a record as given, key or none: how a misbehaving producer writes (tests use it).
+    pub fn send_raw(&mut self, key: Option<&[u8]>, value: &[u8]) -> Result<(), SourceError> {
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.topic).payload(value);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
         loop {
             match self.producer.send(record) {
                 Ok(()) => break,

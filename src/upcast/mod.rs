@@ -163,6 +163,13 @@ impl<E: 'static> RegistryBuilder<E> {
         self
     }
 
+    /// Drop what was registered for message `name`: to replace one step of a chain someone else
+    /// registered (a fix being tried out, a test's deliberately broken version).
+    pub fn without(mut self, name: &str) -> Self {
+        self.entries.retain(|(n, _)| *n != name);
+        self
+    }
+
     pub fn build(self) -> Result<Registry<E>, RegistryError> {
         let mut entries: FxHashMap<&'static str, Entry<E>> = FxHashMap::default();
         for (name, entry) in self.entries {

@@ -116,12 +116,28 @@ pub async fn engine(
     kafka: &KafkaSettings,
     tuning: Tuning,
 ) -> Engine<ShopEvent> {
+    engine_with(
+        database_url,
+        kafka,
+        tuning,
+        shop::registry().expect("registry"),
+    )
+    .await
+}
+
+/// An engine with these upcasters (a deliberately broken chain, say).
+pub async fn engine_with(
+    database_url: &str,
+    kafka: &KafkaSettings,
+    tuning: Tuning,
+    registry: reproject::upcast::Registry<ShopEvent>,
+) -> Engine<ShopEvent> {
     Engine::connect(EngineParts {
         kafka: kafka.clone(),
         topic: TOPIC.into(),
         database_url: database_url.into(),
         view_schema: "public".into(),
-        registry: Arc::new(shop::registry().expect("registry")),
+        registry: Arc::new(registry),
         projections: shop::projections(),
         schemas: SchemaSource {
             dir: None,
