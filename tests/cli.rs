@@ -253,7 +253,7 @@ async fn run_backfills_projections_that_were_never_built_and_stops_cleanly_on_si
 
 #[test]
 fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["status", "--database-url", "mysql://u:hunter2@h/db"],
             "must start with postgres://",
@@ -276,6 +276,17 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             "unknown projection \"no_such_projection\"",
         ),
         (&["seed", "-X", "nonsense"], "expected key=value"),
+        (
+            &[
+                "rebuild",
+                "order_summary",
+                "--schema-dir",
+                "/nonexistent/reproject-schemas",
+                "--database-url",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ],
+            "schema file /nonexistent/reproject-schemas/order_summary/v1",
+        ),
         (
             &[
                 "replay",
@@ -326,6 +337,24 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     let unknown_flag = reproject(&["rebuild", "--no-such-flag"]);
     assert_eq!(unknown_flag.status.code(), Some(2));
     assert!(text(&unknown_flag.stderr).contains("--no-such-flag"));
+    for (args, expected) in [
+        (
+            &["rebuild", "--all", "--memory-budget", "lots"][..],
+            "\"lots\" is not a size",
+        ),
+        (
+            &["rebuild", "--all", "--on-bad-record", "ignore"][..],
+            "invalid value 'ignore' for '--on-bad-record",
+        ),
+    ] {
+        let out = reproject(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(expected),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]

@@ -290,3 +290,41 @@ async fn a_fold_over_its_memory_budget_spills_to_postgres_and_gives_the_same_tab
     let actual = actual_totals(&pool, "public").await.expect("totals");
     assert_eq!(differences(&expected, &actual), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_over_its_disk_budget_stops_saying_so_and_the_next_run_resumes() {
+    let db = fresh_database("disk_budget").await;
+    let kafka = Kafka::start(4);
+    let mut history = history(20_000, 19);
+    append(&kafka.settings, &mut history, 20_000);
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    let options = RebuildOptions {
+        disk_budget: Some(64 * 1024),
+        ..rebuild_options()
+    };
+    let err = rebuild(
+        &engine,
+        &all_projections(),
+        &options,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("over the disk budget");
+    let message = err.to_string();
+    assert!(matches!(err, EngineError::DiskBudget { .. }), "{message}");
+    assert!(
+        message.contains("over the disk budget of 65536") && message.contains("--disk-budget"),
+        "{message}"
+    );
+    // Its load is committed: the next run, with room, does not replay again.
+    let report = rebuild_all(&engine).await.expect("resumed with room");
+    assert_eq!(report.events_replayed, 0);
+    assert_eq!(report.swaps.len(), 3);
+    let actual = actual_totals(engine.catalog.pool(), "public")
+        .await
+        .expect("totals");
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new()
+    );
+}

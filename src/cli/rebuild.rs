@@ -35,6 +35,9 @@ pub struct MemoryArgs {
     /// flushed to the new tables and later events merged there. Default: fold all in memory
     #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size)]
     pub memory_budget: Option<usize>,
+    /// Stop (resumably) when a build's tables take more than this on the database server
+    #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size)]
+    pub disk_budget: Option<usize>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -123,6 +126,7 @@ pub async fn run(global: &GlobalArgs, args: RebuildArgs) -> anyhow::Result<Outco
         swap_options: args.swap.options(&settings),
         quiet: settings.quiet,
         memory_budget: args.memory.memory_budget,
+        disk_budget: args.memory.disk_budget.map(|b| b as u64),
     };
     let report = rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?;
     print_report(&report);

@@ -39,6 +39,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<Outcome> 
             swap_options: args.swap.options(&settings),
             quiet: true,
             memory_budget: args.memory.memory_budget,
+            disk_budget: args.memory.disk_budget.map(|b| b as u64),
         },
         exit_when_caught_up: args.exit_when_caught_up,
     };

@@ -57,6 +57,15 @@ pub enum EngineError {
         budget: u64,
         last: String,
     },
+    #[error("projection {projection} (build {build_id}): its tables in schema {schema} take {bytes} bytes, over the disk budget of {budget}; \
+             free space or raise --disk-budget and run again: the build resumes from what it committed")]
+    DiskBudget {
+        projection: String,
+        build_id: i64,
+        schema: String,
+        bytes: u64,
+        budget: u64,
+    },
     #[error("interrupted; committed work is kept and the next run resumes from it")]
     Interrupted,
     #[error(transparent)]

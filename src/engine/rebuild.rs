@@ -40,6 +40,9 @@ pub struct RebuildOptions {
     pub swap_options: SwapOptions,
     /// No progress bar (tests, benchmarks).
     pub quiet: bool,
+    /// Bytes a build's tables may take on the database server; checked after the load and after the
+    /// indexes, stopping the rebuild (resumably) when over. None: no check.
+    pub disk_budget: Option<u64>,
     /// Bytes the replay may hold (shared out by [`MemoryShares`]); beyond its share, the fold is
     /// flushed to the build's tables and later changes merged there (see `sink::spill`). None: fold
     /// everything in memory, with a large prefetch.
@@ -108,6 +111,10 @@ pub async fn rebuild<E: Send + Sync + 'static>(
         .iter()
         .map(|n| engine.projection(n))
         .collect::<Result<Vec<_>>>()?;
+    // A missing or unreadable schema file is a setup mistake: say so before touching anything.
+    for p in &projections {
+        engine.schemas.load(p.name(), p.version())?;
+    }
     let holder = holder_name("rebuild");
     let mut locks = Vec::new();
     for p in &projections {
@@ -152,9 +159,11 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     jobs.extend(to_resume);
     for job in &mut jobs {
         if job.build.phase == Phase::Indexing {
+            check_disk_budget(engine, job, options.disk_budget).await?;
             super::metrics::build_phase(&job.build.projection, job.build.build_id, Phase::Indexing);
             let started = Instant::now();
             build_indexes(engine, job).await?;
+            check_disk_budget(engine, job, options.disk_budget).await?;
             super::metrics::build_phase(
                 &job.build.projection,
                 job.build.build_id,
@@ -729,6 +738,35 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         report.aggregates_indexed =
             aggregate_index::replace(&mut conn, &engine.topic, &index, &positions).await?;
         report.aggregate_index_seconds = started.elapsed().as_secs_f64();
+    }
+    Ok(())
+}
+
+/// Stop, resumably, when a build's tables take more than the disk budget.
+async fn check_disk_budget<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    job: &Job<E>,
+    budget: Option<u64>,
+) -> Result<()> {
+    let Some(budget) = budget else {
+        return Ok(());
+    };
+    let bytes: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+    )
+    .bind(&job.build.schema_name)
+    .fetch_one(engine.catalog.pool())
+    .await
+    .context(|| format!("measuring the tables of {}", job.build.schema_name))?;
+    if bytes as u64 > budget {
+        return Err(EngineError::DiskBudget {
+            projection: job.projection.name().to_string(),
+            build_id: job.build.build_id,
+            schema: job.build.schema_name.clone(),
+            bytes: bytes as u64,
+            budget,
+        });
     }
     Ok(())
 }

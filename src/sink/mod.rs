@@ -78,9 +78,21 @@ pub trait Context<T> {
 
 impl<T> Context<T> for std::result::Result<T, sqlx::Error> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| SinkError::Database {
-            context: what(),
-            source,
+        self.map_err(|source| {
+            let mut context = what();
+            // Out of a resource on the server: say which, and that waiting or freeing it helps.
+            if let sqlx::Error::Database(db) = &source {
+                let hint = match db.code().as_deref() {
+                    Some("53100") => Some("the database server's disk is full; free space and run again, committed work is kept"),
+                    Some("53200") => Some("the database server is out of memory"),
+                    Some("53300") => Some("the database server has no connection slots left"),
+                    _ => None,
+                };
+                if let Some(hint) = hint {
+                    context = format!("{context} ({hint})");
+                }
+            }
+            SinkError::Database { context, source }
         })
     }
 }

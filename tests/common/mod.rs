@@ -156,6 +156,7 @@ pub fn rebuild_options() -> RebuildOptions {
         swap_options: SwapOptions::default(),
         quiet: true,
         memory_budget: None,
+        disk_budget: None,
     }
 }
 
