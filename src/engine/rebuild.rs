@@ -7,7 +7,8 @@
 //!    unless `allow_truncated_history`.
 //! 3. History up to that end is replayed once for all projections being built: decoded, upcast,
 //!    projected and folded in memory on two threads, then bulk-loaded with binary COPY, sorted by
-//!    key, committed with the positions. Then keys and indexes, then ANALYZE.
+//!    key, committed with the positions (and dead letters). With a memory budget the fold is flushed
+//!    to the tables whenever it outgrows its share (`sink::spill`). Then keys and indexes, ANALYZE.
 //! 4. Catch-up: transactional batches with positions until the lag is under the threshold.
 //! 5. Swap (unless `swap` is false: the build then waits, caught up, in phase `ready`).
 
