@@ -7,7 +7,6 @@ use super::replay::Format;
 use super::{GlobalArgs, Outcome, Settings};
 use crate::engine::Tuning;
 use crate::sink::dead_letters::{self, StoredDeadLetter};
-use crate::sink::Context;
 
 #[derive(Args, Debug)]
 pub struct DeadLettersArgs {
@@ -41,12 +40,7 @@ pub enum Action {
 pub async fn run(global: &GlobalArgs, args: DeadLettersArgs) -> anyhow::Result<Outcome> {
     let settings = Settings::resolve(global)?;
     let engine = settings.engine(Tuning::default()).await?;
-    let mut conn = engine
-        .catalog
-        .pool()
-        .acquire()
-        .await
-        .context(|| "connecting".into())?;
+    let mut conn = engine.catalog.conn().await?;
     match args.action {
         Action::List {
             projection,

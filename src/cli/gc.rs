@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::{GlobalArgs, Outcome, Settings};
 use crate::engine::Tuning;
-use crate::sink::{writer, Context, Phase};
+use crate::sink::{writer, Phase};
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
@@ -32,12 +32,7 @@ pub async fn run(global: &GlobalArgs, args: GcArgs) -> anyhow::Result<Outcome> {
     let past = engine.catalog.past_builds(None).await?;
     let mut kept_per_projection = std::collections::BTreeMap::<String, usize>::new();
     let mut dropped = 0;
-    let mut conn = engine
-        .catalog
-        .pool()
-        .acquire()
-        .await
-        .context(|| "connecting for gc".into())?;
+    let mut conn = engine.catalog.conn().await?;
     for (build, age) in past {
         let kept = kept_per_projection
             .entry(build.projection.clone())

@@ -15,7 +15,7 @@ use crate::projection::{Changes, Event};
 use crate::sink::dead_letters::{self, StoredDeadLetter};
 use crate::sink::lock::{AdvisoryLock, LockKind};
 use crate::sink::writer::{BatchWriter, BuildTables};
-use crate::sink::{Context, Phase};
+use crate::sink::Phase;
 
 #[derive(Debug, Default)]
 pub struct RetryReport {
@@ -36,12 +36,7 @@ pub async fn retry<E: Send + Sync + 'static>(
     ids: &[i64],
 ) -> Result<RetryReport> {
     let projection = engine.projection(projection)?;
-    let mut conn = engine
-        .catalog
-        .pool()
-        .acquire()
-        .await
-        .context(|| "connecting".into())?;
+    let mut conn = engine.catalog.conn().await?;
     let letters: Vec<StoredDeadLetter> =
         dead_letters::list(&mut conn, Some(projection.name()), false)
             .await?
@@ -99,12 +94,7 @@ pub async fn retry<E: Send + Sync + 'static>(
             for letter in of_build {
                 let id = letter.dead_letter_id;
                 if letter.kind == BadKind::Duplicate.as_str() {
-                    let mut conn = engine
-                        .catalog
-                        .pool()
-                        .acquire()
-                        .await
-                        .context(|| "connecting".into())?;
+                    let mut conn = engine.catalog.conn().await?;
                     dead_letters::mark_retried(&mut conn, id, None).await?;
                     report.duplicates.push(id);
                     continue;
@@ -124,12 +114,7 @@ pub async fn retry<E: Send + Sync + 'static>(
                 let (decoded, payload) = match checked {
                     Ok(ok) => ok,
                     Err(bad) => {
-                        let mut conn = engine
-                            .catalog
-                            .pool()
-                            .acquire()
-                            .await
-                            .context(|| "connecting".into())?;
+                        let mut conn = engine.catalog.conn().await?;
                         dead_letters::mark_retried(&mut conn, id, Some(&bad.reason)).await?;
                         report.still_failing.push((id, bad.to_string()));
                         continue;

@@ -331,12 +331,7 @@ async fn prepare_build<E: Send + Sync + 'static>(
 ) -> Result<Job<E>> {
     let builds = engine.catalog.builds(Some(projection.name())).await?;
     let mut current: Option<Build> = None;
-    let mut conn = engine
-        .catalog
-        .pool()
-        .acquire()
-        .await
-        .context(|| "connecting".into())?;
+    let mut conn = engine.catalog.conn().await?;
     for build in builds.into_iter().filter(|b| b.phase.in_progress()) {
         if build.version == projection.version() && current.is_none() && build.topic == engine.topic
         {

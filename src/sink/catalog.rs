@@ -138,6 +138,14 @@ impl Catalog {
         &self.pool
     }
 
+    /// One connection of the catalog's pool, for statements that must share a session.
+    pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        self.pool
+            .acquire()
+            .await
+            .context(|| "connecting to the database".into())
+    }
+
     /// Create or update the catalog. Safe to run from many processes at once.
     pub async fn migrate(&self) -> Result<()> {
         let mut tx = self

@@ -83,6 +83,8 @@ impl AdvisoryLock {
              FROM pg_locks l JOIN pg_stat_activity a USING (pid)
              WHERE l.locktype = 'advisory' AND l.classid = $1::int::oid AND l.objid = $2::int::oid
                AND l.objsubid = 2 AND l.granted
+               -- Advisory locks are per database: another database's holder of the same key is not ours.
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
              LIMIT 1",
         )
         .bind(class)
