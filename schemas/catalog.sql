@@ -88,3 +88,26 @@ CREATE TABLE IF NOT EXISTS reproject.dead_letters (
     resolved_at     timestamptz,
     UNIQUE (build_id, topic, partition, "offset")
 );
+
+-- What the replay of a build saw of the log (records against offset ranges per partition, aggregate
+-- sequence gaps), for verification.
+ALTER TABLE reproject.builds ADD COLUMN IF NOT EXISTS source_checks jsonb;
+
+-- Every verification of a build against another: the verdict and the whole report (JSON), kept so
+-- that a swap made with `--verify report` can be looked at afterwards.
+CREATE TABLE IF NOT EXISTS reproject.verifications (
+    verification_id     bigserial   PRIMARY KEY,
+    projection          text        NOT NULL,
+    candidate_build_id  bigint      NOT NULL REFERENCES reproject.builds ON DELETE CASCADE,
+    baseline_build_id   bigint,
+    -- strict or report (the policy it was run under), or check (`reproject verify`).
+    mode                text        NOT NULL,
+    passed              boolean     NOT NULL,
+    rows_differing      bigint,
+    report              jsonb       NOT NULL,
+    verified_at         timestamptz NOT NULL DEFAULT now()
+);
+
+-- Settings changed while a command runs (`reproject tune`): max_rate, batch_events, slow_at,
+-- pause_at. Read by catch-ups and followers at every pause check.
+ALTER TABLE reproject.controls ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}';

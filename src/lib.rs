@@ -12,7 +12,10 @@
 //! upcast/      the upcaster registry: steps from one message version to the next, checked at start-up
 //! projection/  the projection interface, row changes, and folding them into rows in memory
 //! sink/        PostgreSQL: binary COPY, the catalog, bulk loads and transactional batches with positions
-//! swap/        a build's life: fresh tables, replay, indexes, catch-up, the atomic cut-over, following
+//! verify/      comparing two builds table by table in one snapshot, before the new one goes live
+//! swap/        the atomic cut-over of the stable views to a new build
+//! engine/      a build's life, stage by stage: replay, load, indexes, catch-up, verify, swap, follow;
+//!              throttling against the database's health
 //! domain/      the example shop: its events in three versions, upcasters, projections, generator
 //! cli/         one file per subcommand
 //! ```
@@ -27,3 +30,4 @@ pub mod sink;
 pub mod source;
 pub mod swap;
 pub mod upcast;
+pub mod verify;

@@ -137,6 +137,7 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
         quiet: true,
         memory_budget: args.memory.memory_budget,
         disk_budget: None,
+        verify: None,
     };
     let cancel = super::shutdown_token();
     let started = Instant::now();

@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub brokers: Option<String>,
     /// PostgreSQL URL.
     pub database_url: Option<String>,
+    /// A replica for verification and other heavy reads.
+    pub read_database_url: Option<String>,
     /// The topic holding the event log.
     pub topic: Option<String>,
     /// Schema of the stable views.
@@ -36,6 +38,7 @@ pub struct FileConfig {
 pub struct Settings {
     pub kafka: KafkaSettings,
     pub database_url: String,
+    pub read_database_url: Option<String>,
     pub topic: String,
     pub view_schema: String,
     pub schema_dir: Option<PathBuf>,
@@ -72,6 +75,14 @@ impl Settings {
             .or(file.database_url)
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
         check_database_url(&database_url)?;
+        let read_database_url = global
+            .read_database
+            .clone()
+            .or_else(|| env("REPROJECT_READ_DATABASE_URL"))
+            .or(file.read_database_url);
+        if let Some(url) = &read_database_url {
+            check_database_url(url)?;
+        }
         let topic = global
             .topic
             .clone()
@@ -96,6 +107,7 @@ impl Settings {
                 properties,
             },
             database_url,
+            read_database_url,
             topic,
             view_schema: global
                 .view_schema
@@ -110,7 +122,7 @@ impl Settings {
     /// The engine for the shop domain.
     pub async fn engine(&self, tuning: Tuning) -> anyhow::Result<Engine<shop::ShopEvent>> {
         let registry = shop::registry().context("the shop's upcaster registry is inconsistent")?;
-        let engine = Engine::connect(EngineParts {
+        let mut engine = Engine::connect(EngineParts {
             kafka: self.kafka.clone(),
             topic: self.topic.clone(),
             database_url: self.database_url.clone(),
@@ -125,6 +137,7 @@ impl Settings {
         })
         .await
         .with_context(|| format!("PostgreSQL at {}", redact_url(&self.database_url)))?;
+        engine.read_database_url = self.read_database_url.clone();
         Ok(engine)
     }
 }

@@ -160,6 +160,7 @@ fn rebuild_options(settings: &Settings) -> RebuildOptions {
         quiet: settings.quiet,
         memory_budget: None,
         disk_budget: None,
+        verify: None,
     }
 }
 

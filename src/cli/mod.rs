@@ -17,6 +17,8 @@ mod seed;
 mod status;
 mod swap;
 mod totals;
+mod tune;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -49,6 +51,11 @@ pub struct GlobalArgs {
     /// PostgreSQL URL [env: DATABASE_URL] [default: postgres://postgres@127.0.0.1:5432/postgres]
     #[arg(long, global = true, value_name = "URL")]
     pub database_url: Option<String>,
+
+    /// A replica for verification and other heavy reads, instead of the primary
+    /// [env: REPROJECT_READ_DATABASE_URL]
+    #[arg(long, global = true, value_name = "URL")]
+    pub read_database: Option<String>,
 
     /// The topic holding the event log [env: REPROJECT_TOPIC] [default: shop.orders]
     #[arg(long, global = true)]
@@ -107,6 +114,11 @@ pub enum Command {
     Pause(pause::PauseArgs),
     /// Resume a paused projection.
     Resume(pause::PauseArgs),
+    /// Compare a new build with the live one (or a version, or a build) at the same log position:
+    /// counts, per-bucket checksums and sums, rows on one side only, a sample column by column.
+    Verify(verify::VerifyCommandArgs),
+    /// Change the rate cap, batch size or throttle thresholds of a projection's running commands.
+    Tune(tune::TuneArgs),
     /// Make the previously live build of a projection live again, after catching it up.
     Rollback(rollback::RollbackArgs),
     /// Drop the tables of retired and failed builds beyond --keep and older than --older-than-hours.
@@ -145,6 +157,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Swap(args) => swap::run(&global, args).await,
         Command::CheckTotals(args) => totals::run(&global, args).await,
         Command::Replay(args) => replay::run(&global, args).await,
+        Command::Verify(args) => verify::run(&global, args).await,
+        Command::Tune(args) => tune::run(&global, args).await,
         Command::Rollback(args) => rollback::run(&global, args).await,
         Command::Pause(args) => pause::run(&global, args, true).await,
         Command::Resume(args) => pause::run(&global, args, false).await,

@@ -61,6 +61,66 @@ pub struct TuningArgs {
     /// With --on-bad-record dead-letter: stop once a build holds more dead letters than this
     #[arg(long, default_value_t = 1_000, value_name = "RECORDS")]
     pub dead_letter_budget: u64,
+    #[command(flatten)]
+    pub throttle: ThrottleArgs,
+}
+
+/// The throttle: how catch-ups and followers adapt their write rate to the database's health.
+#[derive(Args, Debug, Clone)]
+pub struct ThrottleArgs {
+    /// Do not watch the database's health; write as fast as --max-rate allows
+    #[arg(long)]
+    pub no_throttle: bool,
+    /// How often to read the health signals
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub throttle_check_every: f64,
+    /// The probe query whose latency is compared with its baseline
+    #[arg(long, default_value = "SELECT 1", value_name = "SQL")]
+    pub throttle_probe: String,
+    /// The probe's latency limit, as a multiple of its fastest time (at least 1 ms)
+    #[arg(long, default_value_t = 10.0, value_name = "FACTOR")]
+    pub throttle_latency_factor: f64,
+    /// Active backends (other than reproject's) that count as full load [default: max_connections / 5]
+    #[arg(long, value_name = "N")]
+    pub throttle_max_active_backends: Option<u32>,
+    /// Replica lag (pg_stat_replication) that counts as full load
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub throttle_max_replica_lag: f64,
+    /// A query of your own returning one number, the database's load as you measure it
+    #[arg(long, value_name = "SQL")]
+    pub throttle_load_query: Option<String>,
+    /// The value of --throttle-load-query that counts as full load
+    #[arg(long, default_value_t = 1.0, value_name = "VALUE")]
+    pub throttle_load_limit: f64,
+    /// Halve the write rate when a signal is above this fraction of its limit
+    #[arg(long, default_value_t = 0.7, value_name = "FRACTION")]
+    pub throttle_slow_at: f64,
+    /// Pause writing when a signal reaches this fraction of its limit (resume below --throttle-slow-at)
+    #[arg(long, default_value_t = 1.0, value_name = "FRACTION")]
+    pub throttle_pause_at: f64,
+    /// Events per second added at each healthy check after a slow-down
+    #[arg(long, default_value_t = 5_000.0, value_name = "EVENTS")]
+    pub throttle_step: f64,
+}
+
+impl ThrottleArgs {
+    pub fn config(&self) -> Option<crate::engine::throttle::ThrottleConfig> {
+        (!self.no_throttle).then(|| crate::engine::throttle::ThrottleConfig {
+            check_every: Duration::from_secs_f64(self.throttle_check_every.clamp(0.1, 3600.0)),
+            probe_sql: self.throttle_probe.clone(),
+            latency_factor: self.throttle_latency_factor.max(1.0),
+            max_active_backends: self.throttle_max_active_backends,
+            max_replica_lag: Duration::from_secs_f64(
+                self.throttle_max_replica_lag.clamp(0.001, 1e6),
+            ),
+            load_query: self.throttle_load_query.clone(),
+            load_limit: self.throttle_load_limit,
+            slow_at: self.throttle_slow_at,
+            pause_at: self.throttle_pause_at.max(self.throttle_slow_at),
+            increase_step: self.throttle_step.max(1.0),
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +142,7 @@ impl TuningArgs {
                     budget: self.dead_letter_budget,
                 },
             },
+            throttle: self.throttle.config(),
         }
     }
 }
@@ -105,6 +166,8 @@ pub struct RebuildArgs {
     #[command(flatten)]
     pub swap: SwapArgs,
     #[command(flatten)]
+    pub verify: super::verify::VerifyArgs,
+    #[command(flatten)]
     pub tuning: TuningArgs,
 }
 
@@ -127,6 +190,7 @@ pub async fn run(global: &GlobalArgs, args: RebuildArgs) -> anyhow::Result<Outco
         quiet: settings.quiet,
         memory_budget: args.memory.memory_budget,
         disk_budget: args.memory.disk_budget.map(|b| b as u64),
+        verify: args.verify.policy(),
     };
     let report = rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?;
     print_report(&report);

@@ -58,9 +58,11 @@ pub async fn run(global: &GlobalArgs, args: RollbackArgs) -> anyhow::Result<Outc
         &build,
         &projection,
         &args.swap.options(&settings),
+        None,
         &shutdown_token(),
     )
     .await?;
+    let (report, _) = report;
     super::swap::print_swapped(&report, "rolled back: it now reads build", " again");
     Ok(Outcome::Success)
 }

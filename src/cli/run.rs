@@ -25,6 +25,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub swap: SwapArgs,
     #[command(flatten)]
+    pub verify: super::verify::VerifyArgs,
+    #[command(flatten)]
     pub tuning: TuningArgs,
 }
 
@@ -40,6 +42,7 @@ pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<Outcome> 
             quiet: true,
             memory_budget: args.memory.memory_budget,
             disk_budget: args.memory.disk_budget.map(|b| b as u64),
+            verify: args.verify.policy(),
         },
         exit_when_caught_up: args.exit_when_caught_up,
     };

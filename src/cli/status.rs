@@ -95,6 +95,17 @@ fn line(out: &mut String, label: &str, b: &BuildStatus) {
             if let Some(w) = &b.writer {
                 out.push_str(&format!("  by {w}"));
             }
+            if let Some(t) = progress.get("throttle").filter(|t| !t.is_null()) {
+                let state = t.get("state").and_then(|v| v.as_str()).unwrap_or("?");
+                let reason = t.get("reason").and_then(|v| v.as_str()).unwrap_or("");
+                let rate = t
+                    .get("rate")
+                    .and_then(|v| v.as_f64())
+                    .map_or_else(|| "none".into(), |r| format!("{r:.0} events/s"));
+                out.push_str(&format!(
+                    "\n            throttle {state}, rate {rate}: {reason}"
+                ));
+            }
         }
     }
     if b.build.history_truncated {

@@ -14,6 +14,8 @@ pub struct SwapArgs {
     #[command(flatten)]
     pub swap: SwapTuning,
     #[command(flatten)]
+    pub verify: super::verify::VerifyArgs,
+    #[command(flatten)]
     pub tuning: TuningArgs,
 }
 
@@ -34,9 +36,14 @@ pub async fn run(global: &GlobalArgs, args: SwapArgs) -> anyhow::Result<Outcome>
         &build,
         &projection,
         &args.swap.options(&settings),
+        args.verify.policy().as_ref(),
         &shutdown_token(),
     )
     .await?;
+    let (report, verification) = report;
+    if let Some(v) = verification {
+        print!("{}", v.render());
+    }
     print_swapped(&report, "now reads build", "");
     Ok(Outcome::Success)
 }

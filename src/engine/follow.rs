@@ -7,7 +7,7 @@
 //! retried on a new connection with exponential backoff and jitter, so nothing is lost or applied
 //! twice.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::progress::{lag, Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
+use super::throttle::{LiveSettings, Throttle};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::DynProjection;
 use crate::sink::catalog::Positions;
@@ -30,10 +31,13 @@ pub struct FollowTarget<E> {
     pub positions: Positions,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Until {
     /// Return once the lag to the log end is at most this many events.
     CaughtUp { lag_below: i64 },
+    /// Return once exactly these positions are reached (nothing past them is applied): to line a
+    /// build up with another one before comparing them.
+    Reached(Positions),
     /// Return when cancelled (or when the catalog shows a build is no longer ours to write: see run).
     Cancelled,
 }
@@ -93,6 +97,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
     label: &str,
 ) -> Result<FollowOutcome> {
     let stop = Arc::new(AtomicBool::new(false));
+    let batch_size = Arc::new(AtomicUsize::new(engine.tuning.batch_events));
     let reader_targets = targets
         .iter()
         .map(|t| Target {
@@ -102,8 +107,12 @@ async fn follow_locked<E: Send + Sync + 'static>(
         .collect();
     let config = ReaderConfig {
         topic: engine.topic.clone(),
-        stop_at: None,
-        max_batch_events: engine.tuning.batch_events,
+        stop_at: match &until {
+            Until::Reached(at) => Some(at.clone()),
+            _ => None,
+        },
+        stop_exactly: matches!(until, Until::Reached(_)),
+        max_batch_events: batch_size.clone(),
         max_batch_wait: Duration::from_millis(200),
         log_end_every: Some(Duration::from_millis(500)),
         stall_timeout: engine.tuning.stall_timeout,
@@ -123,7 +132,16 @@ async fn follow_locked<E: Send + Sync + 'static>(
         stop.clone(),
         4,
     );
-    let outcome = apply_batches(engine, targets, until, cancel, label, &mut batches).await;
+    let outcome = apply_batches(
+        engine,
+        targets,
+        until,
+        cancel,
+        label,
+        &mut batches,
+        &batch_size,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     drop(batches);
     let _ = tokio::task::spawn_blocking(move || reader.join()).await;
@@ -139,6 +157,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
     batches: &mut tokio::sync::mpsc::Receiver<
         std::result::Result<reader::Batch, reader::ReadError>,
     >,
+    batch_size: &AtomicUsize,
 ) -> Result<FollowOutcome> {
     let mut writer = BatchWriter::connect(&engine.database_url).await?;
     let mut progress = Progress::new(label.to_string(), None, false);
@@ -151,12 +170,49 @@ async fn apply_batches<E: Send + Sync + 'static>(
     let mut last_pause_check = Instant::now() - Duration::from_secs(60);
     let writer_name = holder_name(label);
     let names: Vec<&str> = targets.iter().map(|t| t.projection.name()).collect();
+    let mut live = LiveSettings::default();
+    let mut throttle = engine
+        .tuning
+        .throttle
+        .clone()
+        .map(|config| Throttle::new(config, &engine.database_url));
     loop {
         // `reproject pause` takes effect here, between batches: nothing is half-applied.
         if last_pause_check.elapsed() >= PAUSE_CHECK_EVERY {
             last_pause_check = Instant::now();
             if wait_while_paused(engine, &names, targets, &writer_name, cancel).await? {
                 last_pause_check = Instant::now();
+            }
+            // `reproject tune` takes effect here too.
+            let now = engine.catalog.live_settings(&names).await?;
+            if now != live {
+                tracing::info!(message = "settings changed by `reproject tune`", settings = ?now);
+                batch_size.store(
+                    now.batch_events
+                        .unwrap_or(engine.tuning.batch_events)
+                        .max(1),
+                    Ordering::Relaxed,
+                );
+                super::metrics::max_rate(now.max_rate.or(engine.tuning.max_rate));
+                live = now;
+            }
+        }
+        if let Some(t) = throttle.as_mut() {
+            t.check_if_due(&live, engine.tuning.max_rate).await?;
+            while t.paused() && !cancel.is_cancelled() {
+                let snap = serde_json::json!({"phase": "throttled", "throttle": t.last()});
+                for target in targets.iter() {
+                    engine
+                        .catalog
+                        .write_progress(target.build.build_id, &writer_name, &snap)
+                        .await;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(t.check_every()) => {}
+                }
+                live = engine.catalog.live_settings(&names).await?;
+                t.check(&live, engine.tuning.max_rate).await?;
             }
         }
         let batch = tokio::select! {
@@ -169,6 +225,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 None => return Err(EngineError::Interrupted),
             },
         };
+        let last = batch.done;
         if let Some(end) = &batch.log_end {
             log_end = end.clone();
         }
@@ -262,7 +319,9 @@ async fn apply_batches<E: Send + Sync + 'static>(
             }
             events += batch.events;
             dead_letters += stored.iter().map(|l| l.len() as u64).sum::<u64>();
-            if let Some(rate) = engine.tuning.max_rate.filter(|r| *r > 0) {
+            if let Some(t) = throttle.as_mut() {
+                t.pace(batch.events).await;
+            } else if let Some(rate) = live.max_rate.or(engine.tuning.max_rate).filter(|r| *r > 0) {
                 // Hold the average at the cap: sleep until this many events are due.
                 let due = Duration::from_secs_f64(events as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(progress.elapsed()) {
@@ -296,13 +355,34 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     &t.positions,
                     &log_end,
                 );
+                let mut json = snap.to_json();
+                if let (Some(decision), Some(map)) = (
+                    throttle.as_ref().and_then(Throttle::last),
+                    json.as_object_mut(),
+                ) {
+                    map.insert(
+                        "throttle".into(),
+                        serde_json::to_value(decision).unwrap_or_default(),
+                    );
+                }
                 engine
                     .catalog
-                    .write_progress(t.build.build_id, &writer_name, &snap.to_json())
+                    .write_progress(t.build.build_id, &writer_name, &json)
                     .await;
             }
         }
-        if let (Until::CaughtUp { lag_below }, Some(l)) = (until, last_lag) {
+        if last && matches!(until, Until::Reached(_)) {
+            progress.finish();
+            return Ok(FollowOutcome {
+                positions: targets.iter().map(|t| t.positions.clone()).collect(),
+                events,
+                rows_written,
+                lag: last_lag,
+                dead_letters,
+            });
+        }
+        if let (Until::CaughtUp { lag_below }, Some(l)) = (&until, last_lag) {
+            let lag_below = *lag_below;
             // A batch's log end was measured when it was read; batches may have waited since. Ask
             // the brokers again before calling it caught up.
             let confirmed = l <= lag_below && !log_end.is_empty() && {

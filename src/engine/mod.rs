@@ -17,6 +17,8 @@ pub mod rebuild;
 pub mod replay;
 pub mod run;
 pub mod status;
+pub mod throttle;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,6 +67,15 @@ pub enum EngineError {
         schema: String,
         bytes: u64,
         budget: u64,
+    },
+    #[error("projection {projection}: build {build_id} failed verification, so it was not swapped in: {failures}. \
+             The report is verification {verification_id} (`reproject verify {projection}` shows it again); \
+             the build stays caught up and ready: fix the cause, or swap with `--verify report` if the differences are intended")]
+    VerificationFailed {
+        projection: String,
+        build_id: i64,
+        verification_id: i64,
+        failures: String,
     },
     #[error("interrupted; committed work is kept and the next run resumes from it")]
     Interrupted,
@@ -140,6 +151,9 @@ pub struct Tuning {
     pub max_rate: Option<u64>,
     /// What to do with a record that cannot be applied.
     pub bad_records: BadRecordPolicy,
+    /// Adapt the write rate of catch-ups and followers to the database's health (None: only the
+    /// `max_rate` cap). The CLI turns it on unless `--no-throttle`.
+    pub throttle: Option<throttle::ThrottleConfig>,
 }
 
 /// What a rebuild or follower does with a bad record (see [`reader::BadKind`]).
@@ -162,6 +176,7 @@ impl Default for Tuning {
             stall_timeout: std::time::Duration::from_secs(300),
             max_rate: None,
             bad_records: BadRecordPolicy::Fail,
+            throttle: None,
         }
     }
 }
@@ -171,6 +186,8 @@ pub struct Engine<E> {
     pub kafka: KafkaSettings,
     pub topic: String,
     pub database_url: String,
+    /// Where verification and other heavy reads go (a replica), when not the primary.
+    pub read_database_url: Option<String>,
     pub view_schema: String,
     pub registry: Arc<Registry<E>>,
     pub projections: Vec<DynProjection<E>>,
@@ -216,6 +233,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
             kafka: parts.kafka,
             topic: parts.topic,
             database_url: parts.database_url,
+            read_database_url: None,
             view_schema: parts.view_schema,
             registry: parts.registry,
             projections: parts.projections,

@@ -295,7 +295,11 @@ pub struct ReaderConfig {
     pub topic: String,
     /// Stop once every partition has reached this end (the replay's snapshot of the log end).
     pub stop_at: Option<Positions>,
-    pub max_batch_events: usize,
+    /// With `stop_at`: apply nothing at or past a partition's end (records there are read and
+    /// dropped), so that every target ends exactly at `stop_at` (lining two builds up to verify them).
+    pub stop_exactly: bool,
+    /// Shared so that `reproject tune --batch-events` can change it while the reader runs.
+    pub max_batch_events: Arc<std::sync::atomic::AtomicUsize>,
     pub max_batch_wait: Duration,
     /// How often to ask the brokers where the log ends (for lag). None: never.
     pub log_end_every: Option<Duration>,
@@ -331,6 +335,62 @@ pub struct Batch {
     pub aggregates: Option<AggregateIndex>,
     /// Bad records passed over under the dead-letter policy.
     pub dead_letters: Vec<DeadLetter>,
+    /// On the last batch of a bounded read: what was received against the offsets read.
+    pub source_checks: Option<SourceChecks>,
+}
+
+/// Source-side checks of a bounded read: per partition the records received against the range of
+/// offsets read (a broker legitimately skips transaction markers and compacted records; anything
+/// else missing is lost data), and the aggregates' sequence numbers, when the index was kept.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SourceChecks {
+    pub partitions: usize,
+    pub records: i64,
+    pub offsets: i64,
+    pub offsets_skipped: i64,
+    /// Partitions with offsets not received: partition -> how many.
+    pub skipped_by_partition: BTreeMap<i32, i64>,
+    /// Aggregates whose sequences were checked; None when the aggregate index was given up.
+    pub aggregates: Option<u64>,
+    pub sequence_gaps: u64,
+    pub sequence_repeats: u64,
+    pub gap_examples: Vec<String>,
+}
+
+impl SourceChecks {
+    fn of(
+        start: &Positions,
+        next: &Positions,
+        received: &[i64],
+        index: Option<&AggregateIndex>,
+    ) -> SourceChecks {
+        let mut checks = SourceChecks {
+            partitions: next.len(),
+            ..Default::default()
+        };
+        for (&p, &end) in next {
+            let from = start.get(&p).copied().unwrap_or(end);
+            let got = usize::try_from(p)
+                .ok()
+                .and_then(|i| received.get(i))
+                .copied()
+                .unwrap_or(0);
+            let range = (end - from).max(0);
+            checks.records += got;
+            checks.offsets += range;
+            if range > got {
+                checks.offsets_skipped += range - got;
+                checks.skipped_by_partition.insert(p, range - got);
+            }
+        }
+        if let Some(index) = index {
+            checks.aggregates = Some(index.len() as u64);
+            checks.sequence_gaps = index.sequence_gaps;
+            checks.sequence_repeats = index.sequence_repeats;
+            checks.gap_examples = index.gap_examples.clone();
+        }
+        checks
+    }
 }
 
 /// Start reading. The thread stops when `stop_at` is reached, when `stop` is set, when the receiver
@@ -416,6 +476,16 @@ fn read<E: 'static>(
     let mut scratch = Changes::default();
     let mut recent = RecentEventIds::new(DUPLICATE_WINDOW);
     let mut aggregates = config.index_aggregates.then(AggregateIndex::default);
+    if let Some(index) = aggregates.as_mut() {
+        for (&p, &o) in &next {
+            if o == 0 {
+                index.read_from_start(p);
+            }
+        }
+    }
+    let read_from = next.clone();
+    // Records received per partition (indexed by partition number), for the source checks.
+    let mut received: Vec<i64> = Vec::new();
     let mut batch_start = next.clone();
     let mut batch = Batch {
         changes: vec![Vec::new(); targets.len()],
@@ -488,6 +558,18 @@ fn read<E: 'static>(
                 }
                 last_error = Some(error.to_string());
             }
+            Some(Ok(message))
+                if config.stop_exactly
+                    && config.stop_at.as_ref().is_some_and(|end| {
+                        end.get(&message.partition())
+                            .is_none_or(|&e| message.offset() >= e)
+                    }) =>
+            {
+                // Past where this read must end: leave it for whoever reads on from there.
+                progressed = true;
+                last_error = None;
+                last_of_partition = true;
+            }
             Some(Ok(message)) => {
                 progressed = true;
                 last_error = None;
@@ -510,7 +592,12 @@ fn read<E: 'static>(
                     event_id = Some(decoded.meta.event_id);
                     let type_url = Some(decoded.type_url.as_str());
                     if let Some(index) = aggregates.as_mut() {
-                        index.record(&decoded.meta.aggregate_id, partition, offset);
+                        index.record(
+                            &decoded.meta.aggregate_id,
+                            partition,
+                            offset,
+                            decoded.meta.sequence,
+                        );
                         if config
                             .aggregate_index_max_bytes
                             .is_some_and(|max| index.approx_bytes() > max)
@@ -568,6 +655,12 @@ fn read<E: 'static>(
                     });
                 }
                 next.insert(partition, offset + 1);
+                if let Ok(i) = usize::try_from(partition) {
+                    if i >= received.len() {
+                        received.resize(i + 1, 0);
+                    }
+                    received[i] += 1;
+                }
                 last_of_partition = config
                     .stop_at
                     .as_ref()
@@ -587,7 +680,7 @@ fn read<E: 'static>(
         // only when a record is the last one of its partition, or when idle.
         let done =
             config.stop_at.is_some() && (polled_nothing || last_of_partition) && reached(&next);
-        let full = batch.events as usize >= config.max_batch_events;
+        let full = batch.events as usize >= config.max_batch_events.load(Ordering::Relaxed);
         // The clock again only every 1,024 records, or when idle.
         let waited = (batch.events % 1_024 == 0 || polled_nothing)
             && batch_started.elapsed() >= config.max_batch_wait;
@@ -615,6 +708,12 @@ fn read<E: 'static>(
             batch.next = next.clone();
             batch.done = done;
             if done {
+                batch.source_checks = Some(SourceChecks::of(
+                    &read_from,
+                    &next,
+                    &received,
+                    aggregates.as_ref(),
+                ));
                 batch.aggregates = aggregates.take();
             }
             // Sized like the last batch: growing 80,000 changes by doubling cost a tenth of the

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::follow::{self, FollowTarget, Until};
 use super::progress::{Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
+use super::verify::{self, Against, VerifyMode, VerifyPolicy};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::{DynProjection, RowStore};
 use crate::sink::aggregate_index::{self, AggregateIndex};
@@ -48,6 +49,9 @@ pub struct RebuildOptions {
     /// flushed to the build's tables and later changes merged there (see `sink::spill`). None: fold
     /// everything in memory, with a large prefetch.
     pub memory_budget: Option<usize>,
+    /// Verify the new build against the live one before the swap (see `engine::verify`): `strict`
+    /// refuses the swap when it fails, `report` swaps and keeps the report. None: no verification.
+    pub verify: Option<VerifyPolicy>,
 }
 
 /// What a rebuild did, per phase, for the report and the benchmarks.
@@ -74,6 +78,8 @@ pub struct RebuildReport {
     pub peak_fold_bytes: u64,
     /// Bad records stored in `reproject.dead_letters` by the replay and the catch-up (all builds).
     pub dead_letters: u64,
+    /// Verifications run before the swaps.
+    pub verifications: Vec<verify::Verification>,
 }
 
 /// How a rebuild's memory budget is shared out: most to the fold, which spills when it is over its
@@ -205,6 +211,11 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     let started = Instant::now();
     for job in &jobs {
         if options.swap {
+            if let Some(policy) = &options.verify {
+                let verification =
+                    verify_before_swap(engine, &job.build, &job.projection, policy, cancel).await?;
+                report.verifications.push(verification);
+            }
             let swapped = swap_when_caught_up(
                 engine,
                 &job.build,
@@ -232,14 +243,48 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     Ok(report)
 }
 
-/// Catch `build` up with the log, then swap it in: what `swap` and `rollback` do.
+/// Verify `build` against the live build; under `strict`, a failed verification stops here with
+/// the reasons (the build stays ready and caught up; nothing is swapped).
+pub async fn verify_before_swap<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    build: &Build,
+    projection: &DynProjection<E>,
+    policy: &VerifyPolicy,
+    cancel: &CancellationToken,
+) -> Result<verify::Verification> {
+    let verification =
+        verify::verify(engine, projection, build, Against::Active, policy, cancel).await?;
+    if verification.passed {
+        tracing::info!(message = "verified against the live build", projection = %projection.name(), build_id = build.build_id,
+            against = ?verification.baseline_build_id, verification_id = ?verification.verification_id);
+    } else if policy.mode == VerifyMode::Strict {
+        engine
+            .catalog
+            .set_phase(build.build_id, Phase::Ready)
+            .await?;
+        return Err(EngineError::VerificationFailed {
+            projection: projection.name().to_string(),
+            build_id: build.build_id,
+            verification_id: verification.verification_id.unwrap_or_default(),
+            failures: verification.failures.join("; "),
+        });
+    } else {
+        tracing::warn!(message = "verification found differences; swapping anyway (--verify report)", projection = %projection.name(),
+            build_id = build.build_id, failures = %verification.failures.join("; "), verification_id = ?verification.verification_id);
+    }
+    Ok(verification)
+}
+
+/// Catch `build` up with the log, verify it when asked, then swap it in: what `swap` and
+/// `rollback` do.
 pub async fn catch_up_and_swap<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     build: &Build,
     projection: &DynProjection<E>,
     swap_options: &SwapOptions,
+    verify: Option<&VerifyPolicy>,
     cancel: &CancellationToken,
-) -> Result<SwapReport> {
+) -> Result<(SwapReport, Option<verify::Verification>)> {
     // Catching up runs this binary's projection code: it must be the code the build was made with.
     if build.version != projection.version() {
         return Err(EngineError::Projection {
@@ -265,7 +310,12 @@ pub async fn catch_up_and_swap<E: Send + Sync + 'static>(
     if cancel.is_cancelled() {
         return Err(EngineError::Interrupted);
     }
-    swap_when_caught_up(engine, build, projection, swap_options, cancel).await
+    let verification = match verify {
+        Some(policy) => Some(verify_before_swap(engine, build, projection, policy, cancel).await?),
+        None => None,
+    };
+    let swapped = swap_when_caught_up(engine, build, projection, swap_options, cancel).await?;
+    Ok((swapped, verification))
 }
 
 /// Follow one build from its stored positions until its lag is at most `lag_below`.
@@ -475,8 +525,11 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let config = ReaderConfig {
         topic: engine.topic.clone(),
         stop_at: Some(bounds.end.clone()),
+        stop_exactly: false,
         // The fold checks its memory budget between batches: a batch is what it may overshoot by.
-        max_batch_events: engine.tuning.batch_events,
+        max_batch_events: Arc::new(std::sync::atomic::AtomicUsize::new(
+            engine.tuning.batch_events,
+        )),
         max_batch_wait: Duration::from_millis(100),
         log_end_every: None,
         stall_timeout: engine.tuning.stall_timeout,
@@ -510,7 +563,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         Option<(sqlx::PgConnection, Vec<SpillState>)>,
         Positions,
         u64,
-        Option<AggregateIndex>,
+        (Option<AggregateIndex>, Option<reader::SourceChecks>),
         usize,
         Vec<Vec<reader::DeadLetter>>,
     );
@@ -601,7 +654,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                     spill,
                     positions,
                     events,
-                    batch.aggregates,
+                    (batch.aggregates, batch.source_checks),
                     peak_bytes,
                     dead_letters,
                 ));
@@ -639,7 +692,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let mut progress = Progress::new("replaying", Some(total.max(0) as u64), options.quiet);
     let writer_name = holder_name("rebuild");
     tokio::pin!(fold);
-    let (stores, spill, positions, events, aggregates, peak_bytes, dead_letters) = loop {
+    let (stores, spill, positions, events, (aggregates, source_checks), peak_bytes, dead_letters) = loop {
         tokio::select! {
             result = &mut fold => break result.map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("fold task failed: {e}") })??,
             _ = cancel.cancelled() => {
@@ -701,10 +754,11 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             dead_letters::insert(&mut tx, job.build.build_id, job.projection.name(), &letters)
                 .await?;
         catalog::insert_positions(&mut tx, job.build.build_id, &positions, &bounds.end).await?;
-        sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3 WHERE build_id = $1")
+        sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3, source_checks = $4 WHERE build_id = $1")
             .bind(job.build.build_id)
             .bind(events as i64)
             .bind(rows as i64)
+            .bind(source_checks.as_ref().map(sqlx::types::Json))
             .execute(&mut *tx)
             .await
             .context(|| "recording the load".into())?;

@@ -139,6 +139,7 @@ pub async fn run<E: Send + Sync + 'static>(
             Some(lag) if !pending && running.is_empty() => Until::CaughtUp { lag_below: lag },
             _ => Until::Cancelled,
         };
+        let exits_when_caught_up = matches!(until, Until::CaughtUp { .. });
         let outcome = tokio::select! {
             outcome = async {
                 if targets.is_empty() {
@@ -167,9 +168,7 @@ pub async fn run<E: Send + Sync + 'static>(
         round.cancel();
         let _ = watcher.await;
         match outcome {
-            Ok(Some(_)) if matches!(until, Until::CaughtUp { .. }) && !cancel.is_cancelled() => {
-                return Ok(())
-            }
+            Ok(Some(_)) if exits_when_caught_up && !cancel.is_cancelled() => return Ok(()),
             Ok(_) => attempt = 0,
             Err(e) if (e.is_retriable() || matches!(e, EngineError::Read(_))) && attempt < 5 => {
                 attempt += 1;

@@ -25,25 +25,74 @@ pub struct Span {
 
 /// Collected by the reader during a replay: one map per partition, looked up by the record's
 /// aggregate id without allocating unless the aggregate is new.
+///
+/// It also checks each aggregate's sequence numbers as they go by (they start at 1 and grow by one
+/// per event): a gap means events are missing from the log, which no projection could notice.
 #[derive(Default, Debug)]
 pub struct AggregateIndex {
-    partitions: BTreeMap<i32, FxHashMap<Box<str>, (i64, i64)>>,
+    partitions: BTreeMap<i32, FxHashMap<Box<str>, Entry>>,
     /// Rough heap bytes held, for the memory budget.
     approx_bytes: usize,
+    /// Partitions read from offset 0, where an aggregate's first event must be sequence 1.
+    from_start: std::collections::BTreeSet<i32>,
+    pub sequence_gaps: u64,
+    /// A sequence number at or below the one before (a copy with another event id, or reordering).
+    pub sequence_repeats: u64,
+    pub gap_examples: Vec<String>,
 }
 
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    first: i64,
+    last: i64,
+    sequence: u64,
+}
+
+const GAP_EXAMPLES: usize = 5;
+
 impl AggregateIndex {
-    /// Note an event of `aggregate_id` at `offset`. Offsets arrive in increasing order per partition.
+    /// Expect sequence 1 for an aggregate first seen in `partition` (it is read from offset 0).
+    pub fn read_from_start(&mut self, partition: i32) {
+        self.from_start.insert(partition);
+    }
+
+    /// Note an event of `aggregate_id` at `offset` with its sequence number. Offsets arrive in
+    /// increasing order per partition.
     #[inline]
-    pub fn record(&mut self, aggregate_id: &str, partition: i32, offset: i64) {
+    pub fn record(&mut self, aggregate_id: &str, partition: i32, offset: i64, sequence: u64) {
         let map = self.partitions.entry(partition).or_default();
-        match map.get_mut(aggregate_id) {
-            Some(span) => span.1 = offset,
-            None => {
-                // The id's allocation, its boxed pointer and span, and the map's slot overhead.
-                self.approx_bytes += aggregate_id.len() + 48;
-                map.insert(aggregate_id.into(), (offset, offset));
+        let expected = match map.get_mut(aggregate_id) {
+            Some(entry) => {
+                entry.last = offset;
+                let expected = entry.sequence + 1;
+                entry.sequence = entry.sequence.max(sequence);
+                Some(expected)
             }
+            None => {
+                // The id's allocation, its boxed pointer and entry, and the map's slot overhead.
+                self.approx_bytes += aggregate_id.len() + 56;
+                map.insert(
+                    aggregate_id.into(),
+                    Entry {
+                        first: offset,
+                        last: offset,
+                        sequence,
+                    },
+                );
+                self.from_start.contains(&partition).then_some(1)
+            }
+        };
+        match expected {
+            Some(e) if sequence > e => {
+                self.sequence_gaps += 1;
+                if self.gap_examples.len() < GAP_EXAMPLES {
+                    self.gap_examples.push(format!(
+                        "aggregate {aggregate_id}: sequence {sequence} at partition {partition} offset {offset}, expected {e}"
+                    ));
+                }
+            }
+            Some(e) if sequence < e => self.sequence_repeats += 1,
+            _ => {}
         }
     }
 
@@ -61,13 +110,13 @@ impl AggregateIndex {
 
     fn rows<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = [Value; 5]> + 'a {
         self.partitions.iter().flat_map(move |(&partition, map)| {
-            map.iter().map(move |(id, &(first, last))| {
+            map.iter().map(move |(id, entry)| {
                 [
                     Value::text(topic),
                     Value::text(&**id),
                     Value::BigInt(i64::from(partition)),
-                    Value::BigInt(first),
-                    Value::BigInt(last),
+                    Value::BigInt(entry.first),
+                    Value::BigInt(entry.last),
                 ]
             })
         })
@@ -178,4 +227,29 @@ pub async fn locate(pool: &PgPool, topic: &str, aggregate_id: &str) -> Result<Lo
             .collect(),
         covered_through: coverage.into_iter().collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_gaps_and_repeats_are_counted_per_aggregate() {
+        let mut index = AggregateIndex::default();
+        index.read_from_start(0);
+        // a: 1, 2, 4 (gap); b: starts at 2 (gap at the start); c on partition 1 (not read from 0).
+        index.record("a", 0, 0, 1);
+        index.record("a", 0, 1, 2);
+        index.record("b", 0, 2, 2);
+        index.record("a", 0, 3, 4);
+        index.record("a", 0, 4, 4);
+        index.record("c", 1, 0, 7);
+        index.record("c", 1, 1, 8);
+        assert_eq!(index.sequence_gaps, 2);
+        assert_eq!(index.sequence_repeats, 1);
+        assert!(index.gap_examples[0].contains("aggregate b: sequence 2"));
+        assert!(index.gap_examples[1]
+            .contains("aggregate a: sequence 4 at partition 0 offset 3, expected 3"));
+        assert_eq!(index.len(), 3);
+    }
 }

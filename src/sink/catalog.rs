@@ -312,6 +312,117 @@ impl Catalog {
             .collect()
     }
 
+    /// Change settings of a running projection (`reproject tune`); None values are left as they are.
+    pub async fn tune(
+        &self,
+        projection: &str,
+        settings: &crate::engine::throttle::LiveSettings,
+        by: &str,
+    ) -> Result<crate::engine::throttle::LiveSettings> {
+        let patch = serde_json::to_value(settings)
+            .map_err(|e| SinkError::Invalid(format!("encoding settings: {e}")))?;
+        let patch: serde_json::Map<String, serde_json::Value> = patch
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let merged: sqlx::types::Json<crate::engine::throttle::LiveSettings> = sqlx::query_scalar(
+            "INSERT INTO reproject.controls (projection, settings, changed_by) VALUES ($1, $2, $3)
+             ON CONFLICT (projection) DO UPDATE SET settings = reproject.controls.settings || $2,
+                 changed_by = $3, changed_at = now()
+             RETURNING settings",
+        )
+        .bind(projection)
+        .bind(sqlx::types::Json(serde_json::Value::Object(patch)))
+        .bind(by)
+        .fetch_one(&self.pool)
+        .await
+        .context(|| format!("changing the settings of {projection}"))?;
+        Ok(merged.0)
+    }
+
+    /// Forget every setting `tune` made for `projection`.
+    pub async fn clear_tuning(&self, projection: &str) -> Result<()> {
+        sqlx::query("UPDATE reproject.controls SET settings = '{}', changed_at = now() WHERE projection = $1")
+            .bind(projection)
+            .execute(&self.pool)
+            .await
+            .context(|| format!("clearing the settings of {projection}"))?;
+        Ok(())
+    }
+
+    /// The settings `tune` made for these projections, combined: the strictest of each.
+    pub async fn live_settings(
+        &self,
+        projections: &[&str],
+    ) -> Result<crate::engine::throttle::LiveSettings> {
+        let rows: Vec<sqlx::types::Json<crate::engine::throttle::LiveSettings>> =
+            sqlx::query_scalar(
+                "SELECT settings FROM reproject.controls WHERE projection = ANY($1)",
+            )
+            .bind(projections)
+            .fetch_all(&self.pool)
+            .await
+            .context(|| "reading the settings of `reproject tune`".into())?;
+        let mut out = crate::engine::throttle::LiveSettings::default();
+        fn min<T: PartialOrd + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(x), Some(y)) => Some(if y < x { y } else { x }),
+                (x, None) => x,
+                (None, y) => y,
+            }
+        }
+        for s in rows {
+            out.max_rate = min(out.max_rate, s.0.max_rate);
+            out.batch_events = min(out.batch_events, s.0.batch_events);
+            out.slow_at = min(out.slow_at, s.0.slow_at);
+            out.pause_at = min(out.pause_at, s.0.pause_at);
+        }
+        Ok(out)
+    }
+
+    /// What the replay of a build recorded about the log, if it did.
+    pub async fn source_checks(&self, build_id: i64) -> Result<Option<serde_json::Value>> {
+        let value: Option<sqlx::types::Json<serde_json::Value>> =
+            sqlx::query_scalar("SELECT source_checks FROM reproject.builds WHERE build_id = $1")
+                .bind(build_id)
+                .fetch_optional(&self.pool)
+                .await
+                .context(|| format!("reading the source checks of build {build_id}"))?
+                .flatten();
+        Ok(value.map(|v| v.0))
+    }
+
+    /// Keep a verification's report; returns its id.
+    pub async fn record_verification(
+        &self,
+        verification: &crate::engine::verify::Verification,
+        mode: crate::engine::verify::VerifyMode,
+    ) -> Result<i64> {
+        let report = serde_json::to_value(verification)
+            .map_err(|e| SinkError::Invalid(format!("encoding a verification report: {e}")))?;
+        sqlx::query_scalar(
+            "INSERT INTO reproject.verifications
+                 (projection, candidate_build_id, baseline_build_id, mode, passed, rows_differing, report)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING verification_id",
+        )
+        .bind(&verification.projection)
+        .bind(verification.candidate_build_id)
+        .bind(verification.baseline_build_id)
+        .bind(match mode {
+            crate::engine::verify::VerifyMode::Strict => "strict",
+            crate::engine::verify::VerifyMode::Report => "report",
+        })
+        .bind(verification.passed)
+        .bind(verification.comparison.as_ref().map(|c| c.rows_differing()))
+        .bind(sqlx::types::Json(report))
+        .fetch_one(&self.pool)
+        .await
+        .context(|| format!("recording the verification of build {}", verification.candidate_build_id))
+    }
+
     /// Progress of a running build, shown by `status`. Best effort: a failure is only logged.
     pub async fn write_progress(&self, build_id: i64, writer: &str, progress: &serde_json::Value) {
         let result = sqlx::query(

@@ -108,6 +108,7 @@ pub fn tuning() -> Tuning {
         stall_timeout: Duration::from_secs(60),
         max_rate: None,
         bad_records: reproject::engine::BadRecordPolicy::Fail,
+        throttle: None,
     }
 }
 
@@ -157,6 +158,7 @@ pub fn rebuild_options() -> RebuildOptions {
         quiet: true,
         memory_budget: None,
         disk_budget: None,
+        verify: None,
     }
 }
 

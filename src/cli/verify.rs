@@ -1,0 +1,138 @@
+//! `reproject verify <projection>`: compare a build with the live one (or a version, or a build) at
+//! the same log position, and the flags that make `rebuild`, `run` and `swap` verify before swapping.
+
+use clap::Args;
+
+use super::rebuild::TuningArgs;
+use super::replay::Format;
+use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use crate::engine::verify::{self, Against, VerifyMode, VerifyPolicy};
+use crate::sink::Phase;
+use crate::verify::BucketBy;
+
+/// How two builds are compared and what counts as a failure.
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// Rows allowed to differ (on one side only, or with other values) before verification fails
+    #[arg(long, default_value_t = 0, value_name = "ROWS")]
+    pub verify_max_rows: i64,
+    /// Keys sampled and compared column by column (the examples in the report)
+    #[arg(long, default_value_t = 1_000, value_name = "KEYS")]
+    pub verify_sample: usize,
+    /// Buckets for per-bucket checksums and sums: by day or month of the table's time column
+    #[arg(long, value_enum, default_value_t = BucketBy::Day)]
+    pub verify_bucket: BucketBy,
+    /// The sample's seed, to repeat a verification [default: random]
+    #[arg(long)]
+    pub verify_seed: Option<i64>,
+    /// The topic has transaction markers or is compacted: offsets the replay did not receive are
+    /// not a failure
+    #[arg(long)]
+    pub allow_offset_gaps: bool,
+}
+
+impl CompareArgs {
+    pub fn policy(&self, mode: VerifyMode) -> VerifyPolicy {
+        VerifyPolicy {
+            mode,
+            max_rows_differing: self.verify_max_rows.max(0),
+            bucket_by: self.verify_bucket,
+            sample_keys: self.verify_sample,
+            seed: self.verify_seed,
+            allow_offset_gaps: self.allow_offset_gaps,
+        }
+    }
+}
+
+/// `--verify strict|report` for the commands that swap.
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// Before swapping, compare the new build with the live one: `strict` refuses the swap when they
+    /// differ beyond --verify-max-rows, `report` swaps anyway and keeps the report in the catalog
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub verify: Option<VerifyMode>,
+    #[command(flatten)]
+    pub compare: CompareArgs,
+}
+
+impl VerifyArgs {
+    pub fn policy(&self) -> Option<VerifyPolicy> {
+        self.verify.map(|mode| self.compare.policy(mode))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyCommandArgs {
+    /// The projection whose new build to verify
+    pub projection: String,
+    /// What to compare with: `active` (the live build), a version number, or `build:ID`
+    #[arg(long, default_value = "active", value_parser = parse_against)]
+    pub against: Against,
+    /// The build to verify [default: the newest caught-up build that is not live]
+    #[arg(long)]
+    pub build: Option<i64>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    #[command(flatten)]
+    pub compare: CompareArgs,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+fn parse_against(text: &str) -> Result<Against, String> {
+    if text == "active" {
+        return Ok(Against::Active);
+    }
+    if let Some(id) = text.strip_prefix("build:") {
+        return id
+            .parse()
+            .map(Against::Build)
+            .map_err(|_| format!("{id:?} is not a build id"));
+    }
+    text.trim_start_matches('v')
+        .parse()
+        .map(Against::Version)
+        .map_err(|_| format!("{text:?}: expected `active`, a version number (3 or v3) or build:ID"))
+}
+
+pub async fn run(global: &GlobalArgs, args: VerifyCommandArgs) -> anyhow::Result<Outcome> {
+    let settings = Settings::resolve(global)?;
+    let engine = settings.engine(args.tuning.tuning()).await?;
+    let projection = engine.projection(&args.projection)?;
+    let builds = engine.catalog.builds(Some(projection.name())).await?;
+    let candidate = match args.build {
+        Some(id) => builds.into_iter().find(|b| b.build_id == id).ok_or_else(|| {
+            anyhow::anyhow!("{}: no build {id} (see `reproject status`)", args.projection)
+        })?,
+        None => builds
+            .into_iter()
+            .filter(|b| matches!(b.phase, Phase::Ready | Phase::CatchingUp))
+            .max_by_key(|b| b.build_id)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no caught-up build to verify; build one with `reproject rebuild {} --no-swap`, or name one with --build",
+                    args.projection,
+                    args.projection
+                )
+            })?,
+    };
+    let policy = args.compare.policy(VerifyMode::Report);
+    let verification = verify::verify(
+        &engine,
+        &projection,
+        &candidate,
+        args.against,
+        &policy,
+        &shutdown_token(),
+    )
+    .await?;
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&verification)?),
+        Format::Text => print!("{}", verification.render()),
+    }
+    Ok(if verification.passed {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
