@@ -7,6 +7,7 @@ mod config;
 mod dead_letters;
 mod demo;
 mod dev_broker;
+mod estimate;
 mod gc;
 mod pause;
 mod rebuild;
@@ -104,6 +105,8 @@ pub enum Command {
     Seed(seed::SeedArgs),
     /// Rebuild projections from offset zero into fresh tables, catch up, and swap them in.
     Rebuild(rebuild::RebuildArgs),
+    /// Predict a rebuild's duration, rows, table size and memory from a pilot over ~1% of the log.
+    Estimate(estimate::EstimateArgs),
     /// Keep every active projection current; backfill new or outdated projection versions.
     Run(run::RunArgs),
     /// Show each projection's builds, positions, lag and progress.
@@ -153,6 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Seed(args) => seed::run(&global, args).await,
         Command::Rebuild(args) => rebuild::run(&global, args).await,
         Command::Run(args) => run::run(&global, args).await,
+        Command::Estimate(args) => estimate::run(&global, args).await,
         Command::Status(args) => status::run(&global, args).await,
         Command::Swap(args) => swap::run(&global, args).await,
         Command::CheckTotals(args) => totals::run(&global, args).await,

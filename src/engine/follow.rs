@@ -118,6 +118,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
         stall_timeout: engine.tuning.stall_timeout,
         index_aggregates: false,
         aggregate_index_max_bytes: None,
+        measure_processing: false,
         prefetch_max_bytes: None,
         dead_letters: matches!(
             engine.tuning.bad_records,

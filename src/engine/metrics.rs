@@ -14,6 +14,9 @@
 //! | `reproject_paused` | gauge, 1 while paused | projection |
 //! | `reproject_max_rate_events_per_second` | gauge, the `--max-rate` cap, 0 when none | |
 //! | `reproject_errors_total` | counter | kind (database_retry, kafka, bad_record) |
+//! | `reproject_throttle_state` | gauge: 0 running, 1 slowed, 2 paused | |
+//! | `reproject_throttle_load_ratio` | gauge: the highest health signal as a share of its limit | |
+//! | `reproject_throttle_rate_events_per_second` | gauge: the rate the throttle allows, 0 when paused or unbounded | |
 
 use std::net::SocketAddr;
 

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod dead_letters;
+pub mod estimate;
 pub mod follow;
 pub mod metrics;
 pub mod progress;

@@ -316,6 +316,9 @@ pub struct ReaderConfig {
     pub prefetch_max_bytes: Option<usize>,
     /// Keep bad records in the batch's dead letters and go on (true), or stop at the first (false).
     pub dead_letters: bool,
+    /// Time the decoding, upcasting and projecting of every record (`estimate`: its windows are
+    /// too short for wall time to mean anything). Costs a clock read per record.
+    pub measure_processing: bool,
 }
 
 /// What one batch did to each target, and where the reader stands after it.
@@ -337,6 +340,8 @@ pub struct Batch {
     pub dead_letters: Vec<DeadLetter>,
     /// On the last batch of a bounded read: what was received against the offsets read.
     pub source_checks: Option<SourceChecks>,
+    /// With `measure_processing`: time spent decoding, upcasting and projecting this batch.
+    pub processing: Duration,
 }
 
 /// Source-side checks of a bounded read: per partition the records received against the range of
@@ -355,6 +360,8 @@ pub struct SourceChecks {
     pub sequence_gaps: u64,
     pub sequence_repeats: u64,
     pub gap_examples: Vec<String>,
+    /// Events with sequence number 1: aggregates that began in the range read.
+    pub aggregates_started: u64,
 }
 
 impl SourceChecks {
@@ -363,9 +370,11 @@ impl SourceChecks {
         next: &Positions,
         received: &[i64],
         index: Option<&AggregateIndex>,
+        aggregates_started: u64,
     ) -> SourceChecks {
         let mut checks = SourceChecks {
             partitions: next.len(),
+            aggregates_started,
             ..Default::default()
         };
         for (&p, &end) in next {
@@ -486,6 +495,7 @@ fn read<E: 'static>(
     let read_from = next.clone();
     // Records received per partition (indexed by partition number), for the source checks.
     let mut received: Vec<i64> = Vec::new();
+    let mut aggregates_started = 0u64;
     let mut batch_start = next.clone();
     let mut batch = Batch {
         changes: vec![Vec::new(); targets.len()],
@@ -571,6 +581,7 @@ fn read<E: 'static>(
                 last_of_partition = true;
             }
             Some(Ok(message)) => {
+                let processing_started = config.measure_processing.then(Instant::now);
                 progressed = true;
                 last_error = None;
                 let partition = message.partition();
@@ -590,6 +601,7 @@ fn read<E: 'static>(
                         Err(e) => break 'record Err(e),
                     };
                     event_id = Some(decoded.meta.event_id);
+                    aggregates_started += u64::from(decoded.meta.sequence == 1);
                     let type_url = Some(decoded.type_url.as_str());
                     if let Some(index) = aggregates.as_mut() {
                         index.record(
@@ -667,6 +679,9 @@ fn read<E: 'static>(
                     .and_then(|end| end.get(&partition))
                     .is_some_and(|&end| offset + 1 >= end);
                 batch.events += 1;
+                if let Some(started) = processing_started {
+                    batch.processing += started.elapsed();
+                }
             }
         }
         if last_error.is_some() && last_progress.elapsed() > config.stall_timeout {
@@ -713,6 +728,7 @@ fn read<E: 'static>(
                     &next,
                     &received,
                     aggregates.as_ref(),
+                    aggregates_started,
                 ));
                 batch.aggregates = aggregates.take();
             }

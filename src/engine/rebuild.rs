@@ -168,6 +168,13 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
         if job.build.phase == Phase::Indexing {
             check_disk_budget(engine, job, options.disk_budget).await?;
             super::metrics::build_phase(&job.build.projection, job.build.build_id, Phase::Indexing);
+            super::throttle::wait_until_healthy(
+                engine.tuning.throttle.as_ref(),
+                &engine.database_url,
+                "index build",
+                cancel,
+            )
+            .await?;
             let started = Instant::now();
             build_indexes(engine, job).await?;
             check_disk_budget(engine, job, options.disk_budget).await?;
@@ -535,6 +542,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         stall_timeout: engine.tuning.stall_timeout,
         index_aggregates: true,
         aggregate_index_max_bytes: budget.map(|b| b.aggregate_index),
+        measure_processing: false,
         prefetch_max_bytes: budget.map(|b| b.prefetch),
         dead_letters: matches!(
             engine.tuning.bad_records,
@@ -727,7 +735,15 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         events_per_second = (events as f64 / report.replay_seconds.max(1e-9)).round()
     );
 
-    // Bulk load each build with its positions, in one transaction per build.
+    // Bulk load each build with its positions, in one transaction per build: one COPY per table,
+    // which the throttle cannot pace, so it waits for a healthy database first.
+    super::throttle::wait_until_healthy(
+        engine.tuning.throttle.as_ref(),
+        &engine.database_url,
+        "bulk load",
+        cancel,
+    )
+    .await?;
     let started = Instant::now();
     // A build that spilled finishes on the spill's connection, which holds its staging tables.
     let (mut spill_conn, mut spill_states) = match spill {

@@ -426,3 +426,33 @@ impl Throttle {
         })
     }
 }
+
+/// Before a heavy statement the throttle cannot pace (a bulk COPY, an index build): wait while the
+/// database is over its pause threshold. Returns at once without a throttle.
+pub async fn wait_until_healthy(
+    config: Option<&ThrottleConfig>,
+    database_url: &str,
+    what: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let Some(config) = config else {
+        return Ok(());
+    };
+    let mut throttle = Throttle::new(config.clone(), database_url);
+    let live = LiveSettings::default();
+    throttle.check(&live, None).await?;
+    while throttle.paused() && !cancel.is_cancelled() {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(config.check_every) => {}
+        }
+        let decision = throttle.check(&live, None).await?;
+        if decision.state != ThrottleState::Paused {
+            tracing::info!(
+                message = "throttle: the database is healthy again; going on",
+                what
+            );
+        }
+    }
+    Ok(())
+}

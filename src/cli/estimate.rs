@@ -1,0 +1,52 @@
+//! `reproject estimate <projection>...`: how long a rebuild will take, how many rows and how much
+//! disk and memory, from a pilot over about 1% of the log. Writes nothing.
+
+use clap::Args;
+
+use super::rebuild::TuningArgs;
+use super::replay::Format;
+use super::{GlobalArgs, Outcome, Settings};
+use crate::engine::estimate;
+
+#[derive(Args, Debug)]
+pub struct EstimateArgs {
+    /// Projections to estimate a rebuild of (together, as `rebuild` runs them in one pass)
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub projections: Vec<String>,
+    /// Every projection
+    #[arg(long)]
+    pub all: bool,
+    /// The share of the log the pilot reads
+    #[arg(long, default_value_t = 0.01, value_name = "FRACTION")]
+    pub sample: f64,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+pub async fn run(global: &GlobalArgs, args: EstimateArgs) -> anyhow::Result<Outcome> {
+    if !(args.sample > 0.0 && args.sample <= 1.0) {
+        anyhow::bail!(
+            "--sample {}: expected a fraction of the log above 0 and at most 1 (0.01 is 1%)",
+            args.sample
+        );
+    }
+    let settings = Settings::resolve(global)?;
+    let engine = settings.engine(args.tuning.tuning()).await?;
+    let names: Vec<String> = if args.all {
+        engine
+            .projections
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect()
+    } else {
+        args.projections.clone()
+    };
+    let estimate = estimate::estimate(&engine, &names, args.sample).await?;
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&estimate)?),
+        Format::Text => print!("{}", estimate.render()),
+    }
+    Ok(Outcome::Success)
+}
