@@ -346,6 +346,31 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             &["rebuild", "--all", "--on-bad-record", "ignore"][..],
             "invalid value 'ignore' for '--on-bad-record",
         ),
+        (
+            &["rebuild", "--all", "--verify", "loose"][..],
+            "invalid value 'loose' for '--verify",
+        ),
+        (
+            &["verify", "order_summary", "--against", "yesterday"][..],
+            "expected `active`, a version number (3 or v3) or build:ID",
+        ),
+        (
+            &["status", "--read-database", "mysql://replica/db"][..],
+            "must start with postgres://",
+        ),
+        (
+            &["estimate", "--all", "--sample", "5"][..],
+            "--sample 5: expected a fraction",
+        ),
+        (
+            &[
+                "tune",
+                "order_summary",
+                "--database-url",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ][..],
+            "nothing to change",
+        ),
     ] {
         let out = reproject(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

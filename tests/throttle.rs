@@ -225,6 +225,12 @@ async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settin
         "{}",
         String::from_utf8_lossy(&tuned.stderr)
     );
+    let status = reproject(&db, &kafka, &["status"]);
+    let shown = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        shown.contains(r#"tuned     {"max_rate":1000,"batch_events":250}"#),
+        "{shown}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
     append(&kafka.settings, &mut history, 3_000);

@@ -157,6 +157,43 @@ async fn verification_finds_a_dropped_bucket_and_an_altered_column_and_strict_re
         tampered.failures
     );
 
+    // The command prints the same as JSON and exits 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args([
+            "verify",
+            "order_summary",
+            "--verify-seed",
+            "7",
+            "--format",
+            "json",
+            "--quiet",
+            "--brokers",
+            &kafka.settings.brokers,
+            "--database-url",
+            &db,
+            "--read-database",
+            &db,
+        ])
+        .output()
+        .expect("run reproject verify");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(json["passed"], false);
+    assert_eq!(json["candidate_build_id"], candidate.build_id);
+    assert_eq!(
+        json["comparison"]["tables"][0]["keys"]["only_in_baseline"],
+        dropped
+    );
+    assert_eq!(
+        json["comparison"]["tables"][0]["keys"]["columns"][0]["column"],
+        "status"
+    );
+
     // Strict: the swap is refused and the live view is untouched.
     let refused = catch_up_and_swap(
         &engine,

@@ -255,4 +255,7 @@ pub fn print_report(report: &RebuildReport) {
     if report.history_truncated {
         println!("  warning: built from a truncated log (--allow-truncated-history); events before the log start are missing");
     }
+    for verification in &report.verifications {
+        print!("\n{}", verification.render());
+    }
 }

@@ -56,6 +56,13 @@ pub fn render(report: &StatusReport) -> String {
                 ""
             }
         ));
+        if p.tuned != Default::default() {
+            out.push_str(&format!(
+                "  tuned     {} (`reproject tune {} --clear` undoes it)\n",
+                serde_json::to_string(&p.tuned).unwrap_or_default(),
+                p.name
+            ));
+        }
         match &p.active {
             Some(b) => line(&mut out, "active", b),
             None => out.push_str("  active    none\n"),

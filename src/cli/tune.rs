@@ -30,10 +30,10 @@ pub struct TuneArgs {
 }
 
 pub async fn run(global: &GlobalArgs, args: TuneArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(Tuning::default()).await?;
-    let projection = engine.projection(&args.projection)?;
     if args.clear {
+        let settings = Settings::resolve(global)?;
+        let engine = settings.engine(Tuning::default()).await?;
+        let projection = engine.projection(&args.projection)?;
         engine.catalog.clear_tuning(projection.name()).await?;
         println!("{}: settings from `tune` cleared", projection.name());
         return Ok(Outcome::Success);
@@ -57,6 +57,9 @@ pub async fn run(global: &GlobalArgs, args: TuneArgs) -> anyhow::Result<Outcome>
     if change == LiveSettings::default() {
         anyhow::bail!("nothing to change: give --max-rate, --batch-events, --throttle-slow-at or --throttle-pause-at (or --clear)");
     }
+    let settings = Settings::resolve(global)?;
+    let engine = settings.engine(Tuning::default()).await?;
+    let projection = engine.projection(&args.projection)?;
     let now = engine
         .catalog
         .tune(projection.name(), &change, &holder_name("tune"))

@@ -243,6 +243,12 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
                 .catalog
                 .set_phase(job.build.build_id, Phase::Ready)
                 .await?;
+            // Verified now, so the report is there before anyone decides to swap.
+            if let Some(policy) = &options.verify {
+                let verification =
+                    verify_before_swap(engine, &job.build, &job.projection, policy, cancel).await?;
+                report.verifications.push(verification);
+            }
             tracing::info!(message = "built and caught up; waiting for `reproject swap`", projection = %job.build.projection, build_id = job.build.build_id);
         }
     }
@@ -529,14 +535,16 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         })
         .collect();
     let budget = options.memory_budget.map(MemoryShares::of);
+    // Shared with the reader so that `reproject tune --batch-events` reaches it.
+    let batch_size = Arc::new(std::sync::atomic::AtomicUsize::new(
+        engine.tuning.batch_events,
+    ));
     let config = ReaderConfig {
         topic: engine.topic.clone(),
         stop_at: Some(bounds.end.clone()),
         stop_exactly: false,
         // The fold checks its memory budget between batches: a batch is what it may overshoot by.
-        max_batch_events: Arc::new(std::sync::atomic::AtomicUsize::new(
-            engine.tuning.batch_events,
-        )),
+        max_batch_events: batch_size.clone(),
         max_batch_wait: Duration::from_millis(100),
         log_end_every: None,
         stall_timeout: engine.tuning.stall_timeout,
@@ -712,6 +720,10 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                 let now_paused = !engine.catalog.paused(&names).await?.is_empty();
                 if now_paused != paused.swap(now_paused, Ordering::Relaxed) {
                     tracing::info!(message = if now_paused { "replay paused by `reproject pause`" } else { "replay resumed" }, projections = ?names);
+                }
+                let tuned = engine.catalog.live_settings(&names).await?.batch_events.unwrap_or(engine.tuning.batch_events).max(1);
+                if tuned != batch_size.swap(tuned, Ordering::Relaxed) {
+                    tracing::info!(message = "replay batch size changed by `reproject tune`", batch_events = tuned);
                 }
                 let done = read_events.load(Ordering::Relaxed);
                 progress.update(done, Some(total - done as i64));

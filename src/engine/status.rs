@@ -22,6 +22,8 @@ pub struct ProjectionStatus {
     pub code_version: Option<u32>,
     /// Set by `reproject pause`: its builds wait between batches.
     pub paused: bool,
+    /// Settings changed with `reproject tune` (running commands use them).
+    pub tuned: super::throttle::LiveSettings,
     pub active: Option<BuildStatus>,
     pub building: Vec<BuildStatus>,
     pub retired: Vec<BuildStatus>,
@@ -72,6 +74,7 @@ pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Sta
     for (name, builds) in by_projection {
         let mut status = ProjectionStatus {
             paused: paused.contains(&name),
+            tuned: engine.catalog.live_settings(&[name.as_str()]).await?,
             code_version: engine.projection(&name).ok().map(|p| p.version()),
             name,
             active: None,
