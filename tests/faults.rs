@@ -22,13 +22,15 @@ async fn connections_killed_mid_batch_roll_back_and_the_batch_is_applied_once_on
     append(&kafka.settings, &mut history, 30_000);
 
     // A second connection terminates whatever backend is in the middle of a batch (staging keys,
-    // reading current rows, writing them back), every 100 ms, while the views catch up.
+    // reading current rows, writing them back), polling every 5 ms, while the views catch up.
     let stop = Arc::new(AtomicBool::new(false));
     let kills = Arc::new(AtomicU64::new(0));
     let killer = {
         let (pool, stop, kills) = (pool(&db).await, stop.clone(), kills.clone());
         tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
+            // Polled often enough to catch short batches, and stopped after a few kills so that
+            // retries are not killed forever.
+            while !stop.load(Ordering::Relaxed) && kills.load(Ordering::Relaxed) < 5 {
                 let killed: Vec<bool> = sqlx::query_scalar(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
                      WHERE datname = current_database() AND pid <> pg_backend_pid()
@@ -42,7 +44,7 @@ async fn connections_killed_mid_batch_roll_back_and_the_batch_is_applied_once_on
                     killed.iter().filter(|k| **k).count() as u64,
                     Ordering::Relaxed,
                 );
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
     };

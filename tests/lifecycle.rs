@@ -2,27 +2,13 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
 use reproject::engine::rebuild::rebuild;
 use tokio_util::sync::CancellationToken;
-
-fn reproject(db: &str, kafka: &Kafka, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .args(args)
-        .args([
-            "--brokers",
-            &kafka.settings.brokers,
-            "--database-url",
-            db,
-            "--quiet",
-        ])
-        .output()
-        .expect("run reproject")
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -139,16 +125,6 @@ async fn rollback_restores_the_previous_build_with_every_event_applied_and_gc_dr
         "{}",
         text(&none.stderr)
     );
-}
-
-async fn applied(pool: &sqlx::PgPool, build_id: i64) -> i64 {
-    sqlx::query_scalar(
-        "SELECT coalesce(sum(next_offset), 0)::bigint FROM reproject.positions WHERE build_id = $1",
-    )
-    .bind(build_id)
-    .fetch_one(pool)
-    .await
-    .expect("positions")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

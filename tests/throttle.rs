@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -127,30 +127,6 @@ async fn a_slow_probe_pauses_writes_until_its_latency_returns_to_the_baseline() 
     set(&pool, "UPDATE probe_delay SET seconds = 0").await;
     let back = throttle.check(&live, None).await.expect("check").clone();
     assert_eq!(back.state, ThrottleState::Running, "{}", back.reason);
-}
-
-fn reproject(db: &str, kafka: &Kafka, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .args(args)
-        .args([
-            "--brokers",
-            &kafka.settings.brokers,
-            "--database-url",
-            db,
-            "--quiet",
-        ])
-        .output()
-        .expect("run reproject")
-}
-
-async fn applied(pool: &sqlx::PgPool, build_id: i64) -> i64 {
-    sqlx::query_scalar(
-        "SELECT coalesce(sum(next_offset), 0)::bigint FROM reproject.positions WHERE build_id = $1",
-    )
-    .bind(build_id)
-    .fetch_one(pool)
-    .await
-    .expect("positions")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,15 +34,7 @@ pub async fn run(global: &GlobalArgs, args: EstimateArgs) -> anyhow::Result<Outc
     }
     let settings = Settings::resolve(global)?;
     let engine = settings.engine(args.tuning.tuning()).await?;
-    let names: Vec<String> = if args.all {
-        engine
-            .projections
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect()
-    } else {
-        args.projections.clone()
-    };
+    let names = super::chosen_projections(&engine, args.all, &args.projections);
     let estimate = estimate::estimate(&engine, &names, args.sample).await?;
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&estimate)?),

@@ -138,6 +138,23 @@ pub enum Command {
     DeadLetters(dead_letters::DeadLettersArgs),
 }
 
+/// The projections a command names, or all of them with `--all`.
+fn chosen_projections<E>(
+    engine: &crate::engine::Engine<E>,
+    all: bool,
+    named: &[String],
+) -> Vec<String> {
+    if all {
+        engine
+            .projections
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect()
+    } else {
+        named.to_vec()
+    }
+}
+
 /// How a command ended, for the exit code.
 pub enum Outcome {
     Success,

@@ -174,15 +174,7 @@ pub struct RebuildArgs {
 pub async fn run(global: &GlobalArgs, args: RebuildArgs) -> anyhow::Result<Outcome> {
     let settings = Settings::resolve(global)?;
     let engine = settings.engine(args.tuning.tuning()).await?;
-    let names: Vec<String> = if args.all {
-        engine
-            .projections
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect()
-    } else {
-        args.projections.clone()
-    };
+    let names = super::chosen_projections(&engine, args.all, &args.projections);
     let options = RebuildOptions {
         allow_truncated_history: args.allow_truncated_history,
         swap: !args.no_swap,

@@ -76,17 +76,7 @@ pub async fn estimate<E: Send + Sync + 'static>(
     for p in &projections {
         engine.schemas.load(p.name(), p.version())?;
     }
-    let (kafka, topic) = (engine.kafka.clone(), engine.topic.clone());
-    let bounds = tokio::task::spawn_blocking(move || {
-        let consumer = kafka.consumer("reproject-estimate")?;
-        let partitions = kafka.partitions(&consumer, &topic)?;
-        kafka.bounds(&consumer, &topic, &partitions)
-    })
-    .await
-    .map_err(|e| EngineError::Projection {
-        projection: names.join(", "),
-        reason: format!("reading the log bounds failed: {e}"),
-    })??;
+    let bounds = engine.log_bounds("reproject-estimate").await?;
     let events_total: i64 = bounds
         .end
         .iter()

@@ -372,17 +372,8 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     .await;
             }
         }
-        if last && matches!(until, Until::Reached(_)) {
-            progress.finish();
-            return Ok(FollowOutcome {
-                positions: targets.iter().map(|t| t.positions.clone()).collect(),
-                events,
-                rows_written,
-                lag: last_lag,
-                dead_letters,
-            });
-        }
-        if let (Until::CaughtUp { lag_below }, Some(l)) = (&until, last_lag) {
+        let reached = last && matches!(until, Until::Reached(_));
+        let caught_up = if let (Until::CaughtUp { lag_below }, Some(l)) = (&until, last_lag) {
             let lag_below = *lag_below;
             // A batch's log end was measured when it was read; batches may have waited since. Ask
             // the brokers again before calling it caught up.
@@ -397,16 +388,19 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 last_lag = Some(fresh_lag);
                 fresh_lag <= lag_below
             };
-            if confirmed {
-                progress.finish();
-                return Ok(FollowOutcome {
-                    positions: targets.iter().map(|t| t.positions.clone()).collect(),
-                    events,
-                    rows_written,
-                    lag: last_lag,
-                    dead_letters,
-                });
-            }
+            confirmed
+        } else {
+            false
+        };
+        if reached || caught_up {
+            progress.finish();
+            return Ok(FollowOutcome {
+                positions: targets.iter().map(|t| t.positions.clone()).collect(),
+                events,
+                rows_written,
+                lag: last_lag,
+                dead_letters,
+            });
         }
     }
 }
@@ -453,19 +447,8 @@ async fn wait_while_paused<E: Send + Sync + 'static>(
     }
 }
 
-async fn fresh_log_end<E>(engine: &Engine<E>) -> Result<Positions> {
-    let (kafka, topic) = (engine.kafka.clone(), engine.topic.clone());
-    let bounds = tokio::task::spawn_blocking(move || {
-        let consumer = kafka.consumer("reproject-lag")?;
-        let partitions = kafka.partitions(&consumer, &topic)?;
-        kafka.bounds(&consumer, &topic, &partitions)
-    })
-    .await
-    .map_err(|e| EngineError::Projection {
-        projection: "-".into(),
-        reason: format!("log end check failed: {e}"),
-    })??;
-    Ok(bounds.end)
+async fn fresh_log_end<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Positions> {
+    Ok(engine.log_bounds("reproject-lag").await?.end)
 }
 
 /// 100 ms, doubling, at most 10 s, with up to 50% jitter so that many writers do not retry in step.

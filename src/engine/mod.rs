@@ -244,6 +244,23 @@ impl<E: Send + Sync + 'static> Engine<E> {
         })
     }
 
+    /// Each partition's log start and end, asked of the brokers now (on a blocking thread: the
+    /// client waits for metadata). `client` names the consumer in the brokers' logs.
+    pub async fn log_bounds(&self, client: &'static str) -> Result<crate::source::LogBounds> {
+        let (kafka, topic) = (self.kafka.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let consumer = kafka.consumer(client)?;
+            let partitions = kafka.partitions(&consumer, &topic)?;
+            kafka.bounds(&consumer, &topic, &partitions)
+        })
+        .await
+        .map_err(|e| EngineError::Projection {
+            projection: "-".into(),
+            reason: format!("reading the log bounds of {} failed: {e}", self.topic),
+        })?
+        .map_err(EngineError::from)
+    }
+
     pub fn projection(&self, name: &str) -> Result<DynProjection<E>> {
         self.projections
             .iter()

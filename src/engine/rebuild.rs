@@ -467,18 +467,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     cancel: &CancellationToken,
     report: &mut RebuildReport,
 ) -> Result<()> {
-    let kafka = engine.kafka.clone();
-    let topic = engine.topic.clone();
-    let bounds = tokio::task::spawn_blocking(move || {
-        let consumer = kafka.consumer("reproject")?;
-        let partitions = kafka.partitions(&consumer, &topic)?;
-        kafka.bounds(&consumer, &topic, &partitions)
-    })
-    .await
-    .map_err(|e| EngineError::Projection {
-        projection: "-".into(),
-        reason: format!("reader task failed: {e}"),
-    })??;
+    let bounds = engine.log_bounds("reproject").await?;
     let truncated = bounds.truncated();
     if !truncated.is_empty() {
         let partitions = truncated

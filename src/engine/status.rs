@@ -44,17 +44,8 @@ pub struct BuildStatus {
 }
 
 pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<StatusReport> {
-    let kafka = engine.kafka.clone();
-    let topic = engine.topic.clone();
-    let log_end = tokio::task::spawn_blocking(move || {
-        let consumer = kafka.consumer("reproject-status")?;
-        let partitions = kafka.partitions(&consumer, &topic)?;
-        kafka.bounds(&consumer, &topic, &partitions)
-    })
-    .await;
-    let (log_end, broker_error) = match log_end {
-        Ok(Ok(bounds)) => (Some(bounds.end), None),
-        Ok(Err(e)) => (None, Some(e.to_string())),
+    let (log_end, broker_error) = match engine.log_bounds("reproject-status").await {
+        Ok(bounds) => (Some(bounds.end), None),
         Err(e) => (None, Some(e.to_string())),
     };
     let builds = engine.catalog.builds(None).await?;

@@ -275,13 +275,13 @@ impl Throttle {
                 0.0
             },
         );
-        self.last = Some(Decision {
+        let decision = Decision {
             state: self.state,
             rate: (self.state != ThrottleState::Paused).then_some(self.rate),
             reading,
             reason,
-        });
-        Ok(self.last.as_ref().expect("just set"))
+        };
+        Ok(self.last.insert(decision))
     }
 
     fn slow_at(&self, live: &LiveSettings) -> f64 {

@@ -295,21 +295,7 @@ impl Catalog {
     }
 
     pub async fn positions(&self, build_id: i64) -> Result<Positions> {
-        let rows = sqlx::query(
-            "SELECT partition, next_offset FROM reproject.positions WHERE build_id = $1",
-        )
-        .bind(build_id)
-        .fetch_all(&self.pool)
-        .await
-        .context(|| format!("reading the positions of build {build_id}"))?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("partition").context(|| "positions".into())?,
-                    r.try_get("next_offset").context(|| "positions".into())?,
-                ))
-            })
-            .collect()
+        read_positions(&self.pool, build_id).await
     }
 
     /// Change settings of a running projection (`reproject tune`); None values are left as they are.
@@ -437,6 +423,28 @@ impl Catalog {
             tracing::warn!(message = "could not record progress", build_id, %error);
         }
     }
+}
+
+/// A build's positions, through a pool or inside the caller's transaction (verification reads them
+/// in the same snapshot as the rows).
+pub async fn read_positions<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    build_id: i64,
+) -> Result<Positions> {
+    let rows =
+        sqlx::query("SELECT partition, next_offset FROM reproject.positions WHERE build_id = $1")
+            .bind(build_id)
+            .fetch_all(executor)
+            .await
+            .context(|| format!("reading the positions of build {build_id}"))?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("partition").context(|| "positions".into())?,
+                r.try_get("next_offset").context(|| "positions".into())?,
+            ))
+        })
+        .collect()
 }
 
 pub async fn set_phase(conn: &mut PgConnection, build_id: i64, phase: Phase) -> Result<()> {

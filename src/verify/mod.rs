@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use sqlx::{Connection, PgConnection, Row};
 
 use crate::projection::TableSpec;
-use crate::sink::catalog::Positions;
+use crate::sink::catalog::{read_positions, Positions};
 use crate::sink::{qualified, quote_ident, Build, Context, Result};
 
 /// Bucket rows by the day or the month of the table's declared time column.
@@ -216,8 +216,8 @@ pub async fn compare(conn: &mut PgConnection, request: &CompareRequest<'_>) -> R
         .execute(&mut *tx)
         .await
         .context(|| format!("verify {}: setting the time zone", request.projection))?;
-    let candidate_positions = positions(&mut tx, request.candidate.build_id).await?;
-    let baseline_positions = positions(&mut tx, request.baseline.build_id).await?;
+    let candidate_positions = read_positions(&mut *tx, request.candidate.build_id).await?;
+    let baseline_positions = read_positions(&mut *tx, request.baseline.build_id).await?;
     let mut comparison = Comparison {
         projection: request.projection.to_string(),
         same_position: candidate_positions == baseline_positions,
@@ -234,23 +234,6 @@ pub async fn compare(conn: &mut PgConnection, request: &CompareRequest<'_>) -> R
         .await
         .context(|| format!("verify {}: ending the snapshot", request.projection))?;
     Ok(comparison)
-}
-
-async fn positions(conn: &mut PgConnection, build_id: i64) -> Result<Positions> {
-    let rows =
-        sqlx::query("SELECT partition, next_offset FROM reproject.positions WHERE build_id = $1")
-            .bind(build_id)
-            .fetch_all(&mut *conn)
-            .await
-            .context(|| format!("verify: reading the positions of build {build_id}"))?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get("partition").context(|| "positions".into())?,
-                r.try_get("next_offset").context(|| "positions".into())?,
-            ))
-        })
-        .collect()
 }
 
 /// A table's columns and their types, in table order. Empty when the table does not exist.

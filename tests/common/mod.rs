@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,4 +215,30 @@ pub async fn drain(engine: Arc<Engine<ShopEvent>>) {
     .await
     .expect("caught up within 2 minutes")
     .expect("run succeeds");
+}
+
+/// Run the reproject binary against this test's database and broker.
+pub fn reproject(db: &str, kafka: &Kafka, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args(args)
+        .args([
+            "--brokers",
+            &kafka.settings.brokers,
+            "--database-url",
+            db,
+            "--quiet",
+        ])
+        .output()
+        .expect("run reproject")
+}
+
+/// Events a build has applied: the sum of its next offsets.
+pub async fn applied(pool: &PgPool, build_id: i64) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM reproject.positions WHERE build_id = $1",
+    )
+    .bind(build_id)
+    .fetch_one(pool)
+    .await
+    .expect("positions")
 }
