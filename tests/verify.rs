@@ -255,6 +255,15 @@ async fn verification_finds_a_dropped_bucket_and_an_altered_column_and_strict_re
         kept["comparison"]["tables"][0]["keys"]["rows_differing"],
         150
     );
+    // ...and shown again as it was, after the swap.
+    let id = report.verification_id.unwrap_or_default().to_string();
+    let shown = reproject(&db, &kafka, &["verify", "order_summary", "--show", &id]);
+    assert_eq!(shown.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("verdict: FAILED") && text.contains("tampered"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -71,6 +71,9 @@ pub struct VerifyCommandArgs {
     /// The build to verify [default: the newest caught-up build that is not live]
     #[arg(long)]
     pub build: Option<i64>,
+    /// Show a kept report instead of verifying: this verification id, or the newest of the projection
+    #[arg(long, value_name = "ID", num_args = 0..=1, conflicts_with_all = ["build", "against"])]
+    pub show: Option<Option<i64>>,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     #[command(flatten)]
@@ -99,6 +102,31 @@ pub async fn run(global: &GlobalArgs, args: VerifyCommandArgs) -> anyhow::Result
     let settings = Settings::resolve(global)?;
     let engine = settings.engine(args.tuning.tuning()).await?;
     let projection = engine.projection(&args.projection)?;
+    if let Some(id) = args.show {
+        let Some(kept) = engine.catalog.verification(projection.name(), id).await? else {
+            anyhow::bail!(
+                "{}: no kept verification{} (see reproject.verifications)",
+                args.projection,
+                id.map(|i| format!(" {i}")).unwrap_or_default()
+            );
+        };
+        let verification: verify::Verification =
+            serde_json::from_value(kept.clone()).map_err(|e| {
+                anyhow::anyhow!(
+                    "verification report of {} is unreadable: {e}",
+                    args.projection
+                )
+            })?;
+        match args.format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&kept)?),
+            Format::Text => print!("{}", verification.render()),
+        }
+        return Ok(if verification.passed {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        });
+    }
     let builds = engine.catalog.builds(Some(projection.name())).await?;
     let candidate = match args.build {
         Some(id) => builds.into_iter().find(|b| b.build_id == id).ok_or_else(|| {

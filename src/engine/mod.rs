@@ -70,7 +70,7 @@ pub enum EngineError {
         budget: u64,
     },
     #[error("projection {projection}: build {build_id} failed verification, so it was not swapped in: {failures}. \
-             The report is verification {verification_id} (`reproject verify {projection}` shows it again); \
+             The report is verification {verification_id} (`reproject verify {projection} --show {verification_id}` shows it again); \
              the build stays caught up and ready: fix the cause, or swap with `--verify report` if the differences are intended")]
     VerificationFailed {
         projection: String,

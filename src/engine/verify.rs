@@ -67,7 +67,7 @@ impl Default for VerifyPolicy {
 }
 
 /// A verification's outcome: the comparison, the source checks, and why it fails if it does.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Verification {
     pub projection: String,
     pub candidate_build_id: i64,

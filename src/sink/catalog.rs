@@ -369,6 +369,25 @@ impl Catalog {
         Ok(out)
     }
 
+    /// A kept verification report: `id`, or the newest of `projection`.
+    pub async fn verification(
+        &self,
+        projection: &str,
+        id: Option<i64>,
+    ) -> Result<Option<serde_json::Value>> {
+        let report: Option<sqlx::types::Json<serde_json::Value>> = sqlx::query_scalar(
+            "SELECT report FROM reproject.verifications
+             WHERE projection = $1 AND ($2::bigint IS NULL OR verification_id = $2)
+             ORDER BY verification_id DESC LIMIT 1",
+        )
+        .bind(projection)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .context(|| format!("reading the verifications of {projection}"))?;
+        Ok(report.map(|r| r.0))
+    }
+
     /// What the replay of a build recorded about the log, if it did.
     pub async fn source_checks(&self, build_id: i64) -> Result<Option<serde_json::Value>> {
         let value: Option<sqlx::types::Json<serde_json::Value>> =

@@ -55,7 +55,7 @@ pub struct CompareRequest<'a> {
     pub seed: i64,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct BuildRef {
     pub build_id: i64,
     pub version: u32,
@@ -78,7 +78,7 @@ impl BuildRef {
 }
 
 /// The comparison of two builds, table by table.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Comparison {
     pub projection: String,
     pub candidate: BuildRef,
@@ -89,7 +89,7 @@ pub struct Comparison {
     pub seed: i64,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct TableComparison {
     pub table: String,
     pub rows_baseline: i64,
@@ -107,7 +107,7 @@ pub struct TableComparison {
     pub buckets_differing_count: usize,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct KeyComparison {
     pub only_in_baseline: i64,
     pub only_in_candidate: i64,
@@ -120,7 +120,7 @@ pub struct KeyComparison {
     pub sample: SampleComparison,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ColumnDifference {
     pub column: String,
     pub rows: i64,
@@ -128,21 +128,21 @@ pub struct ColumnDifference {
     pub examples: Vec<ValueDifference>,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ValueDifference {
     pub key: String,
     pub baseline: Option<String>,
     pub candidate: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SampleComparison {
     pub keys: usize,
     pub differing: usize,
     pub only_one_side: usize,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct BucketDifference {
     /// The bucket's start (`2024-03-01`), or `(none)` for rows without a time.
     pub bucket: String,
