@@ -225,3 +225,105 @@ fn scrape(addr: &str) -> String {
     stream.read_to_string(&mut response).expect("response");
     response
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_left_ready_stays_caught_up_under_run_and_is_verified_and_swapped_from_another_process(
+) {
+    let db = fresh_database("ready_stays_current").await;
+    let kafka = Kafka::start(2);
+    let mut history = history(16_000, 12);
+    append(&kafka.settings, &mut history, 10_000);
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    let pool = engine.catalog.pool().clone();
+    rebuild_all(&engine).await.expect("builds");
+    let no_swap = reproject::engine::rebuild::RebuildOptions {
+        swap: false,
+        ..rebuild_options()
+    };
+    let ready = rebuild(
+        &engine,
+        &["order_summary".to_string()],
+        &no_swap,
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("rebuild --no-swap");
+    let ready_build = ready.builds[0];
+    assert_eq!(phase_of(&pool, ready_build).await, "ready");
+
+    let mut run = Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args([
+            "run",
+            "--no-backfill",
+            "--brokers",
+            &kafka.settings.brokers,
+            "--database-url",
+            &db,
+            "--quiet",
+        ])
+        .spawn()
+        .expect("start run");
+
+    // New events reach the ready build as well as the live one.
+    append(&kafka.settings, &mut history, 5_000);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while (applied(&pool, ready_build).await < 15_000 || applied(&pool, 1).await < 15_000)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        applied(&pool, ready_build).await,
+        15_000,
+        "the ready build stays caught up"
+    );
+    assert_eq!(
+        phase_of(&pool, ready_build).await,
+        "ready",
+        "and does not go live by itself"
+    );
+
+    // `swap` from another process while `run` holds the build: verified (strict) and swapped.
+    let swapped = reproject(
+        &db,
+        &kafka,
+        &[
+            "swap",
+            "order_summary",
+            "--verify",
+            "strict",
+            "--verify-seed",
+            "3",
+        ],
+    );
+    assert!(
+        swapped.status.success(),
+        "{}\n{}",
+        text(&swapped.stdout),
+        text(&swapped.stderr)
+    );
+    assert!(
+        text(&swapped.stdout).contains("verdict: PASSED"),
+        "{}",
+        text(&swapped.stdout)
+    );
+    assert_eq!(phase_of(&pool, ready_build).await, "active");
+    assert_eq!(phase_of(&pool, 1).await, "retired");
+
+    // `run` follows the new live build.
+    append(&kafka.settings, &mut history, 1_000);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while applied(&pool, ready_build).await < 16_000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(applied(&pool, ready_build).await, 16_000);
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    let _ = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status();
+    let _ = run.wait();
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new()
+    );
+}

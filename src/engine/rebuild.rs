@@ -312,14 +312,23 @@ pub async fn catch_up_and_swap<E: Send + Sync + 'static>(
             ),
         });
     }
-    catch_up(
+    match catch_up(
         engine,
         build,
         projection,
         engine.tuning.lag_threshold,
         cancel,
     )
-    .await?;
+    .await
+    {
+        Ok(()) => {}
+        // A `run` keeps it current (a ready build is followed with the live one): swap as it is;
+        // the swap still refuses a build that is behind the live one.
+        Err(EngineError::Lock(crate::sink::lock::LockError::Held { holder, .. })) => {
+            tracing::info!(message = "kept current by another process; swapping without catching up here", projection = %projection.name(), build_id = build.build_id, %holder);
+        }
+        Err(e) => return Err(e),
+    }
     if cancel.is_cancelled() {
         return Err(EngineError::Interrupted);
     }
@@ -381,7 +390,14 @@ async fn swap_when_caught_up<E: Send + Sync + 'static>(
                     message = "the live build moved ahead; catching up again before the swap",
                     projection = projection.name()
                 );
-                catch_up(engine, build, projection, 0, cancel).await?;
+                match catch_up(engine, build, projection, 0, cancel).await {
+                    Ok(()) => {}
+                    // A `run` follows it with the live build: they meet within a batch or two.
+                    Err(EngineError::Lock(crate::sink::lock::LockError::Held { .. })) => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             result => return Ok(result?),
         }

@@ -3,7 +3,8 @@
 //! A projection whose code version is newer than its active build, or that has never been built, is
 //! rebuilt in the background while the old build keeps serving (and keeps being followed); the
 //! rebuild swaps itself in once caught up. Deploying a new projection version is enough to get it
-//! backfilled. When the set of active builds changes (a swap, here or by another process), the
+//! backfilled. Builds left ready by `rebuild --no-swap` are followed too, so they stay caught up
+//! until `reproject swap`. When the set of active builds changes (a swap, here or by another process), the
 //! follower is restarted on the new set: positions are stored, so nothing is missed or repeated.
 
 use std::collections::BTreeSet;
@@ -82,13 +83,16 @@ pub async fn run<E: Send + Sync + 'static>(
             }
         }
 
-        // Follow the active builds until something changes.
+        // Follow the active builds, and the ready ones (`rebuild --no-swap`) so that they stay caught
+        // up until `reproject swap`, until something changes. Both are followed by one reader and
+        // written in one transaction per batch, so a ready build and the live one stay at the same
+        // positions (what verification compares).
         let active: Vec<_> = engine
             .catalog
             .builds(None)
             .await?
             .into_iter()
-            .filter(|b| b.phase == Phase::Active)
+            .filter(|b| matches!(b.phase, Phase::Active | Phase::Ready))
             .collect();
         let mut targets = Vec::new();
         for build in &active {
@@ -124,7 +128,7 @@ pub async fn run<E: Send + Sync + 'static>(
                     if let Ok(builds) = engine.catalog.builds(None).await {
                         let now: BTreeSet<i64> = builds
                             .iter()
-                            .filter(|b| b.phase == Phase::Active)
+                            .filter(|b| matches!(b.phase, Phase::Active | Phase::Ready))
                             .map(|b| b.build_id)
                             .collect();
                         if now != followed {
