@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
@@ -146,19 +145,7 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
         .expect("a free port")
         .port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let mut run = Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .args([
-            "run",
-            "--brokers",
-            &kafka.settings.brokers,
-            "--database-url",
-            &db,
-            "--quiet",
-            "--metrics-addr",
-            &metrics_addr,
-        ])
-        .spawn()
-        .expect("start run");
+    let mut run = spawn_run(&db, &kafka, &["--metrics-addr", &metrics_addr]);
 
     // Paused: nothing moves, and status says so.
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
@@ -185,11 +172,11 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
     // Resumed: it catches up within seconds.
     let resumed = reproject(&db, &kafka, &["resume", "order_summary"]);
     assert!(resumed.status.success(), "{}", text(&resumed.stderr));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while applied(&pool, 1).await < 20_000 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    assert_eq!(applied(&pool, 1).await, 20_000, "resumed and caught up");
+    assert_eq!(
+        wait_for_applied(&pool, 1, 20_000, 20).await,
+        20_000,
+        "resumed and caught up"
+    );
 
     // What happened is visible to Prometheus.
     let metrics = scrape(&metrics_addr);
@@ -205,10 +192,7 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
             "{expected} missing from:\n{metrics}"
         );
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status();
-    let _ = run.wait();
+    stop(&mut run);
 }
 
 /// GET /metrics over a plain TCP connection.
@@ -251,29 +235,13 @@ async fn a_build_left_ready_stays_caught_up_under_run_and_is_verified_and_swappe
     let ready_build = ready.builds[0];
     assert_eq!(phase_of(&pool, ready_build).await, "ready");
 
-    let mut run = Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .args([
-            "run",
-            "--no-backfill",
-            "--brokers",
-            &kafka.settings.brokers,
-            "--database-url",
-            &db,
-            "--quiet",
-        ])
-        .spawn()
-        .expect("start run");
+    let mut run = spawn_run(&db, &kafka, &["--no-backfill"]);
 
     // New events reach the ready build as well as the live one.
     append(&kafka.settings, &mut history, 5_000);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while (applied(&pool, ready_build).await < 15_000 || applied(&pool, 1).await < 15_000)
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for_applied(&pool, 1, 15_000, 30).await;
     assert_eq!(
-        applied(&pool, ready_build).await,
+        wait_for_applied(&pool, ready_build, 15_000, 30).await,
         15_000,
         "the ready build stays caught up"
     );
@@ -312,16 +280,12 @@ async fn a_build_left_ready_stays_caught_up_under_run_and_is_verified_and_swappe
 
     // `run` follows the new live build.
     append(&kafka.settings, &mut history, 1_000);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while applied(&pool, ready_build).await < 16_000 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(applied(&pool, ready_build).await, 16_000);
+    assert_eq!(
+        wait_for_applied(&pool, ready_build, 16_000, 30).await,
+        16_000
+    );
     let actual = actual_totals(&pool, "public").await.expect("totals");
-    let _ = Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status();
-    let _ = run.wait();
+    stop(&mut run);
     assert_eq!(
         differences(&history.expected(), &actual),
         Vec::<String>::new()

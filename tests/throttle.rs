@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -142,24 +141,19 @@ async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settin
     set(&pool, "INSERT INTO test_load VALUES (5)").await;
     append(&kafka.settings, &mut history, 3_000);
 
-    let mut run = Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .args([
-            "run",
+    let mut run = spawn_run(
+        &db,
+        &kafka,
+        &[
             "--no-backfill",
-            "--brokers",
-            &kafka.settings.brokers,
-            "--database-url",
-            &db,
-            "--quiet",
             "--throttle-check-every",
             "0.2",
             "--throttle-load-query",
             "SELECT value FROM test_load",
             "--throttle-load-limit",
             "1",
-        ])
-        .spawn()
-        .expect("start run");
+        ],
+    );
 
     // Load 500% of the limit: the follower waits, and status says why.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -177,11 +171,11 @@ async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settin
 
     // The load falls: it resumes and catches up.
     set(&pool, "UPDATE test_load SET value = 0").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while applied(&pool, 1).await < 13_000 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(applied(&pool, 1).await, 13_000, "resumed and caught up");
+    assert_eq!(
+        wait_for_applied(&pool, 1, 13_000, 30).await,
+        13_000,
+        "resumed and caught up"
+    );
 
     // A rate cap set with `tune` while it runs: 3,000 events at 1,000/s take seconds, not moments.
     let tuned = reproject(
@@ -210,19 +204,13 @@ async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settin
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
     append(&kafka.settings, &mut history, 3_000);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while applied(&pool, 1).await < 16_000 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let reached = wait_for_applied(&pool, 1, 16_000, 30).await;
     let took = started.elapsed();
-    assert_eq!(applied(&pool, 1).await, 16_000);
+    assert_eq!(reached, 16_000);
     assert!(
         took >= Duration::from_millis(1_500),
         "capped at 1,000 events/s, took {took:?}"
     );
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status();
-    let _ = run.wait();
+    stop(&mut run);
 }

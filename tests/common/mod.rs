@@ -242,3 +242,39 @@ pub async fn applied(pool: &PgPool, build_id: i64) -> i64 {
     .await
     .expect("positions")
 }
+
+/// `reproject run` as a process of its own against this test's database and broker.
+pub fn spawn_run(db: &str, kafka: &Kafka, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args([
+            "run",
+            "--brokers",
+            &kafka.settings.brokers,
+            "--database-url",
+            db,
+            "--quiet",
+        ])
+        .args(extra)
+        .spawn()
+        .expect("start run")
+}
+
+/// Stop a process as an operator would: SIGTERM, then wait for it.
+pub fn stop(child: &mut std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// Wait up to `seconds` until `build_id` has applied `events`; returns what it has applied.
+pub async fn wait_for_applied(pool: &PgPool, build_id: i64, events: i64, seconds: u64) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let now = applied(pool, build_id).await;
+        if now >= events || std::time::Instant::now() >= deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
