@@ -55,6 +55,16 @@ fn stages(c: &mut Criterion) {
         })
     });
 
+    // What the replay's readers do: decode every record into the same envelope, reusing its buffers.
+    group.bench_function("envelope_decode_reused", |b| {
+        let mut into = Decoded::default();
+        b.iter(|| {
+            for (i, r) in records.iter().enumerate() {
+                std::hint::black_box(envelope::decode_into(r, 0, i as i64, &mut into).ok());
+            }
+        })
+    });
+
     group.bench_function("upcast_chain", |b| {
         b.iter(|| {
             for d in &decoded {

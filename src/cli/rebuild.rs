@@ -61,6 +61,10 @@ pub struct TuningArgs {
     /// With --on-bad-record dead-letter: stop once a build holds more dead letters than this
     #[arg(long, default_value_t = 1_000, value_name = "RECORDS")]
     pub dead_letter_budget: u64,
+    /// Reader threads a replay shares the partitions out to (decoding, upcasting and projecting
+    /// run on them). Default: one per core, up to 8
+    #[arg(long, value_name = "THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub replay_readers: Option<u16>,
     #[command(flatten)]
     pub throttle: ThrottleArgs,
 }
@@ -143,6 +147,9 @@ impl TuningArgs {
                 },
             },
             throttle: self.throttle.config(),
+            replay_readers: self
+                .replay_readers
+                .map_or_else(crate::engine::default_replay_readers, usize::from),
         }
     }
 }

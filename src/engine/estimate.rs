@@ -333,13 +333,16 @@ async fn read_window<E: Send + Sync + 'static>(
         dead_letters: true,
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let (mut batches, reader) = reader::spawn(
+    let (mut batches, readers) = reader::spawn_split(
         engine.kafka.clone(),
         engine.registry.clone(),
         targets,
         config,
         stop.clone(),
         2,
+        // One reader: a bounded read here ends at the first batch marked done, and these reads
+        // are short or paced by the database.
+        1,
     );
     let mut events = 0;
     let mut checks = SourceChecks::default();
@@ -396,7 +399,7 @@ async fn read_window<E: Send + Sync + 'static>(
     };
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(batches);
-    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
     outcome?;
     checks.aggregates = aggregates.or(checks.aggregates);
     Ok((events, checks))

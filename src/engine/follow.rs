@@ -96,6 +96,21 @@ async fn follow_locked<E: Send + Sync + 'static>(
     cancel: &CancellationToken,
     label: &str,
 ) -> Result<FollowOutcome> {
+    // Nothing to catch up with (the usual case right after a replay): no reader to start, no first
+    // batch to wait for. Only when nothing at all is new: a small lag within `lag_below` is still
+    // read, as it was before this shortcut.
+    if let Until::CaughtUp { .. } = until {
+        let behind = furthest_behind(targets, &fresh_log_end(engine).await?);
+        if behind == 0 {
+            return Ok(FollowOutcome {
+                positions: targets.iter().map(|t| t.positions.clone()).collect(),
+                events: 0,
+                rows_written: 0,
+                lag: Some(behind),
+                dead_letters: 0,
+            });
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let batch_size = Arc::new(AtomicUsize::new(engine.tuning.batch_events));
     let reader_targets = targets
@@ -125,13 +140,16 @@ async fn follow_locked<E: Send + Sync + 'static>(
             super::BadRecordPolicy::DeadLetter { .. }
         ),
     };
-    let (mut batches, reader) = reader::spawn(
+    let (mut batches, readers) = reader::spawn_split(
         engine.kafka.clone(),
         engine.registry.clone(),
         reader_targets,
         config,
         stop.clone(),
         4,
+        // One reader: a bounded read here ends at the first batch marked done, and these reads
+        // are short or paced by the database.
+        1,
     );
     let outcome = apply_batches(
         engine,
@@ -145,7 +163,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
     .await;
     stop.store(true, Ordering::Relaxed);
     drop(batches);
-    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
     outcome
 }
 
@@ -379,11 +397,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
             // the brokers again before calling it caught up.
             let confirmed = l <= lag_below && !log_end.is_empty() && {
                 let fresh = fresh_log_end(engine).await?;
-                let fresh_lag = targets
-                    .iter()
-                    .map(|t| lag(&t.positions, &fresh))
-                    .max()
-                    .unwrap_or(0);
+                let fresh_lag = furthest_behind(targets, &fresh);
                 log_end = fresh;
                 last_lag = Some(fresh_lag);
                 fresh_lag <= lag_below
@@ -445,6 +459,15 @@ async fn wait_while_paused<E: Send + Sync + 'static>(
             _ = tokio::time::sleep(PAUSE_CHECK_EVERY) => {}
         }
     }
+}
+
+/// The lag of the target furthest behind `log_end`.
+fn furthest_behind<E>(targets: &[FollowTarget<E>], log_end: &Positions) -> i64 {
+    targets
+        .iter()
+        .map(|t| lag(&t.positions, log_end))
+        .max()
+        .unwrap_or(0)
 }
 
 async fn fresh_log_end<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Positions> {

@@ -155,6 +155,14 @@ pub struct Tuning {
     /// Adapt the write rate of catch-ups and followers to the database's health (None: only the
     /// `max_rate` cap). The CLI turns it on unless `--no-throttle`.
     pub throttle: Option<throttle::ThrottleConfig>,
+    /// Reader threads a replay shares the partitions out to (see [`reader::spawn_split`]).
+    pub replay_readers: usize,
+}
+
+/// One replay reader per core, up to 8: on two cores, two readers took the replay from one core
+/// busy and one partly idle to both busy (BENCHMARKS.md).
+pub fn default_replay_readers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 /// What a rebuild or follower does with a bad record (see [`reader::BadKind`]).
@@ -178,6 +186,7 @@ impl Default for Tuning {
             max_rate: None,
             bad_records: BadRecordPolicy::Fail,
             throttle: None,
+            replay_readers: default_replay_readers(),
         }
     }
 }

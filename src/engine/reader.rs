@@ -22,7 +22,7 @@ use crate::envelope::{self, message_version};
 use crate::projection::{Change, Changes, DynProjection, Event};
 use crate::sink::aggregate_index::AggregateIndex;
 use crate::sink::catalog::Positions;
-use crate::source::{KafkaSettings, SourceError};
+use crate::source::{KafkaSettings, SourceError, MAX_FETCH_BYTES};
 use crate::upcast::Registry;
 
 /// A record that cannot be turned into row changes, with where it is and who wanted it.
@@ -209,6 +209,7 @@ pub enum ReadError {
 }
 
 /// One projection the reader feeds, and the position it stands at.
+#[derive(Clone)]
 pub struct Target<E> {
     pub projection: DynProjection<E>,
     pub positions: Positions,
@@ -247,7 +248,19 @@ impl Coordinates<'_> {
 
     /// The record's envelope, checked: it decodes, and the record's key is its aggregate id.
     pub fn decode(&self, key: Option<&[u8]>, value: &[u8]) -> Result<envelope::Decoded, BadRecord> {
-        let decoded = envelope::decode(value, self.partition, self.offset)
+        let mut decoded = envelope::Decoded::default();
+        self.decode_into(key, value, &mut decoded)?;
+        Ok(decoded)
+    }
+
+    /// [`Coordinates::decode`] into `decoded`, reusing its buffers.
+    pub fn decode_into(
+        &self,
+        key: Option<&[u8]>,
+        value: &[u8],
+        decoded: &mut envelope::Decoded,
+    ) -> Result<(), BadRecord> {
+        envelope::decode_into(value, self.partition, self.offset, decoded)
             .map_err(|e| self.bad(BadKind::Envelope, None, e.to_string()))?;
         if key != Some(decoded.meta.aggregate_id.as_bytes()) {
             let reason = match key {
@@ -263,7 +276,7 @@ impl Coordinates<'_> {
             };
             return Err(self.bad(BadKind::Key, Some(&decoded.type_url), reason));
         }
-        Ok(decoded)
+        Ok(())
     }
 
     /// The payload upcast to the latest version.
@@ -291,6 +304,7 @@ pub fn hex(id: &[u8; 16]) -> String {
     )
 }
 
+#[derive(Clone)]
 pub struct ReaderConfig {
     pub topic: String,
     /// Stop once every partition has reached this end (the replay's snapshot of the log end).
@@ -365,6 +379,22 @@ pub struct SourceChecks {
 }
 
 impl SourceChecks {
+    /// Add the checks of another reader's partitions (readers never share a partition).
+    pub fn merge(&mut self, other: SourceChecks) {
+        self.partitions += other.partitions;
+        self.records += other.records;
+        self.offsets += other.offsets;
+        self.offsets_skipped += other.offsets_skipped;
+        self.skipped_by_partition.extend(other.skipped_by_partition);
+        self.aggregates = self.aggregates.zip(other.aggregates).map(|(a, b)| a + b);
+        self.sequence_gaps += other.sequence_gaps;
+        self.sequence_repeats += other.sequence_repeats;
+        self.gap_examples.extend(other.gap_examples);
+        self.gap_examples
+            .truncate(crate::sink::aggregate_index::GAP_EXAMPLES);
+        self.aggregates_started += other.aggregates_started;
+    }
+
     fn of(
         start: &Positions,
         next: &Positions,
@@ -402,29 +432,119 @@ impl SourceChecks {
     }
 }
 
-/// Start reading. The thread stops when `stop_at` is reached, when `stop` is set, when the receiver
-/// is dropped, or at the first error (which it sends).
-pub fn spawn<E: Send + Sync + 'static>(
+/// The threads of readers that share the partitions out; see [`spawn_split`].
+pub struct ReaderThreads(Vec<std::thread::JoinHandle<()>>);
+
+impl ReaderThreads {
+    /// How many last batches (`done`) a bounded read ends with: one per reader.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn join(self) {
+        for handle in self.0 {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Start up to `readers` readers (never more than there are partitions), each on a consumer of its
+/// own and every `readers`-th partition, sending batches into one channel. One reader thread decoding,
+/// upcasting and projecting every record is what bounds a replay (the fold, on its own thread, has
+/// time to spare): sharing the partitions out lets the reading use every core. Each partition stays
+/// with one reader, so its records still arrive in order; records of different partitions were never
+/// ordered among themselves.
+///
+/// Each thread stops when its share of `stop_at` is reached, when `stop` is set, when the receiver is
+/// dropped, or at its first error (which it sends). A bounded read ends with one batch marked `done`
+/// per reader, each carrying its own partitions'
+/// aggregate index and source checks (see [`AggregateIndex::merge`], [`SourceChecks::merge`]).
+/// Under a limit on the aggregate index's bytes or on the prefetch queue, each reader gets its share.
+pub fn spawn_split<E: Send + Sync + 'static>(
     settings: KafkaSettings,
     registry: Arc<Registry<E>>,
     targets: Vec<Target<E>>,
     config: ReaderConfig,
     stop: Arc<AtomicBool>,
     capacity: usize,
-) -> (
-    mpsc::Receiver<Result<Batch, ReadError>>,
-    std::thread::JoinHandle<()>,
-) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let handle = std::thread::Builder::new()
-        .name("reproject-reader".into())
+    readers: usize,
+) -> (mpsc::Receiver<Result<Batch, ReadError>>, ReaderThreads) {
+    let partitions: std::collections::BTreeSet<i32> = targets
+        .iter()
+        .flat_map(|t| t.positions.keys().copied())
+        .collect();
+    let partitions: Vec<i32> = partitions.into_iter().collect();
+    let readers = readers.clamp(1, partitions.len().max(1));
+    let (tx, batches) = mpsc::channel(capacity);
+    let handles = (0..readers)
+        .map(|share| {
+            // One reader takes everything as given (a stop position may name a partition the
+            // targets do not have yet).
+            let mine = |p: &i32| {
+                readers == 1
+                    || partitions
+                        .binary_search(p)
+                        .is_ok_and(|i| i % readers == share)
+            };
+            let only_mine = |positions: &Positions| -> Positions {
+                positions
+                    .iter()
+                    .filter(|(p, _)| mine(p))
+                    .map(|(p, o)| (*p, *o))
+                    .collect()
+            };
+            let targets = targets
+                .iter()
+                .map(|t| Target {
+                    projection: t.projection.clone(),
+                    positions: only_mine(&t.positions),
+                })
+                .collect();
+            let mut config = config.clone();
+            config.stop_at = config.stop_at.as_ref().map(only_mine);
+            config.aggregate_index_max_bytes =
+                config.aggregate_index_max_bytes.map(|b| b / readers);
+            // Each consumer fetches ahead on its own: their queues together stay what one had.
+            config.prefetch_max_bytes = match config.prefetch_max_bytes {
+                Some(bytes) => Some(bytes / readers),
+                None if readers > 1 => Some(crate::source::PREFETCH_BYTES / readers),
+                None => None,
+            };
+            spawn_into(
+                settings.clone(),
+                registry.clone(),
+                targets,
+                config,
+                stop.clone(),
+                tx.clone(),
+                share,
+            )
+        })
+        .collect();
+    (batches, ReaderThreads(handles))
+}
+
+fn spawn_into<E: Send + Sync + 'static>(
+    settings: KafkaSettings,
+    registry: Arc<Registry<E>>,
+    targets: Vec<Target<E>>,
+    config: ReaderConfig,
+    stop: Arc<AtomicBool>,
+    tx: mpsc::Sender<Result<Batch, ReadError>>,
+    share: usize,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(format!("reproject-reader-{share}"))
         .spawn(move || {
             if let Err(e) = read(&settings, &registry, &targets, &config, &stop, &tx) {
                 let _ = tx.blocking_send(Err(e));
             }
         })
-        .unwrap_or_else(|e| panic!("cannot start the reader thread: {e}"));
-    (rx, handle)
+        .unwrap_or_else(|e| panic!("cannot start the reader thread: {e}"))
 }
 
 fn read<E: 'static>(
@@ -445,7 +565,11 @@ fn read<E: 'static>(
                 0..0,
                 [
                     ("queued.max.messages.kbytes".to_string(), kbytes.to_string()),
-                    ("fetch.max.bytes".to_string(), (kbytes * 1024).to_string()),
+                    // Never above the consumer's own fetch limit, which its receive limit allows.
+                    (
+                        "fetch.max.bytes".to_string(),
+                        (kbytes * 1024).min(MAX_FETCH_BYTES).to_string(),
+                    ),
                 ],
             );
             capped.consumer("reproject")?
@@ -483,6 +607,8 @@ fn read<E: 'static>(
     settings.assign(&consumer, topic, &next)?;
 
     let mut scratch = Changes::default();
+    // Every record is decoded into this one, reusing its strings and buffers.
+    let mut decoded = envelope::Decoded::default();
     let mut recent = RecentEventIds::new(DUPLICATE_WINDOW);
     let mut aggregates = config.index_aggregates.then(AggregateIndex::default);
     if let Some(index) = aggregates.as_mut() {
@@ -596,10 +722,9 @@ fn read<E: 'static>(
                 };
                 let mut event_id = None;
                 let outcome: Result<(), BadRecord> = 'record: {
-                    let decoded = match at.decode(message.key(), bytes) {
-                        Ok(d) => d,
-                        Err(e) => break 'record Err(e),
-                    };
+                    if let Err(e) = at.decode_into(message.key(), bytes, &mut decoded) {
+                        break 'record Err(e);
+                    }
                     event_id = Some(decoded.meta.event_id);
                     aggregates_started += u64::from(decoded.meta.sequence == 1);
                     let type_url = Some(decoded.type_url.as_str());
@@ -786,6 +911,45 @@ mod tests {
         assert_eq!(recent.seen_at(&id(1), 7), None, "the oldest was forgotten");
         assert_eq!(recent.seen_at(&id(4), 7), Some(11));
         assert_eq!(recent.seen_at(&id(9), 8), Some(1));
+    }
+
+    #[test]
+    fn source_checks_of_readers_sharing_the_partitions_add_up() {
+        let checks = |partition: i32, skipped: i64, aggregates: Option<u64>| SourceChecks {
+            partitions: 1,
+            records: 10 - skipped,
+            offsets: 10,
+            offsets_skipped: skipped,
+            skipped_by_partition: (skipped > 0)
+                .then_some((partition, skipped))
+                .into_iter()
+                .collect(),
+            aggregates,
+            sequence_gaps: 1,
+            sequence_repeats: 0,
+            gap_examples: vec![format!("gap in {partition}"); 4],
+            aggregates_started: 3,
+        };
+        let mut all = checks(0, 0, Some(5));
+        all.merge(checks(1, 2, Some(7)));
+        assert_eq!(
+            (
+                all.partitions,
+                all.records,
+                all.offsets,
+                all.offsets_skipped
+            ),
+            (2, 18, 20, 2)
+        );
+        assert_eq!(all.skipped_by_partition, BTreeMap::from([(1, 2)]));
+        assert_eq!(all.aggregates, Some(12));
+        assert_eq!((all.sequence_gaps, all.aggregates_started), (2, 6));
+        assert_eq!(all.gap_examples.len(), 5, "examples stay capped");
+        all.merge(checks(2, 0, None));
+        assert_eq!(
+            all.aggregates, None,
+            "one reader gave its index up: the count is unknown"
+        );
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! 2. The log's start and end are read per partition; a log that no longer starts at 0 is refused
 //!    unless `allow_truncated_history`.
 //! 3. History up to that end is replayed once for all projections being built: decoded, upcast,
-//!    projected and folded in memory on two threads, then bulk-loaded with binary COPY, sorted by
-//!    key, committed with the positions (and dead letters). With a memory budget the fold is flushed
-//!    to the tables whenever it outgrows its share (`sink::spill`). Then keys and indexes, ANALYZE.
+//!    projected by reader threads that share the partitions out, folded in memory by one fold
+//!    thread, then bulk-loaded with binary COPY (every build at once), sorted by key, committed with
+//!    the positions (and dead letters); the aggregate index is written alongside. With a memory
+//!    budget the fold is flushed to the tables whenever it outgrows its share (`sink::spill`). Then
+//!    keys and indexes (every build at once), ANALYZE.
 //! 4. Catch-up: transactional batches with positions until the lag is under the threshold.
 //! 5. Swap (unless `swap` is false: the build then waits, caught up, in phase `ready`).
 
@@ -159,13 +161,19 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
             to_resume.push(job);
         }
     }
+    let mut aggregate_index = None;
     if !to_replay.is_empty() {
-        replay_and_load(engine, &mut to_replay, options, cancel, &mut report).await?;
+        aggregate_index =
+            replay_and_load(engine, &mut to_replay, options, cancel, &mut report).await?;
     }
     let mut jobs = to_replay;
     jobs.extend(to_resume);
-    for job in &mut jobs {
-        if job.build.phase == Phase::Indexing {
+    // Every build's keys and indexes at once: each CREATE INDEX is one backend on one core.
+    let started = Instant::now();
+    let indexing = jobs
+        .iter_mut()
+        .filter(|job| job.build.phase == Phase::Indexing)
+        .map(|job| async {
             check_disk_budget(engine, job, options.disk_budget).await?;
             super::metrics::build_phase(&job.build.projection, job.build.build_id, Phase::Indexing);
             super::throttle::wait_until_healthy(
@@ -175,7 +183,6 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
                 cancel,
             )
             .await?;
-            let started = Instant::now();
             build_indexes(engine, job).await?;
             check_disk_budget(engine, job, options.disk_budget).await?;
             super::metrics::build_phase(
@@ -183,8 +190,19 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
                 job.build.build_id,
                 Phase::CatchingUp,
             );
-            report.index_seconds += started.elapsed().as_secs_f64();
-        }
+            Ok::<_, EngineError>(())
+        });
+    let indexed = futures::future::try_join_all(indexing).await?;
+    if !indexed.is_empty() {
+        report.index_seconds = started.elapsed().as_secs_f64();
+    }
+    if let Some(task) = aggregate_index {
+        let (aggregates, seconds) = task.await.map_err(|e| EngineError::Projection {
+            projection: "-".into(),
+            reason: format!("writing the aggregate index failed: {e}"),
+        })??;
+        report.aggregates_indexed = aggregates;
+        report.aggregate_index_seconds = seconds;
     }
 
     // Catch up with everything that arrived since the log end the replay read to.
@@ -482,7 +500,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     options: &RebuildOptions,
     cancel: &CancellationToken,
     report: &mut RebuildReport,
-) -> Result<()> {
+) -> Result<Option<AggregateIndexTask>> {
     let bounds = engine.log_bounds("reproject").await?;
     let truncated = bounds.truncated();
     if !truncated.is_empty() {
@@ -524,7 +542,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         writer::create_tables(&mut conn, tables(job), &sql).await?;
     }
 
-    // Replay: a reader thread decodes, upcasts and projects; this fold thread folds.
+    // Replay: reader threads decode, upcast and project, each its share of the partitions; this
+    // fold thread folds.
     let started = Instant::now();
     let total: i64 = bounds
         .end
@@ -562,7 +581,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             super::BadRecordPolicy::DeadLetter { .. }
         ),
     };
-    let (mut batches, reader) = reader::spawn(
+    let (mut batches, readers) = reader::spawn_split(
         engine.kafka.clone(),
         engine.registry.clone(),
         targets,
@@ -570,7 +589,9 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         stop.clone(),
         // Each batch in the channel holds a batch's changes: few of them under a budget.
         if budget.is_some() { 2 } else { 8 },
+        engine.tuning.replay_readers,
     );
+    let reader_count = readers.len();
     let read_events = Arc::new(AtomicU64::new(0));
     let specs: Vec<DynProjection<E>> = jobs.iter().map(|j| j.projection.clone()).collect();
     let counter = read_events.clone();
@@ -625,6 +646,10 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         let mut events = 0;
         let mut peak_bytes = 0;
         let mut dead_letters: Vec<Vec<reader::DeadLetter>> = vec![Vec::new(); specs.len()];
+        // Each reader ends with a batch marked done, carrying its partitions' index and checks.
+        let mut readers_done = 0;
+        let mut aggregates: Option<AggregateIndex> = Some(AggregateIndex::default());
+        let mut source_checks: Option<reader::SourceChecks> = None;
         while let Some(batch) = batches.blocking_recv() {
             let batch = batch?;
             for letter in batch.dead_letters {
@@ -670,15 +695,32 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                 });
             peak_bytes = peak_bytes.max(held);
             if batch.done {
-                return Ok((
-                    stores,
-                    spill,
-                    positions,
-                    events,
-                    (batch.aggregates, batch.source_checks),
-                    peak_bytes,
-                    dead_letters,
-                ));
+                readers_done += 1;
+                // A reader that gave its index up (over its memory share) leaves it incomplete.
+                aggregates = match (aggregates, batch.aggregates) {
+                    (Some(mut all), Some(mine)) => {
+                        all.merge(mine);
+                        Some(all)
+                    }
+                    _ => None,
+                };
+                if let Some(checks) = batch.source_checks {
+                    match source_checks.as_mut() {
+                        Some(all) => all.merge(checks),
+                        None => source_checks = Some(checks),
+                    }
+                }
+                if readers_done == reader_count {
+                    return Ok((
+                        stores,
+                        spill,
+                        positions,
+                        events,
+                        (aggregates, source_checks),
+                        peak_bytes,
+                        dead_letters,
+                    ));
+                }
             }
             if let (Some(budget), Some((conn, states))) = (budget, spill.as_mut()) {
                 if held > budget {
@@ -741,7 +783,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         }
     };
     progress.finish();
-    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
     report.events_replayed = events;
     report.peak_fold_bytes = peak_bytes as u64;
     report.replay_seconds = started.elapsed().as_secs_f64();
@@ -761,68 +803,148 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         cancel,
     )
     .await?;
+    // The aggregate index comes free with the replay; `replay` uses it to read only where an
+    // aggregate's events lie. It is written on a connection of its own while the builds load and
+    // index: on two cores the load alone leaves one of them half idle.
+    let aggregate_index = aggregates.map(|index| {
+        let (topic, positions) = (engine.topic.clone(), positions.clone());
+        // On a blocking thread of its own that drives the write: sqlx's executor bounds are too
+        // general for the compiler to prove a spawned task holding this future `Send`.
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let written = runtime.block_on(aggregate_index::replace(
+                &mut conn, &topic, &index, &positions,
+            ))?;
+            Ok((written, started.elapsed().as_secs_f64()))
+        })
+    });
+
     let started = Instant::now();
-    // A build that spilled finishes on the spill's connection, which holds its staging tables.
-    let (mut spill_conn, mut spill_states) = match spill {
-        Some((conn, states)) => (Some(conn), states),
-        None => (None, Vec::new()),
+    let loaded = Loaded {
+        positions: &positions,
+        log_end: &bounds.end,
+        events,
+        source_checks: source_checks.as_ref(),
     };
-    for (i, (job, store)) in jobs.iter_mut().zip(&stores).enumerate() {
-        let mut tx = spill_conn
-            .as_mut()
-            .unwrap_or(&mut conn)
-            .begin()
-            .await
-            .context(|| "starting the bulk load".into())?;
-        let rows = match spill_states.get_mut(i) {
-            Some(state) if state.spills > 0 => {
-                state.flush(&mut tx, tables(job), store).await?;
-                report.spills += u64::from(state.spills);
-                SpillState::row_count(&mut tx, tables(job)).await?
+    let mut outcomes = Vec::new();
+    match spill {
+        // Builds that spilled finish on the spill's connection, which holds their staging tables.
+        Some((mut spill_conn, mut states)) => {
+            for (i, (job, store)) in jobs.iter_mut().zip(&stores).enumerate() {
+                let spilled = states.get_mut(i).filter(|state| state.spills > 0);
+                outcomes.push(
+                    load_build(
+                        &mut spill_conn,
+                        job,
+                        store,
+                        spilled,
+                        &dead_letters[i],
+                        &loaded,
+                    )
+                    .await?,
+                );
             }
-            _ => writer::bulk_load(&mut tx, tables(job), store).await?,
-        };
-        let letters: Vec<_> = dead_letters[i].iter().map(|l| l.stored()).collect();
-        report.dead_letters +=
-            dead_letters::insert(&mut tx, job.build.build_id, job.projection.name(), &letters)
-                .await?;
-        catalog::insert_positions(&mut tx, job.build.build_id, &positions, &bounds.end).await?;
-        sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3, source_checks = $4 WHERE build_id = $1")
-            .bind(job.build.build_id)
-            .bind(events as i64)
-            .bind(rows as i64)
-            .bind(source_checks.as_ref().map(sqlx::types::Json))
-            .execute(&mut *tx)
-            .await
-            .context(|| "recording the load".into())?;
-        catalog::set_phase(&mut tx, job.build.build_id, Phase::Indexing).await?;
-        tx.commit()
-            .await
-            .context(|| format!("committing the bulk load of {}", job.build.schema_name))?;
-        job.build.phase = Phase::Indexing;
-        report.rows_loaded += rows;
-        super::metrics::rows_written(job.projection.name(), "bulk_load", rows);
+        }
+        // Otherwise each build loads on a connection of its own, all at once.
+        None => {
+            let loads = jobs.iter_mut().zip(&stores).zip(&dead_letters).map(
+                |((job, store), letters)| async {
+                    let mut conn = sqlx::PgConnection::connect(&engine.database_url)
+                        .await
+                        .context(|| format!("connecting to load {}", job.build.schema_name))?;
+                    load_build(&mut conn, job, store, None, letters, &loaded).await
+                },
+            );
+            outcomes = futures::future::try_join_all(loads).await?;
+        }
+    }
+    for (job, outcome) in jobs.iter().zip(outcomes) {
+        report.rows_loaded += outcome.rows;
+        report.dead_letters += outcome.dead_letters;
+        report.spills += outcome.spills;
+        super::metrics::rows_written(job.projection.name(), "bulk_load", outcome.rows);
         super::metrics::events_applied(job.projection.name(), "replay", events);
         tracing::info!(
             message = "loaded",
             projection = job.projection.name(),
             build_id = job.build.build_id,
-            rows
+            rows = outcome.rows
         );
     }
     // Freeing millions of rows takes seconds: not on a runtime worker.
     tokio::task::spawn_blocking(move || drop(stores));
     report.load_seconds = started.elapsed().as_secs_f64();
+    Ok(aggregate_index)
+}
 
-    // The aggregate index comes free with the replay; `replay` uses it to read only where an
-    // aggregate's events lie.
-    if let Some(index) = aggregates {
-        let started = Instant::now();
-        report.aggregates_indexed =
-            aggregate_index::replace(&mut conn, &engine.topic, &index, &positions).await?;
-        report.aggregate_index_seconds = started.elapsed().as_secs_f64();
-    }
-    Ok(())
+/// The aggregate index being written alongside the load: aggregates written and seconds taken.
+type AggregateIndexTask = tokio::task::JoinHandle<Result<(u64, f64)>>;
+
+/// What every build's bulk load records besides its rows.
+struct Loaded<'a> {
+    positions: &'a Positions,
+    log_end: &'a Positions,
+    events: u64,
+    source_checks: Option<&'a reader::SourceChecks>,
+}
+
+struct LoadOutcome {
+    rows: u64,
+    dead_letters: u64,
+    spills: u64,
+}
+
+/// Bulk load one build with its positions, dead letters and source checks, in one transaction
+/// (one COPY per table, or the last flush of a build that spilled), leaving it in phase indexing.
+async fn load_build<E: Send + Sync + 'static>(
+    conn: &mut sqlx::PgConnection,
+    job: &mut Job<E>,
+    store: &RowStore,
+    spilled: Option<&mut SpillState>,
+    letters: &[reader::DeadLetter],
+    loaded: &Loaded<'_>,
+) -> Result<LoadOutcome> {
+    let mut tx = conn
+        .begin()
+        .await
+        .context(|| "starting the bulk load".into())?;
+    let (rows, spills) = match spilled {
+        Some(state) => {
+            state.flush(&mut tx, tables(job), store).await?;
+            let rows = SpillState::row_count(&mut tx, tables(job)).await?;
+            (rows, u64::from(state.spills))
+        }
+        None => (writer::bulk_load(&mut tx, tables(job), store).await?, 0),
+    };
+    let letters: Vec<_> = letters.iter().map(|l| l.stored()).collect();
+    let dead_letters =
+        dead_letters::insert(&mut tx, job.build.build_id, job.projection.name(), &letters).await?;
+    catalog::insert_positions(
+        &mut tx,
+        job.build.build_id,
+        loaded.positions,
+        loaded.log_end,
+    )
+    .await?;
+    sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3, source_checks = $4 WHERE build_id = $1")
+        .bind(job.build.build_id)
+        .bind(loaded.events as i64)
+        .bind(rows as i64)
+        .bind(loaded.source_checks.map(sqlx::types::Json))
+        .execute(&mut *tx)
+        .await
+        .context(|| "recording the load".into())?;
+    catalog::set_phase(&mut tx, job.build.build_id, Phase::Indexing).await?;
+    tx.commit()
+        .await
+        .context(|| format!("committing the bulk load of {}", job.build.schema_name))?;
+    job.build.phase = Phase::Indexing;
+    Ok(LoadOutcome {
+        rows,
+        dead_letters,
+        spills,
+    })
 }
 
 /// Stop, resumably, when a build's tables take more than the disk budget.

@@ -21,7 +21,7 @@ pub use value::{ColumnType, Value, PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_MICROS}
 
 /// Where an event sits in the log and what the envelope says about it. Everything a projection may
 /// know about time comes from here.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct EventMeta {
     pub partition: i32,
     pub offset: i64,

@@ -48,7 +48,7 @@ struct Entry {
     sequence: u64,
 }
 
-const GAP_EXAMPLES: usize = 5;
+pub const GAP_EXAMPLES: usize = 5;
 
 impl AggregateIndex {
     /// Expect sequence 1 for an aggregate first seen in `partition` (it is read from offset 0).
@@ -98,6 +98,17 @@ impl AggregateIndex {
 
     pub fn approx_bytes(&self) -> usize {
         self.approx_bytes
+    }
+
+    /// Take in the index another reader kept of other partitions (readers never share one).
+    pub fn merge(&mut self, other: AggregateIndex) {
+        self.partitions.extend(other.partitions);
+        self.approx_bytes += other.approx_bytes;
+        self.from_start.extend(other.from_start);
+        self.sequence_gaps += other.sequence_gaps;
+        self.sequence_repeats += other.sequence_repeats;
+        self.gap_examples.extend(other.gap_examples);
+        self.gap_examples.truncate(GAP_EXAMPLES);
     }
 
     pub fn len(&self) -> usize {

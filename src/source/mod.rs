@@ -10,4 +10,6 @@ mod kafka;
 pub mod partitioner;
 pub mod producer;
 
-pub use kafka::{parse_property, KafkaSettings, LogBounds, SourceError};
+pub use kafka::{
+    parse_property, KafkaSettings, LogBounds, SourceError, MAX_FETCH_BYTES, PREFETCH_BYTES,
+};

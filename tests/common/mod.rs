@@ -110,6 +110,8 @@ pub fn tuning() -> Tuning {
         max_rate: None,
         bad_records: reproject::engine::BadRecordPolicy::Fail,
         throttle: None,
+        // More than one, so that every multi-partition replay in the tests shares its partitions out.
+        replay_readers: 2,
     }
 }
 
