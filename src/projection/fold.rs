@@ -9,7 +9,7 @@ use rustc_hash::FxHashMap;
 
 use super::change::{Change, Key};
 use super::table::TableSpec;
-use super::value::{ColumnType, Value};
+use super::value::{sort_on_prefix, ColumnType, Value};
 
 /// A change that does not fit the table it names: a bug in projection code, reported with enough
 /// detail to find it.
@@ -41,6 +41,17 @@ impl TableRows {
     /// Rows that exist, in no particular order.
     pub fn live_rows(&self) -> impl Iterator<Item = &Vec<Value>> {
         self.rows.values().filter_map(|r| r.as_ref())
+    }
+
+    /// Rows that exist, ordered by their first `key_len` columns, as the bulk load writes them so
+    /// that the same log always gives the same physical table. Sorted on each key's first column's
+    /// [`Value::order_prefix`] first and on the whole key only where prefixes tie.
+    pub fn live_rows_in_key_order(&self, key_len: usize) -> Vec<&Vec<Value>> {
+        sort_on_prefix(
+            self.live_rows(),
+            |row| row.first().map_or((0, 0), Value::order_prefix),
+            |a, b| a[..key_len].cmp(&b[..key_len]),
+        )
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&Key, &Option<Vec<Value>>)> {
@@ -270,4 +281,71 @@ fn check_cell(spec: &TableSpec, column: usize, value: &Value) -> Result<(), Stri
 
 fn type_label(ty: ColumnType) -> &'static str {
     ty.pg_name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::table::Column;
+
+    #[test]
+    fn rows_in_key_order_match_a_sort_on_whole_keys() {
+        let spec = TableSpec {
+            name: "sales",
+            columns: vec![
+                Column::new("region", ColumnType::Text),
+                Column::new("day", ColumnType::Date),
+                Column::counter("orders"),
+            ],
+            key_len: 2,
+            bucket_column: None,
+            per_aggregate: false,
+        };
+        let mut store = RowStore::new(1);
+        // Regions that share their first eight bytes, or are prefixes of one another, so that most
+        // of the order is decided past the prefix; days on both sides of the epoch.
+        let regions = [
+            "north-east-1",
+            "north-east-10",
+            "north-east",
+            "north-ea",
+            "north-e",
+            "north-east-1\u{0}",
+            "south",
+            "",
+        ];
+        let mut n = 0i64;
+        for (i, region) in regions.iter().enumerate() {
+            for day in [-3, 0, 7, i32::MIN, i32::MAX] {
+                n += 1;
+                let key = vec![Value::text(*region), Value::Date(day)];
+                store
+                    .apply(
+                        std::slice::from_ref(&spec),
+                        Change::Add {
+                            table: 0,
+                            key,
+                            column: 2,
+                            delta: n * (i as i64 + 1),
+                        },
+                    )
+                    .expect("folds");
+            }
+        }
+        store
+            .apply(
+                std::slice::from_ref(&spec),
+                Change::Delete {
+                    table: 0,
+                    key: vec![Value::text("south"), Value::Date(0)],
+                },
+            )
+            .expect("folds");
+
+        let ordered = store.table(0).live_rows_in_key_order(spec.key_len);
+        let mut expected: Vec<&Vec<Value>> = store.table(0).live_rows().collect();
+        expected.sort_by(|a, b| a[..2].cmp(&b[..2]));
+        assert_eq!(ordered.len(), regions.len() * 5 - 1);
+        assert_eq!(ordered, expected);
+    }
 }

@@ -64,12 +64,52 @@ impl Value {
         )
     }
 
+    /// A summary of this value that orders like it: `a < b` implies `a.order_prefix() <=
+    /// b.order_prefix()`, so sorting on the prefix first and comparing whole values only on ties gives
+    /// the same order as comparing whole values. The prefix lives inline, where a text's bytes are
+    /// behind a pointer: sorting a million keys on it avoids the cache misses that made the sort most
+    /// of the bulk load.
+    pub fn order_prefix(&self) -> (u8, u64) {
+        // Ranks follow the variants' declaration order, which is how the derived `Ord` compares them.
+        let signed = |v: i64| (v as u64) ^ (1 << 63);
+        match self {
+            Value::Null => (0, 0),
+            Value::BigInt(v) => (1, signed(*v)),
+            Value::Text(s) => {
+                let mut head = [0u8; 8];
+                let n = s.len().min(8);
+                head[..n].copy_from_slice(&s.as_bytes()[..n]);
+                (2, u64::from_be_bytes(head))
+            }
+            Value::Timestamp(us) => (3, signed(*us)),
+            Value::Date(d) => (4, signed(i64::from(*d))),
+            Value::Bool(b) => (5, u64::from(*b)),
+        }
+    }
+
     pub fn as_i64(&self) -> Option<i64> {
         match self {
             Value::BigInt(v) => Some(*v),
             _ => None,
         }
     }
+}
+
+/// Sort `items` in the order `cmp` gives, comparing each item's `prefix` (a
+/// [`Value::order_prefix`] of its leading key value) first and calling `cmp` only where prefixes
+/// tie. `prefix` must never contradict `cmp`. The prefixes sit next to the items, so most comparisons
+/// touch no text behind a pointer; sorting a million rows by a text key this way takes a small part
+/// of the time a plain sort did (it was most of the bulk load).
+pub fn sort_on_prefix<T>(
+    items: impl Iterator<Item = T>,
+    prefix: impl Fn(&T) -> (u8, u64),
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Vec<T> {
+    let mut keyed: Vec<((u8, u64), T)> = items.map(|item| (prefix(&item), item)).collect();
+    keyed.sort_unstable_by(|(prefix_a, a), (prefix_b, b)| {
+        prefix_a.cmp(prefix_b).then_with(|| cmp(a, b))
+    });
+    keyed.into_iter().map(|(_, item)| item).collect()
 }
 
 impl fmt::Display for Value {
@@ -89,6 +129,38 @@ impl fmt::Display for Value {
                 None => write!(f, "date({d})"),
             },
             Value::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::BigInt),
+            // Short alphabets so that many texts share their first eight bytes, and NULs so that
+            // zero padding meets real zeros.
+            "[ab\\x00]{0,12}".prop_map(Value::Text),
+            "\\PC{0,10}".prop_map(Value::Text),
+            any::<i64>().prop_map(Value::Timestamp),
+            any::<i32>().prop_map(Value::Date),
+            any::<bool>().prop_map(Value::Bool),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_order_prefix_never_contradicts_the_order_of_values(a in any_value(), b in any_value()) {
+            if a < b {
+                prop_assert!(a.order_prefix() <= b.order_prefix(), "{a:?} < {b:?}");
+            }
+            if a == b {
+                prop_assert_eq!(a.order_prefix(), b.order_prefix());
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 use super::writer::copy_into;
 use super::{Context, Result};
-use crate::projection::Value;
+use crate::projection::{sort_on_prefix, Value};
 
 /// The first and last offset at which an aggregate's events were seen in one partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,7 +162,13 @@ pub async fn replace(
     .execute(&mut *tx)
     .await
     .context(|| "preparing the new aggregate index".into())?;
-    let rows: Vec<[Value; 5]> = index.rows(topic).collect();
+    // In primary-key order (the topic is the same throughout): the key is built afterwards, and on
+    // rows already in its order PostgreSQL's sort has little to do.
+    let rows = sort_on_prefix(
+        index.rows(topic),
+        |row| row[1].order_prefix(),
+        |a, b| a[1..3].cmp(&b[1..3]),
+    );
     let written = copy_into(
         &mut tx,
         "reproject.aggregate_offsets_next",

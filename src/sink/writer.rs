@@ -139,14 +139,14 @@ pub async fn bulk_load(
 ) -> Result<u64> {
     let mut written = 0;
     for (index, spec) in build.specs.iter().enumerate() {
-        let mut rows: Vec<&Vec<Value>> = store.table(index).live_rows().collect();
         // Sorting a million rows takes a while: let the runtime's other tasks (progress, signals,
         // followers) move to another worker meanwhile.
-        let mut sort = || rows.sort_unstable_by(|a, b| a[..spec.key_len].cmp(&b[..spec.key_len]));
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        let table = store.table(index);
+        let sort = || table.live_rows_in_key_order(spec.key_len);
+        let rows = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(sort),
             _ => sort(),
-        }
+        };
         written += copy_rows(conn, build.schema, spec, rows.into_iter()).await?;
     }
     Ok(written)
