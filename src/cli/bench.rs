@@ -406,7 +406,7 @@ async fn baseline(engine: &Engine<ShopEvent>, events: u64) -> anyhow::Result<()>
                     Value::Null => query.bind(None::<String>),
                     Value::BigInt(v) => query.bind(v.to_string()),
                     Value::Bool(b) => query.bind(b.to_string()),
-                    Value::Text(s) => query.bind(s),
+                    Value::Text(s) => query.bind(s.into_string()),
                     other => query.bind(other.to_string()),
                 };
             }

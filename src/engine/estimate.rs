@@ -375,8 +375,8 @@ async fn read_window<E: Send + Sync + 'static>(
                     let key = change.key(spec.key_len);
                     let last = &mut previous[change.table()];
                     if last.as_deref() != Some(key) {
-                        *counts.entry(key.to_vec()).or_insert(0) += 1;
-                        *last = Some(key.to_vec());
+                        *counts.entry(Key::from(key)).or_insert(0) += 1;
+                        *last = Some(Key::from(key));
                     }
                 }
                 if let Err(e) = store.apply(projection.tables(), change) {

@@ -548,7 +548,7 @@ async fn compare_with_live<E: Send + Sync + 'static>(
     for (projection, store) in projections.iter().zip(stores) {
         let active = engine.catalog.active_build(projection.name()).await?;
         for (index, spec) in projection.tables().iter().enumerate() {
-            let keys: Vec<Vec<Value>> = store.table(index).keys().cloned().collect();
+            let keys: Vec<Vec<Value>> = store.table(index).keys().map(|k| k.to_vec()).collect();
             if keys.is_empty() {
                 continue;
             }
@@ -703,7 +703,7 @@ fn json_value(value: &Value) -> serde_json::Value {
     match value {
         Value::Null => serde_json::Value::Null,
         Value::BigInt(v) => (*v).into(),
-        Value::Text(s) => s.clone().into(),
+        Value::Text(s) => s.as_str().into(),
         Value::Bool(b) => (*b).into(),
         Value::Timestamp(_) | Value::Date(_) => value.to_string().into(),
     }

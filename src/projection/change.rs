@@ -3,8 +3,18 @@
 
 use super::value::Value;
 
-/// A row's primary key, in key-column order.
-pub type Key = Vec<Value>;
+/// A row's primary key, in key-column order. Keys of one or two values (most keys) live inline: a
+/// projection makes a key for nearly every change, and a heap allocation each, made by a reader and
+/// freed by the fold, was a large part of the replay. Build one with [`key!`](crate::key).
+pub type Key = smallvec::SmallVec<[Value; 2]>;
+
+/// A row key from its values, in key-column order: `key![Value::text(order_id)]`.
+#[macro_export]
+macro_rules! key {
+    ($($value:expr),* $(,)?) => {
+        $crate::projection::Key::from_iter([$($value),*])
+    };
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
@@ -77,43 +87,46 @@ impl Changes {
         self.changes.push(Change::Upsert { table, row });
     }
 
-    pub fn set(&mut self, table: usize, key: Key, columns: Vec<(usize, Value)>) {
+    pub fn set(&mut self, table: usize, key: impl Into<Key>, columns: Vec<(usize, Value)>) {
         self.changes.push(Change::Set {
             table,
-            key,
+            key: key.into(),
             columns,
         });
     }
 
-    pub fn add(&mut self, table: usize, key: Key, column: usize, delta: i64) {
+    pub fn add(&mut self, table: usize, key: impl Into<Key>, column: usize, delta: i64) {
         self.changes.push(Change::Add {
             table,
-            key,
+            key: key.into(),
             column,
             delta,
         });
     }
 
-    pub fn min(&mut self, table: usize, key: Key, column: usize, value: Value) {
+    pub fn min(&mut self, table: usize, key: impl Into<Key>, column: usize, value: Value) {
         self.changes.push(Change::Min {
             table,
-            key,
+            key: key.into(),
             column,
             value,
         });
     }
 
-    pub fn max(&mut self, table: usize, key: Key, column: usize, value: Value) {
+    pub fn max(&mut self, table: usize, key: impl Into<Key>, column: usize, value: Value) {
         self.changes.push(Change::Max {
             table,
-            key,
+            key: key.into(),
             column,
             value,
         });
     }
 
-    pub fn delete(&mut self, table: usize, key: Key) {
-        self.changes.push(Change::Delete { table, key });
+    pub fn delete(&mut self, table: usize, key: impl Into<Key>) {
+        self.changes.push(Change::Delete {
+            table,
+            key: key.into(),
+        });
     }
 
     pub fn as_slice(&self) -> &[Change] {

@@ -66,12 +66,13 @@ impl TableRows {
         self.rows.contains_key(key)
     }
 
-    pub fn get(&self, key: &Key) -> Option<&Option<Vec<Value>>> {
+    pub fn get(&self, key: &[Value]) -> Option<&Option<Vec<Value>>> {
         self.rows.get(key)
     }
 
     /// Record what the database holds for a key before the batch's changes are applied.
-    pub fn seed(&mut self, key: Key, row: Option<Vec<Value>>) {
+    pub fn seed(&mut self, key: impl Into<Key>, row: Option<Vec<Value>>) {
+        let key = key.into();
         self.approx_bytes += approx_size(&key) + row.as_deref().map_or(0, approx_size);
         self.rows.insert(key, row);
     }
@@ -138,7 +139,7 @@ impl RowStore {
         match change {
             Change::Upsert { row, .. } => {
                 check_row(spec, &row).map_err(err)?;
-                let key = row[..spec.key_len].to_vec();
+                let key = Key::from(&row[..spec.key_len]);
                 rows.approx_bytes += approx_size(&row);
                 rows.rows.insert(key, Some(row));
             }
@@ -318,7 +319,7 @@ mod tests {
         for (i, region) in regions.iter().enumerate() {
             for day in [-3, 0, 7, i32::MIN, i32::MAX] {
                 n += 1;
-                let key = vec![Value::text(*region), Value::Date(day)];
+                let key = crate::key![Value::text(*region), Value::Date(day)];
                 store
                     .apply(
                         std::slice::from_ref(&spec),
@@ -337,7 +338,7 @@ mod tests {
                 std::slice::from_ref(&spec),
                 Change::Delete {
                     table: 0,
-                    key: vec![Value::text("south"), Value::Date(0)],
+                    key: crate::key![Value::text("south"), Value::Date(0)],
                 },
             )
             .expect("folds");

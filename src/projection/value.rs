@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
+
 /// Microseconds between 1970-01-01 and 2000-01-01, PostgreSQL's epoch for timestamps.
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// Days between 1970-01-01 and 2000-01-01, PostgreSQL's epoch for dates.
@@ -38,7 +40,8 @@ impl ColumnType {
 pub enum Value {
     Null,
     BigInt(i64),
-    Text(String),
+    /// Short texts (up to 24 bytes: most ids, codes, statuses) live inline, without an allocation.
+    Text(CompactString),
     /// Microseconds since the Unix epoch, UTC.
     Timestamp(i64),
     /// Days since the Unix epoch.
@@ -47,7 +50,7 @@ pub enum Value {
 }
 
 impl Value {
-    pub fn text(s: impl Into<String>) -> Value {
+    pub fn text(s: impl Into<CompactString>) -> Value {
         Value::Text(s.into())
     }
 
@@ -144,8 +147,8 @@ mod tests {
             any::<i64>().prop_map(Value::BigInt),
             // Short alphabets so that many texts share their first eight bytes, and NULs so that
             // zero padding meets real zeros.
-            "[ab\\x00]{0,12}".prop_map(Value::Text),
-            "\\PC{0,10}".prop_map(Value::Text),
+            "[ab\\x00]{0,12}".prop_map(Value::text),
+            "\\PC{0,10}".prop_map(Value::text),
             any::<i64>().prop_map(Value::Timestamp),
             any::<i32>().prop_map(Value::Date),
             any::<bool>().prop_map(Value::Bool),

@@ -136,9 +136,8 @@ pub fn decode_rows(data: &[u8], types: &[ColumnType]) -> Result<Vec<Vec<Value>>,
                         + PG_EPOCH_OFFSET_DAYS,
                 ),
                 ColumnType::Bool => Value::Bool(fixed(1)?[0] != 0),
-                ColumnType::Text => Value::Text(
-                    String::from_utf8(bytes.to_vec())
-                        .map_err(|_| r.error("text field is not UTF-8"))?,
+                ColumnType::Text => Value::text(
+                    std::str::from_utf8(bytes).map_err(|_| r.error("text field is not UTF-8"))?,
                 ),
             });
         }

@@ -18,7 +18,7 @@ use sqlx::{Connection, PgConnection};
 
 use super::writer::{self, BuildTables, StagingNames};
 use super::{qualified, quote_ident, Context, Result};
-use crate::projection::{Change, RowStore, Value};
+use crate::projection::{Change, Key, RowStore, Value};
 
 /// What one build's fold has flushed so far.
 #[derive(Debug, Default)]
@@ -126,7 +126,8 @@ impl SpillState {
                 table.seed(key, None);
             }
             for row in rows {
-                table.seed(row[..spec.key_len].to_vec(), Some(row));
+                let key = Key::from(&row[..spec.key_len]);
+                table.seed(key, Some(row));
             }
         }
         tx.commit()
@@ -170,7 +171,7 @@ impl SpillState {
                     continue;
                 }
                 let names = StagingNames::new(tables.build_id, index);
-                let removed: Vec<&Vec<Value>> = rows
+                let removed: Vec<&Key> = rows
                     .entries()
                     .filter(|(_, row)| row.is_none())
                     .map(|(key, _)| key)

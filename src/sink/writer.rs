@@ -464,10 +464,11 @@ async fn load_current_rows(
     let target = qualified(schema, spec.name);
     let current = rows_by_key(conn, &target, &names.keys, spec, keys).await?;
     for key in keys {
-        rows.seed(key.clone(), None);
+        rows.seed(key.as_slice(), None);
     }
     for row in current {
-        rows.seed(row[..spec.key_len].to_vec(), Some(row));
+        let key = crate::projection::Key::from(&row[..spec.key_len]);
+        rows.seed(key, Some(row));
     }
     Ok(())
 }

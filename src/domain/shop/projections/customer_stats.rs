@@ -3,6 +3,7 @@
 //! result does not depend on the order partitions are read in.
 
 use super::{time, ShopEvent};
+use crate::key;
 use crate::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
 
 const CURRENCY: usize = 1;
@@ -63,7 +64,7 @@ impl Projection<ShopEvent> for CustomerStats {
     fn apply(&self, event: &Event<'_, ShopEvent>, out: &mut Changes) {
         match event.payload {
             ShopEvent::Placed(e) => {
-                let key = || vec![Value::text(&e.customer_id)];
+                let key = || key![Value::text(&e.customer_id)];
                 out.add(TABLE, key(), ORDERS, 1);
                 out.min(TABLE, key(), FIRST_ORDER_AT, time(&e.placed_at));
                 out.max(TABLE, key(), LAST_ORDER_AT, time(&e.placed_at));
@@ -72,13 +73,13 @@ impl Projection<ShopEvent> for CustomerStats {
             ShopEvent::Paid(e) => {
                 out.add(
                     TABLE,
-                    vec![Value::text(&e.customer_id)],
+                    key![Value::text(&e.customer_id)],
                     LIFETIME_VALUE_CENTS,
                     e.amount_cents,
                 );
             }
             ShopEvent::Refunded(e) => {
-                let key = || vec![Value::text(&e.customer_id)];
+                let key = || key![Value::text(&e.customer_id)];
                 out.add(TABLE, key(), LIFETIME_VALUE_CENTS, -e.amount_cents);
                 out.add(TABLE, key(), REFUNDED_CENTS, e.amount_cents);
             }

@@ -2,6 +2,7 @@
 //! gather events from every partition; each change is a sum, so partition order does not matter.
 
 use super::{utc_day, ShopEvent};
+use crate::key;
 use crate::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
 
 const ORDERS_PLACED: usize = 2;
@@ -62,20 +63,20 @@ impl Projection<ShopEvent> for DailySales {
             ShopEvent::Placed(e) => {
                 out.add(
                     TABLE,
-                    vec![utc_day(&e.placed_at, at), Value::text(&e.currency)],
+                    key![utc_day(&e.placed_at, at), Value::text(&e.currency)],
                     ORDERS_PLACED,
                     1,
                 );
             }
             ShopEvent::Paid(e) => {
-                let key = || vec![utc_day(&e.paid_at, at), Value::text(&e.currency)];
+                let key = || key![utc_day(&e.paid_at, at), Value::text(&e.currency)];
                 out.add(TABLE, key(), ORDERS_PAID, 1);
                 out.add(TABLE, key(), REVENUE_CENTS, e.amount_cents);
             }
             ShopEvent::Refunded(e) => {
                 out.add(
                     TABLE,
-                    vec![utc_day(&e.refunded_at, at), Value::text(&e.currency)],
+                    key![utc_day(&e.refunded_at, at), Value::text(&e.currency)],
                     REFUNDED_CENTS,
                     e.amount_cents,
                 );

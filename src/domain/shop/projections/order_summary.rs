@@ -1,6 +1,7 @@
 //! `order_summary`: one row per order with its customer, status, items, totals and milestones.
 
 use super::{time, ShopEvent};
+use crate::key;
 use crate::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
 
 // Column 0 is order_id, the key.
@@ -79,7 +80,7 @@ impl Projection<ShopEvent> for OrderSummary {
     }
 
     fn apply(&self, event: &Event<'_, ShopEvent>, out: &mut Changes) {
-        let key = || vec![Value::text(event.payload.order_id())];
+        let key = || key![Value::text(event.payload.order_id())];
         let mut columns = vec![
             (LAST_SEQUENCE, Value::BigInt(event.meta.sequence as i64)),
             (UPDATED_AT, Value::Timestamp(event.meta.occurred_at_micros)),
