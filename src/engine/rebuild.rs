@@ -827,10 +827,10 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         events,
         source_checks: source_checks.as_ref(),
     };
-    let mut outcomes = Vec::new();
-    match spill {
+    let outcomes = match spill {
         // Builds that spilled finish on the spill's connection, which holds their staging tables.
         Some((mut spill_conn, mut states)) => {
+            let mut outcomes = Vec::new();
             for (i, (job, store)) in jobs.iter_mut().zip(&stores).enumerate() {
                 let spilled = states.get_mut(i).filter(|state| state.spills > 0);
                 outcomes.push(
@@ -845,6 +845,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                     .await?,
                 );
             }
+            outcomes
         }
         // Otherwise each build loads on a connection of its own, all at once.
         None => {
@@ -856,9 +857,9 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                     load_build(&mut conn, job, store, None, letters, &loaded).await
                 },
             );
-            outcomes = futures::future::try_join_all(loads).await?;
+            futures::future::try_join_all(loads).await?
         }
-    }
+    };
     for (job, outcome) in jobs.iter().zip(outcomes) {
         report.rows_loaded += outcome.rows;
         report.dead_letters += outcome.dead_letters;
