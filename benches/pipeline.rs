@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use reproject::domain::shop::generator::{History, HistoryConfig};
 use reproject::domain::shop::{self, ShopEvent};
 use reproject::envelope::{self, Decoded};
-use reproject::projection::{Change, Changes, Event, RowStore};
+use reproject::projection::{ChangeLog, Changes, Event, LogicalTime, RowStore};
 
 const EVENTS: usize = 100_000;
 
@@ -90,11 +90,11 @@ fn stages(c: &mut Criterion) {
     });
 
     // The changes of all three projections, folded into fresh stores.
-    let changes: Vec<Vec<Change>> = projections
+    let changes: Vec<ChangeLog> = projections
         .iter()
         .map(|p| {
             let mut out = Changes::default();
-            let mut all = Vec::new();
+            let mut all = ChangeLog::default();
             for (d, e) in decoded.iter().zip(&events) {
                 p.apply(
                     &Event {
@@ -103,7 +103,7 @@ fn stages(c: &mut Criterion) {
                     },
                     &mut out,
                 );
-                all.extend(out.drain());
+                all.record(LogicalTime::of(&d.meta), &mut out);
             }
             all
         })
@@ -114,8 +114,8 @@ fn stages(c: &mut Criterion) {
             |changes| {
                 for (p, list) in projections.iter().zip(changes) {
                     let mut store = RowStore::new(p.tables().len());
-                    for change in list {
-                        store.apply(p.tables(), change).expect("folds");
+                    for (at, change) in list {
+                        store.apply(p.tables(), change, at).expect("folds");
                     }
                     std::hint::black_box(store.approx_bytes());
                 }

@@ -10,8 +10,10 @@
 //! source/      Kafka: client settings, partitions, watermarks, reading from stored positions, dev broker
 //! envelope/    decoding the stored record and the versioned type of its payload
 //! upcast/      the upcaster registry: steps from one message version to the next, checked at start-up
-//! projection/  the projection interface, row changes, and folding them into rows in memory
-//! sink/        PostgreSQL: binary COPY, the catalog, bulk loads and transactional batches with positions
+//! projection/  the projection interface, row changes, logical time and the clocks of rows that gather
+//!              partitions, and folding changes into rows in memory
+//! sink/        PostgreSQL: binary COPY, the catalog, bulk loads and transactional batches with positions,
+//!              row clocks beside the tables that need them
 //! verify/      comparing two builds table by table in one snapshot, before the new one goes live
 //! swap/        the atomic cut-over of the stable views to a new build
 //! engine/      a build's life, stage by stage: replay, load, indexes, catch-up, verify, swap, follow;

@@ -11,9 +11,17 @@ use reproject::domain::shop::generator::{History, HistoryConfig};
 use reproject::domain::shop::upcasters::{parse_address, parse_decimal_cents, parse_local_time};
 use reproject::domain::shop::{self, ShopEvent};
 use reproject::envelope;
-use reproject::projection::{Changes, DynProjection, Event, RowStore};
+use reproject::projection::{Changes, DynProjection, Event, LogicalTime, RowStore};
 use reproject::proto::reproject::v1::EventEnvelope;
 use reproject::upcast::Registry;
+
+/// How many cases each property runs: `REPROJECT_FUZZ_CASES`, else `default`.
+fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("REPROJECT_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
 
 struct Fixture {
     registry: Registry<ShopEvent>,
@@ -72,7 +80,10 @@ fn through_the_pipeline(bytes: &[u8]) -> Outcome {
         projection.apply(&event, &mut changes);
         let mut store = RowStore::new(projection.tables().len());
         for change in changes.drain() {
-            if store.apply(projection.tables(), change).is_err() {
+            if store
+                .apply(projection.tables(), change, LogicalTime::of(&decoded.meta))
+                .is_err()
+            {
                 outcome = Outcome::BadChange;
             }
         }
@@ -123,7 +134,8 @@ fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 4_000, .. ProptestConfig::default() })]
+    // 4,000 cases each in CI; REPROJECT_FUZZ_CASES=1000000 for a long run.
+    #![proptest_config(ProptestConfig { cases: fuzz_cases(4_000), .. ProptestConfig::default() })]
 
     #[test]
     fn random_bytes_are_refused_or_applied_never_a_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {

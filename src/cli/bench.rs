@@ -380,9 +380,10 @@ async fn baseline(engine: &Engine<ShopEvent>, events: u64) -> anyhow::Result<()>
                 &mut changes,
             );
             let mut key = None;
+            let at = crate::projection::LogicalTime::of(&decoded.meta);
             for change in changes.drain() {
                 key = Some(change.key(specs[0].key_len).to_vec());
-                store.apply(&specs, change)?;
+                store.apply(&specs, change, at)?;
             }
             if let Some(row) = key.and_then(|k| store.table(0).get(&k).cloned().flatten()) {
                 chunk.push(row);

@@ -11,7 +11,7 @@
 use super::follow::writer_lock_subject;
 use super::reader::{BadKind, Coordinates};
 use super::{holder_name, Engine, Result};
-use crate::projection::{Changes, Event};
+use crate::projection::{ChangeLog, Changes, Event, LogicalTime};
 use crate::sink::dead_letters::{self, StoredDeadLetter};
 use crate::sink::lock::{AdvisoryLock, LockKind};
 use crate::sink::writer::{BatchWriter, BuildTables};
@@ -120,15 +120,18 @@ pub async fn retry<E: Send + Sync + 'static>(
                         continue;
                     }
                 };
-                let mut changes = Changes::default();
+                let mut emitted = Changes::default();
                 projection.apply(
                     &Event {
                         meta: &decoded.meta,
                         payload: &payload,
                     },
-                    &mut changes,
+                    &mut emitted,
                 );
-                let changes: Vec<_> = changes.drain().collect();
+                // At its own logical time: in rows that gather several partitions a retried set
+                // still loses to a later one, however late the retry comes.
+                let mut changes = ChangeLog::default();
+                changes.record(LogicalTime::of(&decoded.meta), &mut emitted);
                 writer.apply_retried(tables, &changes, id).await?;
                 report.applied.push(id);
             }

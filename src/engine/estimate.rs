@@ -25,7 +25,7 @@ use super::{Engine, EngineError, Result};
 use crate::projection::{DynProjection, Key, RowStore};
 use crate::sink::catalog::Positions;
 use crate::sink::writer::{self, BuildTables};
-use crate::sink::{quote_ident, Context};
+use crate::sink::Context;
 
 /// Windows read per partition.
 const WINDOWS: i64 = 10;
@@ -166,24 +166,6 @@ pub async fn estimate<E: Send + Sync + 'static>(
             .begin()
             .await
             .context(|| "estimate: starting the scratch load".into())?;
-        sqlx::raw_sql(&format!(
-            "CREATE SCHEMA {s}; SET LOCAL search_path TO {s};",
-            s = quote_ident(&schema)
-        ))
-        .execute(&mut *tx)
-        .await
-        .context(|| "estimate: creating a scratch schema".into())?;
-        sqlx::raw_sql(&sql.tables)
-            .execute(&mut *tx)
-            .await
-            .context(|| {
-                format!(
-                    "estimate: running tables.sql of {} v{}",
-                    projection.name(),
-                    projection.version()
-                )
-            })?;
-        let started = Instant::now();
         let build = BuildTables {
             build_id: -1,
             projection: projection.name(),
@@ -191,6 +173,10 @@ pub async fn estimate<E: Send + Sync + 'static>(
             schema: &schema,
             specs: projection.tables(),
         };
+        // As a build's: the schema, its tables (and row clocks), checked against the code; inside
+        // this transaction (as a savepoint), so that all of it rolls back.
+        writer::create_tables(&mut tx, build, &sql).await?;
+        let started = Instant::now();
         writer::bulk_load(&mut tx, build, store).await?;
         sqlx::raw_sql(&sql.indexes)
             .execute(&mut *tx)
@@ -365,7 +351,7 @@ async fn read_window<E: Send + Sync + 'static>(
             .zip(sample.key_counts.iter_mut())
         {
             let mut previous: Vec<Option<Key>> = vec![None; projection.tables().len()];
-            for change in changes {
+            for (at, change) in changes {
                 // One event often makes several changes to one row: count a key once per run
                 // of changes, so that the counts are about events.
                 if let (Some(counts), Some(spec)) = (
@@ -379,7 +365,7 @@ async fn read_window<E: Send + Sync + 'static>(
                         *last = Some(Key::from(key));
                     }
                 }
-                if let Err(e) = store.apply(projection.tables(), change) {
+                if let Err(e) = store.apply(projection.tables(), change, at) {
                     stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     return Err(EngineError::Projection {
                         projection: projection.name().to_string(),

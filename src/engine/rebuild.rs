@@ -674,11 +674,11 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                         conn,
                         build_tables(i),
                         store,
-                        &changes,
+                        changes.changes(),
                     ))?;
                 }
-                for change in changes {
-                    store.apply(projection.tables(), change).map_err(|e| {
+                for (at, change) in changes {
+                    store.apply(projection.tables(), change, at).map_err(|e| {
                         EngineError::Projection {
                             projection: projection.name().to_string(),
                             reason: e.to_string(),

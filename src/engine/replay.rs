@@ -20,7 +20,9 @@ use sqlx::Connection;
 
 use super::{Engine, EngineError, Result};
 use crate::envelope::{self, message_name, message_version};
-use crate::projection::{Change, Changes, DynProjection, Event, RowStore, TableSpec, Value};
+use crate::projection::{
+    Change, Changes, DynProjection, Event, LogicalTime, RowStore, TableSpec, Value,
+};
 use crate::sink::aggregate_index::{self, Located};
 use crate::sink::writer::{self, BuildTables};
 use crate::sink::{qualified, Context};
@@ -275,9 +277,10 @@ pub async fn replay<E: Send + Sync + 'static>(
                 .iter()
                 .map(|c| (c.table(), change_key(specs, c)))
                 .collect();
+            let at = LogicalTime::of(&decoded.meta);
             for change in changes {
                 store
-                    .apply(specs, change)
+                    .apply(specs, change, at)
                     .map_err(|e| EngineError::Projection {
                         projection: projection.name().to_string(),
                         reason: format!("{}/{} at offset {offset}: {e}", engine.topic, partition),
@@ -705,7 +708,7 @@ fn json_value(value: &Value) -> serde_json::Value {
         Value::BigInt(v) => (*v).into(),
         Value::Text(s) => s.as_str().into(),
         Value::Bool(b) => (*b).into(),
-        Value::Timestamp(_) | Value::Date(_) => value.to_string().into(),
+        Value::Timestamp(_) | Value::Date(_) | Value::Bytes(_) => value.to_string().into(),
     }
 }
 

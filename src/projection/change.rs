@@ -1,6 +1,7 @@
 //! Row changes: what a projection emits for one event. They name a table by its index in the
 //! projection's table list and a row by its key; the engine decides how they reach PostgreSQL.
 
+use super::clock::LogicalTime;
 use super::value::Value;
 
 /// A row's primary key, in key-column order. Keys of one or two values (most keys) live inline: a
@@ -147,5 +148,101 @@ impl Changes {
 
     pub fn clear(&mut self) {
         self.changes.clear()
+    }
+}
+
+/// The row changes of a run of events, each event's changes marked with its [`LogicalTime`]: what a
+/// reader hands the fold and a batch hands the writer. One mark per event rather than per change,
+/// since most events emit several.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangeLog {
+    changes: Vec<Change>,
+    /// Per event that emitted changes: its time, and where its changes end in `changes`.
+    events: Vec<(LogicalTime, usize)>,
+}
+
+impl ChangeLog {
+    /// An empty log with room for as many changes and events as `like` holds: batches are sized
+    /// like the last one, since growing a large one by doubling costs copies and fresh pages.
+    pub fn sized_like(like: &ChangeLog) -> ChangeLog {
+        ChangeLog {
+            changes: Vec::with_capacity(like.changes.len()),
+            events: Vec::with_capacity(like.events.len()),
+        }
+    }
+
+    /// Move what one event emitted (in `changes`) into the log, at `at`.
+    pub fn record(&mut self, at: LogicalTime, changes: &mut Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        self.changes.extend(changes.drain());
+        self.events.push((at, self.changes.len()));
+    }
+
+    /// Every change with its event's time, in the order the events were read.
+    pub fn iter(&self) -> impl Iterator<Item = (LogicalTime, &Change)> {
+        let mut start = 0;
+        self.events.iter().flat_map(move |&(at, end)| {
+            let range = start..end;
+            start = end;
+            self.changes[range].iter().map(move |c| (at, c))
+        })
+    }
+
+    /// The changes alone, for what needs only their tables and keys.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
+    /// How many events emitted changes.
+    pub fn events(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+impl IntoIterator for ChangeLog {
+    type Item = (LogicalTime, Change);
+    type IntoIter = ChangeLogIntoIter;
+
+    /// Every change with its event's time, in the order the events were read, without cloning.
+    fn into_iter(self) -> ChangeLogIntoIter {
+        ChangeLogIntoIter {
+            changes: self.changes.into_iter(),
+            events: self.events.into_iter(),
+            current: None,
+            taken: 0,
+        }
+    }
+}
+
+pub struct ChangeLogIntoIter {
+    changes: std::vec::IntoIter<Change>,
+    events: std::vec::IntoIter<(LogicalTime, usize)>,
+    current: Option<(LogicalTime, usize)>,
+    taken: usize,
+}
+
+impl Iterator for ChangeLogIntoIter {
+    type Item = (LogicalTime, Change);
+
+    fn next(&mut self) -> Option<(LogicalTime, Change)> {
+        loop {
+            match self.current {
+                Some((at, end)) if self.taken < end => {
+                    self.taken += 1;
+                    return self.changes.next().map(|change| (at, change));
+                }
+                _ => self.current = Some(self.events.next()?),
+            }
+        }
     }
 }

@@ -4,10 +4,15 @@
 //! ~100x cheaper than a statement per event). The same fold serves both write paths: the bulk load
 //! starts from empty tables, so a key the store has never seen has no row; the incremental path first
 //! loads the current rows of every key a batch touches, so the fold again sees the whole truth.
+//!
+//! Rows of a table that gathers several partitions (not `per_aggregate`) resolve sets, upserts and
+//! deletes by the event's logical time and keep a [`RowClock`] each (see [`super::clock`]); rows of
+//! per-aggregate tables come from one partition and keep the plain offset order, at no extra cost.
 
 use rustc_hash::FxHashMap;
 
 use super::change::{Change, Key};
+use super::clock::{Deleted, LogicalTime, RowClock, Verdict};
 use super::table::TableSpec;
 use super::value::{sort_on_prefix, ColumnType, Value};
 
@@ -25,6 +30,9 @@ pub struct FoldError {
 #[derive(Default)]
 pub struct TableRows {
     rows: FxHashMap<Key, Option<Vec<Value>>>,
+    /// For a table that gathers several partitions: per key the fold has seen, its clock (a deleted
+    /// row keeps one too, so that an older change arriving later cannot bring it back).
+    clocks: FxHashMap<Key, RowClock>,
     /// Rough heap bytes held, for the memory budget.
     approx_bytes: usize,
 }
@@ -76,7 +84,35 @@ impl TableRows {
         self.approx_bytes += approx_size(&key) + row.as_deref().map_or(0, approx_size);
         self.rows.insert(key, row);
     }
+
+    /// Record the clock the database holds for a key of a table that gathers several partitions.
+    pub fn seed_clock(&mut self, key: impl Into<Key>, clock: RowClock) {
+        let key = key.into();
+        self.approx_bytes += approx_size(&key) + CLOCK_BYTES;
+        self.clocks.insert(key, clock);
+    }
+
+    /// The clocks of the keys seen, in no particular order (empty for per-aggregate tables).
+    pub fn clocks(&self) -> impl Iterator<Item = (&Key, &RowClock)> {
+        self.clocks.iter()
+    }
+
+    pub fn clock_count(&self) -> usize {
+        self.clocks.len()
+    }
+
+    /// The clocks, ordered by key, as the bulk load writes them.
+    pub fn clocks_in_key_order(&self) -> Vec<(&Key, &RowClock)> {
+        sort_on_prefix(
+            self.clocks.iter(),
+            |(key, _)| key.first().map_or((0, 0), Value::order_prefix),
+            |(a, _), (b, _)| a.cmp(b),
+        )
+    }
 }
+
+/// Rough heap bytes of a row clock with a few set columns.
+const CLOCK_BYTES: usize = 96;
 
 fn approx_size(values: &[Value]) -> usize {
     values
@@ -120,12 +156,19 @@ impl RowStore {
     pub fn clear(&mut self) {
         for t in &mut self.tables {
             t.rows.clear();
+            t.clocks.clear();
             t.approx_bytes = 0;
         }
     }
 
-    /// Apply one change. A key the store has not seen is taken to have no row.
-    pub fn apply(&mut self, specs: &[TableSpec], change: Change) -> Result<(), FoldError> {
+    /// Apply one change of an event at logical time `at`. A key the store has not seen is taken to
+    /// have no row.
+    pub fn apply(
+        &mut self,
+        specs: &[TableSpec],
+        change: Change,
+        at: LogicalTime,
+    ) -> Result<(), FoldError> {
         let table_index = change.table();
         let spec = specs.get(table_index).ok_or_else(|| FoldError {
             table: format!("#{table_index}"),
@@ -136,6 +179,9 @@ impl RowStore {
             reason,
         };
         let rows = &mut self.tables[table_index];
+        if spec.gathers_partitions() {
+            return apply_by_logical_time(rows, spec, change, at).map_err(err);
+        }
         match change {
             Change::Upsert { row, .. } => {
                 check_row(spec, &row).map_err(err)?;
@@ -156,49 +202,182 @@ impl RowStore {
                     row[col] = value;
                 }
             }
-            Change::Add {
-                key, column, delta, ..
-            } => {
-                check_cell(spec, column, &Value::BigInt(0)).map_err(err)?;
-                let row = row_for(rows, spec, key).map_err(err)?;
-                row[column] = match &row[column] {
-                    Value::Null => Value::BigInt(delta),
-                    Value::BigInt(v) => Value::BigInt(v.checked_add(delta).ok_or_else(|| {
-                        err(format!(
-                            "column {} overflows: {v} + {delta}",
-                            spec.columns[column].name
-                        ))
-                    })?),
-                    other => return Err(err(format!("cannot add to {other} in a bigint column"))),
-                };
-            }
-            // A NULL never wins a min or max: it means "no value".
-            Change::Min {
-                value: Value::Null, ..
-            }
-            | Change::Max {
-                value: Value::Null, ..
-            } => {}
-            Change::Min {
-                key, column, value, ..
-            } => {
-                check_cell(spec, column, &value).map_err(err)?;
-                let row = row_for(rows, spec, key).map_err(err)?;
-                if matches!(row[column], Value::Null) || value < row[column] {
-                    row[column] = value;
-                }
-            }
-            Change::Max {
-                key, column, value, ..
-            } => {
-                check_cell(spec, column, &value).map_err(err)?;
-                let row = row_for(rows, spec, key).map_err(err)?;
-                if matches!(row[column], Value::Null) || value > row[column] {
-                    row[column] = value;
-                }
+            change @ (Change::Add { .. } | Change::Min { .. } | Change::Max { .. }) => {
+                accumulate(rows, spec, change).map_err(err)?
             }
         }
         Ok(())
+    }
+}
+
+/// Apply a change to a table whose rows gather several partitions: sets, upserts and deletes resolve
+/// by logical time through each row's clock; adds, minimums and maximums commute and apply as they
+/// come, once the clock has ruled out what no order resolves.
+fn apply_by_logical_time(
+    rows: &mut TableRows,
+    spec: &TableSpec,
+    change: Change,
+    at: LogicalTime,
+) -> Result<(), String> {
+    let conflict = |key: &[Value], e: super::clock::ClockConflict| {
+        let key: Vec<String> = key.iter().map(Value::to_string).collect();
+        format!("row ({}), event at {at}: {e}", key.join(", "))
+    };
+    let column_name = |column: usize| {
+        spec.columns
+            .get(column)
+            .map_or_else(|| format!("#{column}"), |c| c.name.to_string())
+    };
+    match change {
+        Change::Upsert { row, .. } => {
+            check_row(spec, &row)?;
+            let key = Key::from(&row[..spec.key_len]);
+            let columns = row.into_iter().enumerate().skip(spec.key_len).collect();
+            set_by_logical_time(rows, spec, key, columns, at)
+        }
+        Change::Set { key, columns, .. } => {
+            for (col, value) in &columns {
+                check_cell(spec, *col, value)?;
+            }
+            check_key(spec, &key)?;
+            set_by_logical_time(rows, spec, key, columns, at)
+        }
+        Change::Delete { key, .. } => {
+            check_key(spec, &key)?;
+            let clock = clock_for(rows, &key);
+            let Some(Deleted { cleared, live }) = clock
+                .delete(at, column_name)
+                .map_err(|e| conflict(&key, e))?
+            else {
+                return Ok(());
+            };
+            match rows.rows.get_mut(&key[..]) {
+                Some(Some(row)) if live => {
+                    for column in cleared {
+                        row[column] = spec.columns[column].default.clone();
+                    }
+                }
+                Some(slot) => *slot = None,
+                None => {
+                    rows.rows.insert(key, None);
+                }
+            }
+            Ok(())
+        }
+        Change::Min {
+            value: Value::Null, ..
+        }
+        | Change::Max {
+            value: Value::Null, ..
+        } => Ok(()),
+        change @ (Change::Add { .. } | Change::Min { .. } | Change::Max { .. }) => {
+            let (Change::Add { key, column, .. }
+            | Change::Min { key, column, .. }
+            | Change::Max { key, column, .. }) = &change
+            else {
+                return Ok(());
+            };
+            check_key(spec, key)?;
+            let column = *column;
+            let clock = clock_for(rows, key);
+            clock
+                .accumulate(column, at, || column_name(column))
+                .map_err(|e| conflict(key, e))?;
+            accumulate(rows, spec, change)
+        }
+    }
+}
+
+fn set_by_logical_time(
+    rows: &mut TableRows,
+    spec: &TableSpec,
+    key: Key,
+    columns: Vec<(usize, Value)>,
+    at: LogicalTime,
+) -> Result<(), String> {
+    let clock = clock_for(rows, &key);
+    for (column, _) in &columns {
+        clock
+            .check_settable(*column, || spec.columns[*column].name.to_string())
+            .map_err(|e| {
+                let shown: Vec<String> = key.iter().map(Value::to_string).collect();
+                format!("row ({}), event at {at}: {e}", shown.join(", "))
+            })?;
+    }
+    if clock.touch(at) == Verdict::Ignore {
+        return Ok(());
+    }
+    let wins: smallvec::SmallVec<[bool; 8]> = columns
+        .iter()
+        .map(|(column, _)| clock.set_column(*column, at))
+        .collect();
+    let row = row_for(rows, spec, key)?;
+    for ((column, value), wins) in columns.into_iter().zip(wins) {
+        if wins {
+            row[column] = value;
+        }
+    }
+    Ok(())
+}
+
+/// Apply an add, min or max. A NULL never wins a min or max: it means "no value".
+fn accumulate(rows: &mut TableRows, spec: &TableSpec, change: Change) -> Result<(), String> {
+    match change {
+        Change::Add {
+            key, column, delta, ..
+        } => {
+            check_cell(spec, column, &Value::BigInt(0))?;
+            let row = row_for(rows, spec, key)?;
+            row[column] = match &row[column] {
+                Value::Null => Value::BigInt(delta),
+                Value::BigInt(v) => Value::BigInt(v.checked_add(delta).ok_or_else(|| {
+                    format!(
+                        "column {} overflows: {v} + {delta}",
+                        spec.columns[column].name
+                    )
+                })?),
+                other => return Err(format!("cannot add to {other} in a bigint column")),
+            };
+        }
+        Change::Min {
+            value: Value::Null, ..
+        }
+        | Change::Max {
+            value: Value::Null, ..
+        } => {}
+        Change::Min {
+            key, column, value, ..
+        } => {
+            check_cell(spec, column, &value)?;
+            let row = row_for(rows, spec, key)?;
+            if matches!(row[column], Value::Null) || value < row[column] {
+                row[column] = value;
+            }
+        }
+        Change::Max {
+            key, column, value, ..
+        } => {
+            check_cell(spec, column, &value)?;
+            let row = row_for(rows, spec, key)?;
+            if matches!(row[column], Value::Null) || value > row[column] {
+                row[column] = value;
+            }
+        }
+        Change::Upsert { .. } | Change::Set { .. } | Change::Delete { .. } => {}
+    }
+    Ok(())
+}
+
+/// The clock of `key`, a fresh one when the fold has not seen the key.
+fn clock_for<'a>(rows: &'a mut TableRows, key: &[Value]) -> &'a mut RowClock {
+    use std::collections::hash_map::Entry;
+    // Keys of one or two short values live inline, so the copy the lookup takes allocates nothing.
+    match rows.clocks.entry(Key::from(key)) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(entry) => {
+            rows.approx_bytes += approx_size(key) + CLOCK_BYTES;
+            entry.insert(RowClock::default())
+        }
     }
 }
 
@@ -300,7 +479,7 @@ mod tests {
             ],
             key_len: 2,
             bucket_column: None,
-            per_aggregate: false,
+            per_aggregate: true,
         };
         let mut store = RowStore::new(1);
         // Regions that share their first eight bytes, or are prefixes of one another, so that most
@@ -329,6 +508,7 @@ mod tests {
                             column: 2,
                             delta: n * (i as i64 + 1),
                         },
+                        LogicalTime::default(),
                     )
                     .expect("folds");
             }
@@ -340,6 +520,7 @@ mod tests {
                     table: 0,
                     key: crate::key![Value::text("south"), Value::Date(0)],
                 },
+                LogicalTime::default(),
             )
             .expect("folds");
 
@@ -348,5 +529,294 @@ mod tests {
         expected.sort_by(|a, b| a[..2].cmp(&b[..2]));
         assert_eq!(ordered.len(), regions.len() * 5 - 1);
         assert_eq!(ordered, expected);
+    }
+
+    /// Interleavings of a few partitions' events: however reads interleave, and however they are cut
+    /// into batches that go through the database between them, rows end as a fold of the same events
+    /// sorted by logical time says.
+    mod interleavings {
+        use super::*;
+        use crate::projection::{LogicalTime, RowClock};
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        fn text(name: &'static str) -> Column {
+            Column::new(name, ColumnType::Text)
+        }
+
+        /// Table 0 is set, upserted and deleted; table 1 is added to, min'd and max'd, with one set
+        /// column; table 2 gets every kind of change on the same columns.
+        fn specs() -> Vec<TableSpec> {
+            let table = |name, columns| TableSpec {
+                name,
+                columns,
+                key_len: 1,
+                bucket_column: None,
+                per_aggregate: false,
+            };
+            vec![
+                table(
+                    "registers",
+                    vec![text("k"), text("a"), Column::new("b", ColumnType::BigInt)],
+                ),
+                table(
+                    "tallies",
+                    vec![
+                        text("k"),
+                        Column::counter("n"),
+                        Column::new("lo", ColumnType::BigInt),
+                        Column::new("hi", ColumnType::BigInt),
+                        text("label"),
+                    ],
+                ),
+                table("mixed", vec![text("k"), Column::counter("n")]),
+            ]
+        }
+
+        fn key(k: u8) -> Key {
+            crate::key![Value::text(format!("k{k}"))]
+        }
+
+        fn register_change() -> impl Strategy<Value = Change> {
+            (0u8..3, 0i64..5, 0u8..5).prop_map(|(k, v, kind)| match kind {
+                0 => Change::Set {
+                    table: 0,
+                    key: key(k),
+                    columns: vec![(1, Value::text(format!("v{v}")))],
+                },
+                1 => Change::Set {
+                    table: 0,
+                    key: key(k),
+                    columns: vec![(2, Value::BigInt(v))],
+                },
+                2 => Change::Upsert {
+                    table: 0,
+                    row: vec![
+                        Value::text(format!("k{k}")),
+                        Value::text(format!("u{v}")),
+                        Value::BigInt(-v),
+                    ],
+                },
+                3 => Change::Set {
+                    table: 0,
+                    key: key(k),
+                    columns: Vec::new(),
+                },
+                _ => Change::Delete {
+                    table: 0,
+                    key: key(k),
+                },
+            })
+        }
+
+        fn tally_change() -> impl Strategy<Value = Change> {
+            (0u8..3, -5i64..5, 0u8..4).prop_map(|(k, v, kind)| match kind {
+                0 => Change::Add {
+                    table: 1,
+                    key: key(k),
+                    column: 1,
+                    delta: v,
+                },
+                1 => Change::Min {
+                    table: 1,
+                    key: key(k),
+                    column: 2,
+                    value: Value::BigInt(v),
+                },
+                2 => Change::Max {
+                    table: 1,
+                    key: key(k),
+                    column: 3,
+                    value: Value::BigInt(v),
+                },
+                _ => Change::Set {
+                    table: 1,
+                    key: key(k),
+                    columns: vec![(4, Value::text(format!("l{v}")))],
+                },
+            })
+        }
+
+        fn mixed_change() -> impl Strategy<Value = Change> {
+            (0u8..2, 0i64..3, 0u8..3).prop_map(|(k, v, kind)| match kind {
+                0 => Change::Add {
+                    table: 2,
+                    key: key(k),
+                    column: 1,
+                    delta: v,
+                },
+                1 => Change::Set {
+                    table: 2,
+                    key: key(k),
+                    columns: vec![(1, Value::BigInt(v))],
+                },
+                _ => Change::Delete {
+                    table: 2,
+                    key: key(k),
+                },
+            })
+        }
+
+        type Event = (LogicalTime, Vec<Change>);
+
+        /// Up to four partitions of events with times drawn from a small range, so that ties in
+        /// time (broken by partition, then offset) and times running backwards inside a partition
+        /// (clock skew) are common.
+        fn partitions(change: BoxedStrategy<Change>) -> impl Strategy<Value = Vec<Vec<Event>>> {
+            let event = (0i64..12, proptest::collection::vec(change, 1..4));
+            proptest::collection::vec(proptest::collection::vec(event, 0..10), 1..5).prop_map(
+                |partitions| {
+                    partitions
+                        .into_iter()
+                        .enumerate()
+                        .map(|(p, events)| {
+                            events
+                                .into_iter()
+                                .enumerate()
+                                .map(|(offset, (time, changes))| {
+                                    let at = LogicalTime {
+                                        occurred_at_micros: time,
+                                        partition: p as i32,
+                                        offset: offset as i64,
+                                    };
+                                    (at, changes)
+                                })
+                                .collect()
+                        })
+                        .collect()
+                },
+            )
+        }
+
+        /// Merge the partitions as `picks` says, each partition staying in offset order.
+        fn interleave(partitions: &[Vec<Event>], picks: &[usize]) -> Vec<Event> {
+            let mut cursors = vec![0; partitions.len()];
+            let mut out = Vec::new();
+            let mut picks = picks.iter().cycle();
+            loop {
+                let open: Vec<usize> = (0..partitions.len())
+                    .filter(|&p| cursors[p] < partitions[p].len())
+                    .collect();
+                let Some(pick) = picks.next() else { break };
+                if open.is_empty() {
+                    break;
+                }
+                let p = open[pick % open.len()];
+                out.push(partitions[p][cursors[p]].clone());
+                cursors[p] += 1;
+            }
+            out
+        }
+
+        /// What the database would hold: per table and key, the row (None: none, or a tombstone)
+        /// and the encoded clock.
+        type Stored = BTreeMap<(usize, Key), (Option<Vec<Value>>, Option<Vec<u8>>)>;
+
+        /// Fold `events` in batches of `cut` events; between batches everything goes through
+        /// [`Stored`], and each batch starts from a fresh store seeded with the keys it touches, as
+        /// the incremental writer does.
+        fn fold_in_batches(
+            specs: &[TableSpec],
+            events: &[Event],
+            cut: usize,
+        ) -> Result<Stored, String> {
+            let mut stored = Stored::new();
+            for batch in events.chunks(cut.max(1)) {
+                let mut store = RowStore::new(specs.len());
+                for (_, changes) in batch {
+                    for change in changes {
+                        let table = change.table();
+                        let key = Key::from(change.key(specs[table].key_len));
+                        if store.table(table).contains_key(&key) {
+                            continue;
+                        }
+                        let (row, clock) = stored
+                            .get(&(table, key.clone()))
+                            .cloned()
+                            .unwrap_or_default();
+                        store.table_mut(table).seed(key.clone(), row);
+                        if let Some(bytes) = clock {
+                            let clock = RowClock::decode(&bytes).map_err(|e| e.to_string())?;
+                            store.table_mut(table).seed_clock(key, clock);
+                        }
+                    }
+                }
+                for (at, changes) in batch {
+                    for change in changes {
+                        store
+                            .apply(specs, change.clone(), *at)
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                for (table, _) in specs.iter().enumerate() {
+                    for (key, row) in store.table(table).entries() {
+                        stored.entry((table, key.clone())).or_default().0 = row.clone();
+                    }
+                    for (key, clock) in store.table(table).clocks() {
+                        stored.entry((table, key.clone())).or_default().1 = Some(clock.encode());
+                    }
+                }
+            }
+            Ok(stored)
+        }
+
+        fn live_rows(stored: &Stored) -> BTreeMap<(usize, Key), Vec<Value>> {
+            stored
+                .iter()
+                .filter_map(|(k, (row, _))| row.clone().map(|r| (k.clone(), r)))
+                .collect()
+        }
+
+        fn sorted(partitions: &[Vec<Event>]) -> Vec<Event> {
+            let mut all: Vec<Event> = partitions.iter().flatten().cloned().collect();
+            all.sort_by_key(|(at, _)| *at);
+            all
+        }
+
+        fn cases() -> u32 {
+            std::env::var("REPROJECT_FUZZ_CASES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(2_000)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+            #[test]
+            fn rows_gathering_partitions_end_as_logical_time_says(
+                partitions in partitions(prop_oneof![register_change(), tally_change()].boxed()),
+                picks in proptest::collection::vec(0usize..8, 1..40),
+                cut in 1usize..6,
+            ) {
+                let specs = specs();
+                let reference = fold_in_batches(&specs, &sorted(&partitions), usize::MAX)
+                    .map_err(TestCaseError::fail)?;
+                let interleaved = interleave(&partitions, &picks);
+                let whole = fold_in_batches(&specs, &interleaved, usize::MAX)
+                    .map_err(TestCaseError::fail)?;
+                let batched = fold_in_batches(&specs, &interleaved, cut)
+                    .map_err(TestCaseError::fail)?;
+                prop_assert_eq!(live_rows(&whole), live_rows(&reference));
+                prop_assert_eq!(live_rows(&batched), live_rows(&reference));
+            }
+
+            #[test]
+            fn mixtures_no_order_resolves_are_refused_whatever_the_order(
+                partitions in partitions(mixed_change().boxed()),
+                picks in proptest::collection::vec(0usize..8, 1..40),
+                cut in 1usize..6,
+            ) {
+                let specs = specs();
+                let reference = fold_in_batches(&specs, &sorted(&partitions), usize::MAX);
+                let interleaved = interleave(&partitions, &picks);
+                let batched = fold_in_batches(&specs, &interleaved, cut);
+                match (&reference, &batched) {
+                    (Ok(a), Ok(b)) => prop_assert_eq!(live_rows(a), live_rows(b)),
+                    (Err(_), Err(_)) => {}
+                    _ => prop_assert!(false, "sorted: {:?}, interleaved: {:?}", reference, batched),
+                }
+            }
+        }
     }
 }

@@ -6,15 +6,39 @@
 //! decides how they reach PostgreSQL (bulk COPY during a rebuild, batched upserts when following the
 //! log). That is what makes a rebuild of the same log give the same tables, byte for byte.
 //!
+//! # Same log, same tables, whatever the read order
+//!
+//! Kafka orders a partition, not a topic, so the fold sees events of different partitions in
+//! whatever order reader threads, fetches, batches and restarts interleave them. The rule:
+//!
+//! - A row of a table declared [`per_aggregate`](TableSpec::per_aggregate) comes from one
+//!   aggregate, hence one partition: its changes apply in offset order, as the projection emits them.
+//! - A row of any other table may gather several partitions. Adds, minimums and maximums commute.
+//!   A set, an upsert (a set of every non-key column) and a delete resolve by the event's
+//!   [`LogicalTime`]: its `occurred_at`, then its partition, then its offset. The latest writer in
+//!   that order wins, per column; a delete clears the columns set before it and hides the row until
+//!   a later change writes it again. Each such row keeps a [`RowClock`] beside it, so the same holds
+//!   across batches, spills, restarts, catch-up, `run`, dead-letter retries and `replay`.
+//! - Two mixtures have no order-independent answer and stop the build with an error naming the
+//!   table, row and column, whichever order the events come in: a column both set and accumulated,
+//!   and a row both accumulated and deleted.
+//!
+//! Clock skew: logical time trusts `occurred_at`. If a partition's producer clock runs backwards, a
+//! set written later in that partition but stamped earlier loses to the earlier-written one, even
+//! though both come from one partition: rows that gather partitions follow the events' times, not
+//! the log's order. Declare a table per-aggregate when each row really comes from one aggregate.
+//!
 //! Each projection has a name and an integer version. Bumping the version means "this view must be
 //! rebuilt"; the version's table SQL lives in `schemas/<name>/v<version>/`.
 
 mod change;
+mod clock;
 mod fold;
 mod table;
 mod value;
 
-pub use change::{Change, Changes, Key};
+pub use change::{Change, ChangeLog, ChangeLogIntoIter, Changes, Key};
+pub use clock::{ClockConflict, LogicalTime, RowClock};
 pub use fold::{FoldError, RowStore, TableRows};
 pub use table::{Column, TableSpec};
 pub use value::{sort_on_prefix, ColumnType, Value, PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_MICROS};

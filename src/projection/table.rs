@@ -39,12 +39,21 @@ pub struct TableSpec {
     /// A time column that buckets rows for verification (by day or month), if the table has one.
     pub bucket_column: Option<&'static str>,
     /// Every row is made from one aggregate's events alone (one row per order, say), so `replay` can
-    /// compare the row it computes with the live one. False for rows that gather many aggregates
-    /// (per customer, per day): replay then shows the aggregate's contribution, without a verdict.
+    /// compare the row it computes with the live one, and its changes come from one partition and
+    /// apply in offset order. False for rows that gather many aggregates (per customer, per day):
+    /// replay then shows the aggregate's contribution, without a verdict, and sets, upserts and
+    /// deletes resolve by logical time (see `projection::clock`).
     pub per_aggregate: bool,
 }
 
 impl TableSpec {
+    /// Whether a row may gather events of several partitions: then its sets, upserts and deletes
+    /// resolve by logical time and it keeps a clock (see `projection::clock`). Rows of a
+    /// per-aggregate table come from one partition and keep offset order.
+    pub fn gathers_partitions(&self) -> bool {
+        !self.per_aggregate
+    }
+
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
     }

@@ -20,6 +20,8 @@ pub enum ColumnType {
     /// `date`, held as days since the Unix epoch.
     Date,
     Bool,
+    /// `bytea`.
+    Bytea,
 }
 
 impl ColumnType {
@@ -31,6 +33,7 @@ impl ColumnType {
             ColumnType::Timestamp => "timestamp with time zone",
             ColumnType::Date => "date",
             ColumnType::Bool => "boolean",
+            ColumnType::Bytea => "bytea",
         }
     }
 }
@@ -47,6 +50,7 @@ pub enum Value {
     /// Days since the Unix epoch.
     Date(i32),
     Bool(bool),
+    Bytes(Vec<u8>),
 }
 
 impl Value {
@@ -64,6 +68,7 @@ impl Value {
                 | (Value::Timestamp(_), ColumnType::Timestamp)
                 | (Value::Date(_), ColumnType::Date)
                 | (Value::Bool(_), ColumnType::Bool)
+                | (Value::Bytes(_), ColumnType::Bytea)
         )
     }
 
@@ -87,6 +92,12 @@ impl Value {
             Value::Timestamp(us) => (3, signed(*us)),
             Value::Date(d) => (4, signed(i64::from(*d))),
             Value::Bool(b) => (5, u64::from(*b)),
+            Value::Bytes(b) => {
+                let mut head = [0u8; 8];
+                let n = b.len().min(8);
+                head[..n].copy_from_slice(&b[..n]);
+                (6, u64::from_be_bytes(head))
+            }
         }
     }
 
@@ -132,6 +143,10 @@ impl fmt::Display for Value {
                 None => write!(f, "date({d})"),
             },
             Value::Bool(b) => write!(f, "{b}"),
+            Value::Bytes(b) => {
+                f.write_str("\\x")?;
+                b.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+            }
         }
     }
 }
@@ -152,6 +167,8 @@ mod tests {
             any::<i64>().prop_map(Value::Timestamp),
             any::<i32>().prop_map(Value::Date),
             any::<bool>().prop_map(Value::Bool),
+            proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..12)
+                .prop_map(Value::Bytes),
         ]
     }
 

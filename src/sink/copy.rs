@@ -57,6 +57,10 @@ impl CopyEncoder {
                 b.extend_from_slice(&1i32.to_be_bytes());
                 b.push(u8::from(*v));
             }
+            Value::Bytes(bytes) => {
+                b.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+                b.extend_from_slice(bytes);
+            }
         }
     }
 
@@ -136,6 +140,7 @@ pub fn decode_rows(data: &[u8], types: &[ColumnType]) -> Result<Vec<Vec<Value>>,
                         + PG_EPOCH_OFFSET_DAYS,
                 ),
                 ColumnType::Bool => Value::Bool(fixed(1)?[0] != 0),
+                ColumnType::Bytea => Value::Bytes(bytes.to_vec()),
                 ColumnType::Text => Value::text(
                     std::str::from_utf8(bytes).map_err(|_| r.error("text field is not UTF-8"))?,
                 ),
@@ -192,6 +197,7 @@ mod tests {
             ColumnType::Timestamp,
             ColumnType::Date,
             ColumnType::Bool,
+            ColumnType::Bytea,
         ];
         let rows = vec![
             vec![
@@ -200,6 +206,7 @@ mod tests {
                 Value::Timestamp(1_700_000_000_000_001),
                 Value::Date(19_000),
                 Value::Bool(true),
+                Value::Bytes(vec![0, 255, 1]),
             ],
             vec![
                 Value::text("ü"),
@@ -207,6 +214,7 @@ mod tests {
                 Value::Null,
                 Value::Date(-3),
                 Value::Bool(false),
+                Value::Bytes(Vec::new()),
             ],
         ];
         let mut enc = CopyEncoder::new(types.len());

@@ -3,6 +3,7 @@
 
 pub mod aggregate_index;
 pub mod catalog;
+pub mod clocks;
 pub mod copy;
 pub mod database;
 pub mod dead_letters;

@@ -16,6 +16,7 @@ use std::hash::{Hash, Hasher};
 use rustc_hash::{FxHashSet, FxHasher};
 use sqlx::{Connection, PgConnection};
 
+use super::clocks;
 use super::writer::{self, BuildTables, StagingNames};
 use super::{qualified, quote_ident, Context, Result};
 use crate::projection::{Change, Key, RowStore, Value};
@@ -98,6 +99,8 @@ impl SpillState {
                 continue;
             };
             let key = change.key(spec.key_len);
+            // A key of a table that gathers partitions may be flushed as a tombstone: it is then
+            // known to the fold only by its clock, which the read-back brings along.
             if self.flushed[index].contains(&key_hash(key))
                 && !store.table(index).contains_key(key)
                 && seen[index].insert(key)
@@ -119,16 +122,15 @@ impl SpillState {
             }
             let spec = &tables.specs[index];
             let names = StagingNames::new(tables.build_id, index);
-            let target = qualified(tables.schema, spec.name);
-            let rows = writer::rows_by_key(&mut tx, &target, &names.keys, spec, &keys).await?;
-            let table = store.table_mut(index);
-            for key in keys {
-                table.seed(key, None);
-            }
-            for row in rows {
-                let key = Key::from(&row[..spec.key_len]);
-                table.seed(key, Some(row));
-            }
+            writer::load_current_rows(
+                &mut tx,
+                tables.schema,
+                spec,
+                &names,
+                &keys,
+                store.table_mut(index),
+            )
+            .await?;
         }
         tx.commit()
             .await
@@ -154,14 +156,19 @@ impl SpillState {
                     .map(|c| quote_ident(c.name))
                     .collect::<Vec<_>>()
                     .join(", ");
-                let target = qualified(tables.schema, spec.name);
-                sqlx::query(&format!(
-                    "CREATE UNIQUE INDEX {} ON {target} ({key_columns})",
-                    quote_ident(&spill_index_name(spec.name))
-                ))
-                .execute(&mut *conn)
-                .await
-                .context(|| format!("indexing the keys of {target} for later spills"))?;
+                let clock_table = clocks::table_name(spec.name);
+                let keyed = std::iter::once(spec.name)
+                    .chain(spec.gathers_partitions().then_some(clock_table.as_str()));
+                for table in keyed {
+                    let target = qualified(tables.schema, table);
+                    sqlx::query(&format!(
+                        "CREATE UNIQUE INDEX {} ON {target} ({key_columns})",
+                        quote_ident(&spill_index_name(table))
+                    ))
+                    .execute(&mut *conn)
+                    .await
+                    .context(|| format!("indexing the keys of {target} for later spills"))?;
+                }
             }
         } else {
             self.ensure_staging(conn, tables).await?;

@@ -15,9 +15,10 @@ use futures::TryStreamExt;
 use sqlx::{Connection, PgConnection};
 
 use super::catalog::{self, Positions};
+use super::clocks;
 use super::copy::{decode_rows, CopyEncoder};
 use super::{qualified, quote_ident, Context, Result, SinkError};
-use crate::projection::{Change, RowStore, SchemaSql, TableSpec, Value};
+use crate::projection::{ChangeLog, RowStore, SchemaSql, TableSpec, Value};
 
 /// Bytes of COPY data sent to the server at a time.
 const COPY_CHUNK: usize = 4 << 20;
@@ -71,6 +72,9 @@ pub async fn create_tables(
             )
         })?;
     verify_tables(&mut tx, build).await?;
+    for spec in build.specs.iter().filter(|s| s.gathers_partitions()) {
+        clocks::create_table(&mut tx, build.schema, spec).await?;
+    }
     tx.commit()
         .await
         .context(|| format!("committing the tables of {}", build.schema))
@@ -148,6 +152,9 @@ pub async fn bulk_load(
             _ => sort(),
         };
         written += copy_rows(conn, build.schema, spec, rows.into_iter()).await?;
+        if spec.gathers_partitions() {
+            clocks::bulk_load(conn, build.schema, spec, table).await?;
+        }
     }
     Ok(written)
 }
@@ -217,13 +224,18 @@ pub async fn build_indexes(
     .context(|| "setting the search path".into())?;
     // A load that spilled indexed the keys for its upserts; indexes.sql declares the real ones.
     for spec in build.specs {
-        sqlx::query(&format!(
-            "DROP INDEX IF EXISTS {}",
-            qualified(build.schema, &super::spill::spill_index_name(spec.name))
-        ))
-        .execute(&mut *tx)
-        .await
-        .context(|| format!("dropping the spill index of {}", spec.name))?;
+        let clock_table = clocks::table_name(spec.name);
+        let spilled = std::iter::once(spec.name)
+            .chain(spec.gathers_partitions().then_some(clock_table.as_str()));
+        for table in spilled {
+            sqlx::query(&format!(
+                "DROP INDEX IF EXISTS {}",
+                qualified(build.schema, &super::spill::spill_index_name(table))
+            ))
+            .execute(&mut *tx)
+            .await
+            .context(|| format!("dropping the spill index of {table}"))?;
+        }
     }
     sqlx::raw_sql(&sql.indexes)
         .execute(&mut *tx)
@@ -240,6 +252,9 @@ pub async fn build_indexes(
             .execute(&mut *tx)
             .await
             .context(|| format!("analyzing {table}"))?;
+        if spec.gathers_partitions() {
+            clocks::add_key(&mut tx, build.schema, spec).await?;
+        }
     }
     catalog::set_phase(&mut tx, build.build_id, catalog::Phase::CatchingUp).await?;
     tx.commit()
@@ -250,7 +265,7 @@ pub async fn build_indexes(
 /// One build's share of an incremental batch.
 pub struct BuildBatch<'a> {
     pub tables: BuildTables<'a>,
-    pub changes: &'a [Change],
+    pub changes: &'a ChangeLog,
     /// Bad records passed over in this batch, stored with it.
     pub dead_letters: &'a [super::dead_letters::NewDeadLetter<'a>],
     /// Where the build's positions stand now, and where they move to when this batch commits.
@@ -285,7 +300,7 @@ impl BatchWriter {
     pub async fn apply_retried(
         &mut self,
         tables: BuildTables<'_>,
-        changes: &[Change],
+        changes: &ChangeLog,
         dead_letter_id: i64,
     ) -> Result<u64> {
         let mut tx = self
@@ -342,27 +357,21 @@ async fn write_changes(
     tx: &mut PgConnection,
     staging: &mut HashSet<String>,
     tables: BuildTables<'_>,
-    changes: &[Change],
+    changes: &ChangeLog,
 ) -> Result<u64> {
-    let mut written = 0;
-    let mut per_table: Vec<Vec<Change>> = vec![Vec::new(); tables.specs.len()];
-    for change in changes {
-        if let Some(list) = per_table.get_mut(change.table()) {
-            list.push(change.clone());
-        }
-    }
     let mut store = RowStore::new(tables.specs.len());
-    for (index, changes) in per_table.into_iter().enumerate() {
-        if changes.is_empty() {
+    let mut touched = vec![false; tables.specs.len()];
+    for (index, spec) in tables.specs.iter().enumerate() {
+        let keys = touched_keys(spec, index, changes);
+        if keys.is_empty() {
             continue;
         }
-        let spec = &tables.specs[index];
+        touched[index] = true;
         let names = StagingNames::new(tables.build_id, index);
         if !staging.contains(&names.keys) {
             create_staging(tx, tables.schema, spec, &names).await?;
             staging.insert(names.keys.clone());
         }
-        let keys = touched_keys(spec, &changes);
         load_current_rows(
             tx,
             tables.schema,
@@ -372,15 +381,22 @@ async fn write_changes(
             store.table_mut(index),
         )
         .await?;
-        for change in changes {
-            store.apply(tables.specs, change).map_err(|e| {
-                SinkError::Invalid(format!(
-                    "projection {} v{}: {e}",
-                    tables.projection, tables.version
-                ))
-            })?;
+    }
+    // In log order across tables, each change at its event's logical time.
+    for (at, change) in changes.iter() {
+        store.apply(tables.specs, change.clone(), at).map_err(|e| {
+            SinkError::Invalid(format!(
+                "projection {} v{}: {e}",
+                tables.projection, tables.version
+            ))
+        })?;
+    }
+    let mut written = 0;
+    for (index, spec) in tables.specs.iter().enumerate() {
+        if touched[index] {
+            let names = StagingNames::new(tables.build_id, index);
+            written += write_back(tx, tables.schema, spec, &names, &store, index).await?;
         }
-        written += write_back(tx, tables.schema, spec, &names, &store, index).await?;
     }
     Ok(written)
 }
@@ -388,6 +404,8 @@ async fn write_changes(
 pub(super) struct StagingNames {
     pub(super) keys: String,
     pub(super) rows: String,
+    /// For a table that gathers partitions: its row clocks.
+    pub(super) clocks: String,
 }
 
 impl StagingNames {
@@ -395,6 +413,7 @@ impl StagingNames {
         StagingNames {
             keys: format!("rp_keys_{build_id}_{table}"),
             rows: format!("rp_rows_{build_id}_{table}"),
+            clocks: clocks::staging_name(build_id, table),
         }
     }
 }
@@ -415,13 +434,16 @@ pub(super) async fn create_staging(
         keys = quote_ident(&names.keys),
         rows = quote_ident(&names.rows),
     ))
-    .execute(conn)
+    .execute(&mut *conn)
     .await
     .context(|| format!("creating staging tables for {target}"))?;
+    if spec.gathers_partitions() {
+        clocks::create_staging(conn, schema, spec, &names.clocks).await?;
+    }
     Ok(())
 }
 
-fn key_list(spec: &TableSpec, alias: Option<&str>) -> String {
+pub(super) fn key_list(spec: &TableSpec, alias: Option<&str>) -> String {
     spec.key_columns()
         .iter()
         .map(|c| match alias {
@@ -432,7 +454,7 @@ fn key_list(spec: &TableSpec, alias: Option<&str>) -> String {
         .join(", ")
 }
 
-fn key_match(spec: &TableSpec, left: &str, right: &str) -> String {
+pub(super) fn key_match(spec: &TableSpec, left: &str, right: &str) -> String {
     spec.key_columns()
         .iter()
         .map(|c| format!("{left}.{col} = {right}.{col}", col = quote_ident(c.name)))
@@ -440,10 +462,11 @@ fn key_match(spec: &TableSpec, left: &str, right: &str) -> String {
         .join(" AND ")
 }
 
-fn touched_keys(spec: &TableSpec, changes: &[Change]) -> Vec<Vec<Value>> {
+/// The keys of table `index` that `changes` touch, each once.
+fn touched_keys(spec: &TableSpec, index: usize, changes: &ChangeLog) -> Vec<Vec<Value>> {
     let mut seen = HashSet::new();
     let mut keys = Vec::new();
-    for change in changes {
+    for change in changes.changes().iter().filter(|c| c.table() == index) {
         let key = change.key(spec.key_len);
         if seen.insert(key.to_vec()) {
             keys.push(key.to_vec());
@@ -452,8 +475,9 @@ fn touched_keys(spec: &TableSpec, changes: &[Change]) -> Vec<Vec<Value>> {
     keys
 }
 
-/// Seed the fold with what the table holds for every touched key (or that it holds nothing).
-async fn load_current_rows(
+/// Seed the fold with what the table holds for every touched key (or that it holds nothing), and for
+/// a table that gathers partitions, with the keys' clocks.
+pub(super) async fn load_current_rows(
     conn: &mut PgConnection,
     schema: &str,
     spec: &TableSpec,
@@ -469,6 +493,9 @@ async fn load_current_rows(
     for row in current {
         let key = crate::projection::Key::from(&row[..spec.key_len]);
         rows.seed(key, Some(row));
+    }
+    if spec.gathers_partitions() {
+        clocks::read(conn, schema, spec, &names.keys, rows).await?;
     }
     Ok(())
 }
@@ -540,6 +567,9 @@ pub(super) async fn write_back(
 ) -> Result<u64> {
     let target = qualified(schema, spec.name);
     let rows = store.table(index);
+    if spec.gathers_partitions() {
+        clocks::write_back(conn, schema, spec, &names.clocks, rows).await?;
+    }
     let live: Vec<&Vec<Value>> = rows.live_rows().collect();
     let mut written = 0;
     if live.len() < rows.len() {

@@ -111,6 +111,9 @@ struct Planned {
 struct Order {
     id: String,
     customer: u64,
+    /// Every event of an order is in one currency; most customers always use theirs, travellers
+    /// change (see [`order_currency`]).
+    currency: &'static str,
     sequence: u64,
     events: VecDeque<Planned>,
 }
@@ -123,7 +126,12 @@ pub struct ExpectedTotals {
     pub orders: u64,
     pub orders_by_status: BTreeMap<String, u64>,
     pub customers: u64,
-    /// Sum over customers of paid minus refunded, per currency.
+    /// Customers per currency of their latest order (by the time it was placed): what a `set` fed by
+    /// several partitions must resolve to, whatever order they are read in.
+    #[serde(default)]
+    pub customers_by_currency: BTreeMap<String, u64>,
+    /// Sum over customers of paid minus refunded, grouped by the currency of each customer's latest
+    /// order (a traveller's sum mixes currencies, as `customer_stats` does).
     pub lifetime_value_cents: BTreeMap<String, i64>,
     /// Per "YYYY-MM-DD CUR": orders placed and paid, revenue and refunds on that UTC day.
     pub daily_sales: BTreeMap<String, DailyTotals>,
@@ -145,8 +153,20 @@ pub struct History {
     next_order: u64,
     emitted: u64,
     status: Vec<Status>,
-    customer_orders: HashMap<u64, i64>,
+    customers: HashMap<u64, CustomerTotals>,
     expected: ExpectedTotals,
+}
+
+/// What the generator tracks of one customer, for the totals.
+#[derive(Default)]
+struct CustomerTotals {
+    /// The latest placement planned so far, to keep two orders of a customer from being placed at
+    /// the same second (their order in logical time would then depend on partitions).
+    latest_planned_at: Option<i64>,
+    /// Of the orders emitted so far: the latest placement and its currency.
+    latest_placed_at: Option<i64>,
+    currency: &'static str,
+    value_cents: i64,
 }
 
 const SKUS: u32 = 500;
@@ -161,6 +181,21 @@ fn currency_of(customer: u64) -> &'static str {
         0..=2 => "EUR",
         3 => "USD",
         _ => "GBP",
+    }
+}
+
+/// Every seventh customer travels: from 2023 on (v1 had no currency) each of their orders is in a
+/// currency drawn for that order, so `customer_stats.currency`, a `set` on a row fed by many
+/// partitions, changes over time and must end as the latest order says.
+fn is_traveller(customer: u64) -> bool {
+    customer % 7 == 3
+}
+
+fn order_currency(customer: u64, placed_at: i64, rng: &mut ChaCha8Rng) -> &'static str {
+    if is_traveller(customer) && placed_at >= V2_FROM {
+        ["EUR", "USD", "GBP"][rng.random_range(0..3)]
+    } else {
+        currency_of(customer)
     }
 }
 
@@ -243,7 +278,7 @@ impl History {
             open: HashMap::new(),
             next_order: 0,
             emitted: 0,
-            customer_orders: HashMap::new(),
+            customers: HashMap::new(),
             expected: ExpectedTotals::default(),
         }
     }
@@ -260,7 +295,24 @@ impl History {
                 .entry(s.name().to_string())
                 .or_default() += 1;
         }
-        totals.customers = self.customer_orders.len() as u64;
+        totals.customers_by_currency.clear();
+        totals.lifetime_value_cents.clear();
+        // Customers with an order emitted (others only have one planned).
+        let emitted = self
+            .customers
+            .values()
+            .filter(|c| c.latest_placed_at.is_some());
+        totals.customers = emitted.clone().count() as u64;
+        for customer in emitted {
+            *totals
+                .customers_by_currency
+                .entry(customer.currency.to_string())
+                .or_default() += 1;
+            *totals
+                .lifetime_value_cents
+                .entry(customer.currency.to_string())
+                .or_default() += customer.value_cents;
+        }
         totals
     }
 
@@ -273,7 +325,7 @@ impl History {
     fn place(&mut self, index: u64) {
         let mut rng =
             ChaCha8Rng::seed_from_u64(self.config.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let placed_at = self.placement_time(index) + rng.random_range(0..60);
+        let mut placed_at = self.placement_time(index) + rng.random_range(0..60);
         // Before currencies existed (v1) every customer paid in EUR: pick one of those.
         let customer = loop {
             let c = rng.random_range(0..self.config.customers);
@@ -281,6 +333,16 @@ impl History {
                 break c;
             }
         };
+        let latest = &mut self
+            .customers
+            .entry(customer)
+            .or_default()
+            .latest_planned_at;
+        if *latest == Some(placed_at) {
+            placed_at += 1;
+        }
+        *latest = (*latest).max(Some(placed_at));
+        let currency = order_currency(customer, placed_at, &mut rng);
         let per_order = (self.config.events as f64 / self.config.orders as f64).max(3.0);
         let base_items = (per_order - 3.3).round().max(1.0) as i64;
         let items = (base_items + rng.random_range(-1..=1)).max(1);
@@ -349,6 +411,7 @@ impl History {
             Order {
                 id,
                 customer,
+                currency,
                 sequence: 0,
                 events,
             },
@@ -376,14 +439,14 @@ impl History {
         let planned = order.events.pop_front()?;
         order.sequence += 1;
         let sequence = order.sequence;
-        let (key, customer) = (order.id.clone(), order.customer);
+        let (key, customer, currency) = (order.id.clone(), order.customer, order.currency);
         if let Some(next) = order.events.front() {
             self.due.push(Reverse((next.at, index)));
         } else {
             self.open.remove(&index);
         }
-        let (type_url, payload) = self.encode_payload(&key, customer, &planned);
-        self.account(index, customer, &planned, &type_url);
+        let (type_url, payload) = self.encode_payload(&key, customer, currency, &planned);
+        self.account(index, customer, currency, &planned, &type_url);
         let envelope = EventEnvelope {
             event_id: planned.event_id.to_vec(),
             aggregate_type: AGGREGATE_TYPE.to_string(),
@@ -407,7 +470,14 @@ impl History {
     }
 
     /// The generator's own bookkeeping of what the projections must end up showing.
-    fn account(&mut self, index: u64, customer: u64, planned: &Planned, type_url: &str) {
+    fn account(
+        &mut self,
+        index: u64,
+        customer: u64,
+        currency: &'static str,
+        planned: &Planned,
+        type_url: &str,
+    ) {
         let version = type_url
             .rsplit('/')
             .next()
@@ -418,13 +488,16 @@ impl History {
             .events_by_version
             .entry(version.to_string())
             .or_default() += 1;
-        let currency = currency_of(customer);
         let day = |at: i64, cur: &str| format!("{} {cur}", day_string(at));
+        let totals = self.customers.entry(customer).or_default();
         match planned.kind {
             Kind::Placed => {
                 debug_assert_eq!(self.status.len() as u64, index);
                 self.status.push(Status::Placed);
-                *self.customer_orders.entry(customer).or_default() += 1;
+                if totals.latest_placed_at < Some(planned.at) {
+                    totals.latest_placed_at = Some(planned.at);
+                    totals.currency = currency;
+                }
                 self.expected
                     .daily_sales
                     .entry(day(planned.at, currency))
@@ -433,12 +506,8 @@ impl History {
             }
             Kind::Paid { cents } => {
                 let cur = currency;
+                totals.value_cents += cents;
                 self.set_status(index, Status::Paid);
-                *self
-                    .expected
-                    .lifetime_value_cents
-                    .entry(cur.to_string())
-                    .or_default() += cents;
                 let d = self
                     .expected
                     .daily_sales
@@ -451,12 +520,8 @@ impl History {
             Kind::Cancelled => self.set_status(index, Status::Cancelled),
             Kind::Refunded { cents } => {
                 let cur = currency;
+                totals.value_cents -= cents;
                 self.set_status(index, Status::Refunded);
-                *self
-                    .expected
-                    .lifetime_value_cents
-                    .entry(cur.to_string())
-                    .or_default() -= cents;
                 self.expected
                     .daily_sales
                     .entry(day(planned.at, cur))
@@ -477,12 +542,11 @@ impl History {
         &self,
         order_id: &str,
         customer: u64,
+        placed_currency: &str,
         planned: &Planned,
     ) -> (String, Vec<u8>) {
         let at = planned.at;
         let zone = zone_of(customer);
-        // A customer keeps one currency; only EUR customers ordered before v2 (v1 had no currency field).
-        let placed_currency = currency_of(customer);
         let cust = customer_id(customer);
         let (street, postal, city, country) = address_of(customer);
         let order_id = order_id.to_string();

@@ -25,10 +25,12 @@ pub async fn actual_totals(pool: &PgPool, view_schema: &str) -> Result<ExpectedT
     .fetch_all(pool)
     .await
     .context(|| format!("summing lifetime value in {customers}"))?;
-    let customer_count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {customers}"))
-        .fetch_one(pool)
-        .await
-        .context(|| format!("counting {customers}"))?;
+    let by_currency: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
+        "SELECT currency, count(*) FROM {customers} GROUP BY currency"
+    ))
+    .fetch_all(pool)
+    .await
+    .context(|| format!("counting {customers} per currency"))?;
     let days: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(&format!(
         "SELECT to_char(day, 'YYYY-MM-DD') || ' ' || currency, orders_placed, orders_paid, revenue_cents, refunded_cents FROM {daily}"
     ))
@@ -43,7 +45,12 @@ pub async fn actual_totals(pool: &PgPool, view_schema: &str) -> Result<ExpectedT
             .entry(status.unwrap_or_else(|| "(none)".into()))
             .or_default() += n as u64;
     }
-    totals.customers = customer_count as u64;
+    for (currency, n) in by_currency {
+        totals.customers += n as u64;
+        totals
+            .customers_by_currency
+            .insert(currency.unwrap_or_else(|| "(none)".into()), n as u64);
+    }
     totals.lifetime_value_cents = value
         .into_iter()
         .map(|(c, v)| (c.unwrap_or_else(|| "(none)".into()), v.unwrap_or(0)))
@@ -86,6 +93,12 @@ pub fn differences(expected: &ExpectedTotals, actual: &ExpectedTotals) -> Vec<St
         "orders with status",
         &expected.orders_by_status,
         &actual.orders_by_status,
+        &mut out,
+    );
+    diff_maps(
+        "customers whose latest order is in",
+        &expected.customers_by_currency,
+        &actual.customers_by_currency,
         &mut out,
     );
     diff_maps(

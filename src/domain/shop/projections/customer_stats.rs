@@ -1,6 +1,7 @@
-//! `customer_stats`: per customer, how many orders, what they are worth, first and last order.
-//! A customer's orders live on many partitions; every change here is a sum, a min or a max, so the
-//! result does not depend on the order partitions are read in.
+//! `customer_stats`: per customer, how many orders, what they are worth, first and last order, and
+//! the currency of their latest order. A customer's orders live on many partitions: the sums,
+//! minimums and maximums commute, and the currency, a set, resolves by logical time (the latest
+//! order placed wins, whichever partition is read first).
 
 use super::{time, ShopEvent};
 use crate::key;
