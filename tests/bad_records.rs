@@ -35,10 +35,11 @@ fn envelope(aggregate_id: &str, type_name: &str, payload: Vec<u8>) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// One bad record of each kind the issue names: (key, value, kind, words its reason must contain).
-fn bad_records(
-    duplicate: (String, Vec<u8>),
-) -> Vec<(Option<Vec<u8>>, Vec<u8>, &'static str, &'static str)> {
+/// A bad record: key, value, kind, and words its reason must contain.
+type BadRecordCase = (Option<Vec<u8>>, Vec<u8>, &'static str, &'static str);
+
+/// One bad record of each kind the issue names.
+fn bad_records(duplicate: (String, Vec<u8>)) -> Vec<BadRecordCase> {
     let placed_v1 = |user_id: &str| {
         v1::OrderPlaced {
             order_id: "bad-4".into(),
@@ -429,4 +430,21 @@ async fn a_rebuild_stops_when_the_dead_letter_budget_is_used_up_and_says_so() {
             .await
             .expect("count");
     assert_eq!(active, 0);
+    // The builds that failed in their replay say so, and why (`status` shows it), instead of
+    // staying "loading" with no one at work.
+    let builds: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT phase, last_error FROM reproject.builds ORDER BY build_id")
+            .fetch_all(engine.catalog.pool())
+            .await
+            .expect("builds");
+    assert_eq!(builds.len(), 3);
+    for (phase, error) in builds {
+        assert_eq!(phase, "failed");
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("dead-letters list")),
+            "{error:?}"
+        );
+    }
 }

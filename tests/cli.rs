@@ -158,6 +158,30 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
     assert!(lines
         .iter()
         .any(|l| l["kind"] == "comparison" && l["comparison"]["verdict"] == "agree"));
+    // A reader that goes away before the output comes (`status | head -0`, `replay ID | less` quit at
+    // once) ends the command quietly, with success, not with a panic.
+    for args in [vec!["status"], vec!["replay", id.as_str()]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_reproject"))
+            .args(&args)
+            .args(common)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start reproject");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait for reproject");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?} with its reader gone: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).is_empty(),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
     for (args, expected) in [
         (vec!["replay", "no-such-order"], "has no events"),
         (
@@ -249,6 +273,14 @@ async fn run_backfills_projections_that_were_never_built_and_stops_cleanly_on_si
     };
     let status = status.expect("run stopped within 15 s of SIGTERM");
     assert!(status.success(), "run exits 0 after SIGTERM: {status:?}");
+
+    // `run` has gone: its last progress report, seconds old, is not shown as a live writer.
+    let table = reproject(&[&["status"], &common[..]].concat());
+    let shown = text(&table.stdout);
+    assert!(
+        !shown.contains(" by reproject") && shown.contains("no writer running (last: reproject"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -302,6 +334,10 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        if args.contains(&"postgres://u:hunter2@127.0.0.1:1/db") {
+            // The server's own answer, not a pool's time-out.
+            assert!(stderr.contains("refused"), "{args:?}: {stderr}");
+        }
         assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
         assert!(
             !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),

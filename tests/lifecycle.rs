@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
-use reproject::engine::rebuild::rebuild;
+use reproject::domain::shop::{self, ShopEvent};
+use reproject::engine::rebuild::{catch_up_and_swap, rebuild};
+use reproject::engine::{Engine, EngineParts, SchemaSource};
+use reproject::projection::{Changes, DynProjection, Event, Projection, TableSpec};
+use reproject::swap::SwapOptions;
 use tokio_util::sync::CancellationToken;
 
 fn text(bytes: &[u8]) -> String {
@@ -290,4 +294,112 @@ async fn a_build_left_ready_stays_caught_up_under_run_and_is_verified_and_swappe
         differences(&history.expected(), &actual),
         Vec::<String>::new()
     );
+}
+
+/// The shop's `daily_sales` code under another version number: what a binary with a fixed v2 of
+/// it would run (same tables, so v1's SQL serves as v2's).
+struct AsVersion(DynProjection<ShopEvent>, u32);
+
+impl Projection<ShopEvent> for AsVersion {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn version(&self) -> u32 {
+        self.1
+    }
+    fn tables(&self) -> &[TableSpec] {
+        self.0.tables()
+    }
+    fn apply(&self, event: &Event<'_, ShopEvent>, out: &mut Changes) {
+        self.0.apply(event, out)
+    }
+}
+
+/// An engine whose only projection is `daily_sales` at `version`.
+async fn daily_sales_at(version: u32, db: &str, kafka: &Kafka) -> Engine<ShopEvent> {
+    let dir = std::env::temp_dir().join("rp_test_daily_sales_versions");
+    for v in [1, 2] {
+        let sql = shop::projections::embedded_schema("daily_sales", 1).expect("v1 SQL");
+        let path = dir.join("daily_sales").join(format!("v{v}"));
+        std::fs::create_dir_all(&path).expect("schema dir");
+        std::fs::write(path.join("tables.sql"), &sql.tables).expect("tables.sql");
+        std::fs::write(path.join("indexes.sql"), &sql.indexes).expect("indexes.sql");
+    }
+    let daily_sales = shop::projections()
+        .into_iter()
+        .find(|p| p.name() == "daily_sales")
+        .expect("daily_sales");
+    Engine::connect(EngineParts {
+        kafka: kafka.settings.clone(),
+        topic: TOPIC.into(),
+        database_url: db.into(),
+        view_schema: "public".into(),
+        registry: Arc::new(shop::registry().expect("registry")),
+        projections: vec![Arc::new(AsVersion(daily_sales, version))],
+        schemas: SchemaSource {
+            dir: Some(dir),
+            embedded: shop::projections::embedded_schema,
+        },
+        tuning: tuning(),
+    })
+    .await
+    .expect("engine connects")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_across_versions_needs_the_old_code_only_when_there_is_something_to_apply() {
+    let db = fresh_database("rollback_versions").await;
+    let kafka = Kafka::start(2);
+    let mut history = history(4_000, 29);
+    append(&kafka.settings, &mut history, 3_000);
+    let v1 = daily_sales_at(1, &db, &kafka).await;
+    let v2 = daily_sales_at(2, &db, &kafka).await;
+    let names = ["daily_sales".to_string()];
+    let cancel = CancellationToken::new();
+    let first = rebuild(&v1, &names, &rebuild_options(), &cancel)
+        .await
+        .expect("v1")
+        .builds[0];
+    let fixed = rebuild(&v2, &names, &rebuild_options(), &cancel)
+        .await
+        .expect("v2")
+        .builds[0];
+    let pool = v1.catalog.pool().clone();
+    assert_eq!(phase_of(&pool, first).await, "retired");
+
+    // Roll back to v1 with v2's binary: v1's build stands where v2's does, nothing to apply.
+    let retired = v2.catalog.build(first).await.expect("build");
+    let projection = v2.projection("daily_sales").expect("projection");
+    let (swapped, _) = catch_up_and_swap(
+        &v2,
+        &retired,
+        &projection,
+        &SwapOptions::default(),
+        None,
+        &cancel,
+    )
+    .await
+    .expect("a rollback with nothing to apply needs no old code");
+    assert_eq!(swapped.build_id, first);
+    assert_eq!(phase_of(&pool, first).await, "active");
+
+    // v1 goes on (its binary follows it); v2's build falls behind. Back to it with v1's binary
+    // would apply events with v1's code: refused, naming the version it needs.
+    append(&kafka.settings, &mut history, 1_000);
+    drain(Arc::new(v1)).await;
+    let behind = v2.catalog.build(fixed).await.expect("build");
+    let v1 = daily_sales_at(1, &db, &kafka).await;
+    let projection = v1.projection("daily_sales").expect("projection");
+    let err = catch_up_and_swap(
+        &v1,
+        &behind,
+        &projection,
+        &SwapOptions::default(),
+        None,
+        &cancel,
+    )
+    .await
+    .expect_err("behind, and this binary has v1's code only");
+    assert!(err.to_string().contains("needs version 2's code"), "{err}");
+    assert_eq!(phase_of(&pool, first).await, "active");
 }

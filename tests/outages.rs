@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use reproject::domain::shop::totals::{actual_totals, differences};
-use reproject::engine::follow::writer_lock_subject;
 use reproject::engine::rebuild::rebuild;
 use reproject::engine::{holder_name, EngineError};
+use reproject::sink::lock::writer_lock_subject;
 use reproject::sink::lock::{AdvisoryLock, LockKind};
 use tokio_util::sync::CancellationToken;
 
@@ -162,4 +162,27 @@ async fn run_and_rebuild_never_write_the_same_build_at_once() {
     );
     assert!(err.to_string().contains("reproject run pid="), "{err}");
     held.release().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_against_a_broker_that_cannot_be_reached_creates_nothing() {
+    let db = fresh_database("no_broker").await;
+    let unreachable = reproject::source::KafkaSettings {
+        // Nothing listens on port 1.
+        brokers: "127.0.0.1:1".into(),
+        properties: Vec::new(),
+    };
+    let engine = engine(&db, &unreachable, tuning()).await;
+    let err = rebuild_all(&engine)
+        .await
+        .expect_err("no broker to read from");
+    assert!(!matches!(err, EngineError::Interrupted), "{err}");
+    let builds: i64 = sqlx::query_scalar("SELECT count(*) FROM reproject.builds")
+        .fetch_one(engine.catalog.pool())
+        .await
+        .expect("count");
+    assert_eq!(
+        builds, 0,
+        "no build was created for a log that cannot be read: {err}"
+    );
 }

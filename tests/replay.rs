@@ -9,7 +9,7 @@ use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use reproject::engine::rebuild::rebuild;
-use reproject::engine::replay::{replay, Locate, ReplayOptions, Timeline, Verdict};
+use reproject::engine::timeline::{trace, Locate, Timeline, TraceOptions, Verdict};
 use reproject::engine::EngineError;
 use reproject::source::partitioner::Partitioner;
 use reproject::source::producer::LogWriter;
@@ -34,8 +34,8 @@ fn options(
     id: &str,
     only: Option<&str>,
     locate: Locate,
-) -> ReplayOptions<reproject::domain::shop::ShopEvent> {
-    ReplayOptions {
+) -> TraceOptions<reproject::domain::shop::ShopEvent> {
+    TraceOptions {
         aggregate_id: id.to_string(),
         projections: match only {
             Some(name) => vec![engine.projection(name).expect("projection")],
@@ -65,7 +65,7 @@ async fn the_timeline_of_an_order_that_crossed_all_three_versions_shows_every_up
     let id = an_order_that_crossed_all_versions(&pool).await;
 
     let partitioner = Locate::Partitioner(Partitioner::ConsistentRandom);
-    let timeline = replay(&engine, &options(&engine, &id, None, partitioner))
+    let timeline = trace(&engine, &options(&engine, &id, None, partitioner))
         .await
         .expect("replay");
 
@@ -164,7 +164,7 @@ async fn the_timeline_of_an_order_that_crossed_all_three_versions_shows_every_up
         .await
         .expect("drop coverage");
     for locate in [partitioner, Locate::ScanAll] {
-        let again = replay(
+        let again = trace(
             &engine,
             &options(&engine, &id, Some("order_summary"), locate),
         )
@@ -206,7 +206,7 @@ async fn a_corrupted_live_row_is_reported_with_exactly_the_columns_that_differ()
     .expect("corrupt the row");
 
     let locate = Locate::Partitioner(Partitioner::ConsistentRandom);
-    let timeline = replay(
+    let timeline = trace(
         &engine,
         &options(&engine, &id, Some("order_summary"), locate),
     )
@@ -245,7 +245,7 @@ async fn a_corrupted_live_row_is_reported_with_exactly_the_columns_that_differ()
     // --scratch puts the computed row where SQL can reach it.
     let mut with_scratch = options(&engine, &id, Some("order_summary"), locate);
     with_scratch.scratch = true;
-    let timeline = replay(&engine, &with_scratch)
+    let timeline = trace(&engine, &with_scratch)
         .await
         .expect("replay with scratch");
     assert_eq!(
@@ -269,7 +269,7 @@ async fn an_aggregate_with_no_events_is_an_error_naming_where_it_looked() {
     append(&kafka.settings, &mut history(2_000, 3), 2_000);
     let engine = engine(&db, &kafka.settings, tuning()).await;
     let locate = Locate::Partitioner(Partitioner::ConsistentRandom);
-    let error = replay(&engine, &options(&engine, "no-such-order", None, locate))
+    let error = trace(&engine, &options(&engine, "no-such-order", None, locate))
         .await
         .expect_err("nothing to replay");
     assert!(

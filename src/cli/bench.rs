@@ -7,6 +7,7 @@
 //!
 //! Prints the figures and, with `--json FILE`, writes them for scripts to compare runs.
 
+use super::output::outln;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use rdkafka::message::Message;
 use serde::Serialize;
 use sqlx::Connection;
 
-use super::rebuild::print_report;
+use super::report::print_report;
 use super::{GlobalArgs, Outcome, Settings};
 use crate::domain::shop::generator::History;
 use crate::domain::shop::ShopEvent;
@@ -55,7 +56,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub replay_readers: Option<u16>,
     #[command(flatten)]
-    pub memory: super::rebuild::MemoryArgs,
+    pub memory: super::args::MemoryArgs,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -101,9 +102,11 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
         readers: args.readers,
         ..BenchFigures::default()
     };
-    println!(
+    outln!(
         "== bench: {} events over {} partitions (in-process mock cluster), database {}",
-        args.events, args.partitions, args.database
+        args.events,
+        args.partitions,
+        args.database
     );
 
     // The history.
@@ -121,7 +124,7 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
     })
     .await??;
     figures.seed_seconds = started.elapsed().as_secs_f64();
-    println!("   seeded in {:.1}s", figures.seed_seconds);
+    outln!("   seeded in {:.1}s", figures.seed_seconds);
 
     // The rebuild, end to end.
     let tuning = Tuning {
@@ -247,7 +250,7 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&figures)?)
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("figures written to {}", path.display());
+        outln!("figures written to {}", path.display());
     }
     drop(broker);
     Ok(if figures.reader_errors == 0 {
@@ -259,12 +262,14 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
 
 fn print_figures(f: &BenchFigures) {
     let r = &f.rebuild;
-    println!("\n== figures");
-    println!(
+    outln!("\n== figures");
+    outln!(
         "rebuild, first fetch to swap: {} events in {:.2}s = {:.0} events/s",
-        r.events_replayed, f.rebuild_seconds, f.events_per_second
+        r.events_replayed,
+        f.rebuild_seconds,
+        f.events_per_second
     );
-    println!(
+    outln!(
         "  replay {:.2}s, load {:.2}s ({} rows), indexes {:.2}s, aggregate index {:.2}s (alongside load and indexes), catch-up {:.2}s, swap {:.2}s",
         r.replay_seconds,
         r.load_seconds,
@@ -274,16 +279,16 @@ fn print_figures(f: &BenchFigures) {
         r.catch_up_seconds,
         r.swap_seconds
     );
-    println!(
+    outln!(
         "  peak RSS {:.0} MB (the in-process mock cluster's copy of the log included)",
         f.peak_rss_bytes as f64 / 1e6
     );
-    println!(
+    outln!(
         "baseline (one upsert per event, transactions of 1,000): {} events in {:.2}s = {:.0} events/s",
         f.baseline_events, f.baseline_seconds, f.baseline_events_per_second
     );
-    println!("speed-up over the baseline: {:.0}x", f.speedup);
-    println!(
+    outln!("speed-up over the baseline: {:.0}x", f.speedup);
+    outln!(
         "readers during a rebuild and swap of order_summary: {} readers, {} queries, {} errors; longest while the swap ran {:.1} ms (swap commit {:.1} ms); longest over the whole rebuild {:.1} ms, median {:.2} ms",
         f.readers,
         f.reader_queries,
@@ -294,7 +299,7 @@ fn print_figures(f: &BenchFigures) {
         f.reader_median_ms
     );
     for (phase, (count, longest)) in &f.slow_reader_queries_by_phase {
-        println!("  reader queries over 100 ms during {phase}: {count}, longest {longest:.0} ms");
+        outln!("  reader queries over 100 ms during {phase}: {count}, longest {longest:.0} ms");
     }
 }
 
@@ -389,10 +394,8 @@ async fn baseline(engine: &Engine<ShopEvent>, events: u64) -> anyhow::Result<()>
                 chunk.push(row);
             }
             read += 1;
-            if chunk.len() == 1_000 {
-                if tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
-                    return Ok(());
-                }
+            if chunk.len() == 1_000 && tx.blocking_send(std::mem::take(&mut chunk)).is_err() {
+                return Ok(());
             }
         }
         let _ = tx.blocking_send(chunk);

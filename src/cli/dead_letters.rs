@@ -1,9 +1,10 @@
 //! `reproject dead-letters list|show|retry`: the records builds passed over under
 //! `--on-bad-record dead-letter`, and re-applying them once their cause is fixed.
 
+use super::output::outln;
 use clap::{Args, Subcommand};
 
-use super::replay::Format;
+use super::args::Format;
 use super::{GlobalArgs, Outcome, Settings};
 use crate::engine::Tuning;
 use crate::sink::dead_letters::{self, StoredDeadLetter};
@@ -54,7 +55,7 @@ pub async fn run(global: &GlobalArgs, args: DeadLettersArgs) -> anyhow::Result<O
             match format {
                 Format::Json => {
                     for l in &letters {
-                        println!("{}", serde_json::to_string(l)?);
+                        outln!("{}", serde_json::to_string(l)?);
                     }
                 }
                 Format::Text => print_list(&letters),
@@ -73,7 +74,7 @@ pub async fn run(global: &GlobalArgs, args: DeadLettersArgs) -> anyhow::Result<O
                     json["record_key_hex"] =
                         hex(letter.record_key.as_deref().unwrap_or_default()).into();
                     json["record_value_hex"] = hex(&letter.record_value).into();
-                    println!("{json}");
+                    outln!("{json}");
                 }
                 Format::Text => print_one(&letter),
             }
@@ -82,7 +83,7 @@ pub async fn run(global: &GlobalArgs, args: DeadLettersArgs) -> anyhow::Result<O
         Action::Retry { projection, ids } => {
             drop(conn);
             let report = crate::engine::dead_letters::retry(&engine, &projection, &ids).await?;
-            println!(
+            outln!(
                 "{projection}: {} applied, {} duplicates resolved without applying, {} still failing, {} skipped",
                 report.applied.len(),
                 report.duplicates.len(),
@@ -90,10 +91,10 @@ pub async fn run(global: &GlobalArgs, args: DeadLettersArgs) -> anyhow::Result<O
                 report.skipped.len()
             );
             for (id, error) in &report.still_failing {
-                println!("  #{id} still fails: {error}");
+                outln!("  #{id} still fails: {error}");
             }
             for (id, why) in &report.skipped {
-                println!("  #{id} skipped: {why}");
+                outln!("  #{id} skipped: {why}");
             }
             Ok(if report.still_failing.is_empty() {
                 Outcome::Success
@@ -106,12 +107,17 @@ pub async fn run(global: &GlobalArgs, args: DeadLettersArgs) -> anyhow::Result<O
 
 fn print_list(letters: &[StoredDeadLetter]) {
     if letters.is_empty() {
-        println!("no dead letters");
+        outln!("no dead letters");
         return;
     }
-    println!(
+    outln!(
         "{:>6}  {:<16} {:>6}  {:<24} {:<9} {:<10} reason",
-        "id", "projection", "build", "topic/partition@offset", "kind", "state"
+        "id",
+        "projection",
+        "build",
+        "topic/partition@offset",
+        "kind",
+        "state"
     );
     for l in letters {
         let state = match (&l.resolved_at, &l.retry_error) {
@@ -119,7 +125,7 @@ fn print_list(letters: &[StoredDeadLetter]) {
             (None, Some(_)) => "retried",
             (None, None) => "new",
         };
-        println!(
+        outln!(
             "{:>6}  {:<16} {:>6}  {:<24} {:<9} {:<10} {}",
             l.dead_letter_id,
             l.projection,
@@ -133,44 +139,48 @@ fn print_list(letters: &[StoredDeadLetter]) {
 }
 
 fn print_one(l: &StoredDeadLetter) {
-    println!(
+    outln!(
         "dead letter {} of {} (build {})",
-        l.dead_letter_id, l.projection, l.build_id
+        l.dead_letter_id,
+        l.projection,
+        l.build_id
     );
-    println!(
+    outln!(
         "  where:      {} partition {} offset {}",
-        l.topic, l.partition, l.offset
+        l.topic,
+        l.partition,
+        l.offset
     );
-    println!(
+    outln!(
         "  type:       {} (version {})",
         l.type_url.as_deref().unwrap_or("-"),
         l.version.map_or("-".to_string(), |v| v.to_string())
     );
-    println!("  kind:       {}", l.kind);
-    println!("  error:      {}", l.reason);
+    outln!("  kind:       {}", l.kind);
+    outln!("  error:      {}", l.reason);
     if let Some(id) = l.event_id {
-        println!("  event id:   {id}");
+        outln!("  event id:   {id}");
     }
-    println!("  recorded:   {}", l.recorded_at);
+    outln!("  recorded:   {}", l.recorded_at);
     if let Some(at) = l.retried_at {
-        println!(
+        outln!(
             "  retried:    {at}: {}",
             l.retry_error.as_deref().unwrap_or("applied")
         );
     }
     if let Some(at) = l.resolved_at {
-        println!("  resolved:   {at}");
+        outln!("  resolved:   {at}");
     }
     match &l.record_key {
-        Some(key) => println!("  key:        {:?}", String::from_utf8_lossy(key)),
-        None => println!("  key:        (none)"),
+        Some(key) => outln!("  key:        {:?}", String::from_utf8_lossy(key)),
+        None => outln!("  key:        (none)"),
     }
-    println!("  value:      {} bytes", l.record_value.len());
+    outln!("  value:      {} bytes", l.record_value.len());
     for (i, chunk) in l.record_value.chunks(32).enumerate().take(16) {
-        println!("    {:04x}  {}", i * 32, hex(chunk));
+        outln!("    {:04x}  {}", i * 32, hex(chunk));
     }
     if l.record_value.len() > 512 {
-        println!("    ... (--format json has all of it)");
+        outln!("    ... (--format json has all of it)");
     }
 }
 

@@ -6,11 +6,12 @@
 //! 4. follows the log until every event is applied, then prints the status and compares the views
 //!    with totals the generator computed on its own. Exits non-zero if they differ.
 
+use super::output::outln;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::rebuild::print_report;
+use super::report::print_report;
 use super::{shutdown_token, status, totals, GlobalArgs, Outcome, Settings};
 use crate::domain::shop::generator::History;
 use crate::domain::shop::totals::actual_totals;
@@ -47,19 +48,22 @@ pub struct DemoArgs {
 
 pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome> {
     let mut settings = Settings::resolve(global)?;
-    println!(
+    outln!(
         "== reproject demo: {} events of history, {} more arriving during the rebuild",
-        args.events, args.live_events
+        args.events,
+        args.live_events
     );
 
     let broker = DevBroker::start(&settings.topic, args.partitions)?;
     settings.kafka.brokers = broker.bootstrap_servers();
     settings.database_url = recreate_database(&settings.database_url, &args.database).await?;
-    println!(
+    outln!(
         "   broker: in-process mock cluster at {}, topic {} ({} partitions)",
-        settings.kafka.brokers, settings.topic, args.partitions
+        settings.kafka.brokers,
+        settings.topic,
+        args.partitions
     );
-    println!(
+    outln!(
         "   database: {} (recreated)",
         super::config::redact_url(&settings.database_url)
     );
@@ -79,7 +83,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
         Ok((history, versions))
     })
     .await??;
-    println!(
+    outln!(
         "== seeded {} events in {:.1}s; per schema version: {versions:?}",
         args.events,
         started.elapsed().as_secs_f64()
@@ -126,7 +130,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
 
     // 4. Apply what is left, then check.
     let history = producer.await??;
-    println!("== live producer done; following the log until every event is applied");
+    outln!("== live producer done; following the log until every event is applied");
     let run_options = RunOptions {
         backfill: false,
         rebuild: rebuild_options(&settings),
@@ -139,10 +143,10 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
     .await
     .map_err(|_| anyhow::anyhow!("the views did not catch up with the log within 5 minutes"))??;
     let report = crate::engine::status::collect(&engine).await?;
-    println!("\n== status\n{}", status::render(&report));
+    outln!("\n== status\n{}", status::render(&report));
     let expected = history.expected();
     let actual = actual_totals(engine.catalog.pool(), &settings.view_schema).await?;
-    println!(
+    outln!(
         "== expected totals (computed by the generator) vs the live views, over {} events",
         expected.events
     );
@@ -174,7 +178,7 @@ async fn rebuild_all(
         .map(|p| p.name().to_string())
         .collect();
     let options = rebuild_options(settings);
-    println!("== rebuilding {} while events arrive", names.join(", "));
+    outln!("== rebuilding {} while events arrive", names.join(", "));
     let report = rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?;
     print_report(&report);
     Ok(engine)

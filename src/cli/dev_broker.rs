@@ -1,5 +1,6 @@
 //! `reproject dev-broker`: librdkafka's mock cluster as a process of its own.
 
+use super::output::outln;
 use clap::Args;
 
 use super::{GlobalArgs, Outcome, Settings};
@@ -22,7 +23,7 @@ pub async fn run(global: &GlobalArgs, args: DevBrokerArgs) -> anyhow::Result<Out
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{}: {e}", args.port))?;
-    println!(
+    outln!(
         "dev broker ready: bootstrap 127.0.0.1:{} (mock cluster at {}), topic {} with {} partitions. Ctrl-C stops it; its data lives in memory only.",
         args.port,
         broker.bootstrap_servers(),

@@ -1,10 +1,10 @@
 //! `reproject estimate <projection>...`: how long a rebuild will take, how many rows and how much
 //! disk and memory, from a pilot over about 1% of the log. Writes nothing.
 
+use super::output::{out, outln};
 use clap::Args;
 
-use super::rebuild::TuningArgs;
-use super::replay::Format;
+use super::args::{Format, TuningArgs};
 use super::{GlobalArgs, Outcome, Settings};
 use crate::engine::estimate;
 
@@ -37,8 +37,8 @@ pub async fn run(global: &GlobalArgs, args: EstimateArgs) -> anyhow::Result<Outc
     let names = super::chosen_projections(&engine, args.all, &args.projections);
     let estimate = estimate::estimate(&engine, &names, args.sample).await?;
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&estimate)?),
-        Format::Text => print!("{}", estimate.render()),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&estimate)?),
+        Format::Text => out!("{}", estimate.render()),
     }
     Ok(Outcome::Success)
 }

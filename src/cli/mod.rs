@@ -2,6 +2,7 @@
 //! Connection settings come from flags, then the environment, then a config file, then defaults that
 //! work on a development machine.
 
+mod args;
 mod bench;
 mod config;
 mod dead_letters;
@@ -9,9 +10,11 @@ mod demo;
 mod dev_broker;
 mod estimate;
 mod gc;
+mod output;
 mod pause;
 mod rebuild;
 mod replay;
+mod report;
 mod rollback;
 mod run;
 mod seed;

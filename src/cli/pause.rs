@@ -2,6 +2,7 @@
 //! any process. Rebuilds, catch-ups and followers check the flag between batches (every second at
 //! most), so a pause takes effect within seconds and never leaves a batch half-applied.
 
+use super::output::outln;
 use clap::Args;
 
 use super::{GlobalArgs, Outcome, Settings};
@@ -22,7 +23,7 @@ pub async fn run(global: &GlobalArgs, args: PauseArgs, paused: bool) -> anyhow::
         .catalog
         .set_paused(projection.name(), paused, &by)
         .await?;
-    println!(
+    outln!(
         "{} {}",
         projection.name(),
         if paused {

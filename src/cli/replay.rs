@@ -1,18 +1,12 @@
 //! `reproject replay <aggregate-id>`: why does this aggregate's row look the way it does?
 
-use clap::{Args, ValueEnum};
+use super::output::outln;
+use clap::Args;
 
+use super::args::{Format, PartitionerArg};
 use super::{GlobalArgs, Outcome, Settings};
-use crate::engine::replay::{self, Locate, ReplayOptions, Timeline, Verdict};
+use crate::engine::timeline::{self, Locate, Timeline, TraceOptions, Verdict};
 use crate::engine::Tuning;
-use crate::source::partitioner::Partitioner;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Format {
-    Text,
-    /// One JSON object per line: each event, then the sequence check, the comparisons and a summary
-    Json,
-}
 
 #[derive(Args, Debug)]
 pub struct ReplayArgs {
@@ -22,8 +16,8 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub projection: Option<String>,
     /// The partitioner the producers use, to find the key's partition
-    #[arg(long, value_enum, default_value_t = Partitioner::ConsistentRandom)]
-    pub partitioner: Partitioner,
+    #[arg(long, value_enum, default_value_t = PartitionerArg::ConsistentRandom)]
+    pub partitioner: PartitionerArg,
     /// Read every partition (when the producers' partitioner is unknown)
     #[arg(long)]
     pub scan_all: bool,
@@ -41,17 +35,17 @@ pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<Outcom
         Some(name) => vec![engine.projection(name)?],
         None => engine.projections.clone(),
     };
-    let options = ReplayOptions {
+    let options = TraceOptions {
         aggregate_id: args.aggregate_id.clone(),
         projections,
         locate: if args.scan_all {
             Locate::ScanAll
         } else {
-            Locate::Partitioner(args.partitioner)
+            Locate::Partitioner(args.partitioner.into())
         },
         scratch: args.scratch,
     };
-    let timeline = replay::replay(&engine, &options).await?;
+    let timeline = timeline::trace(&engine, &options).await?;
     match args.format {
         Format::Text => print_text(&timeline),
         Format::Json => print_json(&timeline)?,
@@ -89,13 +83,13 @@ fn print_json(t: &Timeline) -> anyhow::Result<()> {
         "scratch_schema": t.scratch_schema,
     }));
     for line in lines {
-        println!("{}", serde_json::to_string(&line)?);
+        outln!("{}", serde_json::to_string(&line)?);
     }
     Ok(())
 }
 
 fn print_text(t: &Timeline) {
-    println!(
+    outln!(
         "aggregate {} in {}: {} events, found via {} ({} records read in {:.3}s from {})",
         t.aggregate_id,
         t.topic,
@@ -111,7 +105,7 @@ fn print_text(t: &Timeline) {
             .join(" ")
     );
     for (n, e) in t.events.iter().enumerate() {
-        println!(
+        outln!(
             "\n#{} partition {} offset {}  {}  seq {}  event {}",
             n + 1,
             e.partition,
@@ -122,63 +116,63 @@ fn print_text(t: &Timeline) {
         );
         for (i, step) in e.steps.iter().enumerate() {
             let label = if i == 0 { "stored " } else { "upcast ->" };
-            println!("  {label} {}  {}", step.message, step.payload);
+            outln!("  {label} {}  {}", step.message, step.payload);
         }
         if let Some(error) = &e.error {
-            println!("  ERROR {error}");
+            outln!("  ERROR {error}");
         }
         for p in &e.projections {
             for change in &p.changes {
-                println!("  {}: {change}", p.projection);
+                outln!("  {}: {change}", p.projection);
             }
             for row in &p.rows {
                 match &row.row {
-                    Some(r) => println!(
+                    Some(r) => outln!(
                         "    => {}[{}] {}",
                         row.table,
                         row.key,
                         serde_json::Value::Object(r.clone())
                     ),
-                    None => println!("    => {}[{}] deleted", row.table, row.key),
+                    None => outln!("    => {}[{}] deleted", row.table, row.key),
                 }
             }
         }
     }
-    println!();
+    outln!();
     let s = &t.sequence;
     if s.is_clean() {
-        println!(
+        outln!(
             "sequence numbers: 1..{} without gaps or repeats; no event id twice",
             t.events.len()
         );
     } else {
         for (from, to) in &s.gaps {
-            println!("sequence gap: {from}..{to} missing");
+            outln!("sequence gap: {from}..{to} missing");
         }
         for seq in &s.repeats {
-            println!("sequence repeat: {seq} seen more than once");
+            outln!("sequence repeat: {seq} seen more than once");
         }
         for (id, at) in &s.duplicate_event_ids {
-            println!("event id {id} seen {} times, at {at:?}", at.len());
+            outln!("event id {id} seen {} times, at {at:?}", at.len());
         }
     }
     for c in &t.comparisons {
         match c.verdict {
-            Verdict::Agree => println!("{} [{}]: the live row agrees with the replay", c.view, c.key),
-            Verdict::SharedRow => println!(
+            Verdict::Agree => outln!("{} [{}]: the live row agrees with the replay", c.view, c.key),
+            Verdict::SharedRow => outln!(
                 "{} [{}]: gathers other aggregates' events too; this aggregate's part is shown above, not compared",
                 c.view, c.key
             ),
             Verdict::Differ => {
-                println!("{} [{}]: the live row DIFFERS from the replay", c.view, c.key);
-                println!("    {:<24} {:<40} live", "column", "replayed");
+                outln!("{} [{}]: the live row DIFFERS from the replay", c.view, c.key);
+                outln!("    {:<24} {:<40} live", "column", "replayed");
                 for (column, computed, live) in &c.differences {
-                    println!("    {column:<24} {computed:<40} {live}");
+                    outln!("    {column:<24} {computed:<40} {live}");
                 }
             }
         }
     }
     if let Some(schema) = &t.scratch_schema {
-        println!("computed rows written to schema {schema}");
+        outln!("computed rows written to schema {schema}");
     }
 }

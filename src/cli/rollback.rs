@@ -6,7 +6,7 @@
 
 use clap::Args;
 
-use super::rebuild::{SwapArgs as SwapTuning, TuningArgs};
+use super::args::{SwapArgs as SwapTuning, TuningArgs};
 use super::{shutdown_token, GlobalArgs, Outcome, Settings};
 use crate::engine::rebuild::catch_up_and_swap;
 use crate::sink::Phase;
@@ -63,6 +63,6 @@ pub async fn run(global: &GlobalArgs, args: RollbackArgs) -> anyhow::Result<Outc
     )
     .await?;
     let (report, _) = report;
-    super::swap::print_swapped(&report, "rolled back: it now reads build", " again");
+    super::report::print_swapped(&report, "rolled back: it now reads build", " again");
     Ok(Outcome::Success)
 }

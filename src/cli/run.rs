@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use super::rebuild::{MemoryArgs, SwapArgs, TuningArgs};
+use super::args::{MemoryArgs, SwapArgs, TuningArgs};
 use super::{shutdown_token, GlobalArgs, Outcome, Settings};
 use crate::engine::rebuild::RebuildOptions;
 use crate::engine::run::{self, RunOptions};
@@ -25,7 +25,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub swap: SwapArgs,
     #[command(flatten)]
-    pub verify: super::verify::VerifyArgs,
+    pub verify: super::args::VerifyArgs,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }

@@ -1,13 +1,14 @@
 //! `reproject seed`: append a deterministic shop history to the topic.
 
+use super::output::outln;
 use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Args;
 
+use super::args::PartitionerArg;
 use super::{GlobalArgs, Outcome, Settings};
 use crate::domain::shop::generator::{History, HistoryConfig};
-use crate::source::partitioner::Partitioner;
 use crate::source::producer::LogWriter;
 
 #[derive(Args, Debug)]
@@ -33,8 +34,8 @@ pub struct SeedArgs {
     #[arg(long)]
     pub partitions: Option<i32>,
     /// How records are assigned to partitions by key
-    #[arg(long, value_enum, default_value_t = Partitioner::ConsistentRandom)]
-    pub partitioner: Partitioner,
+    #[arg(long, value_enum, default_value_t = PartitionerArg::ConsistentRandom)]
+    pub partitioner: PartitionerArg,
     /// Write the totals the views must show after these events to this JSON file
     #[arg(long, value_name = "FILE")]
     pub expected: Option<std::path::PathBuf>,
@@ -72,7 +73,7 @@ pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome>
     let (kafka, topic, partitioner) = (
         settings.kafka.clone(),
         settings.topic.clone(),
-        args.partitioner,
+        crate::source::partitioner::Partitioner::from(args.partitioner),
     );
     let (skip, events) = (args.skip, args.events);
     let started = Instant::now();
@@ -90,7 +91,7 @@ pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome>
     })
     .await??;
     let seconds = started.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "wrote {written} events to {} in {seconds:.1}s ({:.0}/s): {} orders, versions {:?}",
         settings.topic,
         written as f64 / seconds.max(1e-9),
@@ -101,7 +102,7 @@ pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome>
         let json = serde_json::to_string_pretty(&expected)?;
         std::fs::write(&path, json)
             .with_context(|| format!("writing expected totals to {}", path.display()))?;
-        println!(
+        outln!(
             "expected totals after {} events written to {}",
             expected.events,
             path.display()

@@ -1,21 +1,17 @@
 //! `reproject status`: builds, positions, lag and progress per projection.
 
-use clap::{Args, ValueEnum};
+use super::output::{out, outln};
+use clap::Args;
 
+use super::args::Format;
 use super::{GlobalArgs, Outcome, Settings};
 use crate::engine::status::{self, BuildStatus, StatusReport};
 use crate::engine::Tuning;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
-}
-
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Output format
-    #[arg(long, value_enum, default_value_t = Format::Table)]
+    #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
 }
 
@@ -24,8 +20,8 @@ pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<Outcom
     let engine = settings.engine(Tuning::default()).await?;
     let report = status::collect(&engine).await?;
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Table => print!("{}", render(&report)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => out!("{}", render(&report)),
     }
     Ok(Outcome::Success)
 }
@@ -86,9 +82,18 @@ fn line(out: &mut String, label: &str, b: &BuildStatus) {
         b.rows,
         b.lag.map_or_else(|| "-".into(), |l| l.to_string())
     ));
-    if let Some(progress) = &b.progress {
+    use crate::sink::Phase;
+    let in_use = matches!(
+        b.build.phase,
+        Phase::Loading | Phase::Indexing | Phase::CatchingUp | Phase::Ready | Phase::Active
+    );
+    if let (false, true, Some(w)) = (b.writer_running, in_use, &b.writer) {
+        // Its last progress report may be seconds old and look live: say the writer is gone.
+        out.push_str(&format!("  no writer running (last: {w})"));
+    }
+    if let Some(progress) = b.progress.as_ref().filter(|_| b.writer_running) {
         let fresh = b.progress_age_seconds.is_some_and(|a| a < 30.0);
-        if fresh && b.build.phase != crate::sink::Phase::Retired {
+        if fresh && b.build.phase != Phase::Retired {
             let rate = progress
                 .get("events_per_second")
                 .and_then(|v| v.as_f64())

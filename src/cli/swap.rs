@@ -1,8 +1,9 @@
 //! `reproject swap`: make a build that `rebuild --no-swap` left ready the live one.
 
+use super::output::out;
 use clap::Args;
 
-use super::rebuild::{SwapArgs as SwapTuning, TuningArgs};
+use super::args::{SwapArgs as SwapTuning, TuningArgs};
 use super::{shutdown_token, GlobalArgs, Outcome, Settings};
 use crate::engine::rebuild::catch_up_and_swap;
 use crate::sink::Phase;
@@ -14,7 +15,7 @@ pub struct SwapArgs {
     #[command(flatten)]
     pub swap: SwapTuning,
     #[command(flatten)]
-    pub verify: super::verify::VerifyArgs,
+    pub verify: super::args::VerifyArgs,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -42,23 +43,8 @@ pub async fn run(global: &GlobalArgs, args: SwapArgs) -> anyhow::Result<Outcome>
     .await?;
     let (report, verification) = report;
     if let Some(v) = verification {
-        print!("{}", v.render());
+        out!("{}", v.render());
     }
-    print_swapped(&report, "now reads build", "");
+    super::report::print_swapped(&report, "now reads build", "");
     Ok(Outcome::Success)
-}
-
-/// `order_summary now reads build 4; build 1 retired (1 attempt(s), 4.2 ms to commit)`.
-pub(super) fn print_swapped(report: &crate::swap::SwapReport, what: &str, after: &str) {
-    println!(
-        "{} {what} {}{after}{} ({} attempt(s), {:.1} ms to commit)",
-        report.projection,
-        report.build_id,
-        report
-            .retired_build_id
-            .map(|r| format!("; build {r} retired"))
-            .unwrap_or_default(),
-        report.attempts,
-        report.commit_ms
-    );
 }

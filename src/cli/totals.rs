@@ -1,5 +1,6 @@
 //! `reproject check-totals`: compare the live shop views with the generator's expected totals.
 
+use super::output::outln;
 use anyhow::Context as _;
 use clap::Args;
 
@@ -27,25 +28,29 @@ pub async fn run(global: &GlobalArgs, args: CheckTotalsArgs) -> anyhow::Result<O
 }
 
 pub fn print_comparison(expected: &ExpectedTotals, actual: &ExpectedTotals) -> Outcome {
-    println!("{:<28} {:>16} {:>16}", "", "expected", "in the views");
-    println!(
+    outln!("{:<28} {:>16} {:>16}", "", "expected", "in the views");
+    outln!(
         "{:<28} {:>16} {:>16}",
-        "orders", expected.orders, actual.orders
+        "orders",
+        expected.orders,
+        actual.orders
     );
     for (status, n) in &expected.orders_by_status {
-        println!(
+        outln!(
             "{:<28} {:>16} {:>16}",
             format!("  {status}"),
             n,
             actual.orders_by_status.get(status).copied().unwrap_or(0)
         );
     }
-    println!(
+    outln!(
         "{:<28} {:>16} {:>16}",
-        "customers", expected.customers, actual.customers
+        "customers",
+        expected.customers,
+        actual.customers
     );
     for (cur, v) in &expected.lifetime_value_cents {
-        println!(
+        outln!(
             "{:<28} {:>16} {:>16}",
             format!("lifetime value {cur} (cents)"),
             v,
@@ -53,13 +58,13 @@ pub fn print_comparison(expected: &ExpectedTotals, actual: &ExpectedTotals) -> O
         );
     }
     let sum = |t: &ExpectedTotals| t.daily_sales.values().map(|d| d.revenue_cents).sum::<i64>();
-    println!(
+    outln!(
         "{:<28} {:>16} {:>16}",
         "days x currencies",
         expected.daily_sales.len(),
         actual.daily_sales.len()
     );
-    println!(
+    outln!(
         "{:<28} {:>16} {:>16}",
         "revenue, all days (cents)",
         sum(expected),
@@ -67,12 +72,12 @@ pub fn print_comparison(expected: &ExpectedTotals, actual: &ExpectedTotals) -> O
     );
     let diffs = differences(expected, actual);
     if diffs.is_empty() {
-        println!("\nall totals agree");
+        outln!("\nall totals agree");
         Outcome::Success
     } else {
-        println!("\n{} difference(s):", diffs.len());
+        outln!("\n{} difference(s):", diffs.len());
         for d in diffs {
-            println!("  {d}");
+            outln!("  {d}");
         }
         Outcome::Failed
     }

@@ -2,6 +2,7 @@
 //! of running catch-ups and followers, from any process. They read the settings at every pause
 //! check (every second at most); `--clear` goes back to what each command was started with.
 
+use super::output::outln;
 use clap::Args;
 
 use super::{GlobalArgs, Outcome, Settings};
@@ -35,7 +36,7 @@ pub async fn run(global: &GlobalArgs, args: TuneArgs) -> anyhow::Result<Outcome>
         let engine = settings.engine(Tuning::default()).await?;
         let projection = engine.projection(&args.projection)?;
         engine.catalog.clear_tuning(projection.name()).await?;
-        println!("{}: settings from `tune` cleared", projection.name());
+        outln!("{}: settings from `tune` cleared", projection.name());
         return Ok(Outcome::Success);
     }
     for (flag, value) in [
@@ -64,7 +65,7 @@ pub async fn run(global: &GlobalArgs, args: TuneArgs) -> anyhow::Result<Outcome>
         .catalog
         .tune(projection.name(), &change, &holder_name("tune"))
         .await?;
-    println!(
+    outln!(
         "{}: {} (running commands pick this up within seconds)",
         projection.name(),
         serde_json::to_string(&now)?

@@ -1,65 +1,13 @@
 //! `reproject verify <projection>`: compare a build with the live one (or a version, or a build) at
-//! the same log position, and the flags that make `rebuild`, `run` and `swap` verify before swapping.
+//! the same log position.
 
+use super::output::{out, outln};
 use clap::Args;
 
-use super::rebuild::TuningArgs;
-use super::replay::Format;
+use super::args::{CompareArgs, Format, TuningArgs};
 use super::{shutdown_token, GlobalArgs, Outcome, Settings};
-use crate::engine::verify::{self, Against, VerifyMode, VerifyPolicy};
+use crate::engine::verify::{self, Against, VerifyMode};
 use crate::sink::Phase;
-use crate::verify::BucketBy;
-
-/// How two builds are compared and what counts as a failure.
-#[derive(Args, Debug, Clone)]
-pub struct CompareArgs {
-    /// Rows allowed to differ (on one side only, or with other values) before verification fails
-    #[arg(long, default_value_t = 0, value_name = "ROWS")]
-    pub verify_max_rows: i64,
-    /// Keys sampled and compared column by column (the examples in the report)
-    #[arg(long, default_value_t = 1_000, value_name = "KEYS")]
-    pub verify_sample: usize,
-    /// Buckets for per-bucket checksums and sums: by day or month of the table's time column
-    #[arg(long, value_enum, default_value_t = BucketBy::Day)]
-    pub verify_bucket: BucketBy,
-    /// The sample's seed, to repeat a verification [default: random]
-    #[arg(long)]
-    pub verify_seed: Option<i64>,
-    /// The topic has transaction markers or is compacted: offsets the replay did not receive are
-    /// not a failure
-    #[arg(long)]
-    pub allow_offset_gaps: bool,
-}
-
-impl CompareArgs {
-    pub fn policy(&self, mode: VerifyMode) -> VerifyPolicy {
-        VerifyPolicy {
-            mode,
-            max_rows_differing: self.verify_max_rows.max(0),
-            bucket_by: self.verify_bucket,
-            sample_keys: self.verify_sample,
-            seed: self.verify_seed,
-            allow_offset_gaps: self.allow_offset_gaps,
-        }
-    }
-}
-
-/// `--verify strict|report` for the commands that swap.
-#[derive(Args, Debug, Clone)]
-pub struct VerifyArgs {
-    /// Before swapping, compare the new build with the live one: `strict` refuses the swap when they
-    /// differ beyond --verify-max-rows, `report` swaps anyway and keeps the report in the catalog
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub verify: Option<VerifyMode>,
-    #[command(flatten)]
-    pub compare: CompareArgs,
-}
-
-impl VerifyArgs {
-    pub fn policy(&self) -> Option<VerifyPolicy> {
-        self.verify.map(|mode| self.compare.policy(mode))
-    }
-}
 
 #[derive(Args, Debug)]
 pub struct VerifyCommandArgs {
@@ -118,8 +66,8 @@ pub async fn run(global: &GlobalArgs, args: VerifyCommandArgs) -> anyhow::Result
                 )
             })?;
         match args.format {
-            Format::Json => println!("{}", serde_json::to_string_pretty(&kept)?),
-            Format::Text => print!("{}", verification.render()),
+            Format::Json => outln!("{}", serde_json::to_string_pretty(&kept)?),
+            Format::Text => out!("{}", verification.render()),
         }
         return Ok(if verification.passed {
             Outcome::Success
@@ -155,8 +103,8 @@ pub async fn run(global: &GlobalArgs, args: VerifyCommandArgs) -> anyhow::Result
     )
     .await?;
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&verification)?),
-        Format::Text => print!("{}", verification.render()),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&verification)?),
+        Format::Text => out!("{}", verification.render()),
     }
     Ok(if verification.passed {
         Outcome::Success

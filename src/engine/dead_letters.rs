@@ -8,11 +8,11 @@
 //! later event also set wins over it. One that still fails keeps its new error. Duplicates are
 //! marked resolved without being applied: their first copy was.
 
-use super::follow::writer_lock_subject;
 use super::reader::{BadKind, Coordinates};
 use super::{holder_name, Engine, Result};
 use crate::projection::{ChangeLog, Changes, Event, LogicalTime};
 use crate::sink::dead_letters::{self, StoredDeadLetter};
+use crate::sink::lock::writer_lock_subject;
 use crate::sink::lock::{AdvisoryLock, LockKind};
 use crate::sink::writer::{BatchWriter, BuildTables};
 use crate::sink::Phase;

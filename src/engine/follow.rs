@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::progress::{lag, Progress, Snapshot};
@@ -20,7 +19,7 @@ use super::throttle::{LiveSettings, Throttle};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::DynProjection;
 use crate::sink::catalog::Positions;
-use crate::sink::lock::{AdvisoryLock, LockKind};
+use crate::sink::lock::{writer_lock_subject, AdvisoryLock, LockKind};
 use crate::sink::writer::{BatchWriter, BuildBatch, BuildTables};
 use crate::sink::Build;
 
@@ -78,15 +77,6 @@ pub async fn follow<E: Send + Sync + 'static>(
         lock.release().await;
     }
     result
-}
-
-/// What the writer lock of a build is taken on: whoever writes a build's tables (`run`, a rebuild's
-/// catch-up, `swap`, `rollback`) holds it, so two processes never write one build at once.
-pub fn writer_lock_subject(build: &crate::sink::Build) -> String {
-    format!(
-        "build {} ({} v{})",
-        build.build_id, build.projection, build.version
-    )
 }
 
 async fn follow_locked<E: Send + Sync + 'static>(
@@ -324,7 +314,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     Err(e) if e.is_retriable() && attempt < MAX_RETRIES => {
                         super::metrics::error("database_retry");
                         attempt += 1;
-                        let delay = backoff(attempt);
+                        let delay = crate::sink::backoff(attempt);
                         tracing::warn!(message = "batch failed; retrying on a new connection", error = %e, attempt, delay_ms = delay.as_millis() as u64);
                         tokio::time::sleep(delay).await;
                         match crate::sink::writer::BatchWriter::connect(&engine.database_url).await
@@ -472,11 +462,4 @@ fn furthest_behind<E>(targets: &[FollowTarget<E>], log_end: &Positions) -> i64 {
 
 async fn fresh_log_end<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Positions> {
     Ok(engine.log_bounds("reproject-lag").await?.end)
-}
-
-/// 100 ms, doubling, at most 10 s, with up to 50% jitter so that many writers do not retry in step.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
-    let jitter = rand::rng().random_range(0..=base / 2);
-    Duration::from_millis(base + jitter)
 }

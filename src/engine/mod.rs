@@ -11,14 +11,15 @@
 pub mod dead_letters;
 pub mod estimate;
 pub mod follow;
+pub mod gc;
 pub mod metrics;
 pub mod progress;
 pub mod reader;
 pub mod rebuild;
-pub mod replay;
 pub mod run;
 pub mod status;
 pub mod throttle;
+pub mod timeline;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -84,12 +85,25 @@ pub enum EngineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Lock(#[from] LockError),
+    // Boxed, as the large variants of ReadError: every Result of the engine carries an EngineError.
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Read(Box<ReadError>),
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(Box<SourceError>),
     #[error(transparent)]
     Swap(#[from] SwapError),
+}
+
+impl From<ReadError> for EngineError {
+    fn from(e: ReadError) -> Self {
+        EngineError::Read(Box::new(e))
+    }
+}
+
+impl From<SourceError> for EngineError {
+    fn from(e: SourceError) -> Self {
+        EngineError::Source(Box::new(e))
+    }
 }
 
 impl EngineError {
@@ -225,6 +239,31 @@ impl<E: Send + Sync + 'static> Engine<E> {
             crate::sink::check_identifier("projection", p.name())?;
             for t in p.tables() {
                 crate::sink::check_identifier("table", t.name)?;
+            }
+        }
+        // A pool retries a refused connection until its acquire timeout and then says only that it
+        // timed out: one direct attempt first gives the server's real answer, at once.
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            <sqlx::PgConnection as sqlx::Connection>::connect(&parts.database_url),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                let _ = sqlx::Connection::close(conn).await;
+            }
+            Ok(Err(source)) => {
+                return Err(SinkError::Database {
+                    context: "connecting to PostgreSQL".into(),
+                    source,
+                }
+                .into())
+            }
+            Err(_) => {
+                return Err(SinkError::Invalid(
+                    "connecting to PostgreSQL: no answer within 10 s".into(),
+                )
+                .into())
             }
         }
         let pool = PgPoolOptions::new()

@@ -73,9 +73,21 @@ impl Progress {
                 None => ProgressBar::new_spinner(),
             };
             let style = ProgressStyle::with_template(
-                "{prefix:>14} [{bar:30}] {human_pos}/{human_len} events {per_sec} eta {eta} {msg}",
+                "{prefix:>14} [{bar:30}] {human_pos}/{human_len} events {rate} eta {eta} {msg}",
             )
-            .map(|s| s.progress_chars("=> "))
+            .map(|s| {
+                // indicatif's own {per_sec} shows fractions of an event ("375,041.0678/s").
+                s.progress_chars("=> ").with_key(
+                    "rate",
+                    |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(
+                            w,
+                            "{}/s",
+                            indicatif::HumanCount(state.per_sec().round() as u64)
+                        );
+                    },
+                )
+            })
             .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
             bar.set_prefix(label.clone());

@@ -189,10 +189,11 @@ fn type_label(type_url: &Option<String>, version: Option<u32>) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    // Boxed: a record's coordinates and reason, or a Kafka error, would make every reader Result large.
     #[error("bad record: {0}")]
-    BadRecord(#[from] BadRecord),
+    BadRecord(Box<BadRecord>),
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(Box<SourceError>),
     #[error("{topic}/{partition}: the broker no longer has offset {offset} (retention or compaction removed it); \
              rebuild the projection, with --allow-truncated-history if the loss is acceptable")]
     OffsetGone {
@@ -206,6 +207,18 @@ pub enum ReadError {
         seconds: u64,
         last_error: String,
     },
+}
+
+impl From<BadRecord> for ReadError {
+    fn from(record: BadRecord) -> Self {
+        ReadError::BadRecord(Box::new(record))
+    }
+}
+
+impl From<SourceError> for ReadError {
+    fn from(e: SourceError) -> Self {
+        ReadError::Source(Box::new(e))
+    }
 }
 
 /// One projection the reader feeds, and the position it stands at.
@@ -292,7 +305,7 @@ impl Coordinates<'_> {
 }
 
 /// An event id as people write UUIDs.
-pub fn hex(id: &[u8; 16]) -> String {
+pub fn event_id_text(id: &[u8; 16]) -> String {
     let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}",
@@ -758,7 +771,7 @@ fn read<E: 'static>(
                             type_url,
                             format!(
                                 "event id {} was already applied from offset {o} of this partition; not applying it twice",
-                                hex(&decoded.meta.event_id)
+                                event_id_text(&decoded.meta.event_id)
                             ),
                         ));
                     }
@@ -954,6 +967,6 @@ mod tests {
         let mut raw = [0u8; 16];
         raw[0] = 0xab;
         raw[15] = 0x01;
-        assert_eq!(hex(&raw), "ab000000-0000-0000-0000-000000000001");
+        assert_eq!(event_id_text(&raw), "ab000000-0000-0000-0000-000000000001");
     }
 }

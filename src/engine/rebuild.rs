@@ -139,6 +139,29 @@ pub async fn rebuild<E: Send + Sync + 'static>(
     result
 }
 
+/// A build whose replay failed (not interrupted) would be started over by the next rebuild anyway:
+/// mark it failed, with why, so that `status` does not show it building with no one at work. Best
+/// effort: the error itself is what the caller reports.
+async fn mark_failed_replays<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    jobs: &[Job<E>],
+    error: &EngineError,
+) {
+    if matches!(error, EngineError::Interrupted) {
+        return;
+    }
+    for job in jobs.iter().filter(|j| j.build.phase == Phase::Loading) {
+        let id = job.build.build_id;
+        let marked = async {
+            engine.catalog.record_error(id, &error.to_string()).await?;
+            engine.catalog.set_phase(id, Phase::Failed).await
+        };
+        if let Err(e) = marked.await {
+            tracing::warn!(message = "could not mark a failed build", build_id = id, error = %e);
+        }
+    }
+}
+
 async fn rebuild_locked<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projections: Vec<DynProjection<E>>,
@@ -149,6 +172,8 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
         projections: projections.iter().map(|p| p.name().to_string()).collect(),
         ..Default::default()
     };
+    // The log first: nothing is created for a log that cannot be read.
+    engine.log_bounds("reproject").await?;
     let mut to_replay = Vec::new();
     let mut to_resume = Vec::new();
     for projection in projections {
@@ -164,7 +189,13 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     let mut aggregate_index = None;
     if !to_replay.is_empty() {
         aggregate_index =
-            replay_and_load(engine, &mut to_replay, options, cancel, &mut report).await?;
+            match replay_and_load(engine, &mut to_replay, options, cancel, &mut report).await {
+                Ok(index) => index,
+                Err(error) => {
+                    mark_failed_replays(engine, &to_replay, &error).await;
+                    return Err(error);
+                }
+            };
     }
     let mut jobs = to_replay;
     jobs.extend(to_resume);
@@ -317,7 +348,24 @@ pub async fn catch_up_and_swap<E: Send + Sync + 'static>(
     cancel: &CancellationToken,
 ) -> Result<(SwapReport, Option<verify::Verification>)> {
     // Catching up runs this binary's projection code: it must be the code the build was made with.
+    // A build of another version (a rollback across a fix) that already stands where the live one
+    // does has nothing to apply: swap it at once. The swap refuses it when it is behind on any
+    // partition, and only then is that version's code needed.
     if build.version != projection.version() {
+        if verify.is_none() {
+            match swap::swap(
+                &engine.database_url,
+                build,
+                projection.tables(),
+                swap_options,
+            )
+            .await
+            {
+                Ok(report) => return Ok((report, None)),
+                Err(swap::SwapError::Behind { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         return Err(EngineError::Projection {
             projection: projection.name().to_string(),
             reason: format!(
@@ -453,11 +501,7 @@ async fn prepare_build<E: Send + Sync + 'static>(
                 build_id = build.build_id
             );
             writer::drop_schema(&mut conn, &build.schema_name).await?;
-            sqlx::query("DELETE FROM reproject.positions WHERE build_id = $1")
-                .bind(build.build_id)
-                .execute(&mut *conn)
-                .await
-                .context(|| format!("clearing the positions of build {}", build.build_id))?;
+            catalog::clear_positions(&mut conn, build.build_id).await?;
             build
         }
         Some(build) => {
@@ -524,11 +568,10 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         tracing::warn!(message = "rebuilding from a truncated log, as asked", topic = %engine.topic, %partitions);
         report.history_truncated = true;
         for job in jobs.iter() {
-            sqlx::query("UPDATE reproject.builds SET history_truncated = true WHERE build_id = $1")
-                .bind(job.build.build_id)
-                .execute(engine.catalog.pool())
-                .await
-                .context(|| "marking the build as built from a truncated log".into())?;
+            engine
+                .catalog
+                .mark_history_truncated(job.build.build_id)
+                .await?;
         }
     }
 
@@ -928,14 +971,14 @@ async fn load_build<E: Send + Sync + 'static>(
         loaded.log_end,
     )
     .await?;
-    sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3, source_checks = $4 WHERE build_id = $1")
-        .bind(job.build.build_id)
-        .bind(loaded.events as i64)
-        .bind(rows as i64)
-        .bind(loaded.source_checks.map(sqlx::types::Json))
-        .execute(&mut *tx)
-        .await
-        .context(|| "recording the load".into())?;
+    catalog::record_load(
+        &mut tx,
+        job.build.build_id,
+        loaded.events,
+        rows,
+        loaded.source_checks,
+    )
+    .await?;
     catalog::set_phase(&mut tx, job.build.build_id, Phase::Indexing).await?;
     tx.commit()
         .await

@@ -40,9 +40,8 @@ pub async fn run<E: Send + Sync + 'static>(
     cancel: CancellationToken,
 ) -> Result<()> {
     // Backfills run on this task (polled alongside the follower), not spawned: no Send bound needed.
-    let mut backfills: FuturesUnordered<
-        Pin<Box<dyn Future<Output = (String, Result<rebuild::RebuildReport>)>>>,
-    > = FuturesUnordered::new();
+    type Backfill = Pin<Box<dyn Future<Output = (String, Result<rebuild::RebuildReport>)>>>;
+    let mut backfills: FuturesUnordered<Backfill> = FuturesUnordered::new();
     let mut running: BTreeSet<String> = BTreeSet::new();
     let mut failed_at: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
     let mut attempt = 0u32;
@@ -176,7 +175,7 @@ pub async fn run<E: Send + Sync + 'static>(
             Ok(_) => attempt = 0,
             Err(e) if (e.is_retriable() || matches!(e, EngineError::Read(_))) && attempt < 5 => {
                 attempt += 1;
-                let delay = follow::backoff(attempt);
+                let delay = crate::sink::backoff(attempt);
                 tracing::warn!(message = "following failed; resuming from the stored positions", error = %e, attempt, delay_ms = delay.as_millis() as u64);
                 tokio::time::sleep(delay).await;
             }

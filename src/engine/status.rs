@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::{Engine, Result};
 use crate::sink::catalog::Positions;
+use crate::sink::lock::{self, writer_lock_subject, LockKind};
 use crate::sink::{qualified, Build, Context, Phase};
 
 #[derive(Debug, serde::Serialize)]
@@ -36,6 +37,9 @@ pub struct BuildStatus {
     pub lag: Option<i64>,
     pub rows: i64,
     pub writer: Option<String>,
+    /// Whether a process holds the build's writer lock or its projection's rebuild lock now: when
+    /// not, `writer` and `progress` are what a writer that has stopped last reported.
+    pub writer_running: bool,
     pub progress: Option<serde_json::Value>,
     pub progress_age_seconds: Option<f64>,
     pub last_error: Option<String>,
@@ -123,14 +127,11 @@ async fn build_status<E: Send + Sync + 'static>(
             }
         }
     }
-    let extra: Option<(Option<String>, Option<sqlx::types::Json<serde_json::Value>>, Option<f64>, Option<String>)> = sqlx::query_as(
-        "SELECT writer, progress, extract(epoch FROM now() - progress_at)::float8, last_error FROM reproject.builds WHERE build_id = $1",
-    )
-    .bind(build.build_id)
-    .fetch_optional(engine.catalog.pool())
-    .await
-    .context(|| format!("reading progress of build {}", build.build_id))?;
-    let (writer, progress, age, last_error) = extra.unwrap_or((None, None, None, None));
+    let reported = engine.catalog.build_progress(build.build_id).await?;
+    let pool = engine.catalog.pool();
+    let writer_running =
+        lock::is_held_by_anyone(pool, LockKind::Writer, &writer_lock_subject(&build)).await?
+            || lock::is_held_by_anyone(pool, LockKind::Rebuild, &build.projection).await?;
     let dead_letters: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM reproject.dead_letters WHERE build_id = $1 AND resolved_at IS NULL",
     )
@@ -143,10 +144,11 @@ async fn build_status<E: Send + Sync + 'static>(
         positions,
         lag,
         rows,
-        writer,
-        progress: progress.map(|j| j.0),
-        progress_age_seconds: age,
-        last_error,
+        writer: reported.writer,
+        writer_running,
+        progress: reported.progress,
+        progress_age_seconds: reported.age_seconds,
+        last_error: reported.last_error,
         dead_letters,
     })
 }

@@ -67,18 +67,7 @@ impl Default for ThrottleConfig {
     }
 }
 
-/// Settings changed while running (`reproject tune`), read from the catalog at each check.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LiveSettings {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_rate: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch_events: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slow_at: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pause_at: Option<f64>,
-}
+pub use crate::sink::catalog::LiveSettings;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,5 +1,6 @@
-//! `replay`: one aggregate's events, traced through the upcasters and the projections, to explain why
-//! its rows look the way they do. Writes nothing to the projection tables.
+//! The timeline of one aggregate (the `replay <aggregate-id>` command): its events, traced through
+//! the upcasters and the projections, to explain why its rows look the way they do. Writes nothing to
+//! the projection tables. (In the engine, "replay" is the rebuild's phase; this is the debugger.)
 //!
 //! 1. Locate: read only where the aggregate's events can be. The aggregate index a full replay left
 //!    gives its offsets; past the index's coverage, and without an index, the partition the producer's
@@ -38,7 +39,7 @@ pub enum Locate {
     ScanAll,
 }
 
-pub struct ReplayOptions<E> {
+pub struct TraceOptions<E> {
     pub aggregate_id: String,
     pub projections: Vec<DynProjection<E>>,
     pub locate: Locate,
@@ -54,7 +55,7 @@ pub struct Timeline {
     pub read: ReadSummary,
     pub events: Vec<TimelineEvent>,
     pub sequence: SequenceCheck,
-    pub comparisons: Vec<Comparison>,
+    pub comparisons: Vec<RowComparison>,
     pub scratch_schema: Option<String>,
 }
 
@@ -131,7 +132,7 @@ impl SequenceCheck {
 
 /// One row the replay computed, next to what the live view holds for its key.
 #[derive(Debug, Serialize)]
-pub struct Comparison {
+pub struct RowComparison {
     pub projection: String,
     pub view: String,
     pub key: String,
@@ -151,9 +152,9 @@ pub enum Verdict {
     SharedRow,
 }
 
-pub async fn replay<E: Send + Sync + 'static>(
+pub async fn trace<E: Send + Sync + 'static>(
     engine: &Engine<E>,
-    options: &ReplayOptions<E>,
+    options: &TraceOptions<E>,
 ) -> Result<Timeline> {
     let id = options.aggregate_id.clone();
     let located = aggregate_index::locate(engine.catalog.pool(), &engine.topic, &id).await?;
@@ -486,7 +487,7 @@ fn read_ranges(
                     return Err(SourceError::Kafka {
                         brokers: kafka.brokers.clone(),
                         context: format!("reading {}", describe()),
-                        source: error,
+                        source: Box::new(error),
                     }
                     .into());
                 }
@@ -543,7 +544,7 @@ async fn compare_with_live<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projections: &[DynProjection<E>],
     stores: &[RowStore],
-) -> Result<Vec<Comparison>> {
+) -> Result<Vec<RowComparison>> {
     let mut conn = sqlx::PgConnection::connect(&engine.database_url)
         .await
         .context(|| "connecting to compare with the live views".into())?;
@@ -612,7 +613,7 @@ fn compare_row(
     key: &[Value],
     computed: Option<&Vec<Value>>,
     live: Option<&Vec<Value>>,
-) -> Comparison {
+) -> RowComparison {
     let mut differences = Vec::new();
     let show = |row: Option<&Vec<Value>>, i: usize| {
         row.map(|r| r[i].to_string())
@@ -635,7 +636,7 @@ fn compare_row(
     if verdict == Verdict::SharedRow {
         differences.clear();
     }
-    Comparison {
+    RowComparison {
         projection: projection.to_string(),
         view: view.to_string(),
         key: key_text(key),
@@ -649,7 +650,7 @@ fn compare_row(
 /// Create `rp_replay_<projection>` afresh with the projection's tables and the computed rows.
 async fn write_scratch<E: Send + Sync + 'static>(
     engine: &Engine<E>,
-    options: &ReplayOptions<E>,
+    options: &TraceOptions<E>,
     stores: &[RowStore],
 ) -> Result<String> {
     let mut conn = sqlx::PgConnection::connect(&engine.database_url)

@@ -32,11 +32,21 @@ pub enum Against {
 }
 
 /// `strict` refuses a swap that fails verification; `report` swaps anyway and keeps the report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
     Strict,
     Report,
+}
+
+impl VerifyMode {
+    /// As kept in `reproject.verifications.mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyMode::Strict => "strict",
+            VerifyMode::Report => "report",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -252,9 +262,20 @@ pub async fn verify<E: Send + Sync + 'static>(
         failures,
         verification_id: None,
     };
+    let report = serde_json::to_value(&verification).map_err(|e| {
+        crate::sink::SinkError::Invalid(format!("encoding a verification report: {e}"))
+    })?;
     let id = engine
         .catalog
-        .record_verification(&verification, policy.mode)
+        .record_verification(&crate::sink::catalog::NewVerification {
+            projection: &verification.projection,
+            candidate_build_id: verification.candidate_build_id,
+            baseline_build_id: verification.baseline_build_id,
+            mode: policy.mode.as_str(),
+            passed: verification.passed,
+            rows_differing: verification.comparison.as_ref().map(|c| c.rows_differing()),
+            report,
+        })
         .await?;
     verification.verification_id = Some(id);
     Ok(verification)

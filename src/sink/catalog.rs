@@ -84,6 +84,41 @@ pub struct Build {
 /// Per partition, the next offset to read.
 pub type Positions = BTreeMap<i32, i64>;
 
+/// Settings changed while a command runs (`reproject tune`): kept per projection in
+/// `reproject.controls` and read by catch-ups and followers at every pause check.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LiveSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_events: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_at: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_at: Option<f64>,
+}
+
+/// The progress a build's writer last reported (see [`Catalog::write_progress`]).
+#[derive(Debug, Default)]
+pub struct BuildProgress {
+    pub writer: Option<String>,
+    pub progress: Option<serde_json::Value>,
+    pub age_seconds: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+/// A verification to keep in `reproject.verifications`: its verdict and whole report.
+pub struct NewVerification<'a> {
+    pub projection: &'a str,
+    pub candidate_build_id: i64,
+    pub baseline_build_id: Option<i64>,
+    /// `strict` or `report` (the policy it ran under), or `check` (`reproject verify`).
+    pub mode: &'a str,
+    pub passed: bool,
+    pub rows_differing: Option<i64>,
+    pub report: serde_json::Value,
+}
+
 /// Catalog queries. Reads go through a pool; writes that must commit with rows take the caller's
 /// transaction.
 #[derive(Clone)]
@@ -298,13 +333,50 @@ impl Catalog {
         read_positions(&self.pool, build_id).await
     }
 
+    /// Mark a build as replayed from a log that no longer starts at offset 0.
+    pub async fn mark_history_truncated(&self, build_id: i64) -> Result<()> {
+        sqlx::query("UPDATE reproject.builds SET history_truncated = true WHERE build_id = $1")
+            .bind(build_id)
+            .execute(&self.pool)
+            .await
+            .context(|| format!("marking build {build_id} as built from a truncated log"))?;
+        Ok(())
+    }
+
+    /// Who last reported progress on a build, what it said, how long ago, and its last error.
+    pub async fn build_progress(&self, build_id: i64) -> Result<BuildProgress> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            writer: Option<String>,
+            progress: Option<sqlx::types::Json<serde_json::Value>>,
+            age_seconds: Option<f64>,
+            last_error: Option<String>,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT writer, progress, extract(epoch FROM now() - progress_at)::float8 AS age_seconds, last_error
+             FROM reproject.builds WHERE build_id = $1",
+        )
+        .bind(build_id)
+        .fetch_optional(&self.pool)
+        .await
+        .context(|| format!("reading progress of build {build_id}"))?;
+        Ok(
+            row.map_or_else(BuildProgress::default, |row| BuildProgress {
+                writer: row.writer,
+                progress: row.progress.map(|p| p.0),
+                age_seconds: row.age_seconds,
+                last_error: row.last_error,
+            }),
+        )
+    }
+
     /// Change settings of a running projection (`reproject tune`); None values are left as they are.
     pub async fn tune(
         &self,
         projection: &str,
-        settings: &crate::engine::throttle::LiveSettings,
+        settings: &LiveSettings,
         by: &str,
-    ) -> Result<crate::engine::throttle::LiveSettings> {
+    ) -> Result<LiveSettings> {
         let patch = serde_json::to_value(settings)
             .map_err(|e| SinkError::Invalid(format!("encoding settings: {e}")))?;
         let patch: serde_json::Map<String, serde_json::Value> = patch
@@ -314,7 +386,7 @@ impl Catalog {
             .filter(|(_, v)| !v.is_null())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let merged: sqlx::types::Json<crate::engine::throttle::LiveSettings> = sqlx::query_scalar(
+        let merged: sqlx::types::Json<LiveSettings> = sqlx::query_scalar(
             "INSERT INTO reproject.controls (projection, settings, changed_by) VALUES ($1, $2, $3)
              ON CONFLICT (projection) DO UPDATE SET settings = reproject.controls.settings || $2,
                  changed_by = $3, changed_at = now()
@@ -340,19 +412,15 @@ impl Catalog {
     }
 
     /// The settings `tune` made for these projections, combined: the strictest of each.
-    pub async fn live_settings(
-        &self,
-        projections: &[&str],
-    ) -> Result<crate::engine::throttle::LiveSettings> {
-        let rows: Vec<sqlx::types::Json<crate::engine::throttle::LiveSettings>> =
-            sqlx::query_scalar(
-                "SELECT settings FROM reproject.controls WHERE projection = ANY($1)",
-            )
-            .bind(projections)
-            .fetch_all(&self.pool)
-            .await
-            .context(|| "reading the settings of `reproject tune`".into())?;
-        let mut out = crate::engine::throttle::LiveSettings::default();
+    pub async fn live_settings(&self, projections: &[&str]) -> Result<LiveSettings> {
+        let rows: Vec<sqlx::types::Json<LiveSettings>> = sqlx::query_scalar(
+            "SELECT settings FROM reproject.controls WHERE projection = ANY($1)",
+        )
+        .bind(projections)
+        .fetch_all(&self.pool)
+        .await
+        .context(|| "reading the settings of `reproject tune`".into())?;
+        let mut out = LiveSettings::default();
         fn min<T: PartialOrd + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
             match (a, b) {
                 (Some(x), Some(y)) => Some(if y < x { y } else { x }),
@@ -401,28 +469,19 @@ impl Catalog {
     }
 
     /// Keep a verification's report; returns its id.
-    pub async fn record_verification(
-        &self,
-        verification: &crate::engine::verify::Verification,
-        mode: crate::engine::verify::VerifyMode,
-    ) -> Result<i64> {
-        let report = serde_json::to_value(verification)
-            .map_err(|e| SinkError::Invalid(format!("encoding a verification report: {e}")))?;
+    pub async fn record_verification(&self, verification: &NewVerification<'_>) -> Result<i64> {
         sqlx::query_scalar(
             "INSERT INTO reproject.verifications
                  (projection, candidate_build_id, baseline_build_id, mode, passed, rows_differing, report)
              VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING verification_id",
         )
-        .bind(&verification.projection)
+        .bind(verification.projection)
         .bind(verification.candidate_build_id)
         .bind(verification.baseline_build_id)
-        .bind(match mode {
-            crate::engine::verify::VerifyMode::Strict => "strict",
-            crate::engine::verify::VerifyMode::Report => "report",
-        })
+        .bind(verification.mode)
         .bind(verification.passed)
-        .bind(verification.comparison.as_ref().map(|c| c.rows_differing()))
-        .bind(sqlx::types::Json(report))
+        .bind(verification.rows_differing)
+        .bind(sqlx::types::Json(&verification.report))
         .fetch_one(&self.pool)
         .await
         .context(|| format!("recording the verification of build {}", verification.candidate_build_id))
@@ -485,6 +544,36 @@ pub async fn set_phase(conn: &mut PgConnection, build_id: i64, phase: Phase) -> 
 }
 
 /// Record where a freshly loaded build stands, in the load's transaction.
+/// Forget a build's positions (an interrupted bulk load starts over).
+pub async fn clear_positions(conn: &mut PgConnection, build_id: i64) -> Result<()> {
+    sqlx::query("DELETE FROM reproject.positions WHERE build_id = $1")
+        .bind(build_id)
+        .execute(conn)
+        .await
+        .context(|| format!("clearing the positions of build {build_id}"))?;
+    Ok(())
+}
+
+/// What a bulk load put into a build: events replayed, rows loaded and what the replay saw of the
+/// log (source checks), in the load's transaction.
+pub async fn record_load<T: serde::Serialize>(
+    conn: &mut PgConnection,
+    build_id: i64,
+    events: u64,
+    rows: u64,
+    source_checks: Option<&T>,
+) -> Result<()> {
+    sqlx::query("UPDATE reproject.builds SET events_replayed = $2, rows_loaded = $3, source_checks = $4 WHERE build_id = $1")
+        .bind(build_id)
+        .bind(events as i64)
+        .bind(rows as i64)
+        .bind(source_checks.map(sqlx::types::Json))
+        .execute(conn)
+        .await
+        .context(|| format!("recording the load of build {build_id}"))?;
+    Ok(())
+}
+
 pub async fn insert_positions(
     conn: &mut PgConnection,
     build_id: i64,

@@ -25,6 +25,16 @@ pub enum LockKind {
     Writer,
 }
 
+/// What the writer lock of a build is taken on: whoever writes a build's tables (`run`, a rebuild's
+/// catch-up, `swap`, `rollback`, `dead-letters retry`) holds it, so two processes never write one
+/// build at once.
+pub fn writer_lock_subject(build: &super::Build) -> String {
+    format!(
+        "build {} ({} v{})",
+        build.build_id, build.projection, build.version
+    )
+}
+
 pub struct AdvisoryLock {
     conn: PgConnection,
     what: String,
@@ -38,6 +48,43 @@ pub enum LockError {
     Sink(#[from] SinkError),
 }
 
+/// The two keys of a lock and what it protects, readable.
+fn keys(kind: LockKind, subject: &str) -> (i32, i32, String) {
+    match kind {
+        LockKind::Rebuild => (
+            REBUILD_LOCK,
+            stable_hash(subject),
+            format!("rebuilding projection {subject}"),
+        ),
+        LockKind::Writer => (
+            WRITER_LOCK,
+            stable_hash(subject),
+            format!("writing {subject}"),
+        ),
+    }
+}
+
+/// Whether some process holds this lock now, in this database: a writer whose lock is free has
+/// stopped, whatever progress it last reported.
+pub async fn is_held_by_anyone<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    kind: LockKind,
+    subject: &str,
+) -> Result<bool, SinkError> {
+    let (class, object, what) = keys(kind, subject);
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks
+                        WHERE locktype = 'advisory' AND classid = $1::int::oid AND objid = $2::int::oid
+                          AND objsubid = 2 AND granted
+                          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+    )
+    .bind(class)
+    .bind(object)
+    .fetch_one(executor)
+    .await
+    .context(|| format!("looking for the lock on {what}"))
+}
+
 impl AdvisoryLock {
     /// Take the lock or fail at once, naming whoever holds it.
     pub async fn try_acquire(
@@ -46,18 +93,7 @@ impl AdvisoryLock {
         subject: &str,
         holder: &str,
     ) -> std::result::Result<AdvisoryLock, LockError> {
-        let (class, object, what) = match kind {
-            LockKind::Rebuild => (
-                REBUILD_LOCK,
-                stable_hash(subject),
-                format!("rebuilding projection {subject}"),
-            ),
-            LockKind::Writer => (
-                WRITER_LOCK,
-                stable_hash(subject),
-                format!("writing {subject}"),
-            ),
-        };
+        let (class, object, what) = keys(kind, subject);
         let mut conn = PgConnection::connect(database_url)
             .await
             .context(|| format!("connecting to PostgreSQL to lock {what}"))?;

@@ -70,6 +70,16 @@ impl SinkError {
     }
 }
 
+/// How long to wait before retrying a [retriable](SinkError::is_retriable) error the `attempt`-th
+/// time: 100 ms, doubling, at most 10 s, with up to 50% jitter so that many writers do not retry in
+/// step.
+pub fn backoff(attempt: u32) -> std::time::Duration {
+    use rand::Rng;
+    let base = 100u64.saturating_mul(1 << attempt.min(7)).min(10_000);
+    let jitter = rand::rng().random_range(0..=base / 2);
+    std::time::Duration::from_millis(base + jitter)
+}
+
 pub type Result<T, E = SinkError> = std::result::Result<T, E>;
 
 /// Attach what reproject was doing to a database error.

@@ -24,14 +24,14 @@ impl DevBroker {
         let cluster = MockCluster::new(1).map_err(|source| SourceError::Kafka {
             brokers: "mock cluster".into(),
             context: "starting the mock cluster".into(),
-            source,
+            source: Box::new(source),
         })?;
         cluster
             .create_topic(topic, partitions, 1)
             .map_err(|source| SourceError::Kafka {
                 brokers: cluster.bootstrap_servers(),
                 context: format!("creating topic {topic} with {partitions} partitions"),
-                source,
+                source: Box::new(source),
             })?;
         Ok(DevBroker { cluster })
     }
@@ -51,7 +51,7 @@ impl DevBroker {
             .map_err(|source| SourceError::Kafka {
                 brokers: self.bootstrap_servers(),
                 context: format!("creating topic {topic}"),
-                source,
+                source: Box::new(source),
             })
     }
 

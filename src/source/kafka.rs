@@ -24,8 +24,9 @@ pub enum SourceError {
     Kafka {
         brokers: String,
         context: String,
+        // Boxed: librdkafka's error is large, and every Result of the source carries this.
         #[source]
-        source: KafkaError,
+        source: Box<KafkaError>,
     },
     #[error("topic {topic} does not exist on {brokers}")]
     TopicMissing { topic: String, brokers: String },
@@ -65,7 +66,7 @@ impl KafkaSettings {
         move |source| SourceError::Kafka {
             brokers: self.brokers.clone(),
             context,
-            source,
+            source: Box::new(source),
         }
     }
 

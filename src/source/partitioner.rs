@@ -6,16 +6,12 @@
 //! default (`murmur2_random` in librdkafka's terms: murmur2 of the key, made positive). Records
 //! without a key are spread at random by both, which is why reproject's records are always keyed.
 
-use clap::ValueEnum;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Partitioner {
     /// librdkafka's default: CRC32 of the key
-    #[value(name = "consistent_random")]
     ConsistentRandom,
     /// The Java client's default: murmur2 of the key
-    #[value(name = "murmur2_random")]
     Murmur2Random,
 }
 

@@ -87,7 +87,7 @@ impl LogWriter {
             .map_err(|source| SourceError::Kafka {
                 brokers: settings.brokers.clone(),
                 context: "creating a producer".into(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(LogWriter {
             settings: settings.clone(),
@@ -118,7 +118,7 @@ impl LogWriter {
                     return Err(SourceError::Kafka {
                         brokers: self.settings.brokers.clone(),
                         context: format!("appending to {}", self.topic),
-                        source,
+                        source: Box::new(source),
                     })
                 }
             }
@@ -141,7 +141,7 @@ impl LogWriter {
             .map_err(|source| SourceError::Kafka {
                 brokers: self.settings.brokers.clone(),
                 context: format!("delivering records to {}", self.topic),
-                source,
+                source: Box::new(source),
             })?;
         let failed = self
             .producer

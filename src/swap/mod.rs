@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection, Row};
 
-use crate::engine::follow::backoff;
 use crate::projection::TableSpec;
 use crate::sink::catalog::{self, Phase};
-use crate::sink::{qualified, Build, Context, SinkError};
+use crate::sink::{backoff, qualified, Build, Context, SinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {

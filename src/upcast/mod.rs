@@ -232,6 +232,10 @@ pub struct TracedStep {
     pub encoded: Vec<u8>,
 }
 
+/// Called with each version's message name and bytes as an upcast goes through it (`replay` shows
+/// every step).
+type OnVersion<'a> = Option<&'a mut dyn FnMut(&str, Vec<u8>)>;
+
 impl<E: 'static> Registry<E> {
     pub fn builder() -> RegistryBuilder<E> {
         RegistryBuilder::default()
@@ -264,7 +268,7 @@ impl<E: 'static> Registry<E> {
         &self,
         type_url: &str,
         payload: &[u8],
-        mut on_version: Option<&mut dyn FnMut(&str, Vec<u8>)>,
+        mut on_version: OnVersion<'_>,
     ) -> Result<E, UpcastError> {
         let mut name = message_name(type_url);
         let mut entry = self

@@ -24,7 +24,7 @@ use crate::sink::catalog::{read_positions, Positions};
 use crate::sink::{qualified, quote_ident, Build, Context, Result};
 
 /// Bucket rows by the day or the month of the table's declared time column.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BucketBy {
     #[default]
@@ -363,7 +363,9 @@ async fn compare_table(
         .iter()
         .map(|c| format!(", coalesce(sum(t.{})::text, '0')", quote_ident(c)))
         .collect();
-    let mut sides: [BTreeMap<String, (i64, String, Vec<String>)>; 2] = Default::default();
+    // Per bucket: rows, the rows' checksum and the sum of each numeric column.
+    type Bucket = (i64, String, Vec<String>);
+    let mut sides: [BTreeMap<String, Bucket>; 2] = Default::default();
     for (side, table) in [(0usize, &base_table), (1, &cand_table)] {
         let sql = format!(
             "SELECT {bucket_expr} AS bucket, count(*), coalesce(sum(hashtextextended({}, 0)::numeric), 0)::text{sums}
@@ -375,12 +377,12 @@ async fn compare_table(
             .await
             .context(|| format!("{}: per-bucket checksums", where_()))?;
         for r in rows {
-            let bucket: String = r.try_get(0).context(|| where_())?;
-            let count: i64 = r.try_get(1).context(|| where_())?;
-            let checksum: String = r.try_get(2).context(|| where_())?;
+            let bucket: String = r.try_get(0).context(where_)?;
+            let count: i64 = r.try_get(1).context(where_)?;
+            let checksum: String = r.try_get(2).context(where_)?;
             let mut values = Vec::with_capacity(numeric.len());
             for i in 0..numeric.len() {
-                values.push(r.try_get::<String, _>(3 + i).context(|| where_())?);
+                values.push(r.try_get::<String, _>(3 + i).context(where_)?);
             }
             sides[side].insert(bucket, (count, checksum, values));
         }
@@ -465,13 +467,13 @@ async fn compare_table(
         .await
         .context(|| format!("{}: matching rows by key", where_()))?;
     let mut keys = KeyComparison {
-        only_in_baseline: row.try_get(0).context(|| where_())?,
-        only_in_candidate: row.try_get(1).context(|| where_())?,
-        rows_differing: row.try_get(2).context(|| where_())?,
+        only_in_baseline: row.try_get(0).context(where_)?,
+        only_in_candidate: row.try_get(1).context(where_)?,
+        rows_differing: row.try_get(2).context(where_)?,
         ..Default::default()
     };
     for (i, c) in value_cols.iter().enumerate() {
-        let rows: i64 = row.try_get(3 + i).context(|| where_())?;
+        let rows: i64 = row.try_get(3 + i).context(where_)?;
         if rows > 0 {
             keys.columns.push(ColumnDifference {
                 column: c.clone(),
@@ -542,17 +544,17 @@ async fn compare_table(
             .context(|| format!("{}: comparing a sample of keys", where_()))?;
         keys.sample.keys = rows.len();
         for r in rows {
-            let key: String = r.try_get(0).context(|| where_())?;
-            let in_base: bool = r.try_get(1).context(|| where_())?;
-            let in_cand: bool = r.try_get(2).context(|| where_())?;
+            let key: String = r.try_get(0).context(where_)?;
+            let in_base: bool = r.try_get(1).context(where_)?;
+            let in_cand: bool = r.try_get(2).context(where_)?;
             if !(in_base && in_cand) {
                 keys.sample.only_one_side += 1;
                 continue;
             }
             let mut differs = false;
             for (i, c) in value_cols.iter().enumerate() {
-                let a: Option<String> = r.try_get(3 + 2 * i).context(|| where_())?;
-                let b: Option<String> = r.try_get(4 + 2 * i).context(|| where_())?;
+                let a: Option<String> = r.try_get(3 + 2 * i).context(where_)?;
+                let b: Option<String> = r.try_get(4 + 2 * i).context(where_)?;
                 if a == b {
                     continue;
                 }
