@@ -4,21 +4,9 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Stdio};
 
 use common::*;
-
-fn reproject(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .args(args)
-        .output()
-        .expect("run reproject")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 struct DevBrokerProcess {
     child: Child,
@@ -78,7 +66,7 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
         "--quiet",
     ];
 
-    let seed = reproject(
+    let seed = binary(
         &[
             &["seed", "--events", "20000", "--expected", &expected],
             &common[..],
@@ -92,7 +80,7 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
         text(&seed.stdout)
     );
 
-    let rebuild = reproject(&[&["rebuild", "--all"], &common[..]].concat());
+    let rebuild = binary(&[&["rebuild", "--all"], &common[..]].concat());
     assert!(
         rebuild.status.success(),
         "rebuild: {}",
@@ -104,7 +92,7 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
         text(&rebuild.stdout)
     );
 
-    let status = reproject(&[&["status", "--format", "json"], &common[..]].concat());
+    let status = binary(&[&["status", "--format", "json"], &common[..]].concat());
     assert!(status.status.success(), "status: {}", text(&status.stderr));
     let report: serde_json::Value =
         serde_json::from_slice(&status.stdout).expect("status --format json is JSON");
@@ -119,14 +107,14 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
             "{p}"
         );
     }
-    let table = reproject(&[&["status"], &common[..]].concat());
+    let table = binary(&[&["status"], &common[..]].concat());
     assert!(
         text(&table.stdout).contains("order_summary (code v1)"),
         "{}",
         text(&table.stdout)
     );
 
-    let check = reproject(&[&["check-totals", "--expected", &expected], &common[..]].concat());
+    let check = binary(&[&["check-totals", "--expected", &expected], &common[..]].concat());
     assert!(
         check.status.success(),
         "check-totals: {}{}",
@@ -143,7 +131,7 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
             .fetch_one(&pool)
             .await
             .expect("an order");
-    let replay = reproject(&[&["replay", id.as_str(), "--format", "json"], &common[..]].concat());
+    let replay = binary(&[&["replay", id.as_str(), "--format", "json"], &common[..]].concat());
     assert_eq!(replay.status.code(), Some(0), "{}", text(&replay.stderr));
     let lines: Vec<serde_json::Value> = text(&replay.stdout)
         .lines()
@@ -189,7 +177,7 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
             "unknown projection \"nope\"",
         ),
     ] {
-        let out = reproject(&[&args[..], &common[..]].concat());
+        let out = binary(&[&args[..], &common[..]].concat());
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(
             text(&out.stderr).contains(expected),
@@ -210,7 +198,7 @@ async fn run_backfills_projections_that_were_never_built_and_stops_cleanly_on_si
         db.as_str(),
         "--quiet",
     ];
-    let seed = reproject(&[&["seed", "--events", "10000"], &common[..]].concat());
+    let seed = binary(&[&["seed", "--events", "10000"], &common[..]].concat());
     assert!(seed.status.success(), "seed: {}", text(&seed.stderr));
 
     let mut run = Command::new(env!("CARGO_BIN_EXE_reproject"))
@@ -219,22 +207,21 @@ async fn run_backfills_projections_that_were_never_built_and_stops_cleanly_on_si
         .spawn()
         .expect("start run");
     let pool = pool(&db).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut active = 0i64;
-    while Instant::now() < deadline && active < 3 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        active = sqlx::query_scalar("SELECT count(*) FROM reproject.builds WHERE phase = 'active'")
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(0);
-    }
-    assert_eq!(
-        active, 3,
-        "run backfilled and swapped in all three projections"
-    );
+    wait_until(
+        "run to backfill and swap in all three projections",
+        60,
+        || {
+            scalar::<i64>(
+                &pool,
+                "SELECT count(*) FROM reproject.builds WHERE phase = 'active'",
+            )
+        },
+        |active| *active == Some(3),
+    )
+    .await;
 
     // More events while it runs are applied.
-    let more = reproject(
+    let more = binary(
         &[
             &["seed", "--events", "2000", "--skip", "10000"],
             &common[..],
@@ -242,40 +229,30 @@ async fn run_backfills_projections_that_were_never_built_and_stops_cleanly_on_si
         .concat(),
     );
     assert!(more.status.success(), "{}", text(&more.stderr));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut applied = 0i64;
-    while Instant::now() < deadline && applied < 12_000 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        applied = sqlx::query_scalar(
-            "SELECT coalesce(sum(last_sequence), 0)::bigint FROM public.order_summary",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap_or(0);
-    }
-    assert_eq!(applied, 12_000, "every event, once");
+    let applied = wait_until(
+        "run to apply all 12,000 events",
+        30,
+        || {
+            scalar::<i64>(
+                &pool,
+                "SELECT coalesce(sum(last_sequence), 0)::bigint FROM public.order_summary",
+            )
+        },
+        |applied| applied.is_some_and(|n| n >= 12_000),
+    )
+    .await;
+    assert_eq!(applied, Some(12_000), "every event, once");
 
     let term = Command::new("kill")
         .args(["-TERM", &run.id().to_string()])
         .status()
         .expect("kill");
     assert!(term.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = run.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = run.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let status = status.expect("run stopped within 15 s of SIGTERM");
+    let status = wait_for_exit(&mut run, "run to stop after SIGTERM", 15);
     assert!(status.success(), "run exits 0 after SIGTERM: {status:?}");
 
     // `run` has gone: its last progress report, seconds old, is not shown as a live writer.
-    let table = reproject(&[&["status"], &common[..]].concat());
+    let table = binary(&[&["status"], &common[..]].concat());
     let shown = text(&table.stdout);
     assert!(
         !shown.contains(" by reproject") && shown.contains("no writer running (last: reproject"),
@@ -330,7 +307,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
         ),
     ];
     for (args, expected) in cases {
-        let out = reproject(args);
+        let out = binary(args);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
@@ -355,7 +332,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     }
     // replay against a broker that is not there: the broker is named, after the metadata timeout.
     let db = "postgres://postgres@127.0.0.1:5432/postgres";
-    let out = reproject(&[
+    let out = binary(&[
         "replay",
         "some-order",
         "--brokers",
@@ -370,7 +347,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
         stderr.contains("Kafka (127.0.0.1:1)") && stderr.contains("shop.orders"),
         "{stderr}"
     );
-    let unknown_flag = reproject(&["rebuild", "--no-such-flag"]);
+    let unknown_flag = binary(&["rebuild", "--no-such-flag"]);
     assert_eq!(unknown_flag.status.code(), Some(2));
     assert!(text(&unknown_flag.stderr).contains("--no-such-flag"));
     for (args, expected) in [
@@ -408,7 +385,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             "nothing to change",
         ),
     ] {
-        let out = reproject(args);
+        let out = binary(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(
             text(&out.stderr).contains(expected),
@@ -421,7 +398,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
 #[test]
 fn bench_reports_every_figure_as_json() {
     let json = std::env::temp_dir().join(format!("reproject-bench-{}.json", std::process::id()));
-    let out = reproject(&[
+    let out = binary(&[
         "bench",
         "--events",
         "20000",

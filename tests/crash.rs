@@ -129,17 +129,21 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
     // The producer must be running before the rebuild starts: if its first records came after the
     // rebuild's first look at the log end, the rebuild could catch up and finish before any arrived.
     let consumer = kafka.settings.consumer("crash-test").expect("consumer");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let bounds = kafka
-            .settings
-            .bounds(&consumer, TOPIC, &[0, 1, 2, 3])
-            .expect("log bounds");
-        if bounds.end.values().sum::<i64>() >= 52_000 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the background producer to write its first 2,000 events",
+        30,
+        || async {
+            kafka
+                .settings
+                .bounds(&consumer, TOPIC, &[0, 1, 2, 3])
+                .expect("log bounds")
+                .end
+                .values()
+                .sum::<i64>()
+        },
+        |written| *written >= 52_000,
+    )
+    .await;
 
     // A rate cap keeps the catch-up going for seconds, so the kill lands in the middle of it.
     let mut child = spawn_rebuild(

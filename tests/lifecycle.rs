@@ -13,10 +13,6 @@ use reproject::projection::{Changes, DynProjection, Event, Projection, TableSpec
 use reproject::swap::SwapOptions;
 use tokio_util::sync::CancellationToken;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 async fn phase_of(pool: &sqlx::PgPool, build_id: i64) -> String {
     sqlx::query_scalar("SELECT phase FROM reproject.builds WHERE build_id = $1")
         .bind(build_id)
@@ -151,8 +147,19 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut run = spawn_run(&db, &kafka, &["--metrics-addr", &metrics_addr]);
 
-    // Paused: nothing moves, and status says so.
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    // Paused: the follower comes up and waits, nothing moves, and status says so.
+    wait_until(
+        "the follower to report that it waits, paused",
+        30,
+        || {
+            scalar::<String>(
+                &pool,
+                "SELECT progress->>'phase' FROM reproject.builds WHERE build_id = 1",
+            )
+        },
+        |phase| phase.as_deref() == Some("paused"),
+    )
+    .await;
     assert_eq!(
         applied(&pool, 1).await,
         10_000,

@@ -41,19 +41,18 @@ async fn a_rebuild_waits_out_a_broker_that_goes_away_and_comes_back_and_gives_co
     };
     let outage = async {
         // Take the broker down once the rebuild has started reading.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let started: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM reproject.builds WHERE phase = 'loading')",
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(false);
-            if started || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until(
+            "the rebuild to start its replay",
+            30,
+            || {
+                scalar::<bool>(
+                    &pool,
+                    "SELECT EXISTS (SELECT 1 FROM reproject.builds WHERE phase = 'loading')",
+                )
+            },
+            |started| *started == Some(true),
+        )
+        .await;
         cluster.broker_down(1).expect("broker down");
         let down_at = Instant::now();
         tokio::time::sleep(Duration::from_secs(3)).await;

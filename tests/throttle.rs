@@ -156,7 +156,18 @@ async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settin
     );
 
     // Load 500% of the limit: the follower waits, and status says why.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    wait_until(
+        "the follower to report its throttle paused",
+        30,
+        || {
+            scalar::<String>(
+                &pool,
+                "SELECT progress->'throttle'->>'state' FROM reproject.builds WHERE build_id = 1",
+            )
+        },
+        |state| state.as_deref() == Some("paused"),
+    )
+    .await;
     assert_eq!(
         applied(&pool, 1).await,
         10_000,
@@ -201,7 +212,19 @@ async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settin
         shown.contains(r#"tuned     {"max_rate":1000,"batch_events":250}"#),
         "{shown}"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The follower takes the cap at its next check (within a second): its rate shows it.
+    wait_until(
+        "the follower to take the tuned rate cap",
+        30,
+        || {
+            scalar::<f64>(
+                &pool,
+                "SELECT (progress->'throttle'->>'rate')::float8 FROM reproject.builds WHERE build_id = 1",
+            )
+        },
+        |rate| rate.is_some_and(|r| r <= 1_000.0),
+    )
+    .await;
     let started = Instant::now();
     append(&kafka.settings, &mut history, 3_000);
     let reached = wait_for_applied(&pool, 1, 16_000, 30).await;

@@ -49,6 +49,14 @@ pub fn print_comparison(expected: &ExpectedTotals, actual: &ExpectedTotals) -> O
         expected.customers,
         actual.customers
     );
+    for (cur, n) in &expected.customers_by_currency {
+        outln!(
+            "{:<28} {:>16} {:>16}",
+            format!("  latest order in {cur}"),
+            n,
+            actual.customers_by_currency.get(cur).copied().unwrap_or(0)
+        );
+    }
     for (cur, v) in &expected.lifetime_value_cents {
         outln!(
             "{:<28} {:>16} {:>16}",

@@ -219,6 +219,19 @@ pub async fn drain(engine: Arc<Engine<ShopEvent>>) {
     .expect("run succeeds");
 }
 
+/// Run the reproject binary with exactly these arguments.
+pub fn binary(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args(args)
+        .output()
+        .expect("run reproject")
+}
+
+/// A process's output as text, for messages and `contains`.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// Run the reproject binary against this test's database and broker.
 pub fn reproject(db: &str, kafka: &Kafka, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_reproject"))
@@ -261,22 +274,90 @@ pub fn spawn_run(db: &str, kafka: &Kafka, extra: &[&str]) -> std::process::Child
         .expect("start run")
 }
 
-/// Stop a process as an operator would: SIGTERM, then wait for it.
+/// Stop a process as an operator would: SIGTERM, then wait (at most 30 s) for it to exit, and
+/// check that it stopped cleanly, with success.
 pub fn stop(child: &mut std::process::Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let _ = child.wait();
+    let status = wait_for_exit(child, "a clean stop after SIGTERM", 30);
+    assert!(
+        status.success(),
+        "stopped by SIGTERM, it exited with {status}"
+    );
 }
 
-/// Wait up to `seconds` until `build_id` has applied `events`; returns what it has applied.
-pub async fn wait_for_applied(pool: &PgPool, build_id: i64, events: i64, seconds: u64) -> i64 {
+/// Wait at most `seconds` for `child` to exit; kill it and fail the test, naming `what` was
+/// awaited, if it does not.
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    what: &str,
+    seconds: u64,
+) -> std::process::ExitStatus {
     let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
     loop {
-        let now = applied(pool, build_id).await;
-        if now >= events || std::time::Instant::now() >= deadline {
-            return now;
+        if let Some(status) = child.try_wait().expect("the process can be waited for") {
+            return status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "waited {seconds} s for {what}: the process (pid {}) was still running",
+                child.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until `probe` gives a value that `done` accepts, checking every 50 ms; fail the test,
+/// naming `what` and the last value seen, if none does within `seconds`. Tests wait on what they
+/// need, not for fixed times.
+pub async fn wait_until<T, Probe, Next>(
+    what: &str,
+    seconds: u64,
+    mut probe: Probe,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    T: std::fmt::Debug,
+    Probe: FnMut() -> Next,
+    Next: std::future::Future<Output = T>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let value = probe().await;
+        if done(&value) {
+            return value;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("waited {seconds} s for {what}; last seen: {value:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One value of a query, or None when it fails (a table or build that does not exist yet).
+pub async fn scalar<T>(pool: &PgPool, sql: &str) -> Option<T>
+where
+    T: Send + Unpin + for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    sqlx::query_scalar(sql)
+        .fetch_optional(pool)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Wait up to `seconds` until `build_id` has applied `events` (fails the test otherwise); returns
+/// what it has applied.
+pub async fn wait_for_applied(pool: &PgPool, build_id: i64, events: i64, seconds: u64) -> i64 {
+    wait_until(
+        &format!("build {build_id} to apply {events} events"),
+        seconds,
+        || applied(pool, build_id),
+        |now| *now >= events,
+    )
+    .await
 }
