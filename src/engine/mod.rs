@@ -10,6 +10,7 @@
 
 pub mod dead_letters;
 pub mod estimate;
+pub mod fold;
 pub mod follow;
 pub mod gc;
 pub mod metrics;

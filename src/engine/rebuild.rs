@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
+use super::fold::{Fold, FoldBuild, FoldResult};
 use super::follow::{self, FollowTarget, Until};
 use super::progress::{Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
 use super::verify::{self, Against, VerifyMode, VerifyPolicy};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::{DynProjection, RowStore};
-use crate::sink::aggregate_index::{self, AggregateIndex};
+use crate::sink::aggregate_index;
 use crate::sink::catalog::{self, Phase, Positions};
 use crate::sink::dead_letters;
 use crate::sink::lock::{AdvisoryLock, LockKind};
@@ -636,161 +637,42 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     );
     let reader_count = readers.len();
     let read_events = Arc::new(AtomicU64::new(0));
-    let specs: Vec<DynProjection<E>> = jobs.iter().map(|j| j.projection.clone()).collect();
     let counter = read_events.clone();
-    let start_positions = bounds.start.clone();
     // Set from the catalog's pause flags by the loop below; the fold waits between batches while
     // it is set, and the bounded channel then holds the reader too.
     let paused = Arc::new(AtomicBool::new(false));
     let fold_paused = paused.clone();
-    type Folded = (
-        Vec<RowStore>,
-        Option<(sqlx::PgConnection, Vec<SpillState>)>,
-        Positions,
-        u64,
-        (Option<AggregateIndex>, Option<reader::SourceChecks>),
-        usize,
-        Vec<Vec<reader::DeadLetter>>,
-    );
-    let policy = engine.tuning.bad_records;
-    let spill_to: Vec<(i64, String)> = jobs
+    let builds: Vec<FoldBuild<E>> = jobs
         .iter()
-        .map(|j| (j.build.build_id, j.build.schema_name.clone()))
+        .map(|j| FoldBuild {
+            projection: j.projection.clone(),
+            build_id: j.build.build_id,
+            schema: j.build.schema_name.clone(),
+        })
         .collect();
+    let (start, policy) = (bounds.start.clone(), engine.tuning.bad_records);
     let budget = budget.map(|b| b.fold);
     let database_url = engine.database_url.clone();
     let runtime = tokio::runtime::Handle::current();
-    let fold = tokio::task::spawn_blocking(move || -> Result<Folded> {
-        let mut stores: Vec<RowStore> = specs
-            .iter()
-            .map(|p| RowStore::new(p.tables().len()))
-            .collect();
-        // With a budget, a connection of the fold's own to flush to and read back from.
-        let mut spill = match budget {
-            Some(_) => Some((
-                runtime
-                    .block_on(sqlx::PgConnection::connect(&database_url))
-                    .context(|| "connecting the replay's spill writer".into())?,
-                specs
-                    .iter()
-                    .map(|p| SpillState::new(p.tables().len()))
-                    .collect::<Vec<_>>(),
-            )),
-            None => None,
-        };
-        let build_tables = |i: usize| BuildTables {
-            build_id: spill_to[i].0,
-            projection: specs[i].name(),
-            version: specs[i].version(),
-            schema: &spill_to[i].1,
-            specs: specs[i].tables(),
-        };
-        let mut positions = start_positions;
-        let mut events = 0;
-        let mut peak_bytes = 0;
-        let mut dead_letters: Vec<Vec<reader::DeadLetter>> = vec![Vec::new(); specs.len()];
-        // Each reader ends with a batch marked done, carrying its partitions' index and checks.
-        let mut readers_done = 0;
-        let mut aggregates: Option<AggregateIndex> = Some(AggregateIndex::default());
-        let mut source_checks: Option<reader::SourceChecks> = None;
+    let fold = tokio::task::spawn_blocking(move || -> Result<FoldResult> {
+        let mut fold = Fold::new(
+            builds,
+            start,
+            reader_count,
+            budget,
+            policy,
+            &database_url,
+            runtime,
+        )?;
         while let Some(batch) = batches.blocking_recv() {
             let batch = batch?;
-            for letter in batch.dead_letters {
-                for &i in &letter.targets {
-                    reader::check_dead_letter_budget(
-                        policy,
-                        specs[i].name(),
-                        spill_to[i].0,
-                        dead_letters[i].len() as u64,
-                        &[&letter],
-                    )?;
-                    dead_letters[i].push(letter.clone());
-                }
-            }
             while fold_paused.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            for (i, changes) in batch.changes.into_iter().enumerate() {
-                let (store, projection) = (&mut stores[i], &specs[i]);
-                if let Some((conn, states)) = spill.as_mut() {
-                    runtime.block_on(states[i].read_back(
-                        conn,
-                        build_tables(i),
-                        store,
-                        changes.changes(),
-                    ))?;
-                }
-                for (at, change) in changes {
-                    store.apply(projection.tables(), change, at).map_err(|e| {
-                        EngineError::Projection {
-                            projection: projection.name().to_string(),
-                            reason: e.to_string(),
-                        }
-                    })?;
-                }
-            }
-            events += batch.events;
-            counter.store(events, Ordering::Relaxed);
-            positions.extend(batch.next);
-            let held = stores.iter().map(RowStore::approx_bytes).sum::<usize>()
-                + spill.as_ref().map_or(0, |(_, states)| {
-                    states.iter().map(SpillState::approx_bytes).sum()
-                });
-            peak_bytes = peak_bytes.max(held);
-            if batch.done {
-                readers_done += 1;
-                // A reader that gave its index up (over its memory share) leaves it incomplete.
-                aggregates = match (aggregates, batch.aggregates) {
-                    (Some(mut all), Some(mine)) => {
-                        all.merge(mine);
-                        Some(all)
-                    }
-                    _ => None,
-                };
-                if let Some(checks) = batch.source_checks {
-                    match source_checks.as_mut() {
-                        Some(all) => all.merge(checks),
-                        None => source_checks = Some(checks),
-                    }
-                }
-                if readers_done == reader_count {
-                    return Ok((
-                        stores,
-                        spill,
-                        positions,
-                        events,
-                        (aggregates, source_checks),
-                        peak_bytes,
-                        dead_letters,
-                    ));
-                }
-            }
-            if let (Some(budget), Some((conn, states))) = (budget, spill.as_mut()) {
-                if held > budget {
-                    for (i, store) in stores.iter_mut().enumerate() {
-                        let started = Instant::now();
-                        runtime.block_on(async {
-                            let mut tx =
-                                conn.begin().await.context(|| "starting a spill".into())?;
-                            let rows = states[i].flush(&mut tx, build_tables(i), store).await?;
-                            tx.commit()
-                                .await
-                                .context(|| format!("committing a spill to {}", spill_to[i].1))?;
-                            tracing::info!(
-                                message =
-                                    "fold over its memory budget: flushed to the build's tables",
-                                projection = specs[i].name(),
-                                build_id = spill_to[i].0,
-                                rows,
-                                fold_bytes = held,
-                                budget,
-                                seconds = started.elapsed().as_secs_f64()
-                            );
-                            Ok::<_, EngineError>(())
-                        })?;
-                        *store = RowStore::new(specs[i].tables().len());
-                    }
-                }
+            let finished = fold.apply(batch)?;
+            counter.store(fold.events(), Ordering::Relaxed);
+            if finished {
+                return Ok(fold.finish());
             }
         }
         Err(EngineError::Interrupted)
@@ -798,7 +680,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let mut progress = Progress::new("replaying", Some(total.max(0) as u64), options.quiet);
     let writer_name = holder_name("rebuild");
     tokio::pin!(fold);
-    let (stores, spill, positions, events, (aggregates, source_checks), peak_bytes, dead_letters) = loop {
+    let folded = loop {
         tokio::select! {
             result = &mut fold => break result.map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("fold task failed: {e}") })??,
             _ = cancel.cancelled() => {
@@ -827,6 +709,16 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     };
     progress.finish();
     let _ = tokio::task::spawn_blocking(move || readers.join()).await;
+    let FoldResult {
+        stores,
+        spill,
+        positions,
+        events,
+        aggregates,
+        source_checks,
+        peak_bytes,
+        dead_letters,
+    } = folded;
     report.events_replayed = events;
     report.peak_fold_bytes = peak_bytes as u64;
     report.replay_seconds = started.elapsed().as_secs_f64();
@@ -870,54 +762,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         events,
         source_checks: source_checks.as_ref(),
     };
-    let outcomes = match spill {
-        // Builds that spilled finish on the spill's connection, which holds their staging tables.
-        Some((mut spill_conn, mut states)) => {
-            let mut outcomes = Vec::new();
-            for (i, (job, store)) in jobs.iter_mut().zip(&stores).enumerate() {
-                let spilled = states.get_mut(i).filter(|state| state.spills > 0);
-                outcomes.push(
-                    load_build(
-                        &mut spill_conn,
-                        job,
-                        store,
-                        spilled,
-                        &dead_letters[i],
-                        &loaded,
-                    )
-                    .await?,
-                );
-            }
-            outcomes
-        }
-        // Otherwise each build loads on a connection of its own, all at once.
-        None => {
-            let loads = jobs.iter_mut().zip(&stores).zip(&dead_letters).map(
-                |((job, store), letters)| async {
-                    let mut conn = sqlx::PgConnection::connect(&engine.database_url)
-                        .await
-                        .context(|| format!("connecting to load {}", job.build.schema_name))?;
-                    load_build(&mut conn, job, store, None, letters, &loaded).await
-                },
-            );
-            futures::future::try_join_all(loads).await?
-        }
-    };
-    for (job, outcome) in jobs.iter().zip(outcomes) {
-        report.rows_loaded += outcome.rows;
-        report.dead_letters += outcome.dead_letters;
-        report.spills += outcome.spills;
-        super::metrics::rows_written(job.projection.name(), "bulk_load", outcome.rows);
-        super::metrics::events_applied(job.projection.name(), "replay", events);
-        tracing::info!(
-            message = "loaded",
-            projection = job.projection.name(),
-            build_id = job.build.build_id,
-            rows = outcome.rows
-        );
-    }
-    // Freeing millions of rows takes seconds: not on a runtime worker.
-    tokio::task::spawn_blocking(move || drop(stores));
+    load_all(engine, jobs, stores, spill, &dead_letters, &loaded, report).await?;
     report.load_seconds = started.elapsed().as_secs_f64();
     Ok(aggregate_index)
 }
@@ -937,6 +782,69 @@ struct LoadOutcome {
     rows: u64,
     dead_letters: u64,
     spills: u64,
+}
+
+/// Bulk load every build from what the fold holds: builds that spilled one after another on the
+/// spill's connection (it holds their staging tables), the others each on a connection of its own,
+/// all at once.
+async fn load_all<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    jobs: &mut [Job<E>],
+    stores: Vec<RowStore>,
+    spill: Option<(sqlx::PgConnection, Vec<SpillState>)>,
+    dead_letters: &[Vec<reader::DeadLetter>],
+    loaded: &Loaded<'_>,
+    report: &mut RebuildReport,
+) -> Result<()> {
+    let outcomes = match spill {
+        // Builds that spilled finish on the spill's connection, which holds their staging tables.
+        Some((mut spill_conn, mut states)) => {
+            let mut outcomes = Vec::new();
+            for (i, (job, store)) in jobs.iter_mut().zip(&stores).enumerate() {
+                let spilled = states.get_mut(i).filter(|state| state.spills > 0);
+                outcomes.push(
+                    load_build(
+                        &mut spill_conn,
+                        job,
+                        store,
+                        spilled,
+                        &dead_letters[i],
+                        loaded,
+                    )
+                    .await?,
+                );
+            }
+            outcomes
+        }
+        // Otherwise each build loads on a connection of its own, all at once.
+        None => {
+            let loads = jobs.iter_mut().zip(&stores).zip(dead_letters).map(
+                |((job, store), letters)| async {
+                    let mut conn = sqlx::PgConnection::connect(&engine.database_url)
+                        .await
+                        .context(|| format!("connecting to load {}", job.build.schema_name))?;
+                    load_build(&mut conn, job, store, None, letters, loaded).await
+                },
+            );
+            futures::future::try_join_all(loads).await?
+        }
+    };
+    for (job, outcome) in jobs.iter().zip(outcomes) {
+        report.rows_loaded += outcome.rows;
+        report.dead_letters += outcome.dead_letters;
+        report.spills += outcome.spills;
+        super::metrics::rows_written(job.projection.name(), "bulk_load", outcome.rows);
+        super::metrics::events_applied(job.projection.name(), "replay", loaded.events);
+        tracing::info!(
+            message = "loaded",
+            projection = job.projection.name(),
+            build_id = job.build.build_id,
+            rows = outcome.rows
+        );
+    }
+    // Freeing millions of rows takes seconds: not on a runtime worker.
+    tokio::task::spawn_blocking(move || drop(stores));
+    Ok(())
 }
 
 /// Bulk load one build with its positions, dead letters and source checks, in one transaction

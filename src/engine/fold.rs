@@ -1,0 +1,236 @@
+//! The replay's fold: the readers' batches folded into each build's rows in memory, one batch at a
+//! time, on a blocking thread of its own.
+//!
+//! It also keeps the records passed over under the dead-letter policy (stopping at the budget), the
+//! memory budget (past it, the rows are flushed into the build's still unpublished tables and read
+//! back as later changes need them, see `sink::spill`), and what each reader hands over with its last
+//! batch: where each aggregate's events lie and the source checks.
+
+use super::reader::{self, Batch, DeadLetter, SourceChecks};
+use super::{BadRecordPolicy, EngineError, Result};
+use crate::projection::{DynProjection, RowStore};
+use crate::sink::aggregate_index::AggregateIndex;
+use crate::sink::catalog::Positions;
+use crate::sink::spill::SpillState;
+use crate::sink::writer::BuildTables;
+use crate::sink::Context;
+
+/// What the fold of a whole replay gives the bulk load.
+pub struct FoldResult {
+    /// Per build, its rows (all of them, or what is left since the last spill).
+    pub stores: Vec<RowStore>,
+    /// With a memory budget: the spill's connection (it holds the staging tables) and what each
+    /// build spilled.
+    pub spill: Option<(sqlx::PgConnection, Vec<SpillState>)>,
+    /// Next offset per partition: where the replay ended.
+    pub positions: Positions,
+    pub events: u64,
+    /// None when a reader gave it up (over its memory share).
+    pub aggregates: Option<AggregateIndex>,
+    pub source_checks: Option<SourceChecks>,
+    /// The most the fold held, in bytes (rows and remembered keys of spilled builds).
+    pub peak_bytes: usize,
+    /// Per build, the records passed over under the dead-letter policy.
+    pub dead_letters: Vec<Vec<DeadLetter>>,
+}
+
+/// One build the fold writes: its code, and where its tables are.
+pub struct FoldBuild<E> {
+    pub projection: DynProjection<E>,
+    pub build_id: i64,
+    pub schema: String,
+}
+
+impl<E> FoldBuild<E> {
+    fn tables(&self) -> BuildTables<'_> {
+        BuildTables {
+            build_id: self.build_id,
+            projection: self.projection.name(),
+            version: self.projection.version(),
+            schema: &self.schema,
+            specs: self.projection.tables(),
+        }
+    }
+}
+
+pub struct Fold<E> {
+    builds: Vec<FoldBuild<E>>,
+    /// The fold's share of the memory budget, if there is one.
+    budget: Option<usize>,
+    policy: BadRecordPolicy,
+    runtime: tokio::runtime::Handle,
+    /// How many readers share the partitions out: each ends with a batch marked done.
+    readers: usize,
+    readers_done: usize,
+    result: FoldResult,
+}
+
+impl<E: Send + Sync + 'static> Fold<E> {
+    /// A fold of `builds`, starting at `start` (each partition's first offset). With a budget it
+    /// connects to `database_url` to spill; call it on a blocking thread of `runtime`.
+    pub fn new(
+        builds: Vec<FoldBuild<E>>,
+        start: Positions,
+        readers: usize,
+        budget: Option<usize>,
+        policy: BadRecordPolicy,
+        database_url: &str,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Fold<E>> {
+        let spill = match budget {
+            Some(_) => Some((
+                runtime
+                    .block_on(<sqlx::PgConnection as sqlx::Connection>::connect(
+                        database_url,
+                    ))
+                    .context(|| "connecting the replay's spill writer".into())?,
+                builds
+                    .iter()
+                    .map(|b| SpillState::new(b.projection.tables().len()))
+                    .collect(),
+            )),
+            None => None,
+        };
+        let result = FoldResult {
+            stores: builds
+                .iter()
+                .map(|b| RowStore::new(b.projection.tables().len()))
+                .collect(),
+            spill,
+            positions: start,
+            events: 0,
+            aggregates: Some(AggregateIndex::default()),
+            source_checks: None,
+            peak_bytes: 0,
+            dead_letters: vec![Vec::new(); builds.len()],
+        };
+        Ok(Fold {
+            builds,
+            budget,
+            policy,
+            runtime,
+            readers,
+            readers_done: 0,
+            result,
+        })
+    }
+
+    /// Events folded so far.
+    pub fn events(&self) -> u64 {
+        self.result.events
+    }
+
+    /// Fold one batch. True once every reader's last batch is in: then [`finish`](Self::finish).
+    pub fn apply(&mut self, batch: Batch) -> Result<bool> {
+        for letter in batch.dead_letters {
+            for &i in &letter.targets {
+                let build = &self.builds[i];
+                reader::check_dead_letter_budget(
+                    self.policy,
+                    build.projection.name(),
+                    build.build_id,
+                    self.result.dead_letters[i].len() as u64,
+                    &[&letter],
+                )?;
+                self.result.dead_letters[i].push(letter.clone());
+            }
+        }
+        for (i, changes) in batch.changes.into_iter().enumerate() {
+            if let Some((conn, states)) = self.result.spill.as_mut() {
+                let tables = self.builds[i].tables();
+                self.runtime.block_on(states[i].read_back(
+                    conn,
+                    tables,
+                    &mut self.result.stores[i],
+                    changes.changes(),
+                ))?;
+            }
+            let projection = &self.builds[i].projection;
+            for (at, change) in changes {
+                self.result.stores[i]
+                    .apply(projection.tables(), change, at)
+                    .map_err(|e| EngineError::Projection {
+                        projection: projection.name().to_string(),
+                        reason: e.to_string(),
+                    })?;
+            }
+        }
+        self.result.events += batch.events;
+        self.result.positions.extend(batch.next);
+        let held = self.held_bytes();
+        self.result.peak_bytes = self.result.peak_bytes.max(held);
+        if batch.done {
+            self.readers_done += 1;
+            // A reader that gave its index up (over its memory share) leaves it incomplete.
+            self.result.aggregates = match (self.result.aggregates.take(), batch.aggregates) {
+                (Some(mut all), Some(mine)) => {
+                    all.merge(mine);
+                    Some(all)
+                }
+                _ => None,
+            };
+            if let Some(checks) = batch.source_checks {
+                match self.result.source_checks.as_mut() {
+                    Some(all) => all.merge(checks),
+                    None => self.result.source_checks = Some(checks),
+                }
+            }
+            if self.readers_done == self.readers {
+                return Ok(true);
+            }
+        }
+        if self.budget.is_some_and(|budget| held > budget) {
+            self.spill(held)?;
+        }
+        Ok(false)
+    }
+
+    pub fn finish(self) -> FoldResult {
+        self.result
+    }
+
+    /// What the rows, and the remembered keys of spilled builds, take.
+    fn held_bytes(&self) -> usize {
+        self.result
+            .stores
+            .iter()
+            .map(RowStore::approx_bytes)
+            .sum::<usize>()
+            + self.result.spill.as_ref().map_or(0, |(_, states)| {
+                states.iter().map(SpillState::approx_bytes).sum()
+            })
+    }
+
+    /// Flush every build's rows into its tables and start its store afresh.
+    fn spill(&mut self, held: usize) -> Result<()> {
+        for i in 0..self.builds.len() {
+            let started = std::time::Instant::now();
+            let tables = self.builds[i].tables();
+            let Some((conn, states)) = self.result.spill.as_mut() else {
+                return Ok(());
+            };
+            let store = &self.result.stores[i];
+            self.runtime.block_on(async {
+                let mut tx = sqlx::Connection::begin(conn)
+                    .await
+                    .context(|| "starting a spill".into())?;
+                let rows = states[i].flush(&mut tx, tables, store).await?;
+                tx.commit()
+                    .await
+                    .context(|| format!("committing a spill to {}", tables.schema))?;
+                tracing::info!(
+                    message = "fold over its memory budget: flushed to the build's tables",
+                    projection = tables.projection,
+                    build_id = tables.build_id,
+                    rows,
+                    fold_bytes = held,
+                    budget = self.budget,
+                    seconds = started.elapsed().as_secs_f64()
+                );
+                Ok::<_, EngineError>(())
+            })?;
+            self.result.stores[i] = RowStore::new(self.builds[i].projection.tables().len());
+        }
+        Ok(())
+    }
+}
