@@ -194,19 +194,6 @@ impl ChangeLog {
     pub fn changes(&self) -> &[Change] {
         &self.changes
     }
-
-    /// How many events emitted changes.
-    pub fn events(&self) -> usize {
-        self.events.len()
-    }
-
-    pub fn len(&self) -> usize {
-        self.changes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
-    }
 }
 
 impl IntoIterator for ChangeLog {

@@ -179,7 +179,11 @@ impl RowClock {
         if self.deleted_at.is_some() {
             return Err(ClockConflict::DeletedAndAccumulated { column: name() });
         }
-        if self.set_at.iter().any(|(c, _)| *c == column) {
+        if self
+            .set_at
+            .binary_search_by_key(&column, |(c, _)| *c)
+            .is_ok()
+        {
             return Err(ClockConflict::SetAndAccumulated { column: name() });
         }
         if let Err(i) = self.accumulated.binary_search(&column) {
@@ -277,11 +281,29 @@ impl RowClock {
         if !b.is_empty() {
             return Err(format!("{} bytes left over", b.len()));
         }
+        // Lookups binary-search both lists: bytes from the database that are out of order are a
+        // broken clock, not one to act on.
+        if !ascending(clock.accumulated.iter().copied())
+            || !ascending(clock.set_at.iter().map(|(c, _)| *c))
+        {
+            return Err("columns out of order".into());
+        }
         Ok(clock)
     }
 }
 
 const CLOCK_FORMAT: u8 = 1;
+
+fn ascending(mut columns: impl Iterator<Item = u16>) -> bool {
+    let Some(mut previous) = columns.next() else {
+        return true;
+    };
+    columns.all(|column| {
+        let ordered = previous < column;
+        previous = column;
+        ordered
+    })
+}
 
 fn column_id(column: usize) -> u16 {
     // Tables have far fewer than 65,536 columns (PostgreSQL allows 1,600).
@@ -330,6 +352,14 @@ mod tests {
                 assert!(RowClock::decode(&bytes[..cut]).is_err(), "cut at {cut}");
             }
         }
+        // Two set columns stored out of order.
+        let mut swapped = RowClock::default();
+        swapped.set_column(1, at(1, 0, 0));
+        swapped.set_column(3, at(1, 0, 0));
+        let mut bytes = swapped.encode();
+        let first = bytes.len() - 2 * (2 + LogicalTime::ENCODED_LEN);
+        bytes[first..].rotate_left(2 + LogicalTime::ENCODED_LEN);
+        assert!(RowClock::decode(&bytes).is_err());
     }
 
     #[test]

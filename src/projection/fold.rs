@@ -219,10 +219,7 @@ fn apply_by_logical_time(
     change: Change,
     at: LogicalTime,
 ) -> Result<(), String> {
-    let conflict = |key: &[Value], e: super::clock::ClockConflict| {
-        let key: Vec<String> = key.iter().map(Value::to_string).collect();
-        format!("row ({}), event at {at}: {e}", key.join(", "))
-    };
+    let conflict = |key: &[Value], e| conflict_at(key, at, e);
     let column_name = |column: usize| {
         spec.columns
             .get(column)
@@ -288,6 +285,12 @@ fn apply_by_logical_time(
     }
 }
 
+/// A clock conflict as the user reads it: the row, the event's time and position, and why.
+fn conflict_at(key: &[Value], at: LogicalTime, e: super::clock::ClockConflict) -> String {
+    let key: Vec<String> = key.iter().map(Value::to_string).collect();
+    format!("row ({}), event at {at}: {e}", key.join(", "))
+}
+
 fn set_by_logical_time(
     rows: &mut TableRows,
     spec: &TableSpec,
@@ -299,10 +302,7 @@ fn set_by_logical_time(
     for (column, _) in &columns {
         clock
             .check_settable(*column, || spec.columns[*column].name.to_string())
-            .map_err(|e| {
-                let shown: Vec<String> = key.iter().map(Value::to_string).collect();
-                format!("row ({}), event at {at}: {e}", shown.join(", "))
-            })?;
+            .map_err(|e| conflict_at(&key, at, e))?;
     }
     if clock.touch(at) == Verdict::Ignore {
         return Ok(());

@@ -25,6 +25,16 @@ pub fn table_name(table: &str) -> String {
     format!("{table}__rp_clock")
 }
 
+/// The tables of `spec` that keep rows by key in a build: the table itself and, when its rows
+/// gather partitions, its clock table (what a spill indexes, and the index build replaces).
+pub fn keyed_tables(spec: &TableSpec) -> Vec<String> {
+    let mut tables = vec![spec.name.to_string()];
+    if spec.gathers_partitions() {
+        tables.push(table_name(spec.name));
+    }
+    tables
+}
+
 /// Create the clock table of `spec` (a table that gathers partitions) in `schema` if it is not there:
 /// a build made before clocks existed gets an empty one, and its existing rows then take the next
 /// change of each column as it comes. Keyed, so that later writes can upsert.

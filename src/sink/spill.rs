@@ -156,14 +156,11 @@ impl SpillState {
                     .map(|c| quote_ident(c.name))
                     .collect::<Vec<_>>()
                     .join(", ");
-                let clock_table = clocks::table_name(spec.name);
-                let keyed = std::iter::once(spec.name)
-                    .chain(spec.gathers_partitions().then_some(clock_table.as_str()));
-                for table in keyed {
-                    let target = qualified(tables.schema, table);
+                for table in clocks::keyed_tables(spec) {
+                    let target = qualified(tables.schema, &table);
                     sqlx::query(&format!(
                         "CREATE UNIQUE INDEX {} ON {target} ({key_columns})",
-                        quote_ident(&spill_index_name(table))
+                        quote_ident(&spill_index_name(&table))
                     ))
                     .execute(&mut *conn)
                     .await

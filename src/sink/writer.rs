@@ -224,13 +224,10 @@ pub async fn build_indexes(
     .context(|| "setting the search path".into())?;
     // A load that spilled indexed the keys for its upserts; indexes.sql declares the real ones.
     for spec in build.specs {
-        let clock_table = clocks::table_name(spec.name);
-        let spilled = std::iter::once(spec.name)
-            .chain(spec.gathers_partitions().then_some(clock_table.as_str()));
-        for table in spilled {
+        for table in clocks::keyed_tables(spec) {
             sqlx::query(&format!(
                 "DROP INDEX IF EXISTS {}",
-                qualified(build.schema, &super::spill::spill_index_name(table))
+                qualified(build.schema, &super::spill::spill_index_name(&table))
             ))
             .execute(&mut *tx)
             .await
