@@ -18,9 +18,14 @@
 //! swap/        the atomic cut-over of the stable views to a new build
 //! engine/      a build's life, stage by stage: replay, load, indexes, catch-up, verify, swap, follow;
 //!              throttling against the database's health
-//! domain/      the example shop: its events in three versions, upcasters, projections, generator
+//! domain/      what a team brings (the `Domain` trait: events, upcasters, projections, SQL, descriptors,
+//!              an optional example history), and the example shop the stock binary runs
 //! cli/         one file per subcommand
 //! ```
+
+// The example shop names reproject's items as a crate of its own would (`reproject::...`), so that it
+// can only use the public API.
+extern crate self as reproject;
 
 pub mod cli;
 pub mod domain;
@@ -33,3 +38,7 @@ pub mod source;
 pub mod swap;
 pub mod upcast;
 pub mod verify;
+
+/// [`domain::Example::actual_totals`] reads the views through a `sqlx::PgPool`: the same sqlx a
+/// domain's crate then uses, whatever version it would name itself.
+pub use sqlx;

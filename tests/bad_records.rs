@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use common::*;
 use prost::Message;
+use reproject::domain::shop::proto::{v1, v2};
 use reproject::domain::shop::totals::{actual_totals, differences};
 use reproject::domain::shop::{self, ShopEvent};
 use reproject::engine::{BadRecordPolicy, EngineError, Tuning};
 use reproject::envelope::micros_timestamp;
 use reproject::proto::reproject::v1::EventEnvelope;
-use reproject::proto::shop::{v1, v2};
 use reproject::source::producer::LogWriter;
 use reproject::upcast::Registry;
 

@@ -262,7 +262,7 @@ async fn run_backfills_projections_that_were_never_built_and_stops_cleanly_on_si
 
 #[test]
 fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["status", "--database-url", "mysql://u:hunter2@h/db"],
             "must start with postgres://",
@@ -285,6 +285,10 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
             "unknown projection \"no_such_projection\"",
         ),
         (&["seed", "-X", "nonsense"], "expected key=value"),
+        (
+            &["seed", "--shape", "colour=3"],
+            "unknown key \"colour\"; this domain's example knows orders",
+        ),
         (
             &[
                 "rebuild",

@@ -8,7 +8,7 @@ use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
 use reproject::domain::shop::{self, ShopEvent};
 use reproject::engine::rebuild::{catch_up_and_swap, rebuild};
-use reproject::engine::{Engine, EngineParts, SchemaSource};
+use reproject::engine::Engine;
 use reproject::projection::{Changes, DynProjection, Event, Projection, TableSpec};
 use reproject::swap::SwapOptions;
 use tokio_util::sync::CancellationToken;
@@ -336,21 +336,9 @@ async fn daily_sales_at(version: u32, db: &str, kafka: &Kafka) -> Engine<ShopEve
         .into_iter()
         .find(|p| p.name() == "daily_sales")
         .expect("daily_sales");
-    Engine::connect(EngineParts {
-        kafka: kafka.settings.clone(),
-        topic: TOPIC.into(),
-        database_url: db.into(),
-        view_schema: "public".into(),
-        registry: Arc::new(shop::registry().expect("registry")),
-        projections: vec![Arc::new(AsVersion(daily_sales, version))],
-        schemas: SchemaSource {
-            dir: Some(dir),
-            embedded: shop::projections::embedded_schema,
-        },
-        tuning: tuning(),
-    })
-    .await
-    .expect("engine connects")
+    let mut parts = common::shop_parts(db, &kafka.settings, tuning(), Some(dir));
+    parts.projections = vec![Arc::new(AsVersion(daily_sales, version))];
+    Engine::connect(parts).await.expect("engine connects")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

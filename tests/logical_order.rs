@@ -12,16 +12,16 @@ use std::sync::Arc;
 
 use common::*;
 use prost::Message;
+use reproject::domain::shop::proto::v3;
 use reproject::domain::shop::{self, ShopEvent};
 use reproject::engine::rebuild::{rebuild, RebuildOptions};
-use reproject::engine::{Engine, EngineParts, SchemaSource, Tuning};
+use reproject::engine::{Engine, Tuning};
 use reproject::envelope::{micros_timestamp, TYPE_URL_PREFIX};
 use reproject::key;
 use reproject::projection::{
     Changes, Column, ColumnType, DynProjection, Event, Projection, TableSpec, Value,
 };
 use reproject::proto::reproject::v1::EventEnvelope;
-use reproject::proto::shop::v3;
 use reproject::source::partitioner::Partitioner;
 use reproject::source::producer::LogWriter;
 use reproject::source::KafkaSettings;
@@ -317,21 +317,9 @@ impl Projection<ShopEvent> for LastOrder {
 }
 
 async fn last_order_engine(db: &str, kafka: &KafkaSettings, tuning: Tuning) -> Engine<ShopEvent> {
-    Engine::connect(EngineParts {
-        kafka: kafka.clone(),
-        topic: TOPIC.into(),
-        database_url: db.into(),
-        view_schema: "public".into(),
-        registry: Arc::new(shop::registry().expect("registry")),
-        projections: vec![LastOrder::projection()],
-        schemas: SchemaSource {
-            dir: Some(LastOrder::schema_dir()),
-            embedded: shop::projections::embedded_schema,
-        },
-        tuning,
-    })
-    .await
-    .expect("engine connects")
+    let mut parts = common::shop_parts(db, kafka, tuning, Some(LastOrder::schema_dir()));
+    parts.projections = vec![LastOrder::projection()];
+    Engine::connect(parts).await.expect("engine connects")
 }
 
 /// Customers 0..40: an order placed, then (later in time, on the other partition) a refund: gone.

@@ -3,7 +3,7 @@
 //! - a baseline that does what a hand-written backfill script does: the same decoding and upcasters,
 //!   then one `INSERT .. ON CONFLICT DO UPDATE` per event in transactions of 1,000;
 //! - the swap's effect on readers: 8 connections query the stable name in a loop while
-//!   `order_summary` is rebuilt and swapped again.
+//!   the domain's first projection is rebuilt and swapped again.
 //!
 //! Prints the figures and, with `--json FILE`, writes them for scripts to compare runs.
 
@@ -20,9 +20,8 @@ use serde::Serialize;
 use sqlx::Connection;
 
 use super::report::print_report;
-use super::{GlobalArgs, Outcome, Settings};
-use crate::domain::shop::generator::History;
-use crate::domain::shop::ShopEvent;
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::rebuild::{self, RebuildOptions, RebuildReport};
 use crate::engine::{Engine, Tuning};
 use crate::envelope;
@@ -89,8 +88,8 @@ pub struct BenchFigures {
     pub swap_commit_ms: f64,
 }
 
-pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome> {
-    let mut settings = Settings::resolve(global)?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outcome> {
+    let mut settings = cx.settings()?;
     let broker = DevBroker::start(&settings.topic, args.partitions)?;
     settings.kafka.brokers = broker.bootstrap_servers();
     settings.database_url = recreate_database(&settings.database_url, &args.database).await?;
@@ -110,11 +109,12 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
     );
 
     // The history.
-    let config = super::seed::history_config(args.events, None, None, 42);
+    let mut history = cx
+        .example("bench")?
+        .history(&crate::domain::HistorySize::new(args.events, 42));
     let (kafka, topic, events) = (settings.kafka.clone(), settings.topic.clone(), args.events);
     let started = Instant::now();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut history = History::new(config);
         let mut writer = LogWriter::bulk(&kafka, &topic, "consistent_random")?;
         for record in history.by_ref().take(events as usize) {
             writer.send(&record.key, &record.value)?;
@@ -133,7 +133,7 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
             .map_or_else(crate::engine::default_replay_readers, usize::from),
         ..Tuning::default()
     };
-    let engine = Arc::new(settings.engine(tuning).await?);
+    let engine = Arc::new(cx.engine(&settings, tuning).await?);
     let names: Vec<String> = engine
         .projections
         .iter()
@@ -167,32 +167,50 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<Outcome
     figures.baseline_events_per_second = figures.baseline_events as f64 / figures.baseline_seconds;
     figures.speedup = figures.events_per_second / figures.baseline_events_per_second;
 
-    // Readers during a swap.
+    // Readers during a swap, of the first projection's first table by its first key column.
     let stop = Arc::new(AtomicBool::new(false));
-    let id: String = sqlx::query_scalar("SELECT order_id FROM public.order_summary LIMIT 1")
+    let showcase = showcase_projection(&engine)?;
+    let table = showcase.tables()[0].clone();
+    let key = table.columns[0].clone();
+    let view = crate::sink::qualified(&settings.view_schema, table.name);
+    let id: String = sqlx::query_scalar(&format!("SELECT {}::text FROM {view} LIMIT 1", key.name))
         .fetch_one(engine.catalog.pool())
         .await
-        .context("picking an order for the readers")?;
+        .with_context(|| format!("picking a row of {view} for the readers"))?;
+    let lookup = format!(
+        "SELECT 1::int4 FROM {view} WHERE {} = CAST($1 AS {}) LIMIT 1",
+        key.name,
+        key.ty.pg_name()
+    );
     let origin = Instant::now();
     // The readers stand for applications: a thread and a runtime of their own, so that they see the
     // database as an outside client does, not the rebuild's scheduling.
     let readers = {
-        let (url, id, stop, count) = (
+        let (url, id, stop, count, lookup) = (
             settings.database_url.clone(),
             id.clone(),
             stop.clone(),
             args.readers,
+            lookup.clone(),
         );
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            Ok::<_, std::io::Error>(runtime.block_on(futures::future::join_all(
-                (0..count).map(|_| read_in_a_loop(url.clone(), id.clone(), stop.clone(), origin)),
-            )))
+            Ok::<_, std::io::Error>(runtime.block_on(futures::future::join_all((0..count).map(
+                |_| {
+                    read_in_a_loop(
+                        url.clone(),
+                        lookup.clone(),
+                        id.clone(),
+                        stop.clone(),
+                        origin,
+                    )
+                },
+            ))))
         })
     };
-    let again = rebuild::rebuild(&engine, &["order_summary".to_string()], &options, &cancel).await;
+    let again = rebuild::rebuild(&engine, &[showcase.name().to_string()], &options, &cancel).await;
     let swap_end = origin.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut queries = Vec::new();
@@ -289,7 +307,7 @@ fn print_figures(f: &BenchFigures) {
     );
     outln!("speed-up over the baseline: {:.0}x", f.speedup);
     outln!(
-        "readers during a rebuild and swap of order_summary: {} readers, {} queries, {} errors; longest while the swap ran {:.1} ms (swap commit {:.1} ms); longest over the whole rebuild {:.1} ms, median {:.2} ms",
+        "readers during a rebuild and swap of the first projection: {} readers, {} queries, {} errors; longest while the swap ran {:.1} ms (swap commit {:.1} ms); longest over the whole rebuild {:.1} ms, median {:.2} ms",
         f.readers,
         f.reader_queries,
         f.reader_errors,
@@ -303,10 +321,23 @@ fn print_figures(f: &BenchFigures) {
     }
 }
 
-/// What a hand-written backfill does: consume, decode, upcast, project `order_summary`, and write
-/// each event's resulting row with its own `INSERT .. ON CONFLICT DO UPDATE`, committing every 1,000.
-async fn baseline(engine: &Engine<ShopEvent>, events: u64) -> anyhow::Result<()> {
-    let projection = engine.projection("order_summary")?;
+/// The projection the baseline and the readers use: the domain's first.
+fn showcase_projection<E>(
+    engine: &Engine<E>,
+) -> anyhow::Result<crate::projection::DynProjection<E>> {
+    engine
+        .projections
+        .first()
+        .filter(|p| !p.tables().is_empty())
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("bench needs a projection with at least one table"))
+}
+
+/// What a hand-written backfill does: consume, decode, upcast, project the first projection's first
+/// table, and write each event's resulting row with its own `INSERT .. ON CONFLICT DO UPDATE`,
+/// committing every 1,000.
+async fn baseline<E: Send + Sync + 'static>(engine: &Engine<E>, events: u64) -> anyhow::Result<()> {
+    let projection = showcase_projection(engine)?;
     let spec = projection.tables()[0].clone();
     let mut conn = sqlx::PgConnection::connect(&engine.database_url).await?;
     let sql = engine
@@ -335,7 +366,8 @@ async fn baseline(engine: &Engine<ShopEvent>, events: u64) -> anyhow::Result<()>
         })
         .collect();
     let statement = format!(
-        "INSERT INTO rp_bench_baseline.order_summary ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        "INSERT INTO rp_bench_baseline.{} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        spec.name,
         columns.join(", "),
         placeholders.join(", "),
         columns[..spec.key_len].join(", "),
@@ -428,6 +460,7 @@ async fn baseline(engine: &Engine<ShopEvent>, events: u64) -> anyhow::Result<()>
 /// Query the stable name until stopped; each query's start (seconds since `origin`) and duration (ms).
 async fn read_in_a_loop(
     url: String,
+    lookup: String,
     id: String,
     stop: Arc<AtomicBool>,
     origin: Instant,
@@ -439,11 +472,10 @@ async fn read_in_a_loop(
     };
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        let result: Result<Option<String>, _> =
-            sqlx::query_scalar("SELECT status FROM public.order_summary WHERE order_id = $1")
-                .bind(&id)
-                .fetch_optional(&mut conn)
-                .await;
+        let result: Result<Option<i32>, _> = sqlx::query_scalar(&lookup)
+            .bind(&id)
+            .fetch_optional(&mut conn)
+            .await;
         times.push((
             (started - origin).as_secs_f64(),
             started.elapsed().as_secs_f64() * 1e3,

@@ -7,13 +7,10 @@ use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
 use super::GlobalArgs;
-use crate::domain::shop;
-use crate::engine::{Engine, EngineParts, SchemaSource, Tuning};
 use crate::source::{parse_property, KafkaSettings};
 
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-pub const DEFAULT_TOPIC: &str = "shop.orders";
 
 /// `reproject.toml`.
 #[derive(Debug, Default, Deserialize)]
@@ -50,7 +47,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 impl Settings {
-    pub fn resolve(global: &GlobalArgs) -> anyhow::Result<Settings> {
+    pub fn resolve(global: &GlobalArgs, default_topic: &str) -> anyhow::Result<Settings> {
         let explicit = global
             .config
             .clone()
@@ -88,7 +85,7 @@ impl Settings {
             .clone()
             .or_else(|| env("REPROJECT_TOPIC"))
             .or(file.topic)
-            .unwrap_or_else(|| DEFAULT_TOPIC.into());
+            .unwrap_or_else(|| default_topic.into());
         if topic.is_empty()
             || topic.len() > 249
             || !topic
@@ -117,28 +114,6 @@ impl Settings {
             schema_dir: global.schema_dir.clone(),
             quiet: global.quiet,
         })
-    }
-
-    /// The engine for the shop domain.
-    pub async fn engine(&self, tuning: Tuning) -> anyhow::Result<Engine<shop::ShopEvent>> {
-        let registry = shop::registry().context("the shop's upcaster registry is inconsistent")?;
-        let mut engine = Engine::connect(EngineParts {
-            kafka: self.kafka.clone(),
-            topic: self.topic.clone(),
-            database_url: self.database_url.clone(),
-            view_schema: self.view_schema.clone(),
-            registry: std::sync::Arc::new(registry),
-            projections: shop::projections(),
-            schemas: SchemaSource {
-                dir: self.schema_dir.clone(),
-                embedded: shop::projections::embedded_schema,
-            },
-            tuning,
-        })
-        .await
-        .with_context(|| format!("PostgreSQL at {}", redact_url(&self.database_url)))?;
-        engine.read_database_url = self.read_database_url.clone();
-        Ok(engine)
     }
 }
 

@@ -5,7 +5,8 @@ use super::output::outln;
 use clap::{Args, Subcommand};
 
 use super::args::Format;
-use super::{GlobalArgs, Outcome, Settings};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::Tuning;
 use crate::sink::dead_letters::{self, StoredDeadLetter};
 
@@ -38,9 +39,9 @@ pub enum Action {
     Retry { projection: String, ids: Vec<i64> },
 }
 
-pub async fn run(global: &GlobalArgs, args: DeadLettersArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(Tuning::default()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: DeadLettersArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, Tuning::default()).await?;
     let mut conn = engine.catalog.conn().await?;
     match args.action {
         Action::List {

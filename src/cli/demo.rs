@@ -1,7 +1,7 @@
 //! `reproject demo`: the whole job, end to end, on an embedded broker and the local PostgreSQL.
 //!
 //! 1. starts librdkafka's mock cluster in this process and creates a fresh database;
-//! 2. seeds a deterministic history whose events span three schema versions;
+//! 2. seeds the domain's deterministic example history (in several schema versions);
 //! 3. rebuilds every projection while a producer keeps appending new events, and swaps them in;
 //! 4. follows the log until every event is applied, then prints the status and compares the views
 //!    with totals the generator computed on its own. Exits non-zero if they differ.
@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::report::print_report;
-use super::{shutdown_token, status, totals, GlobalArgs, Outcome, Settings};
-use crate::domain::shop::generator::History;
-use crate::domain::shop::totals::actual_totals;
+use super::{shutdown_token, status, totals, Cx, Outcome, Settings};
+use crate::domain::Domain;
+use crate::domain::History;
 use crate::engine::rebuild::{self, RebuildOptions};
 use crate::engine::run::{self, RunOptions};
 use crate::engine::Tuning;
@@ -35,7 +35,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 20_000)]
     pub live_rate: u64,
     /// Partitions of the topic (the mock cluster keeps at most 5 MiB per partition: about 100,000
-    /// compressed shop events)
+    /// compressed events of 50 bytes)
     #[arg(long, default_value_t = 16)]
     pub partitions: i32,
     /// Random seed of the history
@@ -46,10 +46,12 @@ pub struct DemoArgs {
     pub database: String,
 }
 
-pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome> {
-    let mut settings = Settings::resolve(global)?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: DemoArgs) -> anyhow::Result<Outcome> {
+    let mut settings = cx.settings()?;
+    let example = cx.example("demo")?;
     outln!(
-        "== reproject demo: {} events of history, {} more arriving during the rebuild",
+        "== reproject demo ({}): {} events of history, {} more arriving during the rebuild",
+        cx.domain.name(),
         args.events,
         args.live_events
     );
@@ -69,11 +71,13 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
     );
 
     // 1. The history.
-    let config = super::seed::history_config(args.events + args.live_events, None, None, args.seed);
+    let mut history = example.history(&crate::domain::HistorySize::new(
+        args.events + args.live_events,
+        args.seed,
+    ));
     let (kafka, topic, events) = (settings.kafka.clone(), settings.topic.clone(), args.events);
     let started = Instant::now();
     let (history, versions) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut history = History::new(config);
         let mut writer = LogWriter::bulk(&kafka, &topic, "consistent_random")?;
         for record in history.by_ref().take(events as usize) {
             writer.send(&record.key, &record.value)?;
@@ -100,7 +104,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
     // given up on a broker that went away with the demo.
     let stop_live = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = stop_live.clone();
-    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<History> {
+    let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<Box<dyn History>> {
         let mut history = history;
         let mut writer = LogWriter::new(&kafka, &topic, "consistent_random")?;
         let started = Instant::now();
@@ -119,7 +123,7 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
     });
 
     // 3. Rebuild everything and swap.
-    let engine = match rebuild_all(&settings).await {
+    let engine = match rebuild_all(cx, &settings).await {
         Ok(engine) => engine,
         Err(e) => {
             stop_live.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -145,7 +149,9 @@ pub async fn run(global: &GlobalArgs, args: DemoArgs) -> anyhow::Result<Outcome>
     let report = crate::engine::status::collect(&engine).await?;
     outln!("\n== status\n{}", status::render(&report));
     let expected = history.expected();
-    let actual = actual_totals(engine.catalog.pool(), &settings.view_schema).await?;
+    let actual = example
+        .actual_totals(engine.catalog.pool(), &settings.view_schema)
+        .await?;
     outln!(
         "== expected totals (computed by the generator) vs the live views, over {} events",
         expected.events
@@ -168,10 +174,11 @@ fn rebuild_options(settings: &Settings) -> RebuildOptions {
     }
 }
 
-async fn rebuild_all(
+async fn rebuild_all<D: Domain>(
+    cx: &Cx<D>,
     settings: &Settings,
-) -> anyhow::Result<std::sync::Arc<crate::engine::Engine<crate::domain::shop::ShopEvent>>> {
-    let engine = std::sync::Arc::new(settings.engine(Tuning::default()).await?);
+) -> anyhow::Result<std::sync::Arc<crate::engine::Engine<D::Event>>> {
+    let engine = std::sync::Arc::new(cx.engine(settings, Tuning::default()).await?);
     let names: Vec<String> = engine
         .projections
         .iter()

@@ -3,7 +3,8 @@
 use super::output::outln;
 use clap::Args;
 
-use super::{GlobalArgs, Outcome, Settings};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::source::dev_broker::DevBroker;
 
 #[derive(Args, Debug)]
@@ -12,13 +13,13 @@ pub struct DevBrokerArgs {
     #[arg(long, default_value_t = 9092)]
     pub port: u16,
     /// Partitions of the topic to create (the mock cluster keeps at most 5 MiB per partition: about
-    /// 100,000 compressed shop events)
+    /// 100,000 compressed events of 50 bytes)
     #[arg(long, default_value_t = 16)]
     pub partitions: i32,
 }
 
-pub async fn run(global: &GlobalArgs, args: DevBrokerArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: DevBrokerArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
     let broker = DevBroker::start(&settings.topic, args.partitions)?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
         .await

@@ -5,7 +5,8 @@ use super::output::{out, outln};
 use clap::Args;
 
 use super::args::{Format, TuningArgs};
-use super::{GlobalArgs, Outcome, Settings};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::estimate;
 
 #[derive(Args, Debug)]
@@ -25,15 +26,15 @@ pub struct EstimateArgs {
     pub tuning: TuningArgs,
 }
 
-pub async fn run(global: &GlobalArgs, args: EstimateArgs) -> anyhow::Result<Outcome> {
+pub async fn run<D: Domain>(cx: &Cx<D>, args: EstimateArgs) -> anyhow::Result<Outcome> {
     if !(args.sample > 0.0 && args.sample <= 1.0) {
         anyhow::bail!(
             "--sample {}: expected a fraction of the log above 0 and at most 1 (0.01 is 1%)",
             args.sample
         );
     }
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(args.tuning.tuning()).await?;
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
     let names = super::chosen_projections(&engine, args.all, &args.projections);
     let estimate = estimate::estimate(&engine, &names, args.sample).await?;
     match args.format {

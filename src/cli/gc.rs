@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{GlobalArgs, Outcome, Settings};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::gc::{self, Collectable, GcPolicy};
 use crate::engine::Tuning;
 
@@ -22,9 +23,9 @@ pub struct GcArgs {
     pub dry_run: bool,
 }
 
-pub async fn run(global: &GlobalArgs, args: GcArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(Tuning::default()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: GcArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, Tuning::default()).await?;
     let policy = GcPolicy {
         keep: args.keep,
         min_age: Duration::from_secs_f64(args.older_than_hours.max(0.0) * 3600.0),

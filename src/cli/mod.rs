@@ -25,10 +25,150 @@ mod tune;
 mod verify;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use config::Settings;
+
+use crate::domain::Domain;
+use crate::engine::{Engine, EngineParts, Tuning};
+
+/// The command ran and found what it was asked to check to be wrong (for example totals differ).
+pub const EXIT_CHECK_FAILED: u8 = 1;
+/// Anything else stopped the command: bad input, an unreachable broker or database.
+pub const EXIT_ERROR: u8 = 2;
+/// Stopped by SIGINT or SIGTERM; committed work is kept.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// The whole `reproject` command line for `domain`: parse flags, start logging, run the command, and
+/// turn its result into one readable line and an exit code. A team's `main.rs` is
+///
+/// ```text
+/// fn main() -> std::process::ExitCode {
+///     reproject::cli::main(my_events::MyDomain)
+/// }
+/// ```
+pub fn main<D: Domain>(domain: D) -> ExitCode {
+    let matches = Cli::command()
+        .before_help(format!("domain: {}", domain.name()))
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_logging(cli.global.verbose, cli.global.quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("reproject: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let result = runtime.block_on(run(Arc::new(domain), cli));
+    // Blocking tasks still talking to a broker that is gone must not hold the exit for minutes.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(EXIT_CHECK_FAILED),
+        Err(error) => {
+            let interrupted = error
+                .downcast_ref::<crate::engine::EngineError>()
+                .is_some_and(|e| matches!(e, crate::engine::EngineError::Interrupted));
+            eprintln!("reproject: {}", one_line(&error));
+            ExitCode::from(if interrupted {
+                EXIT_INTERRUPTED
+            } else {
+                EXIT_ERROR
+            })
+        }
+    }
+}
+
+/// The whole cause chain on one line, the way users read it in a terminal or a log, each cause once.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for part in error.chain().map(|c| c.to_string()) {
+        if !line.contains(&part) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&part);
+        }
+    }
+    line
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // sqlx warns about every statement over a second; a bulk upsert is meant to take that long.
+        tracing_subscriber::EnvFilter::new(format!("reproject={default},sqlx::query=error,warn"))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// What every subcommand starts from: the global flags and the domain it runs for.
+pub struct Cx<D> {
+    pub global: GlobalArgs,
+    pub domain: Arc<D>,
+}
+
+impl<D: Domain> Cx<D> {
+    /// Flags, environment, config file and defaults, checked.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Settings::resolve(&self.global, self.domain.default_topic())
+    }
+
+    /// The engine for this domain, connected to the database `settings` names.
+    pub async fn engine(
+        &self,
+        settings: &Settings,
+        tuning: Tuning,
+    ) -> anyhow::Result<Engine<D::Event>> {
+        let parts = EngineParts::for_domain(
+            &self.domain,
+            settings.kafka.clone(),
+            settings.topic.clone(),
+            settings.database_url.clone(),
+            settings.view_schema.clone(),
+            settings.schema_dir.clone(),
+            tuning,
+        )?;
+        let mut engine = Engine::connect(parts).await.map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "PostgreSQL at {}",
+                config::redact_url(&settings.database_url)
+            ))
+        })?;
+        engine.read_database_url = settings.read_database_url.clone();
+        Ok(engine)
+    }
+
+    /// The domain's example history, or an error saying the command needs one.
+    pub fn example(&self, command: &str) -> anyhow::Result<&dyn crate::domain::Example> {
+        self.domain.example().ok_or_else(|| {
+            anyhow::anyhow!(
+                "`{command}` needs an example history generator, and the domain {} has none \
+                 (see Domain::example); seed, demo, bench and check-totals work only with one",
+                self.domain.name()
+            )
+        })
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,7 +201,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "URL")]
     pub read_database: Option<String>,
 
-    /// The topic holding the event log [env: REPROJECT_TOPIC] [default: shop.orders]
+    /// The topic holding the event log [env: REPROJECT_TOPIC] [default: the domain's]
     #[arg(long, global = true)]
     pub topic: Option<String>,
 
@@ -98,13 +238,13 @@ pub struct GlobalArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the whole job end to end on an embedded broker and the local PostgreSQL: seed a history in
-    /// three schema versions, rebuild every projection while new events arrive, swap, and check the
+    /// Run the whole job end to end on an embedded broker and the local PostgreSQL: seed the domain's
+    /// example history, rebuild every projection while new events arrive, swap, and check the
     /// views against independently computed totals.
     Demo(demo::DemoArgs),
     /// Run librdkafka's mock cluster as a process of its own, for development.
     DevBroker(dev_broker::DevBrokerArgs),
-    /// Write a deterministic shop history to the topic.
+    /// Write the domain's deterministic example history to the topic.
     Seed(seed::SeedArgs),
     /// Rebuild projections from offset zero into fresh tables, catch up, and swap them in.
     Rebuild(rebuild::RebuildArgs),
@@ -135,7 +275,7 @@ pub enum Command {
     /// The end-to-end benchmark: seed, rebuild and swap, a per-event baseline on the same log, and
     /// readers during a swap. `--json FILE` writes the figures.
     Bench(bench::BenchArgs),
-    /// Compare the live shop views with the totals `seed --expected` wrote.
+    /// Compare the live views with the totals `seed --expected` wrote.
     CheckTotals(totals::CheckTotalsArgs),
     /// Records passed over under `--on-bad-record dead-letter`: list, show, retry after a fix.
     DeadLetters(dead_letters::DeadLettersArgs),
@@ -165,30 +305,34 @@ pub enum Outcome {
     Failed,
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    let global = cli.global;
-    if let Some(addr) = global.metrics_addr {
+/// Runs one parsed command line for `domain`.
+pub async fn run<D: Domain>(domain: Arc<D>, cli: Cli) -> anyhow::Result<Outcome> {
+    let cx = Cx {
+        global: cli.global,
+        domain,
+    };
+    if let Some(addr) = cx.global.metrics_addr {
         crate::engine::metrics::serve(addr).map_err(anyhow::Error::msg)?;
     }
     match cli.command {
-        Command::Demo(args) => demo::run(&global, args).await,
-        Command::DevBroker(args) => dev_broker::run(&global, args).await,
-        Command::Seed(args) => seed::run(&global, args).await,
-        Command::Rebuild(args) => rebuild::run(&global, args).await,
-        Command::Run(args) => run::run(&global, args).await,
-        Command::Estimate(args) => estimate::run(&global, args).await,
-        Command::Status(args) => status::run(&global, args).await,
-        Command::Swap(args) => swap::run(&global, args).await,
-        Command::CheckTotals(args) => totals::run(&global, args).await,
-        Command::Replay(args) => replay::run(&global, args).await,
-        Command::Verify(args) => verify::run(&global, args).await,
-        Command::Tune(args) => tune::run(&global, args).await,
-        Command::Rollback(args) => rollback::run(&global, args).await,
-        Command::Pause(args) => pause::run(&global, args, true).await,
-        Command::Resume(args) => pause::run(&global, args, false).await,
-        Command::Gc(args) => gc::run(&global, args).await,
-        Command::Bench(args) => bench::run(&global, args).await,
-        Command::DeadLetters(args) => dead_letters::run(&global, args).await,
+        Command::Demo(args) => demo::run(&cx, args).await,
+        Command::DevBroker(args) => dev_broker::run(&cx, args).await,
+        Command::Seed(args) => seed::run(&cx, args).await,
+        Command::Rebuild(args) => rebuild::run(&cx, args).await,
+        Command::Run(args) => run::run(&cx, args).await,
+        Command::Estimate(args) => estimate::run(&cx, args).await,
+        Command::Status(args) => status::run(&cx, args).await,
+        Command::Swap(args) => swap::run(&cx, args).await,
+        Command::CheckTotals(args) => totals::run(&cx, args).await,
+        Command::Replay(args) => replay::run(&cx, args).await,
+        Command::Verify(args) => verify::run(&cx, args).await,
+        Command::Tune(args) => tune::run(&cx, args).await,
+        Command::Rollback(args) => rollback::run(&cx, args).await,
+        Command::Pause(args) => pause::run(&cx, args, true).await,
+        Command::Resume(args) => pause::run(&cx, args, false).await,
+        Command::Gc(args) => gc::run(&cx, args).await,
+        Command::Bench(args) => bench::run(&cx, args).await,
+        Command::DeadLetters(args) => dead_letters::run(&cx, args).await,
     }
 }
 

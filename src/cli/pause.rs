@@ -5,7 +5,8 @@
 use super::output::outln;
 use clap::Args;
 
-use super::{GlobalArgs, Outcome, Settings};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::{holder_name, Tuning};
 
 #[derive(Args, Debug)]
@@ -14,9 +15,9 @@ pub struct PauseArgs {
     pub projection: String,
 }
 
-pub async fn run(global: &GlobalArgs, args: PauseArgs, paused: bool) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(Tuning::default()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: PauseArgs, paused: bool) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, Tuning::default()).await?;
     let projection = engine.projection(&args.projection)?;
     let by = holder_name(if paused { "pause" } else { "resume" });
     engine

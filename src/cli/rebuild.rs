@@ -3,7 +3,8 @@
 use clap::Args;
 
 use super::args::{MemoryArgs, SwapArgs, TuningArgs, VerifyArgs};
-use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use super::{shutdown_token, Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::rebuild::{self, RebuildOptions};
 
 #[derive(Args, Debug)]
@@ -30,9 +31,9 @@ pub struct RebuildArgs {
     pub tuning: TuningArgs,
 }
 
-pub async fn run(global: &GlobalArgs, args: RebuildArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(args.tuning.tuning()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: RebuildArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
     let names = super::chosen_projections(&engine, args.all, &args.projections);
     let options = RebuildOptions {
         allow_truncated_history: args.allow_truncated_history,

@@ -4,7 +4,8 @@ use super::output::outln;
 use clap::Args;
 
 use super::args::{Format, PartitionerArg};
-use super::{GlobalArgs, Outcome, Settings};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::timeline::{self, Locate, Timeline, TraceOptions, Verdict};
 use crate::engine::Tuning;
 
@@ -28,9 +29,9 @@ pub struct ReplayArgs {
     pub format: Format,
 }
 
-pub async fn run(global: &GlobalArgs, args: ReplayArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(Tuning::default()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: ReplayArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, Tuning::default()).await?;
     let projections = match &args.projection {
         Some(name) => vec![engine.projection(name)?],
         None => engine.projections.clone(),

@@ -7,7 +7,8 @@
 use clap::Args;
 
 use super::args::{SwapArgs as SwapTuning, TuningArgs};
-use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use super::{shutdown_token, Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::rebuild::catch_up_and_swap;
 use crate::sink::Phase;
 
@@ -24,9 +25,9 @@ pub struct RollbackArgs {
     pub tuning: TuningArgs,
 }
 
-pub async fn run(global: &GlobalArgs, args: RollbackArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(args.tuning.tuning()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: RollbackArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
     let projection = engine.projection(&args.projection)?;
     let retired: Vec<_> = engine
         .catalog

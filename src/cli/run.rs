@@ -5,7 +5,8 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::args::{MemoryArgs, SwapArgs, TuningArgs};
-use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use super::{shutdown_token, Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::rebuild::RebuildOptions;
 use crate::engine::run::{self, RunOptions};
 
@@ -30,9 +31,9 @@ pub struct RunArgs {
     pub tuning: TuningArgs,
 }
 
-pub async fn run(global: &GlobalArgs, args: RunArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = Arc::new(settings.engine(args.tuning.tuning()).await?);
+pub async fn run<D: Domain>(cx: &Cx<D>, args: RunArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = Arc::new(cx.engine(&settings, args.tuning.tuning()).await?);
     let options = RunOptions {
         backfill: !args.no_backfill,
         rebuild: RebuildOptions {

@@ -1,4 +1,4 @@
-//! `reproject seed`: append a deterministic shop history to the topic.
+//! `reproject seed`: append the domain's deterministic example history to the topic.
 
 use super::output::outln;
 use std::time::Instant;
@@ -7,8 +7,9 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::args::PartitionerArg;
-use super::{GlobalArgs, Outcome, Settings};
-use crate::domain::shop::generator::{History, HistoryConfig};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
+use crate::domain::{Example, HistorySize};
 use crate::source::producer::LogWriter;
 
 #[derive(Args, Debug)]
@@ -16,17 +17,15 @@ pub struct SeedArgs {
     /// Events to write
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
-    /// Orders the history is spread over [default: a tenth of --events, or of --skip when appending]
-    #[arg(long)]
-    pub orders: Option<u64>,
-    /// Customers placing them [default: orders / 5]
-    #[arg(long)]
-    pub customers: Option<u64>,
+    /// A knob of the history's shape, repeatable (`orders=N` for an example of orders, say); the domain's
+    /// example lists its keys when given one it does not know
+    #[arg(long, value_name = "KEY=N")]
+    pub shape: Vec<String>,
     /// Random seed: the same arguments write the same log
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Skip the first N events of the history (to append what comes after an earlier seed of N events
-    /// made with the same --orders, --customers and --seed)
+    /// made with the same --shape and --seed)
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
     /// Partitions to create the topic with, where the broker supports creating topics [default: 16]; an
@@ -41,27 +40,46 @@ pub struct SeedArgs {
     pub expected: Option<std::path::PathBuf>,
 }
 
-pub fn history_config(
+/// The size of a history of `events` events drawn from `seed`, with `KEY=N` shape knobs the example
+/// knows.
+pub fn history_size(
+    example: &dyn Example,
     events: u64,
-    orders: Option<u64>,
-    customers: Option<u64>,
     seed: u64,
-) -> HistoryConfig {
-    let orders = orders.unwrap_or((events / 10).max(1));
-    HistoryConfig::new(
-        events,
-        orders,
-        customers.unwrap_or((orders / 5).max(5)),
-        seed,
-    )
+    shape: &[String],
+) -> anyhow::Result<HistorySize> {
+    let mut size = HistorySize::new(events, seed);
+    let known = example.shape_keys();
+    for knob in shape {
+        let (key, value) = knob
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--shape {knob:?}: expected KEY=N"))?;
+        if !known.iter().any(|(k, _)| *k == key) {
+            let listed: Vec<String> = known
+                .iter()
+                .map(|(k, what)| format!("{k} ({what})"))
+                .collect();
+            anyhow::bail!(
+                "--shape {knob:?}: unknown key {key:?}; this domain's example knows {}",
+                if listed.is_empty() {
+                    "none".to_string()
+                } else {
+                    listed.join(", ")
+                }
+            );
+        }
+        let value: u64 = value
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--shape {knob:?}: {value:?} is not a whole number"))?;
+        size.shape.insert(key.to_string(), value);
+    }
+    Ok(size)
 }
 
-pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    settings
-        .kafka
-        .ensure_topic(&settings.topic, args.partitions)
-        .await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: SeedArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let example = cx.example("seed")?;
     // The stream is shaped by the history size it was seeded for (orders, items per order), so an
     // append with `--skip N` shapes it like the earlier seed of N events it continues.
     let shaped_for = if args.skip > 0 {
@@ -69,7 +87,12 @@ pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome>
     } else {
         args.events
     };
-    let config = history_config(shaped_for, args.orders, args.customers, args.seed);
+    let size = history_size(example, shaped_for, args.seed, &args.shape)?;
+    settings
+        .kafka
+        .ensure_topic(&settings.topic, args.partitions)
+        .await?;
+    let mut history = example.history(&size);
     let (kafka, topic, partitioner) = (
         settings.kafka.clone(),
         settings.topic.clone(),
@@ -78,7 +101,6 @@ pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome>
     let (skip, events) = (args.skip, args.events);
     let started = Instant::now();
     let (written, expected) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut history = History::new(config);
         let mut writer = LogWriter::bulk(&kafka, &topic, partitioner.librdkafka_name())?;
         for record in history.by_ref().take(skip as usize) {
             let _ = record;
@@ -92,10 +114,9 @@ pub async fn run(global: &GlobalArgs, args: SeedArgs) -> anyhow::Result<Outcome>
     .await??;
     let seconds = started.elapsed().as_secs_f64();
     outln!(
-        "wrote {written} events to {} in {seconds:.1}s ({:.0}/s): {} orders, versions {:?}",
+        "wrote {written} events to {} in {seconds:.1}s ({:.0}/s), per version {:?}",
         settings.topic,
         written as f64 / seconds.max(1e-9),
-        expected.orders,
         expected.events_by_version
     );
     if let Some(path) = args.expected {

@@ -4,7 +4,8 @@ use super::output::{out, outln};
 use clap::Args;
 
 use super::args::Format;
-use super::{GlobalArgs, Outcome, Settings};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::status::{self, BuildStatus, StatusReport};
 use crate::engine::Tuning;
 
@@ -15,9 +16,9 @@ pub struct StatusArgs {
     pub format: Format,
 }
 
-pub async fn run(global: &GlobalArgs, args: StatusArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(Tuning::default()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: StatusArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, Tuning::default()).await?;
     let report = status::collect(&engine).await?;
     match args.format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),

@@ -4,7 +4,8 @@ use super::output::out;
 use clap::Args;
 
 use super::args::{SwapArgs as SwapTuning, TuningArgs};
-use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use super::{shutdown_token, Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::rebuild::catch_up_and_swap;
 use crate::sink::Phase;
 
@@ -20,9 +21,9 @@ pub struct SwapArgs {
     pub tuning: TuningArgs,
 }
 
-pub async fn run(global: &GlobalArgs, args: SwapArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(args.tuning.tuning()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: SwapArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
     let projection = engine.projection(&args.projection)?;
     let builds = engine.catalog.builds(Some(projection.name())).await?;
     let Some(build) = builds

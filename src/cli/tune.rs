@@ -5,7 +5,8 @@
 use super::output::outln;
 use clap::Args;
 
-use super::{GlobalArgs, Outcome, Settings};
+use super::{Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::throttle::LiveSettings;
 use crate::engine::{holder_name, Tuning};
 
@@ -30,10 +31,10 @@ pub struct TuneArgs {
     pub clear: bool,
 }
 
-pub async fn run(global: &GlobalArgs, args: TuneArgs) -> anyhow::Result<Outcome> {
+pub async fn run<D: Domain>(cx: &Cx<D>, args: TuneArgs) -> anyhow::Result<Outcome> {
     if args.clear {
-        let settings = Settings::resolve(global)?;
-        let engine = settings.engine(Tuning::default()).await?;
+        let settings = cx.settings()?;
+        let engine = cx.engine(&settings, Tuning::default()).await?;
         let projection = engine.projection(&args.projection)?;
         engine.catalog.clear_tuning(projection.name()).await?;
         outln!("{}: settings from `tune` cleared", projection.name());
@@ -58,8 +59,8 @@ pub async fn run(global: &GlobalArgs, args: TuneArgs) -> anyhow::Result<Outcome>
     if change == LiveSettings::default() {
         anyhow::bail!("nothing to change: give --max-rate, --batch-events, --throttle-slow-at or --throttle-pause-at (or --clear)");
     }
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(Tuning::default()).await?;
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, Tuning::default()).await?;
     let projection = engine.projection(&args.projection)?;
     let now = engine
         .catalog

@@ -5,7 +5,8 @@ use super::output::{out, outln};
 use clap::Args;
 
 use super::args::{CompareArgs, Format, TuningArgs};
-use super::{shutdown_token, GlobalArgs, Outcome, Settings};
+use super::{shutdown_token, Cx, Outcome};
+use crate::domain::Domain;
 use crate::engine::verify::{self, Against, VerifyMode};
 use crate::sink::Phase;
 
@@ -46,9 +47,9 @@ fn parse_against(text: &str) -> Result<Against, String> {
         .map_err(|_| format!("{text:?}: expected `active`, a version number (3 or v3) or build:ID"))
 }
 
-pub async fn run(global: &GlobalArgs, args: VerifyCommandArgs) -> anyhow::Result<Outcome> {
-    let settings = Settings::resolve(global)?;
-    let engine = settings.engine(args.tuning.tuning()).await?;
+pub async fn run<D: Domain>(cx: &Cx<D>, args: VerifyCommandArgs) -> anyhow::Result<Outcome> {
+    let settings = cx.settings()?;
+    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
     let projection = engine.projection(&args.projection)?;
     if let Some(id) = args.show {
         let Some(kept) = engine.catalog.verification(projection.name(), id).await? else {

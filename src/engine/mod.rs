@@ -26,8 +26,10 @@ pub mod verify;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use prost_reflect::DescriptorPool;
 use sqlx::postgres::PgPoolOptions;
 
+use crate::domain::Domain;
 use crate::projection::{DynProjection, SchemaSql};
 use crate::sink::lock::LockError;
 use crate::sink::{Catalog, SinkError};
@@ -46,6 +48,8 @@ pub enum EngineError {
     TruncatedHistory { topic: String, partitions: String },
     #[error("schema file {path}: {reason}")]
     SchemaFile { path: String, reason: String },
+    #[error("domain {domain}: {reason}")]
+    Domain { domain: String, reason: String },
     #[error("projection {projection}: {reason}")]
     Projection { projection: String, reason: String },
     #[error("aggregate {aggregate_id:?} has no events in {topic} (looked in {looked_in}); check the id, or pass --scan-all if the producers use another partitioner")]
@@ -125,10 +129,24 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 #[derive(Clone)]
 pub struct SchemaSource {
     pub dir: Option<PathBuf>,
-    pub embedded: fn(&str, u32) -> Option<SchemaSql>,
+    pub embedded: CompiledSchemas,
 }
 
+/// The SQL a domain compiles in, per projection and version (see [`crate::domain::Domain::schema`]).
+pub type CompiledSchemas = Arc<dyn Fn(&str, u32) -> Option<SchemaSql> + Send + Sync>;
+
 impl SchemaSource {
+    /// The SQL compiled in by `embedded`, or read from `dir` when one is given.
+    pub fn new(
+        dir: Option<PathBuf>,
+        embedded: impl Fn(&str, u32) -> Option<SchemaSql> + Send + Sync + 'static,
+    ) -> SchemaSource {
+        SchemaSource {
+            dir,
+            embedded: Arc::new(embedded),
+        }
+    }
+
     pub fn load(&self, projection: &str, version: u32) -> Result<SchemaSql> {
         match &self.dir {
             Some(dir) => {
@@ -217,6 +235,8 @@ pub struct Engine<E> {
     pub registry: Arc<Registry<E>>,
     pub projections: Vec<DynProjection<E>>,
     pub schemas: SchemaSource,
+    /// The domain's Protobuf descriptors, for showing payloads as JSON.
+    pub descriptors: DescriptorPool,
     pub catalog: Catalog,
     pub tuning: Tuning,
 }
@@ -229,13 +249,56 @@ pub struct EngineParts<E> {
     pub registry: Arc<Registry<E>>,
     pub projections: Vec<DynProjection<E>>,
     pub schemas: SchemaSource,
+    /// An encoded `FileDescriptorSet` of the domain's payload messages (may be empty).
+    pub descriptors: Vec<u8>,
     pub tuning: Tuning,
+}
+
+impl<E: Send + Sync + 'static> EngineParts<E> {
+    /// A domain's code, with where to find the log and the database: what every command starts from.
+    pub fn for_domain<D: Domain<Event = E>>(
+        domain: &Arc<D>,
+        kafka: KafkaSettings,
+        topic: String,
+        database_url: String,
+        view_schema: String,
+        schema_dir: Option<PathBuf>,
+        tuning: Tuning,
+    ) -> Result<EngineParts<E>> {
+        let registry = domain.registry().map_err(|e| EngineError::Domain {
+            domain: domain.name().to_string(),
+            reason: format!("its upcaster registry is inconsistent: {e}"),
+        })?;
+        let schemas = {
+            let domain = domain.clone();
+            SchemaSource::new(schema_dir, move |p, v| domain.schema(p, v))
+        };
+        Ok(EngineParts {
+            kafka,
+            topic,
+            database_url,
+            view_schema,
+            registry: Arc::new(registry),
+            projections: domain.projections(),
+            schemas,
+            descriptors: domain.descriptors().to_vec(),
+            tuning,
+        })
+    }
 }
 
 impl<E: Send + Sync + 'static> Engine<E> {
     /// Connect to PostgreSQL and make sure reproject's catalog exists.
     pub async fn connect(parts: EngineParts<E>) -> Result<Engine<E>> {
         crate::sink::check_identifier("view schema", &parts.view_schema)?;
+        let descriptors = DescriptorPool::decode(parts.descriptors.as_slice()).map_err(|e| {
+            EngineError::Domain {
+                domain: "-".into(),
+                reason: format!(
+                    "its Protobuf descriptors are not an encoded FileDescriptorSet: {e}"
+                ),
+            }
+        })?;
         for p in &parts.projections {
             crate::sink::check_identifier("projection", p.name())?;
             for t in p.tables() {
@@ -288,6 +351,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
             registry: parts.registry,
             projections: parts.projections,
             schemas: parts.schemas,
+            descriptors,
             catalog,
             tuning: parts.tuning,
         })

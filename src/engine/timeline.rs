@@ -194,12 +194,7 @@ pub async fn trace<E: Send + Sync + 'static>(
     }
 
     // 2. Trace.
-    let pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).map_err(|e| {
-        EngineError::Projection {
-            projection: "-".into(),
-            reason: format!("the built-in protobuf descriptors do not decode: {e}"),
-        }
-    })?;
+    let pool = &engine.descriptors;
     let mut stores: Vec<RowStore> = options
         .projections
         .iter()
@@ -242,7 +237,7 @@ pub async fn trace<E: Send + Sync + 'static>(
             .map(|step| Step {
                 message: step.name.clone(),
                 version: message_version(&step.name),
-                payload: payload_json(&pool, &step.name, &step.encoded),
+                payload: payload_json(pool, &step.name, &step.encoded),
             })
             .collect();
         let mut entry = TimelineEvent {

@@ -1,7 +1,7 @@
 //! Decoding the stored record: the envelope every record carries, and the versioned type of its
 //! payload.
 //!
-//! A payload's type URL names a versioned message, `type.googleapis.com/shop.v2.OrderPaid`: the part
+//! A payload's type URL names a versioned message, `type.googleapis.com/acme.v2.OrderPaid`: the part
 //! after the last `/` is the full message name, and the package's last segment (`v2`) is its version.
 
 use crate::projection::EventMeta;
@@ -314,13 +314,13 @@ pub fn micros_timestamp(micros: i64) -> prost_types::Timestamp {
     }
 }
 
-/// The message name a type URL points at: `shop.v2.OrderPaid` for
-/// `type.googleapis.com/shop.v2.OrderPaid`.
+/// The message name a type URL points at: `acme.v2.OrderPaid` for
+/// `type.googleapis.com/acme.v2.OrderPaid`.
 pub fn message_name(type_url: &str) -> &str {
     type_url.rsplit('/').next().unwrap_or(type_url)
 }
 
-/// The version of a versioned message name: 2 for `shop.v2.OrderPaid`. None if the package does not
+/// The version of a versioned message name: 2 for `acme.v2.OrderPaid`. None if the package does not
 /// end in `v<N>`.
 pub fn message_version(type_url: &str) -> Option<u32> {
     let name = message_name(type_url);
@@ -345,7 +345,7 @@ mod tests {
             sequence: 3,
             occurred_at: Some(micros_timestamp(1_700_000_000_123_456)),
             payload: Some(prost_types::Any {
-                type_url: format!("{TYPE_URL_PREFIX}shop.v2.OrderPaid"),
+                type_url: format!("{TYPE_URL_PREFIX}acme.v2.OrderPaid"),
                 value: vec![1, 2, 3],
             }),
             metadata: [("source".to_string(), "test".to_string())]
@@ -359,7 +359,7 @@ mod tests {
         assert_eq!(decoded.meta.sequence, 3);
         assert_eq!(decoded.meta.occurred_at_micros, 1_700_000_000_123_456);
         assert_eq!((decoded.meta.partition, decoded.meta.offset), (4, 99));
-        assert_eq!(decoded.type_url, "type.googleapis.com/shop.v2.OrderPaid");
+        assert_eq!(decoded.type_url, "type.googleapis.com/acme.v2.OrderPaid");
         assert_eq!(decoded.payload, vec![1, 2, 3]);
     }
 
@@ -381,7 +381,7 @@ mod tests {
                     micros_timestamp(rng.random_range(-1_000_000_000..2_000_000_000_000_000))
                 }),
                 payload: rng.random_bool(0.95).then(|| prost_types::Any {
-                    type_url: format!("{TYPE_URL_PREFIX}shop.v{}.OrderPaid", round % 4),
+                    type_url: format!("{TYPE_URL_PREFIX}acme.v{}.OrderPaid", round % 4),
                     value: (0..rng.random_range(0..40)).map(|_| rng.random()).collect(),
                 }),
                 metadata: (0..rng.random_range(0..3))
@@ -433,15 +433,15 @@ mod tests {
     #[test]
     fn type_urls_name_a_message_and_its_version() {
         assert_eq!(
-            message_name("type.googleapis.com/shop.v2.OrderPaid"),
-            "shop.v2.OrderPaid"
+            message_name("type.googleapis.com/acme.v2.OrderPaid"),
+            "acme.v2.OrderPaid"
         );
         assert_eq!(
-            message_version("type.googleapis.com/shop.v2.OrderPaid"),
+            message_version("type.googleapis.com/acme.v2.OrderPaid"),
             Some(2)
         );
-        assert_eq!(message_version("shop.v13.X"), Some(13));
-        assert_eq!(message_version("shop.OrderPaid"), None);
+        assert_eq!(message_version("acme.v13.X"), Some(13));
+        assert_eq!(message_version("acme.OrderPaid"), None);
         assert_eq!(message_version("OrderPaid"), None);
     }
 

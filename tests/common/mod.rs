@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use reproject::domain::shop::{self, generator::History, generator::HistoryConfig, ShopEvent};
 use reproject::engine::rebuild::RebuildOptions;
-use reproject::engine::{Engine, EngineParts, SchemaSource, Tuning};
+use reproject::engine::{Engine, EngineParts, Tuning};
 use reproject::sink::database::recreate_database;
 use reproject::source::dev_broker::DevBroker;
 use reproject::source::producer::LogWriter;
@@ -136,21 +136,28 @@ pub async fn engine_with(
     tuning: Tuning,
     registry: reproject::upcast::Registry<ShopEvent>,
 ) -> Engine<ShopEvent> {
-    Engine::connect(EngineParts {
-        kafka: kafka.clone(),
-        topic: TOPIC.into(),
-        database_url: database_url.into(),
-        view_schema: "public".into(),
-        registry: Arc::new(registry),
-        projections: shop::projections(),
-        schemas: SchemaSource {
-            dir: None,
-            embedded: shop::projections::embedded_schema,
-        },
+    let mut parts = shop_parts(database_url, kafka, tuning, None);
+    parts.registry = Arc::new(registry);
+    Engine::connect(parts).await.expect("engine connects")
+}
+
+/// The shop's engine parts, as the stock binary builds them, for tests to adjust.
+pub fn shop_parts(
+    database_url: &str,
+    kafka: &KafkaSettings,
+    tuning: Tuning,
+    schema_dir: Option<std::path::PathBuf>,
+) -> EngineParts<ShopEvent> {
+    EngineParts::for_domain(
+        &Arc::new(shop::Shop),
+        kafka.clone(),
+        TOPIC.into(),
+        database_url.into(),
+        "public".into(),
+        schema_dir,
         tuning,
-    })
-    .await
-    .expect("engine connects")
+    )
+    .expect("the shop's parts")
 }
 
 pub fn rebuild_options() -> RebuildOptions {

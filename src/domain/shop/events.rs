@@ -1,6 +1,6 @@
 //! The latest version of each shop event: what projections are written against.
 
-use crate::proto::shop::v3;
+use super::proto::v3;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum ShopEvent {

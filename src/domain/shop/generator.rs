@@ -19,10 +19,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::proto::{v1, v2, v3};
 use super::AGGREGATE_TYPE;
-use crate::envelope::{micros_timestamp, TYPE_URL_PREFIX};
-use crate::proto::reproject::v1::EventEnvelope;
-use crate::proto::shop::{v1, v2, v3};
+use reproject::envelope::{micros_timestamp, TYPE_URL_PREFIX};
+use reproject::proto::reproject::v1::EventEnvelope;
 
 /// 2023-01-01T00:00:00Z: events from here on are written as v2.
 pub const V2_FROM: i64 = 1_672_531_200;
@@ -61,14 +61,7 @@ impl HistoryConfig {
     }
 }
 
-/// One record to append to the log.
-#[derive(Clone, Debug)]
-pub struct Record {
-    /// The aggregate (order) id: the record key.
-    pub key: String,
-    pub value: Vec<u8>,
-    pub occurred_at: i64,
-}
+pub use reproject::domain::Record;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -772,5 +765,11 @@ impl Iterator for History {
 
     fn next(&mut self) -> Option<Record> {
         self.next_record()
+    }
+}
+
+impl reproject::domain::History for History {
+    fn expected(&self) -> reproject::domain::Totals {
+        super::totals::figures(&History::expected(self))
     }
 }

@@ -1,12 +1,11 @@
 //! Reading the shop's totals back from the live views, to compare with what the generator says they
 //! must be.
 
-use std::collections::BTreeMap;
-
 use sqlx::PgPool;
 
 use super::generator::{DailyTotals, ExpectedTotals};
-use crate::sink::{qualified, Context, Result};
+use reproject::domain::Totals;
+use reproject::sink::{qualified, Context, Result};
 
 /// The same figures as [`ExpectedTotals`], from the views in `view_schema`.
 pub async fn actual_totals(pool: &PgPool, view_schema: &str) -> Result<ExpectedTotals> {
@@ -76,75 +75,44 @@ pub async fn actual_totals(pool: &PgPool, view_schema: &str) -> Result<ExpectedT
 
 /// Every difference between expected and actual, as readable lines. Empty when they agree.
 pub fn differences(expected: &ExpectedTotals, actual: &ExpectedTotals) -> Vec<String> {
-    let mut out = Vec::new();
-    if expected.orders != actual.orders {
-        out.push(format!(
-            "orders: expected {}, found {}",
-            expected.orders, actual.orders
-        ));
-    }
-    if expected.customers != actual.customers {
-        out.push(format!(
-            "customers: expected {}, found {}",
-            expected.customers, actual.customers
-        ));
-    }
-    diff_maps(
-        "orders with status",
-        &expected.orders_by_status,
-        &actual.orders_by_status,
-        &mut out,
-    );
-    diff_maps(
-        "customers whose latest order is in",
-        &expected.customers_by_currency,
-        &actual.customers_by_currency,
-        &mut out,
-    );
-    diff_maps(
-        "lifetime value (cents) in",
-        &expected.lifetime_value_cents,
-        &actual.lifetime_value_cents,
-        &mut out,
-    );
-    let mut daily_diffs = 0;
-    for key in expected
-        .daily_sales
-        .keys()
-        .chain(actual.daily_sales.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-    {
-        let (e, a) = (expected.daily_sales.get(key), actual.daily_sales.get(key));
-        if e.copied().unwrap_or_default() != a.copied().unwrap_or_default() {
-            daily_diffs += 1;
-            if daily_diffs <= 10 {
-                out.push(format!("daily sales {key}: expected {e:?}, found {a:?}"));
-            }
-        }
-    }
-    if daily_diffs > 10 {
-        out.push(format!("... and {} more days differ", daily_diffs - 10));
-    }
-    out
+    figures(expected).differences(&figures(actual))
 }
 
-fn diff_maps<V: PartialEq + std::fmt::Debug + Default + Copy>(
-    label: &str,
-    expected: &BTreeMap<String, V>,
-    actual: &BTreeMap<String, V>,
-    out: &mut Vec<String>,
-) {
-    for key in expected
-        .keys()
-        .chain(actual.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-    {
-        let (e, a) = (
-            expected.get(key).copied().unwrap_or_default(),
-            actual.get(key).copied().unwrap_or_default(),
-        );
-        if e != a {
-            out.push(format!("{label} {key}: expected {e:?}, found {a:?}"));
-        }
+/// The shop's totals as named figures, the form `check-totals` and the demo compare: counts and sums
+/// printed one per line, and every day's sales compared as detail.
+pub fn figures(totals: &ExpectedTotals) -> Totals {
+    let mut out = Totals {
+        events: totals.events,
+        events_by_version: totals.events_by_version.clone(),
+        figures: Vec::new(),
+    };
+    out.figure("orders", totals.orders as i64);
+    for (status, n) in &totals.orders_by_status {
+        out.figure(format!("  orders {status}"), *n as i64);
     }
+    out.figure("customers", totals.customers as i64);
+    for (currency, n) in &totals.customers_by_currency {
+        out.figure(format!("  latest order in {currency}"), *n as i64);
+    }
+    for (currency, cents) in &totals.lifetime_value_cents {
+        out.figure(format!("lifetime value {currency} (cents)"), *cents);
+    }
+    out.figure("days x currencies", totals.daily_sales.len() as i64);
+    out.figure(
+        "revenue, all days (cents)",
+        totals.daily_sales.values().map(|d| d.revenue_cents).sum(),
+    );
+    for (day, d) in &totals.daily_sales {
+        out.detail(format!("daily sales {day}: orders placed"), d.orders_placed);
+        out.detail(format!("daily sales {day}: orders paid"), d.orders_paid);
+        out.detail(
+            format!("daily sales {day}: revenue (cents)"),
+            d.revenue_cents,
+        );
+        out.detail(
+            format!("daily sales {day}: refunded (cents)"),
+            d.refunded_cents,
+        );
+    }
+    out
 }

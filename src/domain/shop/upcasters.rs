@@ -10,9 +10,9 @@ use chrono::{NaiveDateTime, TimeZone};
 use chrono_tz::Tz;
 
 use super::events::ShopEvent;
-use crate::envelope::micros_timestamp;
-use crate::proto::shop::{v1, v2, v3};
-use crate::upcast::{RegistryBuilder, StepError};
+use super::proto::{v1, v2, v3};
+use reproject::envelope::micros_timestamp;
+use reproject::upcast::{RegistryBuilder, StepError};
 
 /// The currency every v1 amount was in.
 pub const V1_CURRENCY: &str = "EUR";
@@ -390,6 +390,189 @@ mod tests {
                 assert_eq!(p.paid_at.map(|t| t.seconds), Some(1_656_669_600));
             }
             other => panic!("expected Paid, got {other:?}"),
+        }
+    }
+}
+
+/// The registry's own rules, checked with the shop's messages as samples.
+#[cfg(test)]
+mod registry_tests {
+    use super::super::proto::{v1, v2, v3};
+    use reproject::upcast::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Out(String);
+
+    fn placed_v1_to_v2(e: v1::OrderPlaced) -> Result<v2::OrderPlaced, StepError> {
+        Ok(v2::OrderPlaced {
+            order_id: e.order_id,
+            ..Default::default()
+        })
+    }
+    fn placed_v2_to_v3(e: v2::OrderPlaced) -> Result<v3::OrderPlaced, StepError> {
+        Ok(v3::OrderPlaced {
+            order_id: e.order_id,
+            ..Default::default()
+        })
+    }
+    fn placed_v2_to_v1(e: v2::OrderPlaced) -> Result<v1::OrderPlaced, StepError> {
+        Ok(v1::OrderPlaced {
+            order_id: e.order_id,
+            ..Default::default()
+        })
+    }
+    fn wrong_output(_: v1::OrderPlaced) -> Result<v1::ItemAdded, StepError> {
+        Err(StepError::new("never called"))
+    }
+    fn finish(e: v3::OrderPlaced) -> Out {
+        Out(e.order_id)
+    }
+
+    fn err<E: 'static>(builder: RegistryBuilder<E>) -> String {
+        match builder.build() {
+            Ok(_) => panic!("the registry should have been refused"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_complete_chain_builds_and_upcasts() {
+        let registry = Registry::<Out>::builder()
+            .step(
+                "shop.v1.OrderPlaced",
+                "shop.v2.OrderPlaced",
+                placed_v1_to_v2,
+            )
+            .step(
+                "shop.v2.OrderPlaced",
+                "shop.v3.OrderPlaced",
+                placed_v2_to_v3,
+            )
+            .latest("shop.v3.OrderPlaced", finish)
+            .build()
+            .expect("valid");
+        let bytes = prost::Message::encode_to_vec(&v1::OrderPlaced {
+            order_id: "o".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            registry
+                .upcast("type.googleapis.com/shop.v1.OrderPlaced", &bytes)
+                .expect("upcasts"),
+            Out("o".into())
+        );
+        assert!(matches!(
+            registry.upcast("type.googleapis.com/shop.v9.OrderPlaced", &bytes),
+            Err(UpcastError::UnknownType { .. })
+        ));
+        assert!(matches!(
+            registry.upcast("shop.v1.OrderPlaced", &[0xff, 0xff]),
+            Err(UpcastError::Undecodable { .. })
+        ));
+    }
+
+    #[test]
+    fn a_step_to_an_unregistered_version_is_refused_naming_it() {
+        let message = err(Registry::<Out>::builder().step(
+            "shop.v1.OrderPlaced",
+            "shop.v2.OrderPlaced",
+            placed_v1_to_v2,
+        ));
+        assert!(
+            message.contains("shop.v2.OrderPlaced is not registered"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn two_steps_for_one_version_are_refused() {
+        let message = err(Registry::<Out>::builder()
+            .step(
+                "shop.v1.OrderPlaced",
+                "shop.v2.OrderPlaced",
+                placed_v1_to_v2,
+            )
+            .step(
+                "shop.v1.OrderPlaced",
+                "shop.v2.OrderPlaced",
+                placed_v1_to_v2,
+            )
+            .step(
+                "shop.v2.OrderPlaced",
+                "shop.v3.OrderPlaced",
+                placed_v2_to_v3,
+            )
+            .latest("shop.v3.OrderPlaced", finish));
+        assert!(
+            message.contains("shop.v1.OrderPlaced is registered twice"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_cycle_is_refused_with_its_path() {
+        let message = err(Registry::<Out>::builder()
+            .step(
+                "shop.v1.OrderPlaced",
+                "shop.v2.OrderPlaced",
+                placed_v1_to_v2,
+            )
+            .step(
+                "shop.v2.OrderPlaced",
+                "shop.v1.OrderPlaced",
+                placed_v2_to_v1,
+            ));
+        assert!(message.contains("cycle"), "{message}");
+        assert!(
+            message.contains("shop.v1.OrderPlaced -> shop.v2.OrderPlaced"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_step_whose_output_type_is_not_the_next_versions_is_refused() {
+        let message = err(Registry::<Out>::builder()
+            .step("shop.v1.OrderPlaced", "shop.v3.OrderPlaced", wrong_output)
+            .latest("shop.v3.OrderPlaced", finish));
+        assert!(
+            message.contains("output type differs") && message.contains("shop.v3.OrderPlaced"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_failing_step_names_both_versions_and_the_reason() {
+        let registry = super::super::registry().expect("shop registry");
+        let bad = v1::ItemAdded {
+            order_id: "o".into(),
+            sku: "s".into(),
+            quantity: 1,
+            unit_price: "12,50".into(),
+        };
+        let error = registry
+            .upcast(
+                "type.googleapis.com/shop.v1.ItemAdded",
+                &prost::Message::encode_to_vec(&bad),
+            )
+            .expect_err("12,50 is not a v1 decimal");
+        let message = error.to_string();
+        assert!(
+            message.contains("shop.v1.ItemAdded -> shop.v2.ItemAdded")
+                && message.contains("\"12,50\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn every_shop_message_reaches_its_latest_version() {
+        let registry = super::super::registry().expect("shop registry");
+        let chains = registry.chains();
+        assert_eq!(chains.len(), 21, "7 events in 3 versions");
+        for (start, chain) in chains {
+            assert!(
+                chain.last().is_some_and(|l| l.starts_with("shop.v3.")),
+                "{start}: {chain:?}"
+            );
         }
     }
 }

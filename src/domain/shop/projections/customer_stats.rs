@@ -4,8 +4,8 @@
 //! order placed wins, whichever partition is read first).
 
 use super::{time, ShopEvent};
-use crate::key;
-use crate::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
+use reproject::key;
+use reproject::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
 
 const CURRENCY: usize = 1;
 const ORDERS: usize = 2;

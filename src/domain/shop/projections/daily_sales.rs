@@ -2,8 +2,8 @@
 //! gather events from every partition; each change is a sum, so partition order does not matter.
 
 use super::{utc_day, ShopEvent};
-use crate::key;
-use crate::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
+use reproject::key;
+use reproject::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
 
 const ORDERS_PLACED: usize = 2;
 const ORDERS_PAID: usize = 3;

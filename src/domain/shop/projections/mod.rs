@@ -12,8 +12,8 @@ pub use order_summary::OrderSummary;
 use std::sync::Arc;
 
 use super::ShopEvent;
-use crate::envelope::timestamp_micros;
-use crate::projection::{DynProjection, Value};
+use reproject::envelope::timestamp_micros;
+use reproject::projection::{DynProjection, Value};
 
 pub fn all() -> Vec<DynProjection<ShopEvent>> {
     vec![
@@ -40,10 +40,10 @@ fn utc_day(ts: &Option<prost_types::Timestamp>, occurred_at_micros: i64) -> Valu
 }
 
 /// The SQL of each projection version, compiled in from `schemas/`.
-pub fn embedded_schema(projection: &str, version: u32) -> Option<crate::projection::SchemaSql> {
+pub fn embedded_schema(projection: &str, version: u32) -> Option<reproject::projection::SchemaSql> {
     macro_rules! sql {
         ($name:literal, $v:literal) => {
-            crate::projection::SchemaSql {
+            reproject::projection::SchemaSql {
                 tables: include_str!(concat!(
                     "../../../../schemas/",
                     $name,

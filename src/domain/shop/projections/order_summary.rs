@@ -1,8 +1,8 @@
 //! `order_summary`: one row per order with its customer, status, items, totals and milestones.
 
 use super::{time, ShopEvent};
-use crate::key;
-use crate::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
+use reproject::key;
+use reproject::projection::{Changes, Column, ColumnType, Event, Projection, TableSpec, Value};
 
 // Column 0 is order_id, the key.
 const CUSTOMER_ID: usize = 1;
