@@ -1,0 +1,1 @@
+ALTER TABLE daily_volume ADD PRIMARY KEY (day, currency);
