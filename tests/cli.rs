@@ -3,50 +3,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use common::*;
-
-struct DevBrokerProcess {
-    child: Child,
-    address: String,
-}
-
-impl Drop for DevBrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use reproject::source::dev_broker::DevBrokerProcess;
 
 fn dev_broker(partitions: u32) -> DevBrokerProcess {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .args([
-            "dev-broker",
-            "--port",
-            &port.to_string(),
-            "--partitions",
-            &partitions.to_string(),
-            "--quiet",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start dev-broker");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("dev-broker prints its address");
-    assert!(line.contains("dev broker ready"), "{line}");
-    DevBrokerProcess {
-        child,
-        address: format!("127.0.0.1:{port}"),
-    }
+    DevBrokerProcess::spawn(env!("CARGO_BIN_EXE_reproject"), partitions).expect("start dev-broker")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,54 +4,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
 use sqlx::{Connection, PgPool};
-
-/// `reproject rebuild` with `what` (`--all`, or projection names) and `extra` flags.
-fn spawn_rebuild(db: &str, brokers: &str, what: &[&str], extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_reproject"))
-        .arg("rebuild")
-        .args(what)
-        .args([
-            "--quiet",
-            "--brokers",
-            brokers,
-            "--database-url",
-            db,
-            "--topic",
-            TOPIC,
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start reproject")
-}
-
-/// Poll until `condition` holds (true) or the child exits or time runs out (false).
-async fn wait_for(pool: &PgPool, child: &mut Child, sql: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            eprintln!("the rebuild exited before the condition held: {status}");
-            return false;
-        }
-        let hit: Option<bool> = sqlx::query_scalar(sql)
-            .fetch_optional(pool)
-            .await
-            .unwrap_or(None);
-        if hit == Some(true) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
-}
 
 async fn assert_no_duplicate_rows(pool: &PgPool) {
     for (table, key) in [
@@ -78,7 +35,7 @@ async fn a_rebuild_killed_during_the_bulk_load_starts_over_and_finishes_correctl
     let pool = pool(&db).await;
 
     let mut child = spawn_rebuild(&db, &kafka.settings.brokers, &["--all"], &[]);
-    let replaying = wait_for(
+    let replaying = wait_for_sql_while_running(
         &pool,
         &mut child,
         "SELECT bool_or(phase = 'loading' AND progress IS NOT NULL) FROM reproject.builds",
@@ -159,7 +116,7 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
             "4000",
         ],
     );
-    let mid_catch_up = wait_for(
+    let mid_catch_up = wait_for_sql_while_running(
         &pool,
         &mut child,
         "SELECT count(*) = 3 AND bool_and(b.phase = 'catching_up' AND p.applied > b.events_replayed + 2000)
@@ -233,7 +190,7 @@ async fn a_rebuild_killed_inside_its_swap_leaves_the_old_view_whole_and_the_next
         .await
         .expect("long read");
     let mut child = spawn_rebuild(&db, &kafka.settings.brokers, &["order_summary"], &[]);
-    let in_swap = wait_for(
+    let in_swap = wait_for_sql_while_running(
         &pool,
         &mut child,
         "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation

@@ -365,3 +365,55 @@ pub fn shutdown_token() -> tokio_util::sync::CancellationToken {
     });
     token
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::{DynProjection, SchemaSql};
+    use crate::upcast::{Registry, RegistryError};
+
+    /// A domain with events and views but no example history, as most teams' are.
+    struct NoExample;
+
+    impl Domain for NoExample {
+        type Event = ();
+        fn name(&self) -> &str {
+            "billing"
+        }
+        fn default_topic(&self) -> &str {
+            "billing.invoices"
+        }
+        fn registry(&self) -> Result<Registry<()>, RegistryError> {
+            Registry::builder().build()
+        }
+        fn projections(&self) -> Vec<DynProjection<()>> {
+            Vec::new()
+        }
+        fn schema(&self, _: &str, _: u32) -> Option<SchemaSql> {
+            None
+        }
+        fn descriptors(&self) -> &[u8] {
+            &[]
+        }
+    }
+
+    #[test]
+    fn commands_that_need_an_example_history_say_so_and_name_the_domain() {
+        let cx = Cx {
+            global: GlobalArgs::default(),
+            domain: Arc::new(NoExample),
+        };
+        let error = cx.example("seed").err().map(|e| e.to_string());
+        let error = error.expect("no example");
+        assert!(
+            error.contains("`seed` needs an example history generator")
+                && error.contains("the domain billing has none"),
+            "{error}"
+        );
+        let settings = cx.settings().expect("settings");
+        assert_eq!(
+            settings.topic, "billing.invoices",
+            "the domain's default topic"
+        );
+    }
+}

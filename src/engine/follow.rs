@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::controls::{Controls, CONTROLS_CHECK_EVERY};
 use super::progress::{lag, Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
-use super::throttle::{LiveSettings, Throttle};
+use super::throttle::Throttle;
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::DynProjection;
 use crate::sink::catalog::Positions;
@@ -148,7 +149,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
         cancel,
         label,
         &mut batches,
-        &batch_size,
+        batch_size,
     )
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -166,7 +167,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
     batches: &mut tokio::sync::mpsc::Receiver<
         std::result::Result<reader::Batch, reader::ReadError>,
     >,
-    batch_size: &AtomicUsize,
+    batch_size: Arc<AtomicUsize>,
 ) -> Result<FollowOutcome> {
     let mut writer = BatchWriter::connect(&engine.database_url).await?;
     let mut progress = Progress::new(label.to_string(), None, false);
@@ -176,38 +177,26 @@ async fn apply_batches<E: Send + Sync + 'static>(
     let mut last_lag: Option<i64> = None;
     let mut log_end = Positions::new();
     let mut last_snapshot = Instant::now() - Duration::from_secs(60);
-    let mut last_pause_check = Instant::now() - Duration::from_secs(60);
+    let mut last_controls_check = Instant::now() - Duration::from_secs(60);
     let writer_name = holder_name(label);
     let names: Vec<&str> = targets.iter().map(|t| t.projection.name()).collect();
-    let mut live = LiveSettings::default();
+    let mut controls = Controls::new(&names, batch_size, &engine.tuning);
     let mut throttle = engine
         .tuning
         .throttle
         .clone()
         .map(|config| Throttle::new(config, &engine.database_url));
     loop {
-        // `reproject pause` takes effect here, between batches: nothing is half-applied.
-        if last_pause_check.elapsed() >= PAUSE_CHECK_EVERY {
-            last_pause_check = Instant::now();
-            if wait_while_paused(engine, &names, targets, &writer_name, cancel).await? {
-                last_pause_check = Instant::now();
-            }
-            // `reproject tune` takes effect here too.
-            let now = engine.catalog.live_settings(&names).await?;
-            if now != live {
-                tracing::info!(message = "settings changed by `reproject tune`", settings = ?now);
-                batch_size.store(
-                    now.batch_events
-                        .unwrap_or(engine.tuning.batch_events)
-                        .max(1),
-                    Ordering::Relaxed,
-                );
-                super::metrics::max_rate(now.max_rate.or(engine.tuning.max_rate));
-                live = now;
-            }
+        // `reproject pause` and `reproject tune` take effect here, between batches: nothing is
+        // half-applied.
+        if last_controls_check.elapsed() >= CONTROLS_CHECK_EVERY {
+            controls.refresh(&engine.catalog).await?;
+            wait_while_paused(engine, &mut controls, targets, &writer_name, cancel).await?;
+            last_controls_check = Instant::now();
         }
         if let Some(t) = throttle.as_mut() {
-            t.check_if_due(&live, engine.tuning.max_rate).await?;
+            t.check_if_due(controls.live(), engine.tuning.max_rate)
+                .await?;
             while t.paused() && !cancel.is_cancelled() {
                 let snap = serde_json::json!({"phase": "throttled", "throttle": t.last()});
                 for target in targets.iter() {
@@ -220,8 +209,8 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     _ = cancel.cancelled() => {}
                     _ = tokio::time::sleep(t.check_every()) => {}
                 }
-                live = engine.catalog.live_settings(&names).await?;
-                t.check(&live, engine.tuning.max_rate).await?;
+                controls.refresh(&engine.catalog).await?;
+                t.check(controls.live(), engine.tuning.max_rate).await?;
             }
         }
         let batch = tokio::select! {
@@ -330,7 +319,12 @@ async fn apply_batches<E: Send + Sync + 'static>(
             dead_letters += stored.iter().map(|l| l.len() as u64).sum::<u64>();
             if let Some(t) = throttle.as_mut() {
                 t.pace(batch.events).await;
-            } else if let Some(rate) = live.max_rate.or(engine.tuning.max_rate).filter(|r| *r > 0) {
+            } else if let Some(rate) = controls
+                .live()
+                .max_rate
+                .or(engine.tuning.max_rate)
+                .filter(|r| *r > 0)
+            {
                 // Hold the average at the cap: sleep until this many events are due.
                 let due = Duration::from_secs_f64(events as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(progress.elapsed()) {
@@ -386,7 +380,13 @@ async fn apply_batches<E: Send + Sync + 'static>(
             // A batch's log end was measured when it was read; batches may have waited since. Ask
             // the brokers again before calling it caught up.
             let confirmed = l <= lag_below && !log_end.is_empty() && {
-                let fresh = fresh_log_end(engine).await?;
+                // ListOffsets now, but never below what the reader's fetches last reported (kept in
+                // `log_end`): a broker whose two answers disagree must not make this short.
+                let mut fresh = fresh_log_end(engine).await?;
+                for (p, seen) in &log_end {
+                    let end = fresh.entry(*p).or_insert(*seen);
+                    *end = (*end).max(*seen);
+                }
                 let fresh_lag = furthest_behind(targets, &fresh);
                 log_end = fresh;
                 last_lag = Some(fresh_lag);
@@ -409,46 +409,34 @@ async fn apply_batches<E: Send + Sync + 'static>(
     }
 }
 
-/// How often followers and rebuilds look at the pause flags.
-pub const PAUSE_CHECK_EVERY: Duration = Duration::from_secs(1);
-
-/// If any of `names` is paused, wait (recording it in the builds' progress) until none is or until
-/// cancelled. Returns whether it waited.
+/// While any of the projections is paused (as `controls` last read), wait, recording it in the
+/// builds' progress, until none is or until cancelled.
 async fn wait_while_paused<E: Send + Sync + 'static>(
     engine: &Engine<E>,
-    names: &[&str],
+    controls: &mut Controls,
     targets: &[FollowTarget<E>],
     writer_name: &str,
     cancel: &CancellationToken,
-) -> Result<bool> {
-    let mut waited = false;
-    loop {
-        let paused = engine.catalog.paused(names).await?;
-        for name in names {
-            super::metrics::paused(name, paused.iter().any(|p| p == name));
-        }
-        if paused.is_empty() || cancel.is_cancelled() {
-            if waited {
-                tracing::info!(message = "resumed", projections = ?names);
-            }
-            return Ok(waited);
-        }
-        if !waited {
-            tracing::info!(message = "paused by `reproject pause`; waiting for `reproject resume`", projections = ?paused);
+) -> Result<()> {
+    let mut recorded = false;
+    while !controls.paused().is_empty() && !cancel.is_cancelled() {
+        if !recorded {
+            let snap = serde_json::json!({"phase": "paused", "paused": controls.paused()});
             for t in targets {
-                let snap = serde_json::json!({"phase": "paused", "paused": paused});
                 engine
                     .catalog
                     .write_progress(t.build.build_id, writer_name, &snap)
                     .await;
             }
+            recorded = true;
         }
-        waited = true;
         tokio::select! {
             _ = cancel.cancelled() => {}
-            _ = tokio::time::sleep(PAUSE_CHECK_EVERY) => {}
+            _ = tokio::time::sleep(CONTROLS_CHECK_EVERY) => {}
         }
+        controls.refresh(&engine.catalog).await?;
     }
+    Ok(())
 }
 
 /// The lag of the target furthest behind `log_end`.

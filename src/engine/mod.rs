@@ -8,6 +8,7 @@
 //!           live rows; writes nothing to the projection tables
 //! ```
 
+pub mod controls;
 pub mod dead_letters;
 pub mod estimate;
 pub mod fold;

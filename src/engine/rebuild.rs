@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
+use super::controls::Controls;
 use super::fold::{Fold, FoldBuild, FoldResult};
 use super::follow::{self, FollowTarget, Until};
 use super::progress::{Progress, Snapshot};
@@ -679,6 +680,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     });
     let mut progress = Progress::new("replaying", Some(total.max(0) as u64), options.quiet);
     let writer_name = holder_name("rebuild");
+    let names: Vec<&str> = jobs.iter().map(|j| j.projection.name()).collect();
+    let mut controls = Controls::new(&names, batch_size.clone(), &engine.tuning);
     tokio::pin!(fold);
     let folded = loop {
         tokio::select! {
@@ -688,15 +691,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                 return Err(EngineError::Interrupted);
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                let names: Vec<&str> = jobs.iter().map(|j| j.projection.name()).collect();
-                let now_paused = !engine.catalog.paused(&names).await?.is_empty();
-                if now_paused != paused.swap(now_paused, Ordering::Relaxed) {
-                    tracing::info!(message = if now_paused { "replay paused by `reproject pause`" } else { "replay resumed" }, projections = ?names);
-                }
-                let tuned = engine.catalog.live_settings(&names).await?.batch_events.unwrap_or(engine.tuning.batch_events).max(1);
-                if tuned != batch_size.swap(tuned, Ordering::Relaxed) {
-                    tracing::info!(message = "replay batch size changed by `reproject tune`", batch_events = tuned);
-                }
+                controls.refresh(&engine.catalog).await?;
+                paused.store(!controls.paused().is_empty(), Ordering::Relaxed);
                 let done = read_events.load(Ordering::Relaxed);
                 progress.update(done, Some(total - done as i64));
                 let mut snap = Snapshot::new("loading", done, progress.elapsed(), &Positions::new(), &bounds.end);

@@ -69,3 +69,50 @@ impl DevBroker {
         }
     }
 }
+
+/// `dev-broker` run as a process of its own by a reproject binary (the stock one, or a team's), for
+/// end-to-end tests of a domain's crate: separate commands then share it as they would share a real
+/// broker. Killed when dropped.
+pub struct DevBrokerProcess {
+    child: std::process::Child,
+    /// The fixed address clients bootstrap through.
+    pub address: String,
+}
+
+impl DevBrokerProcess {
+    /// Starts `program dev-broker` on a free port with `partitions` partitions of the program's
+    /// default topic, and waits until it says it is ready.
+    pub fn spawn(program: &str, partitions: u32) -> std::io::Result<DevBrokerProcess> {
+        use std::io::{BufRead, BufReader};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = std::process::Command::new(program)
+            .args(["dev-broker", "--port", &port.to_string()])
+            .args(["--partitions", &partitions.to_string(), "--quiet"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            BufReader::new(stdout).read_line(&mut line)?;
+        }
+        if !line.contains("dev broker ready") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "{program} dev-broker did not say it was ready; it said {line:?}"
+            )));
+        }
+        Ok(DevBrokerProcess {
+            child,
+            address: format!("127.0.0.1:{port}"),
+        })
+    }
+}
+
+impl Drop for DevBrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

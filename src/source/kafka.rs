@@ -18,6 +18,17 @@ pub const MAX_FETCH_BYTES: usize = 100 << 20;
 /// How far ahead a consumer may fetch (librdkafka's queue, 1 GiB): the replay's readers share it.
 pub const PREFETCH_BYTES: usize = 1 << 30;
 
+/// The prefetch cap of each of `readers` consumers sharing a read: together they stay within what one
+/// consumer would fetch ahead (`cap`, or [`PREFETCH_BYTES`] when uncapped).
+pub fn prefetch_share(cap: Option<usize>, readers: usize) -> Option<usize> {
+    let readers = readers.max(1);
+    match cap {
+        Some(bytes) => Some(bytes / readers),
+        None if readers > 1 => Some(PREFETCH_BYTES / readers),
+        None => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("Kafka ({brokers}): {context}: {source}")]
@@ -109,6 +120,33 @@ impl KafkaSettings {
         self.with_user_properties(config)
             .create()
             .map_err(self.error("creating a consumer"))
+    }
+
+    /// [`KafkaSettings::consumer`] with its prefetch queue (and so its fetch responses) capped at
+    /// `prefetch_max_bytes`; None keeps the consumer's default of [`PREFETCH_BYTES`].
+    pub fn consumer_with_prefetch(
+        &self,
+        group: &str,
+        prefetch_max_bytes: Option<usize>,
+    ) -> Result<BaseConsumer, SourceError> {
+        let Some(bytes) = prefetch_max_bytes else {
+            return self.consumer(group);
+        };
+        let mut capped = self.clone();
+        let kbytes = (bytes / 1024).max(1024);
+        // Put first so that a property the user set (applied in order, last wins) still wins.
+        capped.properties.splice(
+            0..0,
+            [
+                ("queued.max.messages.kbytes".to_string(), kbytes.to_string()),
+                // Never above the consumer's own fetch limit, which its receive limit allows.
+                (
+                    "fetch.max.bytes".to_string(),
+                    (kbytes * 1024).min(MAX_FETCH_BYTES).to_string(),
+                ),
+            ],
+        );
+        capped.consumer(group)
     }
 
     /// A producer for `seed`: compressed (the broker keeps compressed bytes) and batched.
@@ -325,6 +363,42 @@ impl KafkaSettings {
         }
     }
 
+    /// The log end per partition as the consumer's own fetch responses last reported it (librdkafka
+    /// keeps each response's high watermark; asking costs no request). Partitions not fetched yet
+    /// are left out.
+    pub fn fetched_log_end(
+        &self,
+        consumer: &BaseConsumer,
+        topic: &str,
+        partitions: &[i32],
+    ) -> BTreeMap<i32, i64> {
+        let mut out = BTreeMap::new();
+        let Ok(name) = std::ffi::CString::new(topic) else {
+            return out;
+        };
+        for &partition in partitions {
+            let (mut low, mut high) = (-1i64, -1i64);
+            // SAFETY: the client pointer is valid while `consumer` is borrowed; librdkafka reads the
+            // NUL-terminated topic name and writes the two integers, nothing else. rdkafka 0.39 has
+            // no safe wrapper for this cached value (`fetch_watermarks` asks the broker instead).
+            let error = unsafe {
+                rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                    consumer.client().native_ptr(),
+                    name.as_ptr(),
+                    partition,
+                    &mut low,
+                    &mut high,
+                )
+            };
+            if error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                && high >= 0
+            {
+                out.insert(partition, high);
+            }
+        }
+        out
+    }
+
     /// Where the consumer will fetch next, per partition. Past control records (transaction markers),
     /// which are never delivered as messages.
     pub fn fetch_positions(&self, consumer: &BaseConsumer) -> BTreeMap<i32, i64> {
@@ -347,6 +421,43 @@ impl KafkaSettings {
     }
 }
 
+/// A partition whose fetches reported a log end beyond the broker's ListOffsets answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogEndDisagreement {
+    pub partition: i32,
+    pub list_offsets: i64,
+    pub fetched: i64,
+}
+
+/// The log end to trust, per partition: the higher of what ListOffsets answered and what the fetches
+/// reported. Kafka-compatible brokers differ: one was seen answering ListOffsets with a high
+/// watermark below what its fetches served, which made a rebuild swap in a view a few thousand
+/// events short. Returns the ends, and each partition where the two disagreed that way.
+pub fn reconcile_log_end(
+    list_offsets: &BTreeMap<i32, i64>,
+    fetched: &BTreeMap<i32, i64>,
+) -> (BTreeMap<i32, i64>, Vec<LogEndDisagreement>) {
+    let mut ends = list_offsets.clone();
+    let mut disagreements = Vec::new();
+    for (&partition, &seen) in fetched {
+        match ends.get_mut(&partition) {
+            Some(listed) if seen > *listed => {
+                disagreements.push(LogEndDisagreement {
+                    partition,
+                    list_offsets: *listed,
+                    fetched: seen,
+                });
+                *listed = seen;
+            }
+            Some(_) => {}
+            None => {
+                ends.insert(partition, seen);
+            }
+        }
+    }
+    (ends, disagreements)
+}
+
 /// Parse `key=value` as given to `-X`.
 pub fn parse_property(text: &str) -> Result<(String, String), SourceError> {
     match text.split_once('=') {
@@ -361,6 +472,69 @@ pub fn parse_property(text: &str) -> Result<(String, String), SourceError> {
 mod tests {
     use super::*;
     use rdkafka::producer::{BaseRecord, Producer};
+
+    #[test]
+    fn the_log_end_is_the_higher_of_list_offsets_and_the_fetches_and_disagreements_are_named() {
+        let listed = BTreeMap::from([(0, 100), (1, 50), (2, 7)]);
+        // Partition 0: the broker's fetches served past what ListOffsets said (the case seen on a
+        // Kafka-compatible broker); 1: ListOffsets is newer than the last fetch (normal while
+        // producing); 2: not fetched yet; 3: fetched but not listed.
+        let fetched = BTreeMap::from([(0, 103), (1, 40), (3, 9)]);
+        let (ends, disagreements) = reconcile_log_end(&listed, &fetched);
+        assert_eq!(ends, BTreeMap::from([(0, 103), (1, 50), (2, 7), (3, 9)]));
+        assert_eq!(
+            disagreements,
+            vec![LogEndDisagreement {
+                partition: 0,
+                list_offsets: 100,
+                fetched: 103
+            }]
+        );
+        let (same, none) = reconcile_log_end(&listed, &BTreeMap::new());
+        assert_eq!((same, none), (listed, Vec::new()));
+    }
+
+    #[test]
+    fn the_fetched_log_end_is_what_the_fetches_reported() {
+        let broker =
+            super::super::dev_broker::DevBroker::start("fetched", 2).expect("mock cluster");
+        let settings = KafkaSettings {
+            brokers: broker.bootstrap_servers(),
+            properties: Vec::new(),
+        };
+        let producer: BaseProducer = settings.producer("murmur2_random").expect("producer");
+        for i in 0..6 {
+            producer
+                .send(
+                    BaseRecord::<str, str>::to("fetched")
+                        .partition(0)
+                        .key("k")
+                        .payload(&format!("{i}")),
+                )
+                .expect("send");
+        }
+        producer.flush(Duration::from_secs(10)).expect("flush");
+        let consumer = settings.consumer("fetched-test").expect("consumer");
+        assert!(
+            settings
+                .fetched_log_end(&consumer, "fetched", &[0, 1])
+                .is_empty(),
+            "nothing fetched yet"
+        );
+        settings
+            .assign(&consumer, "fetched", &BTreeMap::from([(0, 0), (1, 0)]))
+            .expect("assign");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut received = 0;
+        while received < 6 && std::time::Instant::now() < deadline {
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+                received += 1;
+            }
+        }
+        assert_eq!(received, 6);
+        let fetched = settings.fetched_log_end(&consumer, "fetched", &[0, 1]);
+        assert_eq!(fetched.get(&0), Some(&6), "{fetched:?}");
+    }
 
     #[test]
     fn log_bounds_asked_for_all_partitions_at_once_match_asking_one_by_one() {

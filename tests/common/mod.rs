@@ -3,9 +3,9 @@
 
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reproject::domain::shop::{self, generator::History, generator::HistoryConfig, ShopEvent};
 use reproject::engine::rebuild::RebuildOptions;
@@ -279,6 +279,48 @@ pub fn spawn_run(db: &str, kafka: &Kafka, extra: &[&str]) -> std::process::Child
         .args(extra)
         .spawn()
         .expect("start run")
+}
+
+/// `reproject rebuild` with `what` (`--all`, or projection names) and `extra` flags.
+pub fn spawn_rebuild(db: &str, brokers: &str, what: &[&str], extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .arg("rebuild")
+        .args(what)
+        .args([
+            "--quiet",
+            "--brokers",
+            brokers,
+            "--database-url",
+            db,
+            "--topic",
+            TOPIC,
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start reproject")
+}
+
+/// Poll until the query `sql` returns true (true), or the child exits or 60 s pass (false): for
+/// tests that kill a process once it has reached a given point.
+pub async fn wait_for_sql_while_running(pool: &PgPool, child: &mut Child, sql: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            eprintln!("the rebuild exited before the condition held: {status}");
+            return false;
+        }
+        let hit: Option<bool> = sqlx::query_scalar(sql)
+            .fetch_optional(pool)
+            .await
+            .unwrap_or(None);
+        if hit == Some(true) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
 }
 
 /// Stop a process as an operator would: SIGTERM, then wait (at most 30 s) for it to exit, and

@@ -2,45 +2,15 @@
 //! of its own, the real PostgreSQL, seed, rebuild, totals, a projection bug fixed and verified, swap,
 //! and one transfer's timeline with its payloads shown as JSON through the ledger's descriptors.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
+
+use reproject::source::dev_broker::DevBrokerProcess;
 
 const LEDGER: &str = env!("CARGO_BIN_EXE_reproject-ledger");
 const BEFORE_FIX: &str = env!("CARGO_BIN_EXE_ledger-before-fix");
 
-struct DevBroker {
-    child: Child,
-    address: String,
-}
-
-impl Drop for DevBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn dev_broker(partitions: u32) -> DevBroker {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let mut child = Command::new(LEDGER)
-        .args(["dev-broker", "--port", &port.to_string()])
-        .args(["--partitions", &partitions.to_string(), "--quiet"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start dev-broker");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("dev-broker prints its address");
-    assert!(line.contains("dev broker ready"), "{line}");
-    DevBroker {
-        child,
-        address: format!("127.0.0.1:{port}"),
-    }
+fn dev_broker(partitions: u32) -> DevBrokerProcess {
+    DevBrokerProcess::spawn(LEDGER, partitions).expect("start the ledger's dev-broker")
 }
 
 async fn fresh_database(name: &str) -> String {
