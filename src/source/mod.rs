@@ -11,6 +11,6 @@ pub mod partitioner;
 pub mod producer;
 
 pub use kafka::{
-    parse_property, prefetch_share, reconcile_log_end, KafkaSettings, LogBounds, SourceError,
-    MAX_FETCH_BYTES, PREFETCH_BYTES,
+    parse_property, prefetch_share, reconcile_log_end, KafkaSettings, LogBounds,
+    LogEndDisagreement, SourceError, MAX_FETCH_BYTES, PREFETCH_BYTES,
 };
