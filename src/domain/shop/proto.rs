@@ -1,4 +1,4 @@
-//! The shop's messages in their three versions, generated from `proto/shop/` at build time.
+//! The shop's messages in their three versions, generated from `protos/shop/` at build time.
 
 #![allow(clippy::all, missing_docs)]
 

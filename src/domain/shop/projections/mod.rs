@@ -1,4 +1,4 @@
-//! The shop's projections. Each file declares its tables (matching `schemas/<name>/v<N>/`) and the
+//! The shop's projections. Each file declares its tables (matching `schemas/<name>/v<N>/` in this folder) and the
 //! changes each event makes.
 
 mod customer_stats;
@@ -39,27 +39,15 @@ fn utc_day(ts: &Option<prost_types::Timestamp>, occurred_at_micros: i64) -> Valu
     Value::Date(micros.div_euclid(86_400_000_000) as i32)
 }
 
-/// The SQL of each projection version, compiled in from `schemas/`.
+/// The SQL of each projection version, compiled in from this folder's `schemas/`.
 pub fn embedded_schema(projection: &str, version: u32) -> Option<reproject::projection::SchemaSql> {
     macro_rules! sql {
         ($name:literal, $v:literal) => {
             reproject::projection::SchemaSql {
-                tables: include_str!(concat!(
-                    "../../../../schemas/",
-                    $name,
-                    "/v",
-                    $v,
-                    "/tables.sql"
-                ))
-                .to_string(),
-                indexes: include_str!(concat!(
-                    "../../../../schemas/",
-                    $name,
-                    "/v",
-                    $v,
-                    "/indexes.sql"
-                ))
-                .to_string(),
+                tables: include_str!(concat!("../schemas/", $name, "/v", $v, "/tables.sql"))
+                    .to_string(),
+                indexes: include_str!(concat!("../schemas/", $name, "/v", $v, "/indexes.sql"))
+                    .to_string(),
             }
         };
     }
