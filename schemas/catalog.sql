@@ -7,6 +7,7 @@ CREATE TABLE IF NOT EXISTS reproject.builds (
     projection        text        NOT NULL,
     version           integer     NOT NULL,
     schema_name       text        NOT NULL UNIQUE,
+    -- The topics the build reads, joined by ', ' (for people); `topics` below is what counts.
     topic             text        NOT NULL,
     -- loading -> indexing -> catching_up -> ready -> active -> retired -> dropped; failed on error.
     phase             text        NOT NULL,
@@ -27,16 +28,36 @@ CREATE TABLE IF NOT EXISTS reproject.builds (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS builds_one_active ON reproject.builds (projection) WHERE phase = 'active';
 
--- Per build and partition, the next offset to read: stored in the same transaction as the rows it
--- describes, so a restart resumes exactly where the committed rows end.
+-- The topics a build reads, sorted by name (byte order): fixed when the build is created. Inside
+-- reproject a partition is one integer, (index in this array - 1) * 2^20 + its partition number
+-- (src/source/topics.rs); the SQL below turns positions to and from it.
+ALTER TABLE reproject.builds ADD COLUMN IF NOT EXISTS topics text[];
+UPDATE reproject.builds SET topics = ARRAY[topic] WHERE topics IS NULL;
+
+-- Per build, topic and partition, the next offset to read: stored in the same transaction as the
+-- rows it describes, so a restart resumes exactly where the committed rows end.
 CREATE TABLE IF NOT EXISTS reproject.positions (
     build_id        bigint  NOT NULL REFERENCES reproject.builds ON DELETE CASCADE,
+    topic           text    NOT NULL,
     partition       integer NOT NULL,
     next_offset     bigint  NOT NULL,
     -- The log's end (high watermark, last offset + 1) when last looked at, for lag.
     log_end_offset  bigint,
-    PRIMARY KEY (build_id, partition)
+    PRIMARY KEY (build_id, topic, partition)
 );
+-- A catalog from before several topics: its positions are all of the build's one topic.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = 'reproject' AND table_name = 'positions' AND column_name = 'topic') THEN
+        ALTER TABLE reproject.positions ADD COLUMN topic text;
+        UPDATE reproject.positions p SET topic = b.topic FROM reproject.builds b WHERE b.build_id = p.build_id;
+        ALTER TABLE reproject.positions ALTER COLUMN topic SET NOT NULL;
+        ALTER TABLE reproject.positions DROP CONSTRAINT positions_pkey;
+        ALTER TABLE reproject.positions ADD PRIMARY KEY (build_id, topic, partition);
+    END IF;
+END
+$$;
 
 -- Where each aggregate's events lie in the log, recorded by a full replay (a by-product of it) so
 -- that `reproject replay` reads only that range. `aggregate_index_coverage` says up to which offset

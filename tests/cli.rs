@@ -64,7 +64,7 @@ async fn seed_rebuild_status_and_check_totals_as_separate_processes_sharing_a_de
     for p in projections {
         assert_eq!(p["active"]["lag"], 0, "{}", p["name"]);
         assert!(
-            p["active"]["positions"]
+            p["active"]["positions"]["shop.orders"]
                 .as_object()
                 .is_some_and(|o| o.len() == 4),
             "{p}"

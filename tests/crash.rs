@@ -86,13 +86,14 @@ async fn a_rebuild_killed_during_catch_up_resumes_from_its_positions_and_applies
     // The producer must be running before the rebuild starts: if its first records came after the
     // rebuild's first look at the log end, the rebuild could catch up and finish before any arrived.
     let consumer = kafka.settings.consumer("crash-test").expect("consumer");
+    let topics = reproject::source::Topics::new([TOPIC]).expect("topic");
     wait_until(
         "the background producer to write its first 2,000 events",
         30,
         || async {
             kafka
                 .settings
-                .bounds(&consumer, TOPIC, &[0, 1, 2, 3])
+                .bounds(&consumer, &topics, &[0, 1, 2, 3])
                 .expect("log bounds")
                 .end
                 .values()

@@ -193,7 +193,7 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
     let metrics = scrape(&metrics_addr);
     for expected in [
         "reproject_events_applied_total{projection=\"order_summary\",phase=\"follow\"} 10000",
-        "reproject_lag_events{projection=\"order_summary\",partition=\"0\"} 0",
+        "reproject_lag_events{projection=\"order_summary\",topic=\"shop.orders\",partition=\"0\"} 0",
         "reproject_paused{projection=\"order_summary\"} 0",
         "reproject_events_read_total{",
         "reproject_batch_duration_seconds_bucket{",
@@ -397,4 +397,87 @@ async fn a_rollback_across_versions_needs_the_old_code_only_when_there_is_someth
     .expect_err("behind, and this binary has v1's code only");
     assert!(err.to_string().contains("needs version 2's code"), "{err}");
     assert_eq!(phase_of(&pool, first).await, "active");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_from_before_several_topics_is_upgraded_in_place_and_positions_keep_their_topic()
+{
+    use reproject::sink::catalog::{advance_positions, insert_positions};
+    use reproject::source::Topics;
+    use std::collections::BTreeMap;
+
+    let db = fresh_database("catalog_upgrade").await;
+    let pool = pool(&db).await;
+    sqlx::raw_sql(include_str!("fixtures/catalog-before-topics.sql"))
+        .execute(&pool)
+        .await
+        .expect("the catalog as it was before several topics");
+    sqlx::raw_sql(
+        "INSERT INTO reproject.builds (build_id, projection, version, schema_name, topic, phase)
+             VALUES (7, 'order_summary', 1, 'rp_order_summary_v1_b7', 'shop.orders', 'active');
+         INSERT INTO reproject.positions (build_id, partition, next_offset) VALUES (7, 0, 10), (7, 1, 20);
+         SELECT setval(pg_get_serial_sequence('reproject.builds', 'build_id'), 7);",
+    )
+    .execute(&pool)
+    .await
+    .expect("a build of that time");
+    let catalog = reproject::sink::Catalog::new(pool.clone());
+    catalog.migrate().await.expect("the upgrade");
+    catalog
+        .migrate()
+        .await
+        .expect("the upgrade again: it is idempotent");
+    let old = catalog.build(7).await.expect("the old build");
+    assert_eq!(old.topics, ["shop.orders"]);
+    assert_eq!(
+        catalog.positions(7).await.expect("positions"),
+        BTreeMap::from([(0, 10), (1, 20)]),
+        "with one topic, partition ids are the partition numbers"
+    );
+
+    // A build of two topics stores each position under its topic and partition number.
+    let topics = Topics::new(["shop.payments", "shop.customers"]).expect("topics");
+    let two = catalog
+        .create_build("order_summary", 2, &topics, false)
+        .await
+        .expect("a build of two topics");
+    assert_eq!(two.topics, ["shop.customers", "shop.payments"]);
+    let (customers, payments) = (topics.id(0, 3), topics.id(1, 3));
+    let start = BTreeMap::from([(customers, 5), (payments, 7)]);
+    let mut conn = catalog.conn().await.expect("connection");
+    insert_positions(&mut conn, two.build_id, &start, &BTreeMap::new())
+        .await
+        .expect("insert positions");
+    let moved = BTreeMap::from([(customers, 5), (payments, 9)]);
+    advance_positions(&mut conn, two.build_id, &start, &moved, &BTreeMap::new())
+        .await
+        .expect("advance positions");
+    assert_eq!(
+        catalog.positions(two.build_id).await.expect("positions"),
+        moved
+    );
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT topic, partition, next_offset FROM reproject.positions WHERE build_id = $1 ORDER BY topic",
+    )
+    .bind(two.build_id)
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    assert_eq!(
+        rows,
+        [
+            ("shop.customers".to_string(), 3, 5),
+            ("shop.payments".to_string(), 3, 9)
+        ]
+    );
+    let conflict = advance_positions(&mut conn, two.build_id, &start, &moved, &BTreeMap::new())
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        conflict.contains("partition shop.payments/3 was expected at offset 7")
+            && conflict.contains("now 9"),
+        "{conflict}"
+    );
 }

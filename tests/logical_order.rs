@@ -2,8 +2,8 @@
 //!
 //! Kafka orders a partition, not a topic. A row fed by several partitions must come out the same
 //! however reads interleave: a `set`, an upsert or a delete resolves by the event's time, then its
-//! partition and offset. These tests write each customer's two events to different partitions, the
-//! one that happened later written (and, when `run` follows, applied) first.
+//! partition and offset. These tests write each customer's two events to different partitions (or
+//! different topics), the one that happened later written (and, when `run` follows, applied) first.
 
 mod common;
 
@@ -24,7 +24,7 @@ use reproject::projection::{
 use reproject::proto::reproject::v1::EventEnvelope;
 use reproject::source::partitioner::Partitioner;
 use reproject::source::producer::LogWriter;
-use reproject::source::KafkaSettings;
+use reproject::source::{KafkaSettings, Topics};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -98,7 +98,11 @@ fn refunded(customer: u64, order_id: &str, at_secs: i64) -> Record {
 }
 
 fn write(kafka: &KafkaSettings, records: &[Record]) {
-    let mut writer = LogWriter::new(kafka, TOPIC, "consistent_random").expect("producer");
+    write_to(kafka, TOPIC, records);
+}
+
+fn write_to(kafka: &KafkaSettings, topic: &str, records: &[Record]) {
+    let mut writer = LogWriter::new(kafka, topic, "consistent_random").expect("producer");
     for (key, value) in records {
         writer.send(key, value).expect("send");
     }
@@ -246,6 +250,79 @@ async fn a_set_gathered_from_two_partitions_keeps_the_later_event_whatever_the_r
             reference,
             "{name}: customer_stats differs from a rebuild with two readers"
         );
+    }
+}
+
+/// The shop's engine reading `TOPIC` and `OTHER_TOPIC`.
+async fn two_topic_engine(db: &str, kafka: &Kafka, tuning: Tuning) -> Engine<ShopEvent> {
+    kafka
+        .broker
+        .create_topic(OTHER_TOPIC, PARTITIONS)
+        .expect("a second topic");
+    let mut parts = shop_parts(db, &kafka.settings, tuning, None);
+    parts.topics = Topics::new([TOPIC, OTHER_TOPIC]).expect("two topics");
+    Engine::connect(parts).await.expect("engine connects")
+}
+
+/// Sorts after `TOPIC`: a tie in time goes to it.
+const OTHER_TOPIC: &str = "shop.orders.imported";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_gathered_from_two_topics_keeps_the_later_event_whatever_topic_holds_it() {
+    let (later, earlier) = two_orders_per_customer();
+    let one_topic: Vec<Record> = later.iter().chain(&earlier).cloned().collect();
+    let reference = rebuilt("topics_reference", &one_topic, tuning(), rebuild_options()).await;
+    let reference = checksum(&reference, "public", "customer_stats", "customer_id").await;
+
+    for (case, (name, later_topic, earlier_topic)) in [
+        ("later orders in the first topic", TOPIC, OTHER_TOPIC),
+        ("later orders in the second topic", OTHER_TOPIC, TOPIC),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Rebuilt from both topics at once.
+        let db = fresh_database(&format!("topics_rebuild_{case}")).await;
+        let kafka = Kafka::start(PARTITIONS);
+        let engine = two_topic_engine(&db, &kafka, tuning()).await;
+        write_to(&kafka.settings, later_topic, &later);
+        write_to(&kafka.settings, earlier_topic, &earlier);
+        let report = rebuild(
+            &engine,
+            &all_projections(),
+            &rebuild_options(),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("rebuild");
+        assert_eq!(report.events_replayed, one_topic.len() as u64, "{name}");
+        let rebuilt = engine.catalog.pool().clone();
+
+        // Followed: the later orders' topic applied first, in small batches.
+        let db = fresh_database(&format!("topics_follow_{case}")).await;
+        let kafka = Kafka::start(PARTITIONS);
+        let engine = Arc::new(two_topic_engine(&db, &kafka, small_batches()).await);
+        rebuild_all(&engine).await.expect("rebuild an empty log");
+        write_to(&kafka.settings, later_topic, &later);
+        drain(engine.clone()).await;
+        write_to(&kafka.settings, earlier_topic, &earlier);
+        drain(engine.clone()).await;
+        let followed = engine.catalog.pool().clone();
+
+        for (how, pool) in [("rebuilt", &rebuilt), ("followed", &followed)] {
+            let rows = customer_currencies(pool).await;
+            assert_eq!(rows.len() as u64, CUSTOMERS, "{name}, {how}");
+            assert!(
+                rows.iter()
+                    .all(|(_, currency, orders)| currency.as_deref() == Some("USD") && *orders == 2),
+                "{name}, {how}: a customer does not hold their later order's currency: {rows:?}"
+            );
+            assert_eq!(
+                checksum(pool, "public", "customer_stats", "customer_id").await,
+                reference,
+                "{name}, {how}: customer_stats differs from the same orders in one topic"
+            );
+        }
     }
 }
 

@@ -157,7 +157,8 @@ async fn a_log_that_no_longer_starts_at_offset_zero_is_refused() {
     );
     let message = error.to_string();
     assert!(
-        message.contains("partition 0 starts at") && message.contains("--allow-truncated-history"),
+        message.contains("partition shop.orders/0 starts at")
+            && message.contains("--allow-truncated-history"),
         "{message}"
     );
     let views: i64 =

@@ -76,7 +76,7 @@ async fn the_timeline_of_an_order_that_crossed_all_three_versions_shows_every_up
         timeline.read.located_by
     );
     assert_eq!(timeline.read.ranges.len(), 1, "{:?}", timeline.read.ranges);
-    let range = timeline.read.ranges[0];
+    let range = &timeline.read.ranges[0];
     assert_eq!(range.from, timeline.events[0].offset);
     assert_eq!(range.to, timeline.events.last().expect("events").offset + 1);
 
@@ -305,7 +305,11 @@ fn both_partitioners_find_the_partition_the_producer_wrote_to() {
             .expect("consumer");
         kafka
             .settings
-            .assign(&consumer, &topic, &(0..7).map(|p| (p, 0)).collect())
+            .assign(
+                &consumer,
+                &reproject::source::Topics::new([topic.as_str()]).expect("topic"),
+                &(0..7).map(|p| (p, 0)).collect(),
+            )
             .expect("assign");
         let mut landed = BTreeMap::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -90,7 +90,7 @@ pub struct BenchFigures {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outcome> {
     let mut settings = cx.settings()?;
-    let broker = DevBroker::start(&settings.topic, args.partitions)?;
+    let broker = DevBroker::start_with(&settings.topics, args.partitions)?;
     settings.kafka.brokers = broker.bootstrap_servers();
     settings.database_url = recreate_database(&settings.database_url, &args.database).await?;
     settings.quiet = true;
@@ -112,12 +112,12 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
     let mut history = cx
         .example("bench")?
         .history(&crate::domain::HistorySize::new(args.events, 42));
-    let (kafka, topic, events) = (settings.kafka.clone(), settings.topic.clone(), args.events);
+    let (kafka, topics, events) = (settings.kafka.clone(), settings.topics.clone(), args.events);
     let started = Instant::now();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut writer = LogWriter::bulk(&kafka, &topic, "consistent_random")?;
+        let mut writer = LogWriter::bulk(&kafka, &topics[0], "consistent_random")?;
         for record in history.by_ref().take(events as usize) {
-            writer.send(&record.key, &record.value)?;
+            super::seed::append(&mut writer, &topics, &record)?;
         }
         writer.finish()?;
         Ok(())
@@ -379,19 +379,19 @@ async fn baseline<E: Send + Sync + 'static>(engine: &Engine<E>, events: u64) -> 
     );
 
     // Read the slice on a thread, as the script's consumer loop would.
-    let (kafka, topic, registry) = (
+    let (kafka, topics, registry) = (
         engine.kafka.clone(),
-        engine.topic.clone(),
+        engine.topics.clone(),
         engine.registry.clone(),
     );
     let specs = [spec.clone()];
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Vec<Value>>>(64);
     let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let consumer: BaseConsumer = kafka.consumer("reproject-bench-baseline")?;
-        let partitions = kafka.partitions(&consumer, &topic)?;
+        let partitions = kafka.partitions(&consumer, &topics)?;
         kafka.assign(
             &consumer,
-            &topic,
+            &topics,
             &partitions.iter().map(|&p| (p, 0)).collect(),
         )?;
         let mut store = RowStore::new(1);

@@ -7,7 +7,7 @@ use anyhow::{bail, Context as _};
 use serde::Deserialize;
 
 use super::GlobalArgs;
-use crate::source::{parse_property, KafkaSettings};
+use crate::source::{check_topic_name, parse_property, KafkaSettings, Topics};
 
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -22,8 +22,10 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     /// A replica for verification and other heavy reads.
     pub read_database_url: Option<String>,
-    /// The topic holding the event log.
+    /// The topic holding the event log (or `topics`, when it is several).
     pub topic: Option<String>,
+    /// The topics holding the event log.
+    pub topics: Option<Vec<String>>,
     /// Schema of the stable views.
     pub view_schema: Option<String>,
     /// librdkafka settings, e.g. `"security.protocol" = "SASL_SSL"`.
@@ -36,7 +38,8 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub database_url: String,
     pub read_database_url: Option<String>,
-    pub topic: String,
+    /// The topics to read, in the order given (an example history's records name them by index).
+    pub topics: Vec<String>,
     pub view_schema: String,
     pub schema_dir: Option<PathBuf>,
     pub quiet: bool,
@@ -47,7 +50,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 impl Settings {
-    pub fn resolve(global: &GlobalArgs, default_topic: &str) -> anyhow::Result<Settings> {
+    pub fn resolve(global: &GlobalArgs, default_topics: &[&str]) -> anyhow::Result<Settings> {
         let explicit = global
             .config
             .clone()
@@ -80,19 +83,23 @@ impl Settings {
         if let Some(url) = &read_database_url {
             check_database_url(url)?;
         }
-        let topic = global
-            .topic
-            .clone()
-            .or_else(|| env("REPROJECT_TOPIC"))
-            .or(file.topic)
-            .unwrap_or_else(|| default_topic.into());
-        if topic.is_empty()
-            || topic.len() > 249
-            || !topic
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
-            bail!("topic {topic:?} is not a valid Kafka topic name (letters, digits, '.', '_', '-', at most 249)");
+        if file.topic.is_some() && file.topics.is_some() {
+            bail!("the config file names both `topic` and `topics`: keep one");
+        }
+        let topics: Vec<String> = if !global.topic.is_empty() {
+            global.topic.clone()
+        } else if let Some(listed) = env("REPROJECT_TOPIC") {
+            listed.split(',').map(|t| t.trim().to_string()).collect()
+        } else if let Some(topics) = file.topics.or(file.topic.map(|t| vec![t])) {
+            topics
+        } else {
+            default_topics.iter().map(|t| t.to_string()).collect()
+        };
+        for topic in &topics {
+            check_topic_name(topic)?;
+        }
+        if topics.is_empty() {
+            bail!("no topic to read: name one with --topic, REPROJECT_TOPIC or `topics` in the config file");
         }
         let mut properties: Vec<(String, String)> = file.kafka.into_iter().collect();
         for p in &global.kafka_property {
@@ -105,7 +112,7 @@ impl Settings {
             },
             database_url,
             read_database_url,
-            topic,
+            topics,
             view_schema: global
                 .view_schema
                 .clone()
@@ -114,6 +121,13 @@ impl Settings {
             schema_dir: global.schema_dir.clone(),
             quiet: global.quiet,
         })
+    }
+}
+
+impl Settings {
+    /// The topics to read, as the engine takes them (sorted, checked).
+    pub fn topics(&self) -> anyhow::Result<Topics> {
+        Ok(Topics::new(self.topics.iter().cloned())?)
     }
 }
 
@@ -197,6 +211,61 @@ mod tests {
             .unwrap_err()
             .contains("unknown unit"));
         assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn topics_come_from_flags_then_the_config_file_then_the_domain_in_the_order_given() {
+        let defaults = ["ledger.accounts", "ledger.transfers"];
+        let from_domain = Settings::resolve(&GlobalArgs::default(), &defaults).expect("defaults");
+        assert_eq!(from_domain.topics, defaults);
+
+        let dir = std::env::temp_dir().join(format!("rp-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let file = dir.join("reproject.toml");
+        std::fs::write(&file, "topics = [\"b.events\", \"a.events\"]\n").expect("write");
+        let with_file = GlobalArgs {
+            config: Some(file.clone()),
+            ..GlobalArgs::default()
+        };
+        let settings = Settings::resolve(&with_file, &defaults).expect("the file's topics");
+        assert_eq!(settings.topics, ["b.events", "a.events"], "the order given");
+        let topics = settings.topics().expect("valid");
+        assert_eq!(
+            topics.names(),
+            ["a.events", "b.events"],
+            "the engine's: sorted"
+        );
+
+        let flagged = GlobalArgs {
+            topic: vec!["c.events".into()],
+            ..with_file
+        };
+        let settings = Settings::resolve(&flagged, &defaults).expect("the flag's topic");
+        assert_eq!(settings.topics, ["c.events"], "a flag wins over the file");
+
+        std::fs::write(&file, "topic = \"a\"\ntopics = [\"b\"]\n").expect("write");
+        let both = Settings::resolve(&flagged_without_topic(&file), &defaults)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(both.contains("both `topic` and `topics`"), "{both}");
+        std::fs::write(&file, "topics = [\"not valid!\"]\n").expect("write");
+        let invalid = Settings::resolve(&flagged_without_topic(&file), &defaults)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            invalid.contains("\"not valid!\" is not a valid Kafka topic name"),
+            "{invalid}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn flagged_without_topic(file: &std::path::Path) -> GlobalArgs {
+        GlobalArgs {
+            config: Some(file.to_path_buf()),
+            ..GlobalArgs::default()
+        }
     }
 
     #[test]

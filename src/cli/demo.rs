@@ -56,13 +56,13 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: DemoArgs) -> anyhow::Result<Outcom
         args.live_events
     );
 
-    let broker = DevBroker::start(&settings.topic, args.partitions)?;
+    let broker = DevBroker::start_with(&settings.topics, args.partitions)?;
     settings.kafka.brokers = broker.bootstrap_servers();
     settings.database_url = recreate_database(&settings.database_url, &args.database).await?;
     outln!(
-        "   broker: in-process mock cluster at {}, topic {} ({} partitions)",
+        "   broker: in-process mock cluster at {}, topics {} ({} partitions each)",
         settings.kafka.brokers,
-        settings.topic,
+        settings.topics.join(", "),
         args.partitions
     );
     outln!(
@@ -75,12 +75,12 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: DemoArgs) -> anyhow::Result<Outcom
         args.events + args.live_events,
         args.seed,
     ));
-    let (kafka, topic, events) = (settings.kafka.clone(), settings.topic.clone(), args.events);
+    let (kafka, topics, events) = (settings.kafka.clone(), settings.topics.clone(), args.events);
     let started = Instant::now();
     let (history, versions) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut writer = LogWriter::bulk(&kafka, &topic, "consistent_random")?;
+        let mut writer = LogWriter::bulk(&kafka, &topics[0], "consistent_random")?;
         for record in history.by_ref().take(events as usize) {
-            writer.send(&record.key, &record.value)?;
+            super::seed::append(&mut writer, &topics, &record)?;
         }
         writer.finish()?;
         let versions = history.expected().events_by_version;
@@ -94,9 +94,9 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: DemoArgs) -> anyhow::Result<Outcom
     );
 
     // 2. New events keep arriving while the rebuild runs.
-    let (kafka, topic, live, rate) = (
+    let (kafka, topics, live, rate) = (
         settings.kafka.clone(),
-        settings.topic.clone(),
+        settings.topics.clone(),
         args.live_events,
         args.live_rate.max(1),
     );
@@ -106,13 +106,13 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: DemoArgs) -> anyhow::Result<Outcom
     let stop = stop_live.clone();
     let producer = tokio::task::spawn_blocking(move || -> anyhow::Result<Box<dyn History>> {
         let mut history = history;
-        let mut writer = LogWriter::new(&kafka, &topic, "consistent_random")?;
+        let mut writer = LogWriter::new(&kafka, &topics[0], "consistent_random")?;
         let started = Instant::now();
         for (i, record) in history.by_ref().take(live as usize).enumerate() {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 anyhow::bail!("live producer stopped");
             }
-            writer.send(&record.key, &record.value)?;
+            super::seed::append(&mut writer, &topics, &record)?;
             let due = Duration::from_secs_f64(i as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(wait.min(Duration::from_millis(50)));

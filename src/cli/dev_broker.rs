@@ -12,7 +12,7 @@ pub struct DevBrokerArgs {
     /// Port to listen on for clients (forwarded to the mock broker)
     #[arg(long, default_value_t = 9092)]
     pub port: u16,
-    /// Partitions of the topic to create (the mock cluster keeps at most 5 MiB per partition: about
+    /// Partitions of each topic to create (the mock cluster keeps at most 5 MiB per partition: about
     /// 100,000 compressed events of 50 bytes)
     #[arg(long, default_value_t = 16)]
     pub partitions: i32,
@@ -20,15 +20,15 @@ pub struct DevBrokerArgs {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: DevBrokerArgs) -> anyhow::Result<Outcome> {
     let settings = cx.settings()?;
-    let broker = DevBroker::start(&settings.topic, args.partitions)?;
+    let broker = DevBroker::start_with(&settings.topics, args.partitions)?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on 127.0.0.1:{}: {e}", args.port))?;
     outln!(
-        "dev broker ready: bootstrap 127.0.0.1:{} (mock cluster at {}), topic {} with {} partitions. Ctrl-C stops it; its data lives in memory only.",
+        "dev broker ready: bootstrap 127.0.0.1:{} (mock cluster at {}), topics {} with {} partitions each. Ctrl-C stops it; its data lives in memory only.",
         args.port,
         broker.bootstrap_servers(),
-        settings.topic,
+        settings.topics.join(", "),
         args.partitions
     );
     tokio::select! {

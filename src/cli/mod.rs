@@ -130,7 +130,7 @@ pub struct Cx<D> {
 impl<D: Domain> Cx<D> {
     /// Flags, environment, config file and defaults, checked.
     pub fn settings(&self) -> anyhow::Result<Settings> {
-        Settings::resolve(&self.global, self.domain.default_topic())
+        Settings::resolve(&self.global, self.domain.default_topics())
     }
 
     /// The engine for this domain, connected to the database `settings` names.
@@ -142,7 +142,7 @@ impl<D: Domain> Cx<D> {
         let parts = EngineParts::for_domain(
             &self.domain,
             settings.kafka.clone(),
-            settings.topic.clone(),
+            settings.topics()?,
             settings.database_url.clone(),
             settings.view_schema.clone(),
             settings.schema_dir.clone(),
@@ -201,9 +201,10 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "URL")]
     pub read_database: Option<String>,
 
-    /// The topic holding the event log [env: REPROJECT_TOPIC] [default: the domain's]
-    #[arg(long, global = true)]
-    pub topic: Option<String>,
+    /// A topic holding the event log; repeatable, or comma-separated, when the log is several topics
+    /// (one per aggregate type, say) [env: REPROJECT_TOPIC] [default: the domain's]
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub topic: Vec<String>,
 
     /// Any librdkafka setting, as kcat takes it; repeatable. For example
     /// `-X security.protocol=SASL_SSL -X sasl.mechanisms=SCRAM-SHA-512 -X sasl.username=app -X sasl.password=...`
@@ -380,8 +381,8 @@ mod tests {
         fn name(&self) -> &str {
             "billing"
         }
-        fn default_topic(&self) -> &str {
-            "billing.invoices"
+        fn default_topics(&self) -> &[&str] {
+            &["billing.invoices"]
         }
         fn registry(&self) -> Result<Registry<()>, RegistryError> {
             Registry::builder().build()
@@ -412,7 +413,8 @@ mod tests {
         );
         let settings = cx.settings().expect("settings");
         assert_eq!(
-            settings.topic, "billing.invoices",
+            settings.topics,
+            ["billing.invoices"],
             "the domain's default topic"
         );
     }

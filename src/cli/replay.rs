@@ -77,7 +77,7 @@ fn print_json(t: &Timeline) -> anyhow::Result<()> {
     }
     lines.push(json!({
         "kind": "summary",
-        "topic": t.topic,
+        "topics": t.topics,
         "aggregate_id": t.aggregate_id,
         "events": t.events.len(),
         "read": t.read,
@@ -93,7 +93,7 @@ fn print_text(t: &Timeline) {
     outln!(
         "aggregate {} in {}: {} events, found via {} ({} records read in {:.3}s from {})",
         t.aggregate_id,
-        t.topic,
+        t.topics.join(", "),
         t.events.len(),
         t.read.located_by,
         t.read.records_scanned,
@@ -101,14 +101,15 @@ fn print_text(t: &Timeline) {
         t.read
             .ranges
             .iter()
-            .map(|r| format!("{}/{}..{}", r.partition, r.from, r.to))
+            .map(|r| format!("{}/{}:{}..{}", r.topic, r.partition, r.from, r.to))
             .collect::<Vec<_>>()
             .join(" ")
     );
     for (n, e) in t.events.iter().enumerate() {
         outln!(
-            "\n#{} partition {} offset {}  {}  seq {}  event {}",
+            "\n#{} {}/{} offset {}  {}  seq {}  event {}",
             n + 1,
+            e.topic,
             e.partition,
             e.offset,
             e.occurred_at,

@@ -88,25 +88,24 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: SeedArgs) -> anyhow::Result<Outcom
         args.events
     };
     let size = history_size(example, shaped_for, args.seed, &args.shape)?;
-    settings
-        .kafka
-        .ensure_topic(&settings.topic, args.partitions)
-        .await?;
+    for topic in &settings.topics {
+        settings.kafka.ensure_topic(topic, args.partitions).await?;
+    }
     let mut history = example.history(&size);
-    let (kafka, topic, partitioner) = (
+    let (kafka, topics, partitioner) = (
         settings.kafka.clone(),
-        settings.topic.clone(),
+        settings.topics.clone(),
         crate::source::partitioner::Partitioner::from(args.partitioner),
     );
     let (skip, events) = (args.skip, args.events);
     let started = Instant::now();
     let (written, expected) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut writer = LogWriter::bulk(&kafka, &topic, partitioner.librdkafka_name())?;
+        let mut writer = LogWriter::bulk(&kafka, &topics[0], partitioner.librdkafka_name())?;
         for record in history.by_ref().take(skip as usize) {
             let _ = record;
         }
         for record in history.by_ref().take(events as usize) {
-            writer.send(&record.key, &record.value)?;
+            append(&mut writer, &topics, &record)?;
         }
         let written = writer.finish()?;
         Ok((written, history.expected()))
@@ -115,7 +114,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: SeedArgs) -> anyhow::Result<Outcom
     let seconds = started.elapsed().as_secs_f64();
     outln!(
         "wrote {written} events to {} in {seconds:.1}s ({:.0}/s), per version {:?}",
-        settings.topic,
+        settings.topics.join(", "),
         written as f64 / seconds.max(1e-9),
         expected.events_by_version
     );
@@ -130,4 +129,23 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: SeedArgs) -> anyhow::Result<Outcom
         );
     }
     Ok(Outcome::Success)
+}
+
+/// Append one record of an example history to the topic it names: its index into `topics` (the
+/// domain's default topics, or those the user named in their place).
+pub(super) fn append(
+    writer: &mut LogWriter,
+    topics: &[String],
+    record: &crate::domain::Record,
+) -> anyhow::Result<()> {
+    let Some(topic) = topics.get(record.topic) else {
+        anyhow::bail!(
+            "the example history writes to topic number {} and only {} are named ({}); name them all, in the domain's order, or none",
+            record.topic + 1,
+            topics.len(),
+            topics.join(", ")
+        );
+    };
+    writer.send_to(topic, &record.key, &record.value)?;
+    Ok(())
 }

@@ -30,15 +30,18 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: StatusArgs) -> anyhow::Result<Outc
 pub fn render(report: &StatusReport) -> String {
     let mut out = String::new();
     match (&report.log_end, &report.broker_error) {
-        (Some(end), _) => out.push_str(&format!(
-            "topic {}: {} partitions, log end {} events\n",
-            report.topic,
-            end.len(),
-            end.values().sum::<i64>()
-        )),
+        (Some(end), _) => {
+            for (topic, partitions) in end {
+                out.push_str(&format!(
+                    "topic {topic}: {} partitions, log end {} events\n",
+                    partitions.len(),
+                    partitions.values().sum::<i64>()
+                ));
+            }
+        }
         (None, Some(e)) => out.push_str(&format!(
             "topic {}: brokers unreachable ({e}); lag unknown\n",
-            report.topic
+            report.topics.join(", ")
         )),
         _ => {}
     }
@@ -134,12 +137,13 @@ fn line(out: &mut String, label: &str, b: &BuildStatus) {
             b.dead_letters, b.build.projection
         ));
     }
-    if !b.positions.is_empty() && label != "retired" {
-        let parts: Vec<String> = b
-            .positions
-            .iter()
-            .map(|(p, o)| format!("{p}:{o}"))
-            .collect();
-        out.push_str(&format!("            next offsets {}\n", parts.join(" ")));
+    if label != "retired" {
+        for (topic, positions) in &b.positions {
+            let parts: Vec<String> = positions.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+            out.push_str(&format!(
+                "            next offsets {topic} {}\n",
+                parts.join(" ")
+            ));
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! What a team brings to reproject: a [`Domain`] gathers its event type, upcasters, projections, the
-//! SQL of each projection version, its Protobuf descriptors and its default topic. The engine and the
+//! SQL of each projection version, its Protobuf descriptors and its default topics. The engine and the
 //! command line take any domain (`reproject::cli::main(MyDomain)`); nothing else in the crate knows
 //! which events it is replaying.
 //!
@@ -33,8 +33,10 @@ pub trait Domain: Send + Sync + 'static {
     /// A short name for `--help`, logs and the demo, e.g. "shop".
     fn name(&self) -> &str;
 
-    /// The topic read when neither `--topic`, `REPROJECT_TOPIC` nor the config file names one.
-    fn default_topic(&self) -> &str;
+    /// The topics read when neither `--topic`, `REPROJECT_TOPIC` nor the config file names them.
+    /// One topic per aggregate type is common; every projection sees the events of all of them,
+    /// and rows fed by several topics resolve by logical time like rows fed by several partitions.
+    fn default_topics(&self) -> &[&str];
 
     /// Every message version and the steps between them; checked once at start-up.
     fn registry(&self) -> Result<Registry<Self::Event>, RegistryError>;
@@ -106,6 +108,9 @@ pub trait History: Iterator<Item = Record> + Send {
 /// One record of an example history.
 #[derive(Clone, Debug)]
 pub struct Record {
+    /// Which of [`Domain::default_topics`] it goes to, by index (the topics a user names instead
+    /// take their place in the same order).
+    pub topic: usize,
     /// The record key (the aggregate id: Kafka keeps one key's records in one partition).
     pub key: String,
     /// The encoded record value.

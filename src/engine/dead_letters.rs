@@ -51,6 +51,7 @@ pub async fn retry<E: Send + Sync + 'static>(
     let mut writer = BatchWriter::connect(&engine.database_url).await?;
     for build_id in builds {
         let build = engine.catalog.build(build_id).await?;
+        let topics = crate::source::Topics::new(build.topics.iter().cloned())?;
         let of_build = letters.iter().filter(|l| l.build_id == build_id);
         let writable = matches!(
             build.phase,
@@ -99,9 +100,20 @@ pub async fn retry<E: Send + Sync + 'static>(
                     report.duplicates.push(id);
                     continue;
                 }
+                let Some(partition_id) = topics.id_of(&letter.topic, letter.partition) else {
+                    let reason = format!(
+                        "its topic {} is not among those build {build_id} reads ({topics})",
+                        letter.topic
+                    );
+                    let mut conn = engine.catalog.conn().await?;
+                    dead_letters::mark_retried(&mut conn, id, Some(&reason)).await?;
+                    report.still_failing.push((id, reason));
+                    continue;
+                };
                 let at = Coordinates {
                     topic: &letter.topic,
                     partition: letter.partition,
+                    partition_id,
                     offset: letter.offset,
                     projections: projection.name(),
                 };

@@ -304,7 +304,7 @@ async fn read_window<E: Send + Sync + 'static>(
         })
         .collect();
     let config = ReaderConfig {
-        topic: engine.topic.clone(),
+        topics: engine.topics.clone(),
         stop_at: Some(to),
         stop_exactly: true,
         max_batch_events: Arc::new(AtomicUsize::new(engine.tuning.batch_events)),

@@ -53,6 +53,23 @@ pub struct FollowOutcome {
 
 const MAX_RETRIES: u32 = 8;
 
+/// A build's positions name partitions of the topics it was created with: following it while
+/// reading other topics would misread them, and silently leave a new topic's history out.
+fn check_same_topics<E>(engine: &Engine<E>, build: &crate::sink::Build) -> Result<()> {
+    if build.topics == engine.topics.names() {
+        return Ok(());
+    }
+    Err(EngineError::Projection {
+        projection: build.projection.clone(),
+        reason: format!(
+            "build {} reads topics {}, and this command reads {}: name the build's topics (--topic), or rebuild the projection to read the new ones from offset zero",
+            build.build_id,
+            build.topics.join(", "),
+            engine.topics
+        ),
+    })
+}
+
 pub async fn follow<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     mut targets: Vec<FollowTarget<E>>,
@@ -60,6 +77,9 @@ pub async fn follow<E: Send + Sync + 'static>(
     cancel: &CancellationToken,
     label: &str,
 ) -> Result<FollowOutcome> {
+    for t in &targets {
+        check_same_topics(engine, &t.build)?;
+    }
     let holder = holder_name(label);
     let mut locks = Vec::new();
     for t in &targets {
@@ -112,7 +132,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
         })
         .collect();
     let config = ReaderConfig {
-        topic: engine.topic.clone(),
+        topics: engine.topics.clone(),
         stop_at: match &until {
             Until::Reached(at) => Some(at.clone()),
             _ => None,
@@ -339,7 +359,12 @@ async fn apply_batches<E: Send + Sync + 'static>(
             for t in targets.iter() {
                 for (p, end) in &log_end {
                     let at = t.positions.get(p).copied().unwrap_or(0);
-                    super::metrics::lag(t.projection.name(), *p, (end - at).max(0));
+                    super::metrics::lag(
+                        t.projection.name(),
+                        engine.topics.topic_of(*p),
+                        engine.topics.partition_of(*p),
+                        (end - at).max(0),
+                    );
                 }
             }
         }

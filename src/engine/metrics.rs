@@ -8,7 +8,7 @@
 //! | `reproject_events_read_total` | counter | topic, partition |
 //! | `reproject_events_applied_total` | counter | projection, phase (replay, follow) |
 //! | `reproject_rows_written_total` | counter | projection, phase (bulk_load, follow) |
-//! | `reproject_lag_events` | gauge | projection, partition |
+//! | `reproject_lag_events` | gauge | projection, topic, partition |
 //! | `reproject_batch_duration_seconds` | histogram | phase (follow) |
 //! | `reproject_build_phase` | gauge, 1 for the build's current phase | projection, build, phase |
 //! | `reproject_paused` | gauge, 1 while paused | projection |
@@ -51,8 +51,8 @@ pub fn rows_written(projection: &str, phase: &'static str, rows: u64) {
         .increment(rows);
 }
 
-pub fn lag(projection: &str, partition: i32, lag: i64) {
-    metrics::gauge!("reproject_lag_events", "projection" => projection.to_string(), "partition" => partition.to_string())
+pub fn lag(projection: &str, topic: &str, partition: i32, lag: i64) {
+    metrics::gauge!("reproject_lag_events", "projection" => projection.to_string(), "topic" => topic.to_string(), "partition" => partition.to_string())
         .set(lag as f64);
 }
 

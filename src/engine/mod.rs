@@ -34,7 +34,7 @@ use crate::domain::Domain;
 use crate::projection::{DynProjection, SchemaSql};
 use crate::sink::lock::LockError;
 use crate::sink::{Catalog, SinkError};
-use crate::source::{KafkaSettings, SourceError};
+use crate::source::{KafkaSettings, SourceError, Topics};
 use crate::swap::SwapError;
 use crate::upcast::Registry;
 
@@ -228,7 +228,8 @@ impl Default for Tuning {
 /// Everything a command needs: where the log and the database are, and the domain's code.
 pub struct Engine<E> {
     pub kafka: KafkaSettings,
-    pub topic: String,
+    /// The topics every build of this engine reads (a build's are fixed when it is created).
+    pub topics: Topics,
     pub database_url: String,
     /// Where verification and other heavy reads go (a replica), when not the primary.
     pub read_database_url: Option<String>,
@@ -244,7 +245,7 @@ pub struct Engine<E> {
 
 pub struct EngineParts<E> {
     pub kafka: KafkaSettings,
-    pub topic: String,
+    pub topics: Topics,
     pub database_url: String,
     pub view_schema: String,
     pub registry: Arc<Registry<E>>,
@@ -260,7 +261,7 @@ impl<E: Send + Sync + 'static> EngineParts<E> {
     pub fn for_domain<D: Domain<Event = E>>(
         domain: &Arc<D>,
         kafka: KafkaSettings,
-        topic: String,
+        topics: Topics,
         database_url: String,
         view_schema: String,
         schema_dir: Option<PathBuf>,
@@ -276,7 +277,7 @@ impl<E: Send + Sync + 'static> EngineParts<E> {
         };
         Ok(EngineParts {
             kafka,
-            topic,
+            topics,
             database_url,
             view_schema,
             registry: Arc::new(registry),
@@ -345,7 +346,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
         metrics::max_rate(parts.tuning.max_rate);
         Ok(Engine {
             kafka: parts.kafka,
-            topic: parts.topic,
+            topics: parts.topics,
             database_url: parts.database_url,
             read_database_url: None,
             view_schema: parts.view_schema,
@@ -361,16 +362,16 @@ impl<E: Send + Sync + 'static> Engine<E> {
     /// Each partition's log start and end, asked of the brokers now (on a blocking thread: the
     /// client waits for metadata). `client` names the consumer in the brokers' logs.
     pub async fn log_bounds(&self, client: &'static str) -> Result<crate::source::LogBounds> {
-        let (kafka, topic) = (self.kafka.clone(), self.topic.clone());
+        let (kafka, topics) = (self.kafka.clone(), self.topics.clone());
         tokio::task::spawn_blocking(move || {
             let consumer = kafka.consumer(client)?;
-            let partitions = kafka.partitions(&consumer, &topic)?;
-            kafka.bounds(&consumer, &topic, &partitions)
+            let partitions = kafka.partitions(&consumer, &topics)?;
+            kafka.bounds(&consumer, &topics, &partitions)
         })
         .await
         .map_err(|e| EngineError::Projection {
             projection: "-".into(),
-            reason: format!("reading the log bounds of {} failed: {e}", self.topic),
+            reason: format!("reading the log bounds of {} failed: {e}", self.topics),
         })?
         .map_err(EngineError::from)
     }

@@ -480,7 +480,9 @@ async fn prepare_build<E: Send + Sync + 'static>(
     let mut current: Option<Build> = None;
     let mut conn = engine.catalog.conn().await?;
     for build in builds.into_iter().filter(|b| b.phase.in_progress()) {
-        if build.version == projection.version() && current.is_none() && build.topic == engine.topic
+        if build.version == projection.version()
+            && current.is_none()
+            && build.topics == engine.topics.names()
         {
             current = Some(build);
         } else {
@@ -521,7 +523,7 @@ async fn prepare_build<E: Send + Sync + 'static>(
                 .create_build(
                     projection.name(),
                     projection.version(),
-                    &engine.topic,
+                    &engine.topics,
                     false,
                 )
                 .await?
@@ -552,7 +554,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     if !truncated.is_empty() {
         let partitions = truncated
             .iter()
-            .map(|(p, s)| format!("partition {p} starts at {s}"))
+            .map(|(p, s)| format!("partition {} starts at {s}", engine.topics.label(*p)))
             .collect::<Vec<_>>()
             .join(", ");
         if !options.allow_truncated_history {
@@ -563,11 +565,11 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                     .await?;
             }
             return Err(EngineError::TruncatedHistory {
-                topic: engine.topic.clone(),
+                topic: engine.topics.to_string(),
                 partitions,
             });
         }
-        tracing::warn!(message = "rebuilding from a truncated log, as asked", topic = %engine.topic, %partitions);
+        tracing::warn!(message = "rebuilding from a truncated log, as asked", topics = %engine.topics, %partitions);
         report.history_truncated = true;
         for job in jobs.iter() {
             engine
@@ -609,7 +611,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         engine.tuning.batch_events,
     ));
     let config = ReaderConfig {
-        topic: engine.topic.clone(),
+        topics: engine.topics.clone(),
         stop_at: Some(bounds.end.clone()),
         stop_exactly: false,
         // The fold checks its memory budget between batches: a batch is what it may overshoot by.
@@ -738,14 +740,14 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     // aggregate's events lie. It is written on a connection of its own while the builds load and
     // index: on two cores the load alone leaves one of them half idle.
     let aggregate_index = aggregates.map(|index| {
-        let (topic, positions) = (engine.topic.clone(), positions.clone());
+        let (topics, positions) = (engine.topics.clone(), positions.clone());
         // On a blocking thread of its own that drives the write: sqlx's executor bounds are too
         // general for the compiler to prove a spawned task holding this future `Send`.
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let written = runtime.block_on(aggregate_index::replace(
-                &mut conn, &topic, &index, &positions,
+                &mut conn, &topics, &index, &positions,
             ))?;
             Ok((written, started.elapsed().as_secs_f64()))
         })

@@ -7,12 +7,15 @@ use super::{Engine, Result};
 use crate::sink::catalog::Positions;
 use crate::sink::lock::{self, writer_lock_subject, LockKind};
 use crate::sink::{qualified, Build, Context, Phase};
+use crate::source::{ByTopic, Topics};
 
 #[derive(Debug, serde::Serialize)]
 pub struct StatusReport {
-    pub topic: String,
-    /// The log end per partition, from the brokers now (None if they could not be reached).
-    pub log_end: Option<Positions>,
+    /// The topics this command reads.
+    pub topics: Vec<String>,
+    /// The log end per topic and partition, from the brokers now (None if they could not be
+    /// reached).
+    pub log_end: Option<ByTopic>,
     pub broker_error: Option<String>,
     pub projections: Vec<ProjectionStatus>,
 }
@@ -33,7 +36,8 @@ pub struct ProjectionStatus {
 #[derive(Debug, serde::Serialize)]
 pub struct BuildStatus {
     pub build: Build,
-    pub positions: Positions,
+    /// Per topic and partition, the next offset the build will read.
+    pub positions: ByTopic,
     pub lag: Option<i64>,
     pub rows: i64,
     pub writer: Option<String>,
@@ -91,8 +95,8 @@ pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Sta
         projections.push(status);
     }
     Ok(StatusReport {
-        topic: engine.topic.clone(),
-        log_end,
+        topics: engine.topics.names().to_vec(),
+        log_end: log_end.as_ref().map(|end| engine.topics.by_topic(end)),
         broker_error,
         projections,
     })
@@ -104,9 +108,16 @@ async fn build_status<E: Send + Sync + 'static>(
     log_end: Option<&Positions>,
 ) -> Result<BuildStatus> {
     let positions = engine.catalog.positions(build.build_id).await?;
+    // Positions name partitions by the build's topics; its lag is known when this command reads
+    // the same ones.
+    let same_topics = build.topics == engine.topics.names();
     let lag = match (log_end, positions.is_empty()) {
-        (Some(end), false) => Some(super::progress::lag(&positions, end)),
+        (Some(end), false) if same_topics => Some(super::progress::lag(&positions, end)),
         _ => None,
+    };
+    let positions = match Topics::new(build.topics.iter().cloned()) {
+        Ok(topics) => topics.by_topic(&positions),
+        Err(_) => ByTopic::new(),
     };
     let mut rows = 0;
     if matches!(

@@ -28,7 +28,7 @@ use crate::sink::aggregate_index::{self, Located};
 use crate::sink::writer::{self, BuildTables};
 use crate::sink::{qualified, Context};
 use crate::source::partitioner::Partitioner;
-use crate::source::{KafkaSettings, SourceError};
+use crate::source::{KafkaSettings, SourceError, Topics};
 
 /// How to find the partitions an aggregate's events are in, beyond what the aggregate index knows.
 #[derive(Clone, Copy, Debug)]
@@ -50,7 +50,8 @@ pub struct TraceOptions<E> {
 /// The whole answer, as `--format json` emits it (one line per event, then the rest).
 #[derive(Debug, Serialize)]
 pub struct Timeline {
-    pub topic: String,
+    /// The topics read, sorted by name.
+    pub topics: Vec<String>,
     pub aggregate_id: String,
     pub read: ReadSummary,
     pub events: Vec<TimelineEvent>,
@@ -69,15 +70,42 @@ pub struct ReadSummary {
 }
 
 /// Offsets `from..to` (end exclusive) of one partition.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct RangeRead {
+    pub topic: String,
     pub partition: i32,
     pub from: i64,
     pub to: i64,
+    /// The partition's id (see [`Topics`]).
+    #[serde(skip)]
+    pub id: i32,
+}
+
+impl RangeRead {
+    fn of(topics: &Topics, id: i32, from: i64, to: i64) -> RangeRead {
+        RangeRead {
+            topic: topics.topic_of(id).to_string(),
+            partition: topics.partition_of(id),
+            from,
+            to,
+            id,
+        }
+    }
+}
+
+impl std::fmt::Display for RangeRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} offsets {}..{}",
+            self.topic, self.partition, self.from, self.to
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
 pub struct TimelineEvent {
+    pub topic: String,
     pub partition: i32,
     pub offset: i64,
     pub occurred_at: String,
@@ -120,8 +148,8 @@ pub struct SequenceCheck {
     pub gaps: Vec<(u64, u64)>,
     /// Sequence numbers seen more than once.
     pub repeats: Vec<u64>,
-    /// Event ids seen more than once, with the offsets they were seen at.
-    pub duplicate_event_ids: Vec<(String, Vec<(i32, i64)>)>,
+    /// Event ids seen more than once, with where they were seen (`topic/partition`, offset).
+    pub duplicate_event_ids: Vec<(String, Vec<(String, i64)>)>,
 }
 
 impl SequenceCheck {
@@ -157,13 +185,13 @@ pub async fn trace<E: Send + Sync + 'static>(
     options: &TraceOptions<E>,
 ) -> Result<Timeline> {
     let id = options.aggregate_id.clone();
-    let located = aggregate_index::locate(engine.catalog.pool(), &engine.topic, &id).await?;
+    let located = aggregate_index::locate(engine.catalog.pool(), &engine.topics, &id).await?;
 
     // 1. Read.
     let started = Instant::now();
-    let (kafka, topic, locate) = (engine.kafka.clone(), engine.topic.clone(), options.locate);
+    let (kafka, topics, locate) = (engine.kafka.clone(), engine.topics.clone(), options.locate);
     let (records, located_by, ranges, scanned) =
-        tokio::task::spawn_blocking(move || read_aggregate(&kafka, &topic, &id, locate, &located))
+        tokio::task::spawn_blocking(move || read_aggregate(&kafka, &topics, &id, locate, &located))
             .await
             .map_err(|e| EngineError::Projection {
                 projection: "-".into(),
@@ -178,16 +206,11 @@ pub async fn trace<E: Send + Sync + 'static>(
     if records.is_empty() {
         return Err(EngineError::NoSuchAggregate {
             aggregate_id: options.aggregate_id.clone(),
-            topic: engine.topic.clone(),
+            topic: engine.topics.to_string(),
             looked_in: read
                 .ranges
                 .iter()
-                .map(|r| {
-                    format!(
-                        "{}/{} offsets {}..{}",
-                        engine.topic, r.partition, r.from, r.to
-                    )
-                })
+                .map(RangeRead::to_string)
                 .collect::<Vec<_>>()
                 .join(", "),
         });
@@ -202,14 +225,16 @@ pub async fn trace<E: Send + Sync + 'static>(
         .collect();
     let mut events = Vec::new();
     let mut sequences = Vec::new();
-    let mut event_ids: BTreeMap<String, Vec<(i32, i64)>> = BTreeMap::new();
+    let mut event_ids: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
     let mut scratch = Changes::default();
+    let topics = &engine.topics;
     for (partition, offset, bytes) in &records {
         let decoded = match envelope::decode(bytes, *partition, *offset) {
             Ok(d) => d,
             Err(e) => {
                 events.push(TimelineEvent {
-                    partition: *partition,
+                    topic: topics.topic_of(*partition).to_string(),
+                    partition: topics.partition_of(*partition),
                     offset: *offset,
                     occurred_at: String::new(),
                     sequence: 0,
@@ -227,7 +252,7 @@ pub async fn trace<E: Send + Sync + 'static>(
         event_ids
             .entry(event_id.clone())
             .or_default()
-            .push((*partition, *offset));
+            .push((topics.label(*partition), *offset));
         sequences.push(decoded.meta.sequence);
         let (trace, upcast) = engine
             .registry
@@ -241,7 +266,8 @@ pub async fn trace<E: Send + Sync + 'static>(
             })
             .collect();
         let mut entry = TimelineEvent {
-            partition: *partition,
+            topic: topics.topic_of(*partition).to_string(),
+            partition: topics.partition_of(*partition),
             offset: *offset,
             occurred_at: Value::Timestamp(decoded.meta.occurred_at_micros).to_string(),
             sequence: decoded.meta.sequence,
@@ -279,7 +305,7 @@ pub async fn trace<E: Send + Sync + 'static>(
                     .apply(specs, change, at)
                     .map_err(|e| EngineError::Projection {
                         projection: projection.name().to_string(),
-                        reason: format!("{}/{} at offset {offset}: {e}", engine.topic, partition),
+                        reason: format!("{} at offset {offset}: {e}", topics.label(*partition)),
                     })?;
             }
             let rows = touched
@@ -315,7 +341,7 @@ pub async fn trace<E: Send + Sync + 'static>(
         None
     };
     Ok(Timeline {
-        topic: engine.topic.clone(),
+        topics: engine.topics.names().to_vec(),
         aggregate_id: options.aggregate_id.clone(),
         read,
         events,
@@ -328,29 +354,38 @@ pub async fn trace<E: Send + Sync + 'static>(
 type Records = Vec<(i32, i64, Vec<u8>)>;
 
 /// Which ranges to read: the index's spans and, past its coverage, the tail of each partition the
-/// aggregate can be in; without an index, those partitions from their start.
+/// aggregate can be in (in every topic); without an index, those partitions from their start.
 pub fn plan_ranges(
     locate: Locate,
     aggregate_id: &str,
     located: &Located,
+    topics: &Topics,
     start: &BTreeMap<i32, i64>,
     end: &BTreeMap<i32, i64>,
 ) -> (String, Vec<RangeRead>) {
-    let count = end.len() as i32;
     let mut partitions: BTreeSet<i32> = match locate {
         Locate::ScanAll => end.keys().copied().collect(),
-        Locate::Partitioner(p) => [p.partition(aggregate_id.as_bytes(), count)].into(),
+        Locate::Partitioner(p) => (0..topics.len())
+            .filter_map(|index| {
+                let count = end
+                    .keys()
+                    .filter(|&&id| topics.topic_of(id) == topics.names()[index])
+                    .count() as i32;
+                (count > 0).then(|| topics.id(index, p.partition(aggregate_id.as_bytes(), count)))
+            })
+            .collect(),
     };
     let indexed = !located.covered_through.is_empty();
     let mut ranges = Vec::new();
     if indexed {
         for span in &located.spans {
             partitions.insert(span.partition);
-            ranges.push(RangeRead {
-                partition: span.partition,
-                from: span.first,
-                to: span.last + 1,
-            });
+            ranges.push(RangeRead::of(
+                topics,
+                span.partition,
+                span.first,
+                span.last + 1,
+            ));
         }
     }
     for &p in &partitions {
@@ -361,14 +396,10 @@ pub fn plan_ranges(
         } else {
             first
         };
-        ranges.push(RangeRead {
-            partition: p,
-            from: from.max(first),
-            to: last,
-        });
+        ranges.push(RangeRead::of(topics, p, from.max(first), last));
     }
     ranges.retain(|r| r.from < r.to);
-    ranges.sort_by_key(|r| (r.partition, r.from));
+    ranges.sort_by_key(|r| (r.id, r.from));
     let how = match (indexed, locate) {
         (true, Locate::ScanAll) => "aggregate index, then every partition past its coverage".into(),
         (true, Locate::Partitioner(p)) => format!(
@@ -386,15 +417,22 @@ pub fn plan_ranges(
 
 fn read_aggregate(
     kafka: &KafkaSettings,
-    topic: &str,
+    topics: &Topics,
     aggregate_id: &str,
     locate: Locate,
     located: &Located,
 ) -> Result<(Records, String, Vec<RangeRead>, u64)> {
     let consumer = kafka.consumer("reproject-replay")?;
-    let partitions = kafka.partitions(&consumer, topic)?;
-    let bounds = kafka.bounds(&consumer, topic, &partitions)?;
-    let (how, ranges) = plan_ranges(locate, aggregate_id, located, &bounds.start, &bounds.end);
+    let partitions = kafka.partitions(&consumer, topics)?;
+    let bounds = kafka.bounds(&consumer, topics, &partitions)?;
+    let (how, ranges) = plan_ranges(
+        locate,
+        aggregate_id,
+        located,
+        topics,
+        &bounds.start,
+        &bounds.end,
+    );
     let mut records = Vec::new();
     let mut scanned = 0;
     let mut seen = BTreeSet::new();
@@ -402,21 +440,18 @@ fn read_aggregate(
     // all its partitions at once.
     let mut passes: Vec<BTreeMap<i32, RangeRead>> = Vec::new();
     for range in &ranges {
-        match passes
-            .iter_mut()
-            .find(|p| !p.contains_key(&range.partition))
-        {
+        match passes.iter_mut().find(|p| !p.contains_key(&range.id)) {
             Some(pass) => {
-                pass.insert(range.partition, *range);
+                pass.insert(range.id, range.clone());
             }
-            None => passes.push([(range.partition, *range)].into()),
+            None => passes.push([(range.id, range.clone())].into()),
         }
     }
     for pass in &passes {
         scanned += read_ranges(
             kafka,
             &consumer,
-            topic,
+            topics,
             pass,
             |partition, offset, key, value| {
                 let matches = match key {
@@ -440,19 +475,19 @@ fn read_aggregate(
 fn read_ranges(
     kafka: &KafkaSettings,
     consumer: &BaseConsumer,
-    topic: &str,
+    topics: &Topics,
     ranges: &BTreeMap<i32, RangeRead>,
     mut on_record: impl FnMut(i32, i64, Option<&[u8]>, &[u8]),
 ) -> Result<u64> {
     let starts = ranges.iter().map(|(&p, r)| (p, r.from)).collect();
-    kafka.assign(consumer, topic, &starts)?;
+    kafka.assign(consumer, topics, &starts)?;
     let mut open: BTreeSet<i32> = ranges.keys().copied().collect();
     let mut read = 0;
     let mut last_progress = Instant::now();
     let describe = || {
         ranges
             .values()
-            .map(|r| format!("{topic}/{} offsets {}..{}", r.partition, r.from, r.to))
+            .map(RangeRead::to_string)
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -460,7 +495,10 @@ fn read_ranges(
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(message)) => {
                 last_progress = Instant::now();
-                let (partition, offset) = (message.partition(), message.offset());
+                let Some(partition) = topics.id_of(message.topic(), message.partition()) else {
+                    continue;
+                };
+                let offset = message.offset();
                 let Some(range) = ranges.get(&partition) else {
                     continue;
                 };
@@ -490,7 +528,7 @@ fn read_ranges(
             None => {
                 // Transaction markers at the end of a range are never delivered: the fetch position
                 // says whether the range is done.
-                for (p, position) in kafka.fetch_positions(consumer) {
+                for (p, position) in kafka.fetch_positions(consumer, topics) {
                     if ranges.get(&p).is_some_and(|r| position >= r.to) {
                         open.remove(&p);
                     }
@@ -509,7 +547,7 @@ fn read_ranges(
 
 fn check_sequence(
     sequences: &[u64],
-    event_ids: BTreeMap<String, Vec<(i32, i64)>>,
+    event_ids: BTreeMap<String, Vec<(String, i64)>>,
 ) -> SequenceCheck {
     let mut check = SequenceCheck::default();
     let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
@@ -784,25 +822,21 @@ mod tests {
         let (start, end) = bounds(4, 100);
         let p = Partitioner::Murmur2Random;
         let expected = p.partition(b"order-7", 4);
+        let topics = Topics::new(["t"]).expect("topic");
         let (_, ranges) = plan_ranges(
             Locate::Partitioner(p),
             "order-7",
             &Located::default(),
+            &topics,
             &start,
             &end,
         );
-        assert_eq!(
-            ranges,
-            vec![RangeRead {
-                partition: expected,
-                from: 0,
-                to: 100
-            }]
-        );
+        assert_eq!(ranges, vec![RangeRead::of(&topics, expected, 0, 100)]);
         let (_, ranges) = plan_ranges(
             Locate::ScanAll,
             "order-7",
             &Located::default(),
+            &topics,
             &start,
             &end,
         );
@@ -822,29 +856,30 @@ mod tests {
             }],
             covered_through: (0..4).map(|p| (p, 900)).collect(),
         };
-        let (_, ranges) = plan_ranges(Locate::Partitioner(p), "order-7", &located, &start, &end);
+        let topics = Topics::new(["t"]).expect("topic");
+        let (_, ranges) = plan_ranges(
+            Locate::Partitioner(p),
+            "order-7",
+            &located,
+            &topics,
+            &start,
+            &end,
+        );
         assert_eq!(
             ranges,
             vec![
-                RangeRead {
-                    partition,
-                    from: 10,
-                    to: 21
-                },
-                RangeRead {
-                    partition,
-                    from: 900,
-                    to: 1_000
-                }
+                RangeRead::of(&topics, partition, 10, 21),
+                RangeRead::of(&topics, partition, 900, 1_000)
             ]
         );
     }
 
     #[test]
     fn gaps_repeats_and_twice_seen_event_ids_are_reported() {
-        let ids: BTreeMap<String, Vec<(i32, i64)>> = [
-            ("a".to_string(), vec![(0, 1)]),
-            ("b".to_string(), vec![(0, 2), (0, 9)]),
+        let at = |offset| ("t/0".to_string(), offset);
+        let ids: BTreeMap<String, Vec<(String, i64)>> = [
+            ("a".to_string(), vec![at(1)]),
+            ("b".to_string(), vec![at(2), at(9)]),
         ]
         .into();
         let check = check_sequence(&[1, 2, 2, 5, 6], ids);
@@ -852,7 +887,7 @@ mod tests {
         assert_eq!(check.repeats, vec![2]);
         assert_eq!(
             check.duplicate_event_ids,
-            vec![("b".to_string(), vec![(0, 2), (0, 9)])]
+            vec![("b".to_string(), vec![at(2), at(9)])]
         );
         assert!(check_sequence(&[1, 2, 3], BTreeMap::new()).is_clean());
     }

@@ -6,7 +6,10 @@
 //! not commute, so in a table whose rows gather several partitions (not
 //! [`per_aggregate`](super::TableSpec::per_aggregate)) each of them resolves by the event's
 //! [`LogicalTime`] instead: its `occurred_at`, then its partition, then its offset. The last writer in
-//! that order wins, column by column, whichever arrives first.
+//! that order wins, column by column, whichever arrives first. When a build reads several topics the
+//! partition is its id among them (`source::Topics`), so a tie between topics goes by topic name,
+//! then partition number: rows fed by several topics resolve exactly like rows fed by several
+//! partitions.
 //!
 //! To do that across batches, spills and restarts, each such row keeps a [`RowClock`]: when each
 //! set column was last written, when the row was last deleted, and which columns accumulate. It is
@@ -29,6 +32,8 @@ use super::EventMeta;
 pub struct LogicalTime {
     /// The event's `occurred_at`, microseconds since the Unix epoch, UTC.
     pub occurred_at_micros: i64,
+    /// The partition's id among the build's topics (see `source::Topics`): with one topic, the
+    /// partition number.
     pub partition: i32,
     pub offset: i64,
 }

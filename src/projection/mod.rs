@@ -47,6 +47,8 @@ pub use value::{sort_on_prefix, ColumnType, Value, PG_EPOCH_OFFSET_DAYS, PG_EPOC
 /// know about time comes from here.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EventMeta {
+    /// The partition's id among the topics the build reads (see `source::Topics`): with one topic,
+    /// the Kafka partition number; with several, ordered by topic name, then partition.
     pub partition: i32,
     pub offset: i64,
     pub event_id: [u8; 16],

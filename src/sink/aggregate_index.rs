@@ -14,10 +14,12 @@ use sqlx::{Connection, PgConnection, PgPool};
 use super::writer::copy_into;
 use super::{Context, Result};
 use crate::projection::{sort_on_prefix, Value};
+use crate::source::Topics;
 
 /// The first and last offset at which an aggregate's events were seen in one partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
+    /// A partition id (see [`Topics`]).
     pub partition: i32,
     pub first: i64,
     pub last: i64,
@@ -30,6 +32,8 @@ pub struct Span {
 /// per event): a gap means events are missing from the log, which no projection could notice.
 #[derive(Default, Debug)]
 pub struct AggregateIndex {
+    /// To name partitions in the gap examples.
+    topics: Option<Topics>,
     partitions: BTreeMap<i32, FxHashMap<Box<str>, Entry>>,
     /// Rough heap bytes held, for the memory budget.
     approx_bytes: usize,
@@ -51,6 +55,14 @@ struct Entry {
 pub const GAP_EXAMPLES: usize = 5;
 
 impl AggregateIndex {
+    /// An empty index of partitions of `topics`.
+    pub fn of(topics: Topics) -> AggregateIndex {
+        AggregateIndex {
+            topics: Some(topics),
+            ..AggregateIndex::default()
+        }
+    }
+
     /// Expect sequence 1 for an aggregate first seen in `partition` (it is read from offset 0).
     pub fn read_from_start(&mut self, partition: i32) {
         self.from_start.insert(partition);
@@ -86,8 +98,12 @@ impl AggregateIndex {
             Some(e) if sequence > e => {
                 self.sequence_gaps += 1;
                 if self.gap_examples.len() < GAP_EXAMPLES {
+                    let at = match &self.topics {
+                        Some(topics) => topics.label(partition),
+                        None => format!("partition {partition}"),
+                    };
                     self.gap_examples.push(format!(
-                        "aggregate {aggregate_id}: sequence {sequence} at partition {partition} offset {offset}, expected {e}"
+                        "aggregate {aggregate_id}: sequence {sequence} at {at} offset {offset}, expected {e}"
                     ));
                 }
             }
@@ -119,13 +135,13 @@ impl AggregateIndex {
         self.len() == 0
     }
 
-    fn rows<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = [Value; 5]> + 'a {
+    fn rows<'a>(&'a self, topics: &'a Topics) -> impl Iterator<Item = [Value; 5]> + 'a {
         self.partitions.iter().flat_map(move |(&partition, map)| {
             map.iter().map(move |(id, entry)| {
                 [
-                    Value::text(topic),
+                    Value::text(topics.topic_of(partition)),
                     Value::text(&**id),
-                    Value::BigInt(i64::from(partition)),
+                    Value::BigInt(i64::from(topics.partition_of(partition))),
                     Value::BigInt(entry.first),
                     Value::BigInt(entry.last),
                 ]
@@ -142,10 +158,11 @@ pub struct Located {
     pub covered_through: BTreeMap<i32, i64>,
 }
 
-/// Replace `topic`'s index with `index`, which covers each partition up to `covered_through`.
+/// Replace the index of `topics` with `index`, which covers each partition (id) up to
+/// `covered_through`.
 pub async fn replace(
     conn: &mut PgConnection,
-    topic: &str,
+    topics: &Topics,
     index: &AggregateIndex,
     covered_through: &BTreeMap<i32, i64>,
 ) -> Result<u64> {
@@ -162,13 +179,18 @@ pub async fn replace(
     .execute(&mut *tx)
     .await
     .context(|| "preparing the new aggregate index".into())?;
-    // In primary-key order (the topic is the same throughout): the key is built afterwards, and on
-    // rows already in its order PostgreSQL's sort has little to do.
-    let rows = sort_on_prefix(
-        index.rows(topic),
-        |row| row[1].order_prefix(),
-        |a, b| a[1..3].cmp(&b[1..3]),
-    );
+    // In primary-key order: the key is built afterwards, and on rows already in its order
+    // PostgreSQL's sort has little to do. Within one topic, by aggregate id first.
+    let mut rows = Vec::new();
+    for topic in topics.names() {
+        rows.extend(sort_on_prefix(
+            index
+                .rows(topics)
+                .filter(|row| matches!(&row[0], Value::Text(t) if t.as_str() == topic.as_str())),
+            |row| row[1].order_prefix(),
+            |a, b| a[1..3].cmp(&b[1..3]),
+        ));
+    }
     let written = copy_into(
         &mut tx,
         "reproject.aggregate_offsets_next",
@@ -178,9 +200,9 @@ pub async fn replace(
     )
     .await?;
     sqlx::query(
-        "INSERT INTO reproject.aggregate_offsets_next SELECT * FROM reproject.aggregate_offsets WHERE topic <> $1",
+        "INSERT INTO reproject.aggregate_offsets_next SELECT * FROM reproject.aggregate_offsets WHERE topic <> ALL($1)",
     )
-    .bind(topic)
+    .bind(topics.names())
     .execute(&mut *tx)
     .await
     .context(|| "keeping the index of other topics".into())?;
@@ -193,8 +215,8 @@ pub async fn replace(
     .execute(&mut *tx)
     .await
     .context(|| "swapping in the new aggregate index".into())?;
-    sqlx::query("DELETE FROM reproject.aggregate_index_coverage WHERE topic = $1")
-        .bind(topic)
+    sqlx::query("DELETE FROM reproject.aggregate_index_coverage WHERE topic = ANY($1)")
+        .bind(topics.names())
         .execute(&mut *tx)
         .await
         .context(|| "replacing the aggregate index coverage".into())?;
@@ -202,8 +224,8 @@ pub async fn replace(
         sqlx::query(
             "INSERT INTO reproject.aggregate_index_coverage (topic, partition, covered_through) VALUES ($1, $2, $3)",
         )
-        .bind(topic)
-        .bind(partition)
+        .bind(topics.topic_of(partition))
+        .bind(topics.partition_of(partition))
         .bind(through)
         .execute(&mut *tx)
         .await
@@ -215,34 +237,42 @@ pub async fn replace(
     Ok(written)
 }
 
-/// Where `aggregate_id`'s events lie, as far as the index knows. No coverage means no index.
-pub async fn locate(pool: &PgPool, topic: &str, aggregate_id: &str) -> Result<Located> {
-    let spans: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT partition, first_offset, last_offset FROM reproject.aggregate_offsets
-         WHERE topic = $1 AND aggregate_id = $2 ORDER BY partition",
+/// Where `aggregate_id`'s events lie in `topics`, as far as the index knows. No coverage means no
+/// index.
+pub async fn locate(pool: &PgPool, topics: &Topics, aggregate_id: &str) -> Result<Located> {
+    let spans: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT topic, partition, first_offset, last_offset FROM reproject.aggregate_offsets
+         WHERE topic = ANY($1) AND aggregate_id = $2 ORDER BY topic, partition",
     )
-    .bind(topic)
+    .bind(topics.names())
     .bind(aggregate_id)
     .fetch_all(pool)
     .await
     .context(|| format!("looking up aggregate {aggregate_id} in the aggregate index"))?;
-    let coverage: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, covered_through FROM reproject.aggregate_index_coverage WHERE topic = $1",
+    let coverage: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT topic, partition, covered_through FROM reproject.aggregate_index_coverage WHERE topic = ANY($1)",
     )
-    .bind(topic)
+    .bind(topics.names())
     .fetch_all(pool)
     .await
     .context(|| "reading the aggregate index coverage".into())?;
     Ok(Located {
         spans: spans
             .into_iter()
-            .map(|(partition, first, last)| Span {
-                partition: partition as i32,
-                first,
-                last,
+            .filter_map(|(topic, partition, first, last)| {
+                Some(Span {
+                    partition: topics.id_of(&topic, i32::try_from(partition).ok()?)?,
+                    first,
+                    last,
+                })
             })
             .collect(),
-        covered_through: coverage.into_iter().collect(),
+        covered_through: coverage
+            .into_iter()
+            .filter_map(|(topic, partition, through)| {
+                Some((topics.id_of(&topic, partition)?, through))
+            })
+            .collect(),
     })
 }
 

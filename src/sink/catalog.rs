@@ -74,15 +74,28 @@ pub struct Build {
     pub projection: String,
     pub version: u32,
     pub schema_name: String,
-    pub topic: String,
+    /// The topics it reads, sorted by name: fixed when it was created.
+    pub topics: Vec<String>,
     pub phase: Phase,
     pub history_truncated: bool,
     pub events_replayed: i64,
     pub rows_loaded: i64,
 }
 
-/// Per partition, the next offset to read.
+/// Per partition id (see [`crate::source::Topics`]), the next offset to read. In the catalog each
+/// row names its topic and partition number; the SQL here converts, through the build's `topics`.
 pub type Positions = BTreeMap<i32, i64>;
+
+/// SQL for a partition id's topic and partition number, given the build row `b` and an id `$id`.
+macro_rules! id_to_topic_sql {
+    ($id:literal) => {
+        concat!("b.topics[", $id, " / 1048576 + 1]")
+    };
+}
+
+/// The partition id of positions row `p` of build row `b`.
+const ID_OF_POSITION_SQL: &str =
+    "((array_position(b.topics, p.topic) - 1) * 1048576 + p.partition)";
 
 /// Settings changed while a command runs (`reproject tune`): kept per projection in
 /// `reproject.controls` and read by catch-ups and followers at every pause check.
@@ -127,7 +140,7 @@ pub struct Catalog {
 }
 
 const BUILD_COLUMNS: &str =
-    "build_id, projection, version, schema_name, topic, phase, history_truncated, events_replayed, rows_loaded";
+    "build_id, projection, version, schema_name, topics, phase, history_truncated, events_replayed, rows_loaded";
 
 fn build_from_row(row: &sqlx::postgres::PgRow) -> Result<Build> {
     let phase: String = row
@@ -146,8 +159,8 @@ fn build_from_row(row: &sqlx::postgres::PgRow) -> Result<Build> {
         schema_name: row
             .try_get("schema_name")
             .context(|| "reading reproject.builds".into())?,
-        topic: row
-            .try_get("topic")
+        topics: row
+            .try_get("topics")
             .context(|| "reading reproject.builds".into())?,
         phase: Phase::parse(&phase).ok_or_else(|| {
             SinkError::Invalid(format!("reproject.builds holds an unknown phase {phase:?}"))
@@ -207,19 +220,19 @@ impl Catalog {
         &self,
         projection: &str,
         version: u32,
-        topic: &str,
+        topics: &crate::source::Topics,
         truncated: bool,
     ) -> Result<Build> {
         check_identifier("projection", projection)?;
         let row = sqlx::query(&format!(
             "WITH b AS (SELECT nextval(pg_get_serial_sequence('reproject.builds', 'build_id')) AS id)
-             INSERT INTO reproject.builds (build_id, projection, version, schema_name, topic, phase, history_truncated)
-             SELECT id, $1, $2, format('rp_%s_v%s_b%s', $1::text, $2::int, id), $3, 'loading', $4 FROM b
+             INSERT INTO reproject.builds (build_id, projection, version, schema_name, topic, topics, phase, history_truncated)
+             SELECT id, $1, $2, format('rp_%s_v%s_b%s', $1::text, $2::int, id), array_to_string($3::text[], ', '), $3, 'loading', $4 FROM b
              RETURNING {BUILD_COLUMNS}"
         ))
         .bind(projection)
         .bind(version as i32)
-        .bind(topic)
+        .bind(topics.names())
         .bind(truncated)
         .fetch_one(&self.pool)
         .await
@@ -509,16 +522,25 @@ pub async fn read_positions<'c>(
     executor: impl sqlx::PgExecutor<'c>,
     build_id: i64,
 ) -> Result<Positions> {
-    let rows =
-        sqlx::query("SELECT partition, next_offset FROM reproject.positions WHERE build_id = $1")
-            .bind(build_id)
-            .fetch_all(executor)
-            .await
-            .context(|| format!("reading the positions of build {build_id}"))?;
+    let rows = sqlx::query(&format!(
+        "SELECT {ID_OF_POSITION_SQL} AS id, p.topic, p.next_offset
+         FROM reproject.positions p JOIN reproject.builds b USING (build_id) WHERE build_id = $1"
+    ))
+    .bind(build_id)
+    .fetch_all(executor)
+    .await
+    .context(|| format!("reading the positions of build {build_id}"))?;
     rows.iter()
         .map(|r| {
+            let id: Option<i32> = r.try_get("id").context(|| "positions".into())?;
+            let Some(id) = id else {
+                let topic: String = r.try_get("topic").context(|| "positions".into())?;
+                return Err(SinkError::Invalid(format!(
+                    "build {build_id} has a position in topic {topic}, which is not among its topics"
+                )));
+            };
             Ok((
-                r.try_get("partition").context(|| "positions".into())?,
+                id,
                 r.try_get("next_offset").context(|| "positions".into())?,
             ))
         })
@@ -583,10 +605,14 @@ pub async fn insert_positions(
     let partitions: Vec<i32> = positions.keys().copied().collect();
     let next: Vec<i64> = positions.values().copied().collect();
     let end: Vec<Option<i64>> = partitions.iter().map(|p| log_end.get(p).copied()).collect();
-    sqlx::query(
-        "INSERT INTO reproject.positions (build_id, partition, next_offset, log_end_offset)
-         SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::bigint[])",
-    )
+    sqlx::query(concat!(
+        "INSERT INTO reproject.positions (build_id, topic, partition, next_offset, log_end_offset)
+         SELECT $1, ",
+        id_to_topic_sql!("n.id"),
+        ", n.id % 1048576, n.next_offset, n.log_end
+         FROM unnest($2::int[], $3::bigint[], $4::bigint[]) AS n(id, next_offset, log_end)
+         JOIN reproject.builds b ON b.build_id = $1"
+    ))
     .bind(build_id)
     .bind(&partitions)
     .bind(&next)
@@ -623,12 +649,15 @@ pub async fn advance_positions(
         .map(|p| next.get(p).copied().unwrap_or(-1))
         .collect();
     let end: Vec<Option<i64>> = moved.iter().map(|p| log_end.get(p).copied()).collect();
-    let updated: Vec<i32> = sqlx::query_scalar(
+    let updated: Vec<i32> = sqlx::query_scalar(concat!(
         "UPDATE reproject.positions p SET next_offset = n.next_offset, log_end_offset = coalesce(n.log_end, p.log_end_offset)
-         FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS n(partition, expected, next_offset, log_end)
-         WHERE p.build_id = $1 AND p.partition = n.partition AND p.next_offset = n.expected
-         RETURNING p.partition",
-    )
+         FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS n(id, expected, next_offset, log_end),
+              reproject.builds b
+         WHERE b.build_id = $1 AND p.build_id = $1 AND p.topic = ",
+        id_to_topic_sql!("n.id"),
+        " AND p.partition = n.id % 1048576 AND p.next_offset = n.expected
+         RETURNING n.id"
+    ))
     .bind(build_id)
     .bind(&moved)
     .bind(&exp)
@@ -645,17 +674,25 @@ pub async fn advance_positions(
         .copied()
         .find(|p| !updated.contains(p))
         .unwrap_or(-1);
-    let found: Option<i64> = sqlx::query_scalar(
-        "SELECT next_offset FROM reproject.positions WHERE build_id = $1 AND partition = $2",
-    )
+    let found: Option<(String, Option<i64>)> = sqlx::query_as(concat!(
+        "SELECT ",
+        id_to_topic_sql!("$2"),
+        ", (SELECT next_offset FROM reproject.positions p
+             WHERE p.build_id = $1 AND p.topic = ",
+        id_to_topic_sql!("$2"),
+        " AND p.partition = $2 % 1048576)
+         FROM reproject.builds b WHERE b.build_id = $1"
+    ))
     .bind(build_id)
     .bind(partition)
     .fetch_optional(&mut *conn)
     .await
     .context(|| format!("reading the position of build {build_id}"))?;
+    let (topic, found) = found.unwrap_or_default();
     Err(SinkError::PositionConflict {
         build_id,
-        partition,
+        topic,
+        partition: partition % crate::source::PARTITIONS_PER_TOPIC,
         expected: expected.get(&partition).copied().unwrap_or(-1),
         found: found.map_or_else(|| "missing".to_string(), |o| o.to_string()),
     })

@@ -22,9 +22,10 @@ pub enum SinkError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("build {build_id}: partition {partition} was expected at offset {expected}, but another writer moved it (now {found}); stopping so that no event is applied twice")]
+    #[error("build {build_id}: partition {topic}/{partition} was expected at offset {expected}, but another writer moved it (now {found}); stopping so that no event is applied twice")]
     PositionConflict {
         build_id: i64,
+        topic: String,
         partition: i32,
         expected: i64,
         found: String,

@@ -14,26 +14,31 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::SourceError;
 
-/// A running mock cluster with one topic created.
+/// A running mock cluster with its topics created.
 pub struct DevBroker {
     cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
 }
 
 impl DevBroker {
     pub fn start(topic: &str, partitions: i32) -> Result<DevBroker, SourceError> {
+        Self::start_with(&[topic], partitions)
+    }
+
+    /// A mock cluster with each of `topics` created with `partitions` partitions.
+    pub fn start_with<S: AsRef<str>>(
+        topics: &[S],
+        partitions: i32,
+    ) -> Result<DevBroker, SourceError> {
         let cluster = MockCluster::new(1).map_err(|source| SourceError::Kafka {
             brokers: "mock cluster".into(),
             context: "starting the mock cluster".into(),
             source: Box::new(source),
         })?;
-        cluster
-            .create_topic(topic, partitions, 1)
-            .map_err(|source| SourceError::Kafka {
-                brokers: cluster.bootstrap_servers(),
-                context: format!("creating topic {topic} with {partitions} partitions"),
-                source: Box::new(source),
-            })?;
-        Ok(DevBroker { cluster })
+        let broker = DevBroker { cluster };
+        for topic in topics {
+            broker.create_topic(topic.as_ref(), partitions)?;
+        }
+        Ok(broker)
     }
 
     pub fn bootstrap_servers(&self) -> String {
@@ -50,7 +55,7 @@ impl DevBroker {
             .create_topic(topic, partitions, 1)
             .map_err(|source| SourceError::Kafka {
                 brokers: self.bootstrap_servers(),
-                context: format!("creating topic {topic}"),
+                context: format!("creating topic {topic} with {partitions} partitions"),
                 source: Box::new(source),
             })
     }

@@ -10,6 +10,8 @@ use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 
+use super::Topics;
+
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most one fetch response may carry (100 MiB; `receive.message.max.bytes` is twice that).
@@ -167,8 +169,8 @@ impl KafkaSettings {
             .map_err(self.error("creating a producer"))
     }
 
-    /// The topic's partitions, sorted.
-    pub fn partitions(
+    /// One topic's partition numbers, sorted.
+    pub fn topic_partitions(
         &self,
         consumer: &BaseConsumer,
         topic: &str,
@@ -202,25 +204,40 @@ impl KafkaSettings {
                 brokers: self.brokers.clone(),
             });
         }
+        Topics::check_partition_count(topic, partitions.len())?;
         Ok(partitions)
     }
 
-    /// Log start and end of every partition, asked of the brokers now: one ListOffsets request per
-    /// broker for the starts and one for the ends (KIP-79's -2 and -1 "timestamps"). Asking
-    /// partition by partition took two round trips each, a third of a second for 128 partitions,
-    /// paid at the start of every replay and twice by every catch-up. A broker that refuses the
-    /// batched form is asked partition by partition.
+    /// Every partition of every topic, as partition ids (see [`Topics`]), sorted.
+    pub fn partitions(
+        &self,
+        consumer: &BaseConsumer,
+        topics: &Topics,
+    ) -> Result<Vec<i32>, SourceError> {
+        let mut ids = Vec::new();
+        for (index, topic) in topics.names().iter().enumerate() {
+            let partitions = self.topic_partitions(consumer, topic)?;
+            ids.extend(partitions.into_iter().map(|p| topics.id(index, p)));
+        }
+        Ok(ids)
+    }
+
+    /// Log start and end of every partition (ids, see [`Topics`]), asked of the brokers now: one
+    /// ListOffsets request per broker for the starts and one for the ends (KIP-79's -2 and -1
+    /// "timestamps"). Asking partition by partition took two round trips each, a third of a second
+    /// for 128 partitions, paid at the start of every replay and twice by every catch-up. A broker
+    /// that refuses the batched form is asked partition by partition.
     pub fn bounds(
         &self,
         consumer: &BaseConsumer,
-        topic: &str,
+        topics: &Topics,
         partitions: &[i32],
     ) -> Result<LogBounds, SourceError> {
-        match self.bounds_batched(consumer, topic, partitions) {
+        match self.bounds_batched(consumer, topics, partitions) {
             Ok(bounds) => Ok(bounds),
             Err(error) => {
                 tracing::debug!(message = "batched log bounds failed; asking per partition", %error);
-                self.bounds_per_partition(consumer, topic, partitions)
+                self.bounds_per_partition(consumer, topics, partitions)
             }
         }
     }
@@ -228,34 +245,36 @@ impl KafkaSettings {
     fn bounds_batched(
         &self,
         consumer: &BaseConsumer,
-        topic: &str,
+        topics: &Topics,
         partitions: &[i32],
     ) -> Result<LogBounds, SourceError> {
         let ask = |which: Offset, what: &str| -> Result<BTreeMap<i32, i64>, SourceError> {
-            let context = || format!("reading the log {what} of {topic}");
-            let mut list = TopicPartitionList::new();
-            for &p in partitions {
-                list.add_partition_offset(topic, p, which)
-                    .map_err(self.error(context()))?;
-            }
+            let context = || format!("reading the log {what} of {topics}");
+            let list = partition_list(topics, partitions.iter().map(|&id| (id, which)))
+                .map_err(self.error(context()))?;
             let answer = consumer
                 .offsets_for_times(list, METADATA_TIMEOUT)
                 .map_err(self.error(context()))?;
             let mut found = BTreeMap::new();
-            for element in answer.elements_for_topic(topic) {
+            for element in answer.elements() {
+                let Some(id) = topics.id_of(element.topic(), element.partition()) else {
+                    continue;
+                };
                 element.error().map_err(self.error(format!(
-                    "{}, partition {}",
+                    "{}, partition {}/{}",
                     context(),
+                    element.topic(),
                     element.partition()
                 )))?;
                 match element.offset() {
                     Offset::Offset(o) => {
-                        found.insert(element.partition(), o);
+                        found.insert(id, o);
                     }
                     other => {
                         return Err(self.error(format!(
-                            "{}: partition {} answered {other:?}",
+                            "{}: partition {}/{} answered {other:?}",
                             context(),
+                            element.topic(),
                             element.partition()
                         ))(KafkaError::OffsetFetch(
                             rdkafka::types::RDKafkaErrorCode::InvalidArgument,
@@ -264,10 +283,13 @@ impl KafkaSettings {
                 }
             }
             if let Some(missing) = partitions.iter().find(|p| !found.contains_key(p)) {
-                return Err(self
-                    .error(format!("{}: no answer for partition {missing}", context()))(
-                    KafkaError::OffsetFetch(rdkafka::types::RDKafkaErrorCode::UnknownPartition),
-                ));
+                return Err(self.error(format!(
+                    "{}: no answer for partition {}",
+                    context(),
+                    topics.label(*missing)
+                ))(KafkaError::OffsetFetch(
+                    rdkafka::types::RDKafkaErrorCode::UnknownPartition,
+                )));
             }
             Ok(found)
         };
@@ -280,35 +302,36 @@ impl KafkaSettings {
     fn bounds_per_partition(
         &self,
         consumer: &BaseConsumer,
-        topic: &str,
+        topics: &Topics,
         partitions: &[i32],
     ) -> Result<LogBounds, SourceError> {
         let mut bounds = LogBounds::default();
-        for &p in partitions {
+        for &id in partitions {
+            let (topic, p) = (topics.topic_of(id), topics.partition_of(id));
             let (low, high) = consumer
                 .fetch_watermarks(topic, p, METADATA_TIMEOUT)
                 .map_err(self.error(format!("reading the log bounds of {topic}/{p}")))?;
-            bounds.start.insert(p, low);
-            bounds.end.insert(p, high);
+            bounds.start.insert(id, low);
+            bounds.end.insert(id, high);
         }
         Ok(bounds)
     }
 
-    /// Point the consumer at `positions` (next offset to read, per partition).
+    /// Point the consumer at `positions` (next offset to read, per partition id).
     pub fn assign(
         &self,
         consumer: &BaseConsumer,
-        topic: &str,
+        topics: &Topics,
         positions: &BTreeMap<i32, i64>,
     ) -> Result<(), SourceError> {
-        let mut list = TopicPartitionList::new();
-        for (&p, &offset) in positions {
-            list.add_partition_offset(topic, p, Offset::Offset(offset))
-                .map_err(self.error(format!("assigning {topic}/{p} at offset {offset}")))?;
-        }
+        let list = partition_list(
+            topics,
+            positions.iter().map(|(&id, &o)| (id, Offset::Offset(o))),
+        )
+        .map_err(self.error(format!("assigning partitions of {topics}")))?;
         consumer
             .assign(&list)
-            .map_err(self.error(format!("assigning partitions of {topic}")))
+            .map_err(self.error(format!("assigning partitions of {topics}")))
     }
 
     /// Make sure `topic` exists, creating it with `partitions` (default 16) through the admin API when
@@ -322,7 +345,7 @@ impl KafkaSettings {
         let consumer = self.consumer("reproject-admin")?;
         // Look before creating: a broker without CreateTopics support (the mock cluster) leaves the
         // request unanswered until it times out, so an existing topic must not pay for that.
-        match self.partitions(&consumer, topic) {
+        match self.topic_partitions(&consumer, topic) {
             Ok(existing) => {
                 if partitions.is_some_and(|asked| existing.len() as i32 != asked) {
                     tracing::warn!(
@@ -352,7 +375,7 @@ impl KafkaSettings {
             }),
             Err(_) => false,
         };
-        match self.partitions(&consumer, topic) {
+        match self.topic_partitions(&consumer, topic) {
             Ok(_) => Ok(()),
             Err(e) if created => Err(e),
             Err(_) => Err(SourceError::BadSetting(format!(
@@ -363,20 +386,26 @@ impl KafkaSettings {
         }
     }
 
-    /// The log end per partition as the consumer's own fetch responses last reported it (librdkafka
-    /// keeps each response's high watermark; asking costs no request). Partitions not fetched yet
-    /// are left out.
+    /// The log end per partition id as the consumer's own fetch responses last reported it
+    /// (librdkafka keeps each response's high watermark; asking costs no request). Partitions not
+    /// fetched yet are left out.
     pub fn fetched_log_end(
         &self,
         consumer: &BaseConsumer,
-        topic: &str,
+        topics: &Topics,
         partitions: &[i32],
     ) -> BTreeMap<i32, i64> {
         let mut out = BTreeMap::new();
-        let Ok(name) = std::ffi::CString::new(topic) else {
-            return out;
-        };
-        for &partition in partitions {
+        let names: Vec<Option<std::ffi::CString>> = topics
+            .names()
+            .iter()
+            .map(|t| std::ffi::CString::new(t.as_str()).ok())
+            .collect();
+        for &id in partitions {
+            let index = (id / super::topics::PARTITIONS_PER_TOPIC) as usize;
+            let Some(Some(name)) = names.get(index) else {
+                continue;
+            };
             let (mut low, mut high) = (-1i64, -1i64);
             // SAFETY: the client pointer is valid while `consumer` is borrowed; librdkafka reads the
             // NUL-terminated topic name and writes the two integers, nothing else. rdkafka 0.39 has
@@ -385,7 +414,7 @@ impl KafkaSettings {
                 rdkafka::bindings::rd_kafka_get_watermark_offsets(
                     consumer.client().native_ptr(),
                     name.as_ptr(),
-                    partition,
+                    topics.partition_of(id),
                     &mut low,
                     &mut high,
                 )
@@ -393,20 +422,22 @@ impl KafkaSettings {
             if error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
                 && high >= 0
             {
-                out.insert(partition, high);
+                out.insert(id, high);
             }
         }
         out
     }
 
-    /// Where the consumer will fetch next, per partition. Past control records (transaction markers),
-    /// which are never delivered as messages.
-    pub fn fetch_positions(&self, consumer: &BaseConsumer) -> BTreeMap<i32, i64> {
+    /// Where the consumer will fetch next, per partition id. Past control records (transaction
+    /// markers), which are never delivered as messages.
+    pub fn fetch_positions(&self, consumer: &BaseConsumer, topics: &Topics) -> BTreeMap<i32, i64> {
         let mut out = BTreeMap::new();
         if let Ok(list) = consumer.position() {
             for e in list.elements() {
-                if let Offset::Offset(o) = e.offset() {
-                    out.insert(e.partition(), o);
+                if let (Offset::Offset(o), Some(id)) =
+                    (e.offset(), topics.id_of(e.topic(), e.partition()))
+                {
+                    out.insert(id, o);
                 }
             }
         }
@@ -456,6 +487,18 @@ pub fn reconcile_log_end(
         }
     }
     (ends, disagreements)
+}
+
+/// A librdkafka partition list of `(partition id, offset)`.
+fn partition_list(
+    topics: &Topics,
+    offsets: impl Iterator<Item = (i32, Offset)>,
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut list = TopicPartitionList::new();
+    for (id, offset) in offsets {
+        list.add_partition_offset(topics.topic_of(id), topics.partition_of(id), offset)?;
+    }
+    Ok(list)
 }
 
 /// Parse `key=value` as given to `-X`.
@@ -515,14 +558,15 @@ mod tests {
         }
         producer.flush(Duration::from_secs(10)).expect("flush");
         let consumer = settings.consumer("fetched-test").expect("consumer");
+        let topics = Topics::new(["fetched"]).expect("topic");
         assert!(
             settings
-                .fetched_log_end(&consumer, "fetched", &[0, 1])
+                .fetched_log_end(&consumer, &topics, &[0, 1])
                 .is_empty(),
             "nothing fetched yet"
         );
         settings
-            .assign(&consumer, "fetched", &BTreeMap::from([(0, 0), (1, 0)]))
+            .assign(&consumer, &topics, &BTreeMap::from([(0, 0), (1, 0)]))
             .expect("assign");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut received = 0;
@@ -532,7 +576,7 @@ mod tests {
             }
         }
         assert_eq!(received, 6);
-        let fetched = settings.fetched_log_end(&consumer, "fetched", &[0, 1]);
+        let fetched = settings.fetched_log_end(&consumer, &topics, &[0, 1]);
         assert_eq!(fetched.get(&0), Some(&6), "{fetched:?}");
     }
 
@@ -558,14 +602,13 @@ mod tests {
         }
         producer.flush(Duration::from_secs(10)).expect("flush");
         let consumer = settings.consumer("bounds-test").expect("consumer");
-        let partitions = settings
-            .partitions(&consumer, "bounds")
-            .expect("partitions");
+        let topics = Topics::new(["bounds"]).expect("topic");
+        let partitions = settings.partitions(&consumer, &topics).expect("partitions");
         let batched = settings
-            .bounds_batched(&consumer, "bounds", &partitions)
+            .bounds_batched(&consumer, &topics, &partitions)
             .expect("batched bounds");
         let one_by_one = settings
-            .bounds_per_partition(&consumer, "bounds", &partitions)
+            .bounds_per_partition(&consumer, &topics, &partitions)
             .expect("per-partition bounds");
         assert_eq!(batched, one_by_one);
         assert_eq!(batched.end, BTreeMap::from([(0, 5), (1, 0), (2, 7)]));

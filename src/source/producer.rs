@@ -35,7 +35,10 @@ impl ProducerContext for DeliveryTracker {
 pub struct LogWriter {
     settings: KafkaSettings,
     producer: BaseProducer<DeliveryTracker>,
+    /// Where `send` and `send_raw` append.
     topic: String,
+    /// Every topic appended to, for errors.
+    written_to: std::collections::BTreeSet<String>,
     sent: u64,
 }
 
@@ -93,17 +96,41 @@ impl LogWriter {
             settings: settings.clone(),
             producer,
             topic: topic.to_string(),
+            written_to: Default::default(),
             sent: 0,
         })
     }
 
     pub fn send(&mut self, key: &str, value: &[u8]) -> Result<(), SourceError> {
-        self.send_raw(Some(key.as_bytes()), value)
+        let topic = std::mem::take(&mut self.topic);
+        let sent = self.send_to(&topic, key, value);
+        self.topic = topic;
+        sent
+    }
+
+    /// Append a record to another topic than the writer's own (a log kept in several topics).
+    pub fn send_to(&mut self, topic: &str, key: &str, value: &[u8]) -> Result<(), SourceError> {
+        self.send_raw_to(topic, Some(key.as_bytes()), value)
     }
 
     /// Append a record as given, key or none: how a misbehaving producer writes (tests use it).
     pub fn send_raw(&mut self, key: Option<&[u8]>, value: &[u8]) -> Result<(), SourceError> {
-        let mut record = BaseRecord::<[u8], [u8]>::to(&self.topic).payload(value);
+        let topic = std::mem::take(&mut self.topic);
+        let sent = self.send_raw_to(&topic, key, value);
+        self.topic = topic;
+        sent
+    }
+
+    fn send_raw_to(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<(), SourceError> {
+        if !self.written_to.contains(topic) {
+            self.written_to.insert(topic.to_string());
+        }
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(value);
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -117,7 +144,7 @@ impl LogWriter {
                 Err((source, _)) => {
                     return Err(SourceError::Kafka {
                         brokers: self.settings.brokers.clone(),
-                        context: format!("appending to {}", self.topic),
+                        context: format!("appending to {topic}"),
                         source: Box::new(source),
                     })
                 }
@@ -130,6 +157,14 @@ impl LogWriter {
         Ok(())
     }
 
+    fn topics(&self) -> String {
+        self.written_to
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Wait for every record to be delivered; fail if any was not.
     pub fn finish(&mut self) -> Result<u64, SourceError> {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -140,7 +175,7 @@ impl LogWriter {
             .flush(Duration::from_secs(10))
             .map_err(|source| SourceError::Kafka {
                 brokers: self.settings.brokers.clone(),
-                context: format!("delivering records to {}", self.topic),
+                context: format!("delivering records to {}", self.topics()),
                 source: Box::new(source),
             })?;
         let failed = self
@@ -155,7 +190,7 @@ impl LogWriter {
                 "{} of {} records were not delivered to {}: {}",
                 failed.0,
                 self.sent,
-                self.topic,
+                self.topics(),
                 failed.1.unwrap_or_default()
             )));
         }

@@ -42,11 +42,12 @@ pub enum SwapError {
         build_id: i64,
         phase: String,
     },
-    #[error("swap of {projection}: build {build_id} is behind the live build {active} on partition {partition} ({behind} < {ahead}); it must catch up first")]
+    #[error("swap of {projection}: build {build_id} is behind the live build {active} on partition {topic}/{partition} ({behind} < {ahead}); it must catch up first")]
     Behind {
         projection: String,
         build_id: i64,
         active: i64,
+        topic: String,
         partition: i32,
         behind: i64,
         ahead: i64,
@@ -175,25 +176,27 @@ async fn try_swap(
     }
     if let Some(old) = retired {
         // Readers must never see the view go back in time: the new build must stand at or past the
-        // live one on every partition. Lock the live build's positions so its follower cannot move
-        // them until this commits.
-        let rows: Vec<(i64, i32, i64)> = sqlx::query_as(
-            "SELECT build_id, partition, next_offset FROM reproject.positions WHERE build_id = ANY($1) ORDER BY build_id, partition FOR UPDATE",
+        // live one on every partition (a topic the live build reads and the new one does not counts
+        // as offset -1). Lock the live build's positions so its follower cannot move them until this
+        // commits.
+        let rows: Vec<(i64, String, i32, i64)> = sqlx::query_as(
+            "SELECT build_id, topic, partition, next_offset FROM reproject.positions WHERE build_id = ANY($1) ORDER BY build_id, topic, partition FOR UPDATE",
         )
         .bind(vec![old, build.build_id])
         .fetch_all(&mut *tx)
         .await
         .context(|| format!("comparing the positions of builds {old} and {}", build.build_id))?;
-        for (id, partition, ahead) in rows.iter().filter(|r| r.0 == old) {
+        for (id, topic, partition, ahead) in rows.iter().filter(|r| r.0 == old) {
             let behind = rows
                 .iter()
-                .find(|r| r.0 == build.build_id && r.1 == *partition)
-                .map_or(-1, |r| r.2);
+                .find(|r| r.0 == build.build_id && r.1 == *topic && r.2 == *partition)
+                .map_or(-1, |r| r.3);
             if behind < *ahead {
                 return Err(SwapError::Behind {
                     projection: build.projection.clone(),
                     build_id: build.build_id,
                     active: *id,
+                    topic: topic.clone(),
                     partition: *partition,
                     behind,
                     ahead: *ahead,

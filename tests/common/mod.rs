@@ -151,7 +151,7 @@ pub fn shop_parts(
     EngineParts::for_domain(
         &Arc::new(shop::Shop),
         kafka.clone(),
-        TOPIC.into(),
+        reproject::source::Topics::new([TOPIC]).expect("the shop's topic"),
         database_url.into(),
         "public".into(),
         schema_dir,

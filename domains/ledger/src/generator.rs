@@ -124,6 +124,11 @@ impl History {
         };
         self.emitted += 1;
         Record {
+            topic: if aggregate_type == "Account" {
+                crate::ACCOUNTS_TOPIC
+            } else {
+                crate::TRANSFERS_TOPIC
+            },
             key: aggregate_id,
             value: envelope.encode_to_vec(),
             occurred_at: at,

@@ -34,8 +34,14 @@ use reproject::domain::{BoxFuture, Domain, Example, HistorySize, Totals};
 use reproject::projection::{DynProjection, SchemaSql};
 use reproject::upcast::{Registry, RegistryError};
 
-/// The topic the ledger's events are written to unless configured otherwise.
-pub const DEFAULT_TOPIC: &str = "ledger.events";
+/// The ledger keeps one topic per aggregate type, as many teams do: accounts (opened, closed) and
+/// transfers. `account_balances` joins them: an account's row gets its owner and currency from the
+/// first topic and its balance from the second.
+pub const TOPICS: [&str; 2] = ["ledger.accounts", "ledger.transfers"];
+/// Index of the accounts' topic in [`TOPICS`] (what an example record names).
+pub const ACCOUNTS_TOPIC: usize = 0;
+/// Index of the transfers' topic in [`TOPICS`].
+pub const TRANSFERS_TOPIC: usize = 1;
 
 /// The ledger. `Ledger::default()` is the current code; [`Ledger::before_daily_volume_fix`] is the
 /// release before `daily_volume` v2.
@@ -69,8 +75,8 @@ impl Domain for Ledger {
         "ledger"
     }
 
-    fn default_topic(&self) -> &str {
-        DEFAULT_TOPIC
+    fn default_topics(&self) -> &[&str] {
+        &TOPICS
     }
 
     fn registry(&self) -> Result<Registry<LedgerEvent>, RegistryError> {

@@ -1,6 +1,7 @@
 //! The ledger end to end, through its own binaries as a team would run them: a dev broker in a process
 //! of its own, the real PostgreSQL, seed, rebuild, totals, a projection bug fixed and verified, swap,
-//! and one transfer's timeline with its payloads shown as JSON through the ledger's descriptors.
+//! `run` following both of the ledger's topics, and an account's and a transfer's timelines (one from
+//! each topic) with their payloads shown as JSON through the ledger's descriptors.
 
 use std::process::{Command, Output};
 
@@ -60,7 +61,7 @@ async fn seed_rebuild_fix_a_projection_bug_verify_swap_and_replay_a_transfer() {
     );
     assert!(seed.status.success(), "seed: {}", stderr(&seed));
     assert!(
-        stdout(&seed).contains("wrote 20000 events to ledger.events")
+        stdout(&seed).contains("wrote 20000 events to ledger.accounts, ledger.transfers")
             && stdout(&seed).contains("\"v1\""),
         "{}",
         stdout(&seed)
@@ -120,7 +121,41 @@ async fn seed_rebuild_fix_a_projection_bug_verify_swap_and_replay_a_transfer() {
         stdout(&check)
     );
 
-    // 5. One early transfer (written as v1), traced through the upcaster, with JSON payloads decoded by
+    // 5. More events arrive on both topics; `run` follows both, and the views agree again.
+    let accounts_before = topic_positions(&common, "account_balances", "ledger.accounts");
+    let transfers_before = topic_positions(&common, "account_balances", "ledger.transfers");
+    let appended = run(
+        LEDGER,
+        &[
+            "seed",
+            "--skip",
+            "20000",
+            "--events",
+            "5000",
+            "--expected",
+            &expected,
+        ],
+        &common,
+    );
+    assert!(appended.status.success(), "append: {}", stderr(&appended));
+    let followed = run(LEDGER, &["run", "--exit-when-caught-up", "0"], &common);
+    assert!(followed.status.success(), "run: {}", stderr(&followed));
+    let accounts_after = topic_positions(&common, "account_balances", "ledger.accounts");
+    let transfers_after = topic_positions(&common, "account_balances", "ledger.transfers");
+    assert!(
+        accounts_after > accounts_before && transfers_after > transfers_before,
+        "both topics followed: accounts {accounts_before} -> {accounts_after}, transfers {transfers_before} -> {transfers_after}"
+    );
+    assert_eq!(accounts_after + transfers_after, 25_000);
+    let check = run(LEDGER, &["check-totals", "--expected", &expected], &common);
+    assert!(
+        check.status.success() && stdout(&check).contains("all totals agree"),
+        "{}{}",
+        stdout(&check),
+        stderr(&check)
+    );
+
+    // 6. One early transfer (written as v1), traced through the upcaster, with JSON payloads decoded by
     //    the ledger's own descriptors.
     let pool = reproject::sqlx::PgPool::connect(&db)
         .await
@@ -162,5 +197,59 @@ async fn seed_rebuild_fix_a_projection_bug_verify_swap_and_replay_a_transfer() {
         "the upcaster turns cents into micros: {event}"
     );
     assert_eq!(v1["from_account"], v2["debit_account"], "{event}");
+    assert_eq!(event["topic"], "ledger.transfers", "{event}");
+
+    // 7. An account's timeline comes from the other topic, and the same replay reads both.
+    let closed: String = reproject::sqlx::query_scalar(
+        "SELECT account_id FROM public.account_balances WHERE status = 'closed' ORDER BY account_id LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("a closed account");
+    let replay = run(LEDGER, &["replay", &closed, "--format", "json"], &common);
+    assert!(replay.status.success(), "replay: {}", stderr(&replay));
+    let text = stdout(&replay);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {e}: {l}")))
+        .collect();
+    let events: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["kind"] == "event")
+        .map(|l| &l["event"])
+        .collect();
+    assert_eq!(events.len(), 2, "opened and closed: {text}");
+    assert!(
+        events.iter().all(|e| e["topic"] == "ledger.accounts"),
+        "{text}"
+    );
+    assert!(text.contains("AccountOpened") && text.contains("AccountClosed"));
+    let summary = lines
+        .iter()
+        .find(|l| l["kind"] == "summary")
+        .expect("a summary");
+    assert_eq!(
+        summary["topics"],
+        serde_json::json!(["ledger.accounts", "ledger.transfers"]),
+        "{summary}"
+    );
     let _ = std::fs::remove_file(&expected);
+}
+
+/// The sum of the active build's next offsets over `topic`'s partitions, as `status` shows them.
+fn topic_positions(common: &[&str], projection: &str, topic: &str) -> i64 {
+    let status = run(LEDGER, &["status", "--format", "json"], common);
+    assert!(status.status.success(), "status: {}", stderr(&status));
+    let report: serde_json::Value =
+        serde_json::from_slice(&status.stdout).expect("status --format json is JSON");
+    let projection = report["projections"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["name"] == projection))
+        .unwrap_or_else(|| panic!("{projection} in {report}"));
+    projection["active"]["positions"][topic]
+        .as_object()
+        .unwrap_or_else(|| panic!("{topic} positions in {projection}"))
+        .values()
+        .map(|v| v.as_i64().unwrap_or(0))
+        .sum()
 }

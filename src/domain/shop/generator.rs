@@ -456,6 +456,7 @@ impl History {
         };
         self.emitted += 1;
         Some(Record {
+            topic: 0,
             key,
             value: envelope.encode_to_vec(),
             occurred_at: planned.at,

@@ -51,8 +51,8 @@ impl Domain for Shop {
         "shop"
     }
 
-    fn default_topic(&self) -> &str {
-        DEFAULT_TOPIC
+    fn default_topics(&self) -> &[&str] {
+        &[DEFAULT_TOPIC]
     }
 
     fn registry(&self) -> Result<Registry<ShopEvent>, RegistryError> {

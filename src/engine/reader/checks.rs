@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::sink::aggregate_index::AggregateIndex;
 use crate::sink::catalog::Positions;
+use crate::source::{Topics, PARTITIONS_PER_TOPIC};
 
 /// Source-side checks of a bounded read: per partition the records received against the range of
 /// offsets read (a broker legitimately skips transaction markers and compacted records; anything
@@ -15,8 +16,8 @@ pub struct SourceChecks {
     pub records: i64,
     pub offsets: i64,
     pub offsets_skipped: i64,
-    /// Partitions with offsets not received: partition -> how many.
-    pub skipped_by_partition: BTreeMap<i32, i64>,
+    /// Partitions with offsets not received: `topic/partition` -> how many.
+    pub skipped_by_partition: BTreeMap<String, i64>,
     /// Aggregates whose sequences were checked; None when the aggregate index was given up.
     pub aggregates: Option<u64>,
     pub sequence_gaps: u64,
@@ -44,9 +45,10 @@ impl SourceChecks {
     }
 
     pub(super) fn of(
+        topics: &Topics,
         start: &Positions,
         next: &Positions,
-        received: &[i64],
+        received: &[Vec<i64>],
         index: Option<&AggregateIndex>,
         aggregates_started: u64,
     ) -> SourceChecks {
@@ -57,9 +59,9 @@ impl SourceChecks {
         };
         for (&p, &end) in next {
             let from = start.get(&p).copied().unwrap_or(end);
-            let got = usize::try_from(p)
-                .ok()
-                .and_then(|i| received.get(i))
+            let got = received
+                .get((p / PARTITIONS_PER_TOPIC) as usize)
+                .and_then(|counts| counts.get((p % PARTITIONS_PER_TOPIC) as usize))
                 .copied()
                 .unwrap_or(0);
             let range = (end - from).max(0);
@@ -67,7 +69,9 @@ impl SourceChecks {
             checks.offsets += range;
             if range > got {
                 checks.offsets_skipped += range - got;
-                checks.skipped_by_partition.insert(p, range - got);
+                checks
+                    .skipped_by_partition
+                    .insert(topics.label(p), range - got);
             }
         }
         if let Some(index) = index {

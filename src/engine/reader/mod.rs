@@ -22,7 +22,7 @@ use crate::envelope;
 use crate::projection::{ChangeLog, Changes, DynProjection, Event, LogicalTime};
 use crate::sink::aggregate_index::AggregateIndex;
 use crate::sink::catalog::Positions;
-use crate::source::{KafkaSettings, SourceError};
+use crate::source::{KafkaSettings, SourceError, Topics, PARTITIONS_PER_TOPIC};
 use crate::upcast::Registry;
 
 mod checks;
@@ -85,7 +85,8 @@ impl<E> Target<E> {
 
 #[derive(Clone)]
 pub struct ReaderConfig {
-    pub topic: String,
+    /// The topics read; positions and stop positions name partitions by id (see [`Topics`]).
+    pub topics: Topics,
     /// Stop once every partition has reached this end (the replay's snapshot of the log end).
     pub stop_at: Option<Positions>,
     /// With `stop_at`: apply nothing at or past a partition's end (records there are read and
@@ -268,7 +269,7 @@ fn read<E: 'static>(
         }));
         return Ok(());
     }
-    settings.assign(&consumer, &config.topic, &reading.next)?;
+    settings.assign(&consumer, &config.topics, &reading.next)?;
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -294,7 +295,7 @@ fn read<E: 'static>(
                 false
             }
             Some(Ok(message)) => reading.on_message(
-                message.partition(),
+                reading.partition_id(message.topic(), message.partition()),
                 message.offset(),
                 message.key(),
                 message.payload().unwrap_or_default(),
@@ -313,6 +314,22 @@ fn read<E: 'static>(
             }
         }
     }
+}
+
+/// Count a record of partition `id` in `received` (indexed by topic, then partition number).
+fn count_received(received: &mut Vec<Vec<i64>>, id: i32) {
+    let (topic, partition) = (
+        (id / PARTITIONS_PER_TOPIC) as usize,
+        (id % PARTITIONS_PER_TOPIC) as usize,
+    );
+    if topic >= received.len() {
+        received.resize_with(topic + 1, Vec::new);
+    }
+    let counts = &mut received[topic];
+    if partition >= counts.len() {
+        counts.resize(partition + 1, 0);
+    }
+    counts[partition] += 1;
 }
 
 /// Lowest position any target needs, per partition: where the reader starts.
@@ -340,8 +357,9 @@ struct Reading<'a, E> {
     next: Positions,
     partitions: Vec<i32>,
     read_from: Positions,
-    /// Records received per partition (indexed by partition number), for the source checks.
-    received: Vec<i64>,
+    /// Records received per partition, indexed by topic then partition number, for the source
+    /// checks.
+    received: Vec<Vec<i64>>,
     aggregates: Option<AggregateIndex>,
     aggregates_started: u64,
     recent: RecentEventIds,
@@ -364,7 +382,9 @@ struct Reading<'a, E> {
 impl<'a, E: 'static> Reading<'a, E> {
     fn new(registry: &'a Registry<E>, targets: &'a [Target<E>], config: &'a ReaderConfig) -> Self {
         let next = lowest_positions(targets);
-        let mut aggregates = config.index_aggregates.then(AggregateIndex::default);
+        let mut aggregates = config
+            .index_aggregates
+            .then(|| AggregateIndex::of(config.topics.clone()));
         if let Some(index) = aggregates.as_mut() {
             for (&p, &o) in &next {
                 if o == 0 {
@@ -404,8 +424,13 @@ impl<'a, E: 'static> Reading<'a, E> {
         }
     }
 
-    fn topic(&self) -> &'a str {
-        &self.config.topic
+    fn topics(&self) -> &'a Topics {
+        &self.config.topics
+    }
+
+    /// A record's partition id. The reader is assigned only partitions of its topics.
+    fn partition_id(&self, topic: &str, partition: i32) -> i32 {
+        self.topics().id_of(topic, partition).unwrap_or(partition)
     }
 
     /// Whether every partition has reached the end of a bounded read.
@@ -422,7 +447,7 @@ impl<'a, E: 'static> Reading<'a, E> {
     /// the consumer's own fetch position as where it stands.
     fn on_idle(&mut self, settings: &KafkaSettings, consumer: &BaseConsumer) {
         if self.config.stop_at.is_some() {
-            for (p, o) in settings.fetch_positions(consumer) {
+            for (p, o) in settings.fetch_positions(consumer, self.topics()) {
                 if let Some(n) = self.next.get_mut(&p) {
                     *n = (*n).max(o);
                 }
@@ -438,17 +463,17 @@ impl<'a, E: 'static> Reading<'a, E> {
         consumer: &BaseConsumer,
         code: RDKafkaErrorCode,
     ) -> ReadError {
-        let topic = self.topic();
-        let bounds = match settings.bounds(consumer, topic, &self.partitions) {
+        let topics = self.topics();
+        let bounds = match settings.bounds(consumer, topics, &self.partitions) {
             Ok(bounds) => bounds,
             Err(e) => return e.into(),
         };
-        let (partition, offset) = self
+        let (topic, partition, offset) = self
             .next
             .iter()
             .find(|(p, o)| bounds.start.get(p).is_some_and(|s| **o < *s))
-            .map(|(p, o)| (*p, *o))
-            .unwrap_or((-1, -1));
+            .map(|(p, o)| (topics.topic_of(*p).to_string(), topics.partition_of(*p), *o))
+            .unwrap_or((topics.to_string(), -1, -1));
         tracing::error!(
             message = "offset out of range",
             topic,
@@ -457,7 +482,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             ?code
         );
         ReadError::OffsetGone {
-            topic: topic.into(),
+            topic,
             partition,
             offset,
         }
@@ -472,7 +497,7 @@ impl<'a, E: 'static> Reading<'a, E> {
         }
         super::metrics::error("kafka");
         if self.last_error.is_none() {
-            tracing::warn!(message = "Kafka reports an error; retrying", topic = self.topic(), %error);
+            tracing::warn!(message = "Kafka reports an error; retrying", topics = %self.topics(), %error);
         }
         self.last_error = Some(error.to_string());
     }
@@ -480,7 +505,7 @@ impl<'a, E: 'static> Reading<'a, E> {
     fn check_stalled(&mut self) -> Result<(), ReadError> {
         if self.last_error.is_some() && self.last_progress.elapsed() > self.config.stall_timeout {
             return Err(ReadError::Stalled {
-                topic: self.topic().into(),
+                topic: self.topics().to_string(),
                 seconds: self.config.stall_timeout.as_secs(),
                 last_error: self.last_error.take().unwrap_or_default(),
             });
@@ -529,12 +554,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             });
         }
         self.next.insert(partition, offset + 1);
-        if let Ok(i) = usize::try_from(partition) {
-            if i >= self.received.len() {
-                self.received.resize(i + 1, 0);
-            }
-            self.received[i] += 1;
-        }
+        count_received(&mut self.received, partition);
         self.batch.events += 1;
         if let Some(started) = processing_started {
             self.batch.processing += started.elapsed();
@@ -557,9 +577,11 @@ impl<'a, E: 'static> Reading<'a, E> {
         bytes: &[u8],
         event_id: &mut Option<[u8; 16]>,
     ) -> Result<(), BadRecord> {
+        let topics = self.topics();
         let at = Coordinates {
-            topic: &self.config.topic,
-            partition,
+            topic: topics.topic_of(partition),
+            partition: topics.partition_of(partition),
+            partition_id: partition,
             offset,
             projections: &self.projections,
         };
@@ -581,7 +603,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             {
                 tracing::warn!(
                     message = "not recording the aggregate index: it outgrew its share of the memory budget; `replay` will find aggregates through the partitioner",
-                    topic = %self.config.topic,
+                    topics = %self.config.topics,
                     aggregates = index.len(),
                     bytes = index.approx_bytes()
                 );
@@ -634,22 +656,22 @@ impl<'a, E: 'static> Reading<'a, E> {
     /// Where the log ends now, for lag: ListOffsets' answer, raised to what this consumer's fetches
     /// reported where a broker's two answers disagree (said once per partition, in the log).
     fn log_end(&mut self, settings: &KafkaSettings, consumer: &BaseConsumer) -> Option<Positions> {
-        let topic = self.topic();
-        let listed = match settings.bounds(consumer, topic, &self.partitions) {
+        let topics = self.topics();
+        let listed = match settings.bounds(consumer, topics, &self.partitions) {
             Ok(bounds) => bounds.end,
             Err(error) => {
-                tracing::warn!(message = "could not read the log end", topic, %error);
+                tracing::warn!(message = "could not read the log end", %topics, %error);
                 return None;
             }
         };
-        let fetched = settings.fetched_log_end(consumer, topic, &self.partitions);
+        let fetched = settings.fetched_log_end(consumer, topics, &self.partitions);
         let (ends, disagreements) = crate::source::reconcile_log_end(&listed, &fetched);
         for d in disagreements {
             if self.warned_log_end.insert(d.partition) {
                 tracing::warn!(
                     message = "the broker's ListOffsets answer is below what its fetches report; trusting the fetches, so that \"caught up\" is never short",
-                    topic,
-                    partition = d.partition,
+                    topic = topics.topic_of(d.partition),
+                    partition = topics.partition_of(d.partition),
                     list_offsets = d.list_offsets,
                     fetches = d.fetched
                 );
@@ -669,16 +691,21 @@ impl<'a, E: 'static> Reading<'a, E> {
 
     /// The batch filled so far, with where the reader stands; a fresh one takes its place.
     fn take_batch(&mut self, done: bool) -> Batch {
-        let topic = self.topic();
+        let topics = self.topics();
         for (p, n) in &self.next {
             let before = self.batch_start.get(p).copied().unwrap_or(*n);
             if *n > before {
-                super::metrics::events_read(topic, *p, (*n - before) as u64);
+                super::metrics::events_read(
+                    topics.topic_of(*p),
+                    topics.partition_of(*p),
+                    (*n - before) as u64,
+                );
             }
         }
         self.batch_start.clone_from(&self.next);
         if done {
             self.batch.source_checks = Some(SourceChecks::of(
+                self.topics(),
                 &self.read_from,
                 &self.next,
                 &self.received,
@@ -748,7 +775,7 @@ mod tests {
             offsets: 10,
             offsets_skipped: skipped,
             skipped_by_partition: (skipped > 0)
-                .then_some((partition, skipped))
+                .then_some((format!("t/{partition}"), skipped))
                 .into_iter()
                 .collect(),
             aggregates,
@@ -768,7 +795,10 @@ mod tests {
             ),
             (2, 18, 20, 2)
         );
-        assert_eq!(all.skipped_by_partition, BTreeMap::from([(1, 2)]));
+        assert_eq!(
+            all.skipped_by_partition,
+            BTreeMap::from([("t/1".to_string(), 2)])
+        );
         assert_eq!(all.aggregates, Some(12));
         assert_eq!((all.sequence_gaps, all.aggregates_started), (2, 6));
         assert_eq!(all.gap_examples.len(), 5, "examples stay capped");

@@ -108,7 +108,11 @@ fn type_label(type_url: &Option<String>, version: Option<u32>) -> String {
 /// Where a record was read, to name it in errors.
 pub struct Coordinates<'a> {
     pub topic: &'a str,
+    /// The Kafka partition number.
     pub partition: i32,
+    /// The partition's id among the build's topics (see [`crate::source::Topics`]): what the
+    /// event's metadata and logical time carry.
+    pub partition_id: i32,
     pub offset: i64,
     /// The projections that wanted it, for the error.
     pub projections: &'a str,
@@ -143,7 +147,7 @@ impl Coordinates<'_> {
         value: &[u8],
         decoded: &mut envelope::Decoded,
     ) -> Result<(), BadRecord> {
-        envelope::decode_into(value, self.partition, self.offset, decoded)
+        envelope::decode_into(value, self.partition_id, self.offset, decoded)
             .map_err(|e| self.bad(BadKind::Envelope, None, e.to_string()))?;
         if key != Some(decoded.meta.aggregate_id.as_bytes()) {
             let reason = match key {
