@@ -166,13 +166,7 @@ async fn seed_rebuild_fix_a_projection_bug_verify_swap_and_replay_a_transfer() {
     .fetch_one(&pool)
     .await
     .expect("a transfer");
-    let replay = run(LEDGER, &["replay", &transfer, "--format", "json"], &common);
-    assert!(replay.status.success(), "replay: {}", stderr(&replay));
-    let text = stdout(&replay);
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {e}: {l}")))
-        .collect();
+    let (text, lines) = replay_json(&transfer, &common);
     assert!(lines.iter().any(|l| l["kind"] == "event"), "{text}");
     let shown = serde_json::Value::Array(lines.clone()).to_string();
     for needle in [
@@ -206,13 +200,7 @@ async fn seed_rebuild_fix_a_projection_bug_verify_swap_and_replay_a_transfer() {
     .fetch_one(&pool)
     .await
     .expect("a closed account");
-    let replay = run(LEDGER, &["replay", &closed, "--format", "json"], &common);
-    assert!(replay.status.success(), "replay: {}", stderr(&replay));
-    let text = stdout(&replay);
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {e}: {l}")))
-        .collect();
+    let (text, lines) = replay_json(&closed, &common);
     let events: Vec<&serde_json::Value> = lines
         .iter()
         .filter(|l| l["kind"] == "event")
@@ -234,6 +222,18 @@ async fn seed_rebuild_fix_a_projection_bug_verify_swap_and_replay_a_transfer() {
         "{summary}"
     );
     let _ = std::fs::remove_file(&expected);
+}
+
+/// `replay <aggregate> --format json`: its output, and each line parsed.
+fn replay_json(aggregate: &str, common: &[&str]) -> (String, Vec<serde_json::Value>) {
+    let replay = run(LEDGER, &["replay", aggregate, "--format", "json"], common);
+    assert!(replay.status.success(), "replay: {}", stderr(&replay));
+    let text = stdout(&replay);
+    let lines = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {e}: {l}")))
+        .collect();
+    (text, lines)
 }
 
 /// The sum of the active build's next offsets over `topic`'s partitions, as `status` shows them.
