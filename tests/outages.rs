@@ -1,5 +1,6 @@
 //! Outages and contention: the broker going away and coming back mid-rebuild, brokers answering
-//! fetches with errors, and two writers wanting the same projection at once.
+//! fetches with errors, two writers wanting the same projection at once, and a COPY that makes no
+//! progress.
 
 mod common;
 
@@ -184,4 +185,50 @@ async fn a_rebuild_against_a_broker_that_cannot_be_reached_creates_nothing() {
         builds, 0,
         "no build was created for a log that cannot be read: {err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_makes_no_progress_stops_with_an_error_naming_its_table_instead_of_hanging() {
+    use reproject::projection::Value;
+    use reproject::sink::writer::copy_into_within;
+    use sqlx::Connection;
+
+    let db = fresh_database("copy_stall").await;
+    let pool = pool(&db).await;
+    sqlx::query("CREATE TABLE stalled (id bigint)")
+        .execute(&pool)
+        .await
+        .expect("a table");
+    // Another session holds the table, so the COPY cannot even start: no progress, as when a
+    // connection stalls.
+    let mut holder = pool.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE stalled IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let mut conn = sqlx::PgConnection::connect(&db).await.expect("connect");
+    let rows = [[Value::BigInt(1)]];
+    let started = Instant::now();
+    let error = copy_into_within(
+        &mut conn,
+        "stalled",
+        1,
+        rows.iter(),
+        |r| r.as_slice(),
+        Duration::from_secs(1),
+    )
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        error.contains("starting COPY into stalled: no progress for 1 s"),
+        "{error}"
+    );
+    holder.rollback().await.expect("rollback");
 }

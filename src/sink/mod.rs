@@ -22,6 +22,14 @@ pub enum SinkError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("{step} COPY into {target}: no progress for {seconds:.0} s, so the connection is taken to have stalled; \
+             the transaction it ran in is rolled back and nothing of it is kept. Run the command again (a rebuild resumes \
+             or starts its load over)")]
+    CopyStalled {
+        target: String,
+        step: String,
+        seconds: f64,
+    },
     #[error("build {build_id}: partition {topic}/{partition} was expected at offset {expected}, but another writer moved it (now {found}); stopping so that no event is applied twice")]
     PositionConflict {
         build_id: i64,

@@ -10,8 +10,10 @@
 //!   positions, compare-and-set, so a batch is applied exactly once or not at all.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use futures::TryStreamExt;
+
 use sqlx::{Connection, PgConnection};
 
 use super::catalog::{self, Positions};
@@ -21,7 +23,7 @@ use super::{qualified, quote_ident, Context, Result, SinkError};
 use crate::projection::{ChangeLog, RowStore, SchemaSql, TableSpec, Value};
 
 /// Bytes of COPY data sent to the server at a time.
-const COPY_CHUNK: usize = 4 << 20;
+pub const COPY_CHUNK: usize = 4 << 20;
 
 /// A build's tables: where they live and what the projection says they look like.
 #[derive(Clone, Copy)]
@@ -175,6 +177,11 @@ async fn copy_rows<'r>(
     .await
 }
 
+/// How long one step of a COPY (starting it, sending a chunk of [`COPY_CHUNK`] bytes, finishing it)
+/// may make no progress before the load stops with [`SinkError::CopyStalled`] instead of waiting
+/// forever. Far above what a step takes on a loaded server (a chunk is 4 MiB).
+pub const COPY_STALL: Duration = Duration::from_secs(300);
+
 /// COPY `items` into `target` (already quoted) in binary, `cells` giving each item's row.
 pub async fn copy_into<'r, T: 'r>(
     conn: &mut PgConnection,
@@ -183,25 +190,47 @@ pub async fn copy_into<'r, T: 'r>(
     items: impl Iterator<Item = &'r T>,
     cells: impl Fn(&'r T) -> &'r [Value],
 ) -> Result<u64> {
+    copy_into_within(conn, target, columns, items, cells, COPY_STALL).await
+}
+
+/// [`copy_into`], giving up after `stall` without progress in one step. A COPY was once seen to hang
+/// with the server waiting for data and the client waiting for nothing (a TLS connection; see
+/// BENCHMARKS.md): an error the operator can act on beats a rebuild that never ends.
+pub async fn copy_into_within<'r, T: 'r>(
+    conn: &mut PgConnection,
+    target: &str,
+    columns: usize,
+    items: impl Iterator<Item = &'r T>,
+    cells: impl Fn(&'r T) -> &'r [Value],
+    stall: Duration,
+) -> Result<u64> {
+    let stalled = |step: &str| SinkError::CopyStalled {
+        target: target.to_string(),
+        step: step.to_string(),
+        seconds: stall.as_secs_f64(),
+    };
     let statement = format!("COPY {target} FROM STDIN (FORMAT binary)");
-    let mut copy = conn
-        .copy_in_raw(&statement)
+    let mut copy = tokio::time::timeout(stall, conn.copy_in_raw(&statement))
         .await
+        .map_err(|_| stalled("starting"))?
         .context(|| format!("starting COPY into {target}"))?;
     let mut encoder = CopyEncoder::new(columns);
     for item in items {
         encoder.row(cells(item));
         if encoder.buffered() >= COPY_CHUNK {
-            copy.send(encoder.take_chunk())
+            tokio::time::timeout(stall, copy.send(encoder.take_chunk()))
                 .await
+                .map_err(|_| stalled("sending data of"))?
                 .context(|| format!("sending COPY data to {target}"))?;
         }
     }
-    copy.send(encoder.finish())
+    tokio::time::timeout(stall, copy.send(encoder.finish()))
         .await
+        .map_err(|_| stalled("sending data of"))?
         .context(|| format!("sending COPY data to {target}"))?;
-    copy.finish()
+    tokio::time::timeout(stall, copy.finish())
         .await
+        .map_err(|_| stalled("finishing"))?
         .context(|| format!("finishing COPY into {target}"))
 }
 
