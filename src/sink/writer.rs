@@ -204,34 +204,45 @@ pub async fn copy_into_within<'r, T: 'r>(
     cells: impl Fn(&'r T) -> &'r [Value],
     stall: Duration,
 ) -> Result<u64> {
-    let stalled = |step: &str| SinkError::CopyStalled {
-        target: target.to_string(),
-        step: step.to_string(),
-        seconds: stall.as_secs_f64(),
-    };
+    // One step of the COPY, given up after `stall` without an answer.
+    async fn step<T>(
+        stall: Duration,
+        work: impl std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
+        target: &str,
+        what: &str,
+    ) -> Result<T> {
+        tokio::time::timeout(stall, work)
+            .await
+            .map_err(|_| SinkError::CopyStalled {
+                target: target.to_string(),
+                step: what.to_string(),
+                seconds: stall.as_secs_f64(),
+            })?
+            .context(|| format!("{what} COPY into {target}"))
+    }
     let statement = format!("COPY {target} FROM STDIN (FORMAT binary)");
-    let mut copy = tokio::time::timeout(stall, conn.copy_in_raw(&statement))
-        .await
-        .map_err(|_| stalled("starting"))?
-        .context(|| format!("starting COPY into {target}"))?;
+    let mut copy = step(stall, conn.copy_in_raw(&statement), target, "starting").await?;
     let mut encoder = CopyEncoder::new(columns);
     for item in items {
         encoder.row(cells(item));
         if encoder.buffered() >= COPY_CHUNK {
-            tokio::time::timeout(stall, copy.send(encoder.take_chunk()))
-                .await
-                .map_err(|_| stalled("sending data of"))?
-                .context(|| format!("sending COPY data to {target}"))?;
+            step(
+                stall,
+                copy.send(encoder.take_chunk()),
+                target,
+                "sending data of",
+            )
+            .await?;
         }
     }
-    tokio::time::timeout(stall, copy.send(encoder.finish()))
-        .await
-        .map_err(|_| stalled("sending data of"))?
-        .context(|| format!("sending COPY data to {target}"))?;
-    tokio::time::timeout(stall, copy.finish())
-        .await
-        .map_err(|_| stalled("finishing"))?
-        .context(|| format!("finishing COPY into {target}"))
+    step(
+        stall,
+        copy.send(encoder.finish()),
+        target,
+        "sending data of",
+    )
+    .await?;
+    step(stall, copy.finish(), target, "finishing").await
 }
 
 /// Run `indexes.sql` and ANALYZE the tables, in one transaction: a crash leaves no half-built index.
