@@ -367,10 +367,7 @@ pub fn plan_ranges(
         Locate::ScanAll => end.keys().copied().collect(),
         Locate::Partitioner(p) => (0..topics.len())
             .filter_map(|index| {
-                let count = end
-                    .keys()
-                    .filter(|&&id| topics.topic_of(id) == topics.names()[index])
-                    .count() as i32;
+                let count = end.range(Topics::ids_of_topic(index)).count() as i32;
                 (count > 0).then(|| topics.id(index, p.partition(aggregate_id.as_bytes(), count)))
             })
             .collect(),

@@ -135,8 +135,14 @@ impl AggregateIndex {
         self.len() == 0
     }
 
-    fn rows<'a>(&'a self, topics: &'a Topics) -> impl Iterator<Item = [Value; 5]> + 'a {
-        self.partitions.iter().flat_map(move |(&partition, map)| {
+    /// The rows of the topic at `index` (its partitions' ids are one range).
+    fn rows<'a>(
+        &'a self,
+        topics: &'a Topics,
+        index: usize,
+    ) -> impl Iterator<Item = [Value; 5]> + 'a {
+        let partitions = self.partitions.range(Topics::ids_of_topic(index));
+        partitions.flat_map(move |(&partition, map)| {
             map.iter().map(move |(id, entry)| {
                 [
                     Value::text(topics.topic_of(partition)),
@@ -182,11 +188,9 @@ pub async fn replace(
     // In primary-key order: the key is built afterwards, and on rows already in its order
     // PostgreSQL's sort has little to do. Within one topic, by aggregate id first.
     let mut rows = Vec::new();
-    for topic in topics.names() {
+    for topic in 0..topics.len() {
         rows.extend(sort_on_prefix(
-            index
-                .rows(topics)
-                .filter(|row| matches!(&row[0], Value::Text(t) if t.as_str() == topic.as_str())),
+            index.rows(topics, topic),
             |row| row[1].order_prefix(),
             |a, b| a[1..3].cmp(&b[1..3]),
         ));

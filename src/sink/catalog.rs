@@ -93,6 +93,9 @@ macro_rules! id_to_topic_sql {
     };
 }
 
+// The SQL here spells out 2^20, the ids' stride.
+const _: () = assert!(crate::source::PARTITIONS_PER_TOPIC == 1_048_576);
+
 /// The partition id of positions row `p` of build row `b`.
 const ID_OF_POSITION_SQL: &str =
     "((array_position(b.topics, p.topic) - 1) * 1048576 + p.partition)";
@@ -692,7 +695,7 @@ pub async fn advance_positions(
     Err(SinkError::PositionConflict {
         build_id,
         topic,
-        partition: partition % crate::source::PARTITIONS_PER_TOPIC,
+        partition: crate::source::Topics::split(partition).1,
         expected: expected.get(&partition).copied().unwrap_or(-1),
         found: found.map_or_else(|| "missing".to_string(), |o| o.to_string()),
     })

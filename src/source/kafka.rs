@@ -402,7 +402,7 @@ impl KafkaSettings {
             .map(|t| std::ffi::CString::new(t.as_str()).ok())
             .collect();
         for &id in partitions {
-            let index = (id / super::topics::PARTITIONS_PER_TOPIC) as usize;
+            let (index, partition) = Topics::split(id);
             let Some(Some(name)) = names.get(index) else {
                 continue;
             };
@@ -414,7 +414,7 @@ impl KafkaSettings {
                 rdkafka::bindings::rd_kafka_get_watermark_offsets(
                     consumer.client().native_ptr(),
                     name.as_ptr(),
-                    topics.partition_of(id),
+                    partition,
                     &mut low,
                     &mut high,
                 )

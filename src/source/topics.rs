@@ -70,7 +70,7 @@ impl Topics {
 
     /// The id of partition `partition` of the topic at `index` in [`Topics::names`].
     pub fn id(&self, index: usize, partition: i32) -> i32 {
-        index as i32 * PARTITIONS_PER_TOPIC + partition
+        Self::ids_of_topic(index).start + partition
     }
 
     /// The id of `partition` of `topic`, if the build reads that topic.
@@ -86,15 +86,28 @@ impl Topics {
         self.0.binary_search_by(|t| t.as_str().cmp(topic)).ok()
     }
 
+    /// A partition id's topic index (into [`Topics::names`]) and Kafka partition number.
+    pub fn split(id: i32) -> (usize, i32) {
+        (
+            (id / PARTITIONS_PER_TOPIC) as usize,
+            id % PARTITIONS_PER_TOPIC,
+        )
+    }
+
+    /// The ids of every partition of the topic at `index`, in order.
+    pub fn ids_of_topic(index: usize) -> std::ops::Range<i32> {
+        let first = index as i32 * PARTITIONS_PER_TOPIC;
+        first..first + PARTITIONS_PER_TOPIC
+    }
+
     /// The topic of a partition id.
     pub fn topic_of(&self, id: i32) -> &str {
-        let index = (id / PARTITIONS_PER_TOPIC) as usize;
-        self.0.get(index).map_or("?", String::as_str)
+        self.0.get(Self::split(id).0).map_or("?", String::as_str)
     }
 
     /// The Kafka partition number of a partition id.
     pub fn partition_of(&self, id: i32) -> i32 {
-        id % PARTITIONS_PER_TOPIC
+        Self::split(id).1
     }
 
     /// A partition id as people write it: `topic/partition`.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::sink::aggregate_index::AggregateIndex;
 use crate::sink::catalog::Positions;
-use crate::source::{Topics, PARTITIONS_PER_TOPIC};
+use crate::source::Topics;
 
 /// Source-side checks of a bounded read: per partition the records received against the range of
 /// offsets read (a broker legitimately skips transaction markers and compacted records; anything
@@ -59,9 +59,10 @@ impl SourceChecks {
         };
         for (&p, &end) in next {
             let from = start.get(&p).copied().unwrap_or(end);
+            let (topic, partition) = Topics::split(p);
             let got = received
-                .get((p / PARTITIONS_PER_TOPIC) as usize)
-                .and_then(|counts| counts.get((p % PARTITIONS_PER_TOPIC) as usize))
+                .get(topic)
+                .and_then(|counts| counts.get(partition as usize))
                 .copied()
                 .unwrap_or(0);
             let range = (end - from).max(0);

@@ -22,7 +22,7 @@ use crate::envelope;
 use crate::projection::{ChangeLog, Changes, DynProjection, Event, LogicalTime};
 use crate::sink::aggregate_index::AggregateIndex;
 use crate::sink::catalog::Positions;
-use crate::source::{KafkaSettings, SourceError, Topics, PARTITIONS_PER_TOPIC};
+use crate::source::{KafkaSettings, SourceError, Topics};
 use crate::upcast::Registry;
 
 mod checks;
@@ -318,10 +318,8 @@ fn read<E: 'static>(
 
 /// Count a record of partition `id` in `received` (indexed by topic, then partition number).
 fn count_received(received: &mut Vec<Vec<i64>>, id: i32) {
-    let (topic, partition) = (
-        (id / PARTITIONS_PER_TOPIC) as usize,
-        (id % PARTITIONS_PER_TOPIC) as usize,
-    );
+    let (topic, partition) = Topics::split(id);
+    let partition = partition as usize;
     if topic >= received.len() {
         received.resize_with(topic + 1, Vec::new);
     }
