@@ -21,7 +21,7 @@ use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::DynProjection;
 use crate::sink::catalog::Positions;
 use crate::sink::lock::{writer_lock_subject, AdvisoryLock, LockKind};
-use crate::sink::writer::{BatchWriter, BuildBatch, BuildTables};
+use crate::sink::writer::{self, BatchWriter, BuildBatch, BuildTables};
 use crate::sink::Build;
 
 /// A build to keep current, and where it stands.
@@ -93,6 +93,28 @@ pub async fn follow<E: Send + Sync + 'static>(
     for t in &mut targets {
         t.positions = engine.catalog.positions(t.build.build_id).await?;
     }
+    // The code may have changed since the build was made (a column retyped without a new
+    // version): refuse before writing a row that the table would misread.
+    let mut conn = engine.catalog.pool().acquire().await.map_err(|source| {
+        crate::sink::SinkError::Database {
+            context: "checking the tables before following".into(),
+            source,
+        }
+    })?;
+    for t in &targets {
+        writer::verify_tables(
+            &mut conn,
+            BuildTables {
+                build_id: t.build.build_id,
+                projection: t.projection.name(),
+                version: t.projection.version(),
+                schema: &t.build.schema_name,
+                specs: t.projection.tables(),
+            },
+        )
+        .await?;
+    }
+    drop(conn);
     let result = follow_locked(engine, &mut targets, until, cancel, label).await;
     for lock in locks {
         lock.release().await;

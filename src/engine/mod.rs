@@ -305,6 +305,10 @@ impl<E: Send + Sync + 'static> Engine<E> {
             crate::sink::check_identifier("projection", p.name())?;
             for t in p.tables() {
                 crate::sink::check_identifier("table", t.name)?;
+                t.check().map_err(|reason| EngineError::Projection {
+                    projection: p.name().to_string(),
+                    reason,
+                })?;
             }
         }
         // A pool retries a refused connection until its acquire timeout and then says only that it

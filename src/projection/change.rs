@@ -27,12 +27,13 @@ pub enum Change {
         key: Key,
         columns: Vec<(usize, Value)>,
     },
-    /// Add to a bigint column; a missing row is first created from the table's defaults.
+    /// Add to a bigint, integer or numeric column (the delta has the column's type); a missing row
+    /// is first created from the table's defaults.
     Add {
         table: usize,
         key: Key,
         column: usize,
-        delta: i64,
+        delta: Value,
     },
     /// Keep the smaller (or larger) of the stored value and this one; NULL counts as absent.
     Min {
@@ -96,7 +97,15 @@ impl Changes {
         });
     }
 
+    /// Add `delta` to a bigint column.
     pub fn add(&mut self, table: usize, key: impl Into<Key>, column: usize, delta: i64) {
+        self.add_value(table, key, column, Value::BigInt(delta));
+    }
+
+    /// Add `delta` to a column of its type: `Value::Integer` to an integer column,
+    /// `Value::Numeric` to a numeric one (exactly). Sums of double precision are refused: a
+    /// floating-point sum depends on the order partitions are read in.
+    pub fn add_value(&mut self, table: usize, key: impl Into<Key>, column: usize, delta: Value) {
         self.changes.push(Change::Add {
             table,
             key: key.into(),

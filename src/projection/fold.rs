@@ -326,18 +326,24 @@ fn accumulate(rows: &mut TableRows, spec: &TableSpec, change: Change) -> Result<
         Change::Add {
             key, column, delta, ..
         } => {
-            check_cell(spec, column, &Value::BigInt(0))?;
+            check_cell(spec, column, &delta)?;
+            let ty = spec.columns[column].ty;
+            if !ty.can_be_summed() {
+                return Err(format!(
+                    "column {} is {}, which cannot be summed{}",
+                    spec.columns[column].name,
+                    ty.pg_name(),
+                    if ty == ColumnType::Double {
+                        " (a floating-point sum depends on the order partitions are read in; use numeric)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
             let row = row_for(rows, spec, key)?;
-            row[column] = match &row[column] {
-                Value::Null => Value::BigInt(delta),
-                Value::BigInt(v) => Value::BigInt(v.checked_add(delta).ok_or_else(|| {
-                    format!(
-                        "column {} overflows: {v} + {delta}",
-                        spec.columns[column].name
-                    )
-                })?),
-                other => return Err(format!("cannot add to {other} in a bigint column")),
-            };
+            row[column] = row[column]
+                .plus(&delta)
+                .map_err(|e| format!("column {}: {e}", spec.columns[column].name))?;
         }
         Change::Min {
             value: Value::Null, ..
@@ -348,7 +354,7 @@ fn accumulate(rows: &mut TableRows, spec: &TableSpec, change: Change) -> Result<
         Change::Min {
             key, column, value, ..
         } => {
-            check_cell(spec, column, &value)?;
+            check_ordered(spec, column, &value)?;
             let row = row_for(rows, spec, key)?;
             if matches!(row[column], Value::Null) || value < row[column] {
                 row[column] = value;
@@ -357,7 +363,7 @@ fn accumulate(rows: &mut TableRows, spec: &TableSpec, change: Change) -> Result<
         Change::Max {
             key, column, value, ..
         } => {
-            check_cell(spec, column, &value)?;
+            check_ordered(spec, column, &value)?;
             let row = row_for(rows, spec, key)?;
             if matches!(row[column], Value::Null) || value > row[column] {
                 row[column] = value;
@@ -459,6 +465,18 @@ fn check_cell(spec: &TableSpec, column: usize, value: &Value) -> Result<(), Stri
     }
 }
 
+/// A minimum or maximum needs an order the fold and PostgreSQL agree on; jsonb has none.
+fn check_ordered(spec: &TableSpec, column: usize, value: &Value) -> Result<(), String> {
+    check_cell(spec, column, value)?;
+    match spec.columns[column].ty {
+        ColumnType::Jsonb => Err(format!(
+            "column {} is jsonb, which has no minimum or maximum",
+            spec.columns[column].name
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn type_label(ty: ColumnType) -> &'static str {
     ty.pg_name()
 }
@@ -467,6 +485,7 @@ fn type_label(ty: ColumnType) -> &'static str {
 mod tests {
     use super::*;
     use crate::projection::table::Column;
+    use crate::projection::value::Decimal;
 
     #[test]
     fn rows_in_key_order_match_a_sort_on_whole_keys() {
@@ -506,7 +525,7 @@ mod tests {
                             table: 0,
                             key,
                             column: 2,
-                            delta: n * (i as i64 + 1),
+                            delta: Value::BigInt(n * (i as i64 + 1)),
                         },
                         LogicalTime::default(),
                     )
@@ -529,6 +548,74 @@ mod tests {
         expected.sort_by(|a, b| a[..2].cmp(&b[..2]));
         assert_eq!(ordered.len(), regions.len() * 5 - 1);
         assert_eq!(ordered, expected);
+    }
+
+    #[test]
+    fn sums_are_exact_and_refused_where_their_order_would_show() {
+        let spec = TableSpec {
+            name: "amounts",
+            columns: vec![
+                Column::new("k", ColumnType::Text),
+                Column::new("exact", ColumnType::Numeric),
+                Column::new("small", ColumnType::Integer),
+                Column::new("float", ColumnType::Double),
+                Column::new("doc", ColumnType::Jsonb),
+            ],
+            key_len: 1,
+            bucket_column: None,
+            per_aggregate: true,
+        };
+        let specs = std::slice::from_ref(&spec);
+        let key = || crate::key![Value::text("k")];
+        let add = |column, delta| Change::Add {
+            table: 0,
+            key: key(),
+            column,
+            delta,
+        };
+        let mut store = RowStore::new(1);
+        // 0.1 added ten times is exactly 1.0 in numeric (it is not in floating point).
+        for _ in 0..10 {
+            store
+                .apply(
+                    specs,
+                    add(1, Value::Numeric(Decimal::new(1, 1))),
+                    LogicalTime::default(),
+                )
+                .expect("folds");
+        }
+        let row = store.table(0).get(&key()).cloned().flatten().expect("row");
+        assert_eq!(row[1], Value::Numeric(Decimal::new(10, 1)));
+        assert_eq!(row[1].to_string(), "1.0");
+
+        let refused = |store: &mut RowStore, change| {
+            store
+                .apply(specs, change, LogicalTime::default())
+                .expect_err("refused")
+                .to_string()
+        };
+        store
+            .apply(
+                specs,
+                add(2, Value::Integer(i32::MAX)),
+                LogicalTime::default(),
+            )
+            .expect("folds");
+        assert!(refused(&mut store, add(2, Value::Integer(1))).contains("overflows"));
+        let float = refused(&mut store, add(3, Value::double(0.5)));
+        assert!(
+            float.contains("float") && float.contains("numeric"),
+            "{float}"
+        );
+        let wrong = refused(&mut store, add(1, Value::BigInt(1)));
+        assert!(wrong.contains("exact is numeric"), "{wrong}");
+        let min = Change::Min {
+            table: 0,
+            key: key(),
+            column: 4,
+            value: Value::json(&serde_json::json!({"a": 1})),
+        };
+        assert!(refused(&mut store, min).contains("no minimum"));
     }
 
     /// Interleavings of a few partitions' events: however reads interleave, and however they are cut
@@ -615,7 +702,7 @@ mod tests {
                     table: 1,
                     key: key(k),
                     column: 1,
-                    delta: v,
+                    delta: Value::BigInt(v),
                 },
                 1 => Change::Min {
                     table: 1,
@@ -643,7 +730,7 @@ mod tests {
                     table: 2,
                     key: key(k),
                     column: 1,
-                    delta: v,
+                    delta: Value::BigInt(v),
                 },
                 1 => Change::Set {
                     table: 2,

@@ -41,7 +41,10 @@ pub use change::{Change, ChangeLog, ChangeLogIntoIter, Changes, Key};
 pub use clock::{ClockConflict, LogicalTime, RowClock};
 pub use fold::{FoldError, RowStore, TableRows};
 pub use table::{Column, TableSpec};
-pub use value::{sort_on_prefix, ColumnType, Value, PG_EPOCH_OFFSET_DAYS, PG_EPOCH_OFFSET_MICROS};
+pub use value::{
+    sort_on_prefix, ColumnType, Decimal, Double, Uuid, Value, PG_EPOCH_OFFSET_DAYS,
+    PG_EPOCH_OFFSET_MICROS,
+};
 
 /// Where an event sits in the log and what the envelope says about it. Everything a projection may
 /// know about time comes from here.

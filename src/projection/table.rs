@@ -54,6 +54,42 @@ impl TableSpec {
         !self.per_aggregate
     }
 
+    /// What is wrong with this declaration, if anything, checked before a projection runs: a key
+    /// must exist within the columns and have types that compare exactly (see
+    /// [`ColumnType::can_be_key`]).
+    pub fn check(&self) -> Result<(), String> {
+        if self.key_len == 0 || self.key_len > self.columns.len() {
+            return Err(format!(
+                "table {}: its key has {} columns of {}",
+                self.name,
+                self.key_len,
+                self.columns.len()
+            ));
+        }
+        for column in self.key_columns() {
+            if !column.ty.can_be_key() {
+                return Err(format!(
+                    "table {}: key column {} is {}, which cannot be a key (PostgreSQL and the fold would disagree on which values are equal)",
+                    self.name,
+                    column.name,
+                    column.ty.pg_name()
+                ));
+            }
+        }
+        for column in &self.columns {
+            if !column.default.fits(column.ty) {
+                return Err(format!(
+                    "table {}: column {} is {} but its default is {:?}",
+                    self.name,
+                    column.name,
+                    column.ty.pg_name(),
+                    column.default
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
     }

@@ -106,6 +106,19 @@ pub async fn verify_tables(conn: &mut PgConnection, build: BuildTables<'_>) -> R
             .iter()
             .map(|c| (c.name, c.ty.pg_name()))
             .collect();
+        let retyped = declared
+            .iter()
+            .zip(&actual)
+            .find(|((dc, dt), (ac, at))| dc == ac && dt != at);
+        if let (Some(((column, code), (_, sql))), true) = (retyped, actual.len() == declared.len())
+        {
+            return Err(build.mismatch(
+                spec.name,
+                format!(
+                    "column {column}: the code declares {code} but the table's SQL creates {sql}"
+                ),
+            ));
+        }
         if actual != declared {
             let fmt = |cols: &[(&str, &str)]| {
                 cols.iter()
