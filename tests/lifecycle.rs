@@ -140,11 +140,7 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
     let paused = reproject(&db, &kafka, &["pause", "order_summary"]);
     assert!(paused.status.success(), "{}", text(&paused.stderr));
     append(&kafka.settings, &mut history, 10_000);
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let metrics_addr = free_local_addr();
     let mut run = spawn_run(&db, &kafka, &["--metrics-addr", &metrics_addr]);
 
     // Paused: the follower comes up and waits, nothing moves, and status says so.
@@ -190,7 +186,7 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
     );
 
     // What happened is visible to Prometheus.
-    let metrics = scrape(&metrics_addr);
+    let (_, metrics) = http_get(&metrics_addr, "/metrics");
     for expected in [
         "reproject_events_applied_total{projection=\"order_summary\",phase=\"follow\"} 10000",
         "reproject_lag_events{projection=\"order_summary\",topic=\"shop.orders\",partition=\"0\"} 0",
@@ -204,21 +200,6 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
         );
     }
     stop(&mut run);
-}
-
-/// GET /metrics over a plain TCP connection.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    stream
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

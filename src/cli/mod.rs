@@ -155,6 +155,7 @@ impl<D: Domain> Cx<D> {
             ))
         })?;
         engine.read_database_url = settings.read_database_url.clone();
+        crate::engine::health::register(&engine);
         Ok(engine)
     }
 
@@ -313,7 +314,9 @@ pub async fn run<D: Domain>(domain: Arc<D>, cli: Cli) -> anyhow::Result<Outcome>
         domain,
     };
     if let Some(addr) = cx.global.metrics_addr {
-        crate::engine::metrics::serve(addr).map_err(anyhow::Error::msg)?;
+        crate::engine::metrics::serve(addr)
+            .await
+            .map_err(anyhow::Error::msg)?;
     }
     match cli.command {
         Command::Demo(args) => demo::run(&cx, args).await,

@@ -1,4 +1,5 @@
-//! Prometheus metrics of `run` and `rebuild`, served over HTTP with `--metrics-addr`.
+//! Prometheus metrics of `run` and `rebuild`, served over HTTP with `--metrics-addr` beside the
+//! `/healthz` and `/readyz` probes.
 //!
 //! Names follow Prometheus conventions: a `reproject_` prefix, the unit in the name, `_total` for
 //! counters. Updated per batch, never per event, so they cost nothing on the replay's hot path.
@@ -19,21 +20,69 @@
 //! | `reproject_throttle_rate_events_per_second` | gauge: the rate the throttle allows, 0 when paused or unbounded | |
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use axum::http::{header, StatusCode};
+use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusBuilder;
 
-/// Serve the metrics at `http://addr/metrics`. Call once, inside the runtime.
-pub fn serve(addr: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Serve the metrics at `http://addr/metrics`, beside `/healthz` (the process answers: 200 `ok`)
+/// and `/readyz` (200 when ready, 503 otherwise; JSON naming each check, see [`super::health`]).
+/// Call once, inside the runtime; the server runs until the process exits.
+pub async fn serve(addr: SocketAddr) -> Result<(), String> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
             &[
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ],
         )
-        .and_then(|b| b.install())
-        .map_err(|e| format!("serving metrics on {addr}: {e}"))
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| format!("serving metrics on {addr}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("serving metrics on {addr}: {e}"))?;
+    // Histograms drain their samples into summaries on upkeep; the exporter's own listener did it
+    // on every scrape, this one does it on a timer as the exporter's docs ask.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(message = "the metrics and health endpoints stopped", %addr, %error);
+        }
+    });
+    Ok(())
+}
+
+async fn readyz() -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
+    let readiness = super::health::readiness().await;
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::to_string_pretty(&readiness)
+        .unwrap_or_else(|e| format!("{{\"ready\": false, \"error\": \"{e}\"}}"));
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body + "\n",
+    )
 }
 
 pub fn events_read(topic: &str, partition: i32, events: u64) {

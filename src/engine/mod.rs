@@ -14,6 +14,7 @@ pub mod estimate;
 pub mod fold;
 pub mod follow;
 pub mod gc;
+pub mod health;
 pub mod metrics;
 pub mod progress;
 pub mod reader;

@@ -410,3 +410,96 @@ pub async fn wait_for_applied(pool: &PgPool, build_id: i64, events: i64, seconds
     )
     .await
 }
+
+/// GET `path` from `addr` over a plain TCP connection: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path).expect("the HTTP endpoint accepts")
+}
+
+/// [`http_get`], or the error connecting (a process that is not listening yet, say).
+pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A free local port for a process to listen on, as `127.0.0.1:<port>`.
+pub fn free_local_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// A TCP forwarder to PostgreSQL that a test can cut (every connection dropped, new ones closed at
+/// once) and restore: a database lost and found again, for one process, while the server stays up
+/// for the other tests.
+pub struct CuttableProxy {
+    pub port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: &str) -> CuttableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (up, _) = tokio::sync::watch::channel(true);
+        let watch = up.clone();
+        let target = target.to_string();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let (target, mut cut) = (target.clone(), watch.subscribe());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        CuttableProxy { port, up }
+    }
+
+    /// `url` (a PostgreSQL URL) pointed at this proxy.
+    pub fn url(&self, url: &str) -> String {
+        let mut url = url::Url::parse(url).expect("a database URL");
+        url.set_port(Some(self.port)).expect("a URL with a port");
+        url.to_string()
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
