@@ -109,6 +109,11 @@ CREATE TABLE IF NOT EXISTS reproject.dead_letters (
     resolved_at     timestamptz,
     UNIQUE (build_id, topic, partition, "offset")
 );
+-- Headers and timestamp: where CloudEvents and Confluent-framed records keep the event's metadata,
+-- needed to retry them.
+ALTER TABLE reproject.dead_letters ADD COLUMN IF NOT EXISTS header_names text[] NOT NULL DEFAULT '{}';
+ALTER TABLE reproject.dead_letters ADD COLUMN IF NOT EXISTS header_values bytea[] NOT NULL DEFAULT '{}';
+ALTER TABLE reproject.dead_letters ADD COLUMN IF NOT EXISTS record_timestamp_ms bigint;
 
 -- What the replay of a build saw of the log (records against offset ranges per partition, aggregate
 -- sequence gaps), for verification.

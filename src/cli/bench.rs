@@ -379,10 +379,11 @@ async fn baseline<E: Send + Sync + 'static>(engine: &Engine<E>, events: u64) -> 
     );
 
     // Read the slice on a thread, as the script's consumer loop would.
-    let (kafka, topics, registry) = (
+    let (kafka, topics, registry, framing) = (
         engine.kafka.clone(),
         engine.topics.clone(),
         engine.registry.clone(),
+        engine.framing.clone(),
     );
     let specs = [spec.clone()];
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Vec<Value>>>(64);
@@ -403,10 +404,12 @@ async fn baseline<E: Send + Sync + 'static>(engine: &Engine<E>, events: u64) -> 
                 anyhow::bail!("the baseline's consumer got nothing for 10 s");
             };
             let message = message?;
-            let decoded = envelope::decode(
-                message.payload().unwrap_or_default(),
+            let headers = crate::source::record_headers(&message);
+            let mut decoded = envelope::Decoded::default();
+            framing.decode_into(
+                &crate::source::raw_record(&message, &headers),
                 message.partition(),
-                message.offset(),
+                &mut decoded,
             )?;
             let payload = registry.upcast(&decoded.type_url, &decoded.payload)?;
             projection.apply(

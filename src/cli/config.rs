@@ -31,6 +31,8 @@ pub struct FileConfig {
     /// librdkafka settings, e.g. `"security.protocol" = "SASL_SSL"`.
     #[serde(default)]
     pub kafka: std::collections::BTreeMap<String, String>,
+    /// How records carry events, when not as the domain says (see `envelope::framing`).
+    pub framing: Option<crate::envelope::FramingConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -43,6 +45,8 @@ pub struct Settings {
     pub view_schema: String,
     pub schema_dir: Option<PathBuf>,
     pub quiet: bool,
+    /// The config file's framing, checked; None: the domain's.
+    pub framing: Option<crate::envelope::Framing>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -101,6 +105,14 @@ impl Settings {
         if topics.is_empty() {
             bail!("no topic to read: name one with --topic, REPROJECT_TOPIC or `topics` in the config file");
         }
+        let framing = match &file.framing {
+            Some(config) => Some(
+                config
+                    .framing()
+                    .map_err(|e| anyhow::anyhow!("config file: {e}"))?,
+            ),
+            None => None,
+        };
         let mut properties: Vec<(String, String)> = file.kafka.into_iter().collect();
         for p in &global.kafka_property {
             properties.push(parse_property(p)?);
@@ -120,6 +132,7 @@ impl Settings {
                 .unwrap_or_else(|| "public".into()),
             schema_dir: global.schema_dir.clone(),
             quiet: global.quiet,
+            framing,
         })
     }
 }

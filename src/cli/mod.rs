@@ -139,7 +139,7 @@ impl<D: Domain> Cx<D> {
         settings: &Settings,
         tuning: Tuning,
     ) -> anyhow::Result<Engine<D::Event>> {
-        let parts = EngineParts::for_domain(
+        let mut parts = EngineParts::for_domain(
             &self.domain,
             settings.kafka.clone(),
             settings.topics()?,
@@ -148,6 +148,9 @@ impl<D: Domain> Cx<D> {
             settings.schema_dir.clone(),
             tuning,
         )?;
+        if let Some(framing) = &settings.framing {
+            parts.framing = Arc::new(framing.clone());
+        }
         let mut engine = Engine::connect(parts).await.map_err(|e| {
             anyhow::Error::new(e).context(format!(
                 "PostgreSQL at {}",

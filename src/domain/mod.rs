@@ -52,6 +52,12 @@ pub trait Domain: Send + Sync + 'static {
     /// prost-build with protox gives it at build time (see the shop's or the ledger's `build.rs`).
     fn descriptors(&self) -> &[u8];
 
+    /// How its records carry events (reproject's envelope by default; CloudEvents' binary mode or
+    /// Confluent's wire format otherwise). The config file's `[framing]` table overrides it.
+    fn framing(&self) -> crate::envelope::Framing {
+        crate::envelope::Framing::Envelope
+    }
+
     /// A history generator with independently computed totals, when the domain has one.
     fn example(&self) -> Option<&dyn Example> {
         None

@@ -305,6 +305,7 @@ async fn read_window<E: Send + Sync + 'static>(
         .collect();
     let config = ReaderConfig {
         topics: engine.topics.clone(),
+        framing: engine.framing.clone(),
         stop_at: Some(to),
         stop_exactly: true,
         max_batch_events: Arc::new(AtomicUsize::new(engine.tuning.batch_events)),

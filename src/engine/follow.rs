@@ -155,6 +155,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
         .collect();
     let config = ReaderConfig {
         topics: engine.topics.clone(),
+        framing: engine.framing.clone(),
         stop_at: match &until {
             Until::Reached(at) => Some(at.clone()),
             _ => None,

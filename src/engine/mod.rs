@@ -229,6 +229,7 @@ impl Default for Tuning {
 /// Everything a command needs: where the log and the database are, and the domain's code.
 pub struct Engine<E> {
     pub kafka: KafkaSettings,
+    pub framing: Arc<crate::envelope::Framing>,
     /// The topics every build of this engine reads (a build's are fixed when it is created).
     pub topics: Topics,
     pub database_url: String,
@@ -247,6 +248,8 @@ pub struct Engine<E> {
 pub struct EngineParts<E> {
     pub kafka: KafkaSettings,
     pub topics: Topics,
+    /// How records carry events (see [`crate::envelope::framing`]).
+    pub framing: Arc<crate::envelope::Framing>,
     pub database_url: String,
     pub view_schema: String,
     pub registry: Arc<Registry<E>>,
@@ -279,6 +282,7 @@ impl<E: Send + Sync + 'static> EngineParts<E> {
         Ok(EngineParts {
             kafka,
             topics,
+            framing: Arc::new(domain.framing()),
             database_url,
             view_schema,
             registry: Arc::new(registry),
@@ -351,6 +355,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
         metrics::max_rate(parts.tuning.max_rate);
         Ok(Engine {
             kafka: parts.kafka,
+            framing: parts.framing,
             topics: parts.topics,
             database_url: parts.database_url,
             read_database_url: None,

@@ -612,6 +612,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     ));
     let config = ReaderConfig {
         topics: engine.topics.clone(),
+        framing: engine.framing.clone(),
         stop_at: Some(bounds.end.clone()),
         stop_exactly: false,
         // The fold checks its memory budget between batches: a batch is what it may overshoot by.

@@ -189,14 +189,24 @@ pub async fn trace<E: Send + Sync + 'static>(
 
     // 1. Read.
     let started = Instant::now();
-    let (kafka, topics, locate) = (engine.kafka.clone(), engine.topics.clone(), options.locate);
-    let (records, located_by, ranges, scanned) =
-        tokio::task::spawn_blocking(move || read_aggregate(&kafka, &topics, &id, locate, &located))
-            .await
-            .map_err(|e| EngineError::Projection {
-                projection: "-".into(),
-                reason: format!("replay reader failed: {e}"),
-            })??;
+    let (kafka, topics, framing) = (
+        engine.kafka.clone(),
+        engine.topics.clone(),
+        engine.framing.clone(),
+    );
+    // A key that is not the aggregate id says nothing about where the aggregate's events are.
+    let locate = match options.locate {
+        Locate::Partitioner(_) if !framing.key_is_aggregate_id() => Locate::ScanAll,
+        other => other,
+    };
+    let (records, located_by, ranges, scanned) = tokio::task::spawn_blocking(move || {
+        read_aggregate(&kafka, &topics, &framing, &id, locate, &located)
+    })
+    .await
+    .map_err(|e| EngineError::Projection {
+        projection: "-".into(),
+        reason: format!("replay reader failed: {e}"),
+    })??;
     let read = ReadSummary {
         located_by,
         ranges,
@@ -228,8 +238,9 @@ pub async fn trace<E: Send + Sync + 'static>(
     let mut event_ids: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
     let mut scratch = Changes::default();
     let topics = &engine.topics;
-    for (partition, offset, bytes) in &records {
-        let decoded = match envelope::decode(bytes, *partition, *offset) {
+    for record in &records {
+        let (partition, offset) = (&record.partition, &record.offset);
+        let decoded = match record.decode(&engine.framing, topics) {
             Ok(d) => d,
             Err(e) => {
                 events.push(TimelineEvent {
@@ -351,7 +362,43 @@ pub async fn trace<E: Send + Sync + 'static>(
     })
 }
 
-type Records = Vec<(i32, i64, Vec<u8>)>;
+/// A record read for the aggregate, owned: its partition id and what its framing may read.
+struct ReadRecord {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    timestamp_millis: Option<i64>,
+}
+
+impl ReadRecord {
+    fn decode(
+        &self,
+        framing: &envelope::Framing,
+        topics: &Topics,
+    ) -> std::result::Result<envelope::Decoded, envelope::FramingError> {
+        let headers: Vec<(&str, Option<&[u8]>)> = self
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_deref()))
+            .collect();
+        let raw = envelope::RawRecord {
+            topic: topics.topic_of(self.partition),
+            partition: topics.partition_of(self.partition),
+            offset: self.offset,
+            key: self.key.as_deref(),
+            value: &self.value,
+            headers: &headers,
+            timestamp_millis: self.timestamp_millis,
+        };
+        let mut decoded = envelope::Decoded::default();
+        framing.decode_into(&raw, self.partition, &mut decoded)?;
+        Ok(decoded)
+    }
+}
+
+type Records = Vec<ReadRecord>;
 
 /// Which ranges to read: the index's spans and, past its coverage, the tail of each partition the
 /// aggregate can be in (in every topic); without an index, those partitions from their start.
@@ -415,6 +462,7 @@ pub fn plan_ranges(
 fn read_aggregate(
     kafka: &KafkaSettings,
     topics: &Topics,
+    framing: &envelope::Framing,
     aggregate_id: &str,
     locate: Locate,
     located: &Located,
@@ -445,25 +493,34 @@ fn read_aggregate(
         }
     }
     for pass in &passes {
-        scanned += read_ranges(
-            kafka,
-            &consumer,
-            topics,
-            pass,
-            |partition, offset, key, value| {
-                let matches = match key {
-                    Some(k) => k == aggregate_id.as_bytes(),
-                    // An unkeyed record is only ours if its envelope says so.
-                    None => envelope::decode(value, partition, offset)
-                        .is_ok_and(|d| d.meta.aggregate_id == aggregate_id),
-                };
-                if matches && seen.insert((partition, offset)) {
-                    records.push((partition, offset, value.to_vec()));
+        scanned += read_ranges(kafka, &consumer, topics, pass, |partition, raw| {
+            let matches = match raw.key {
+                Some(k) if framing.key_is_aggregate_id() => k == aggregate_id.as_bytes(),
+                // An unkeyed record, or one keyed otherwise, is only ours if its framing says
+                // so.
+                _ => {
+                    let mut decoded = envelope::Decoded::default();
+                    framing.decode_into(&raw, partition, &mut decoded).is_ok()
+                        && decoded.meta.aggregate_id == aggregate_id
                 }
-            },
-        )?;
+            };
+            if matches && seen.insert((partition, raw.offset)) {
+                records.push(ReadRecord {
+                    partition,
+                    offset: raw.offset,
+                    key: raw.key.map(<[u8]>::to_vec),
+                    value: raw.value.to_vec(),
+                    headers: raw
+                        .headers
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.map(<[u8]>::to_vec)))
+                        .collect(),
+                    timestamp_millis: raw.timestamp_millis,
+                });
+            }
+        })?;
     }
-    records.sort_by_key(|(p, o, _)| (*p, *o));
+    records.sort_by_key(|r| (r.partition, r.offset));
     Ok((records, how, ranges, scanned))
 }
 
@@ -474,7 +531,7 @@ fn read_ranges(
     consumer: &BaseConsumer,
     topics: &Topics,
     ranges: &BTreeMap<i32, RangeRead>,
-    mut on_record: impl FnMut(i32, i64, Option<&[u8]>, &[u8]),
+    mut on_record: impl FnMut(i32, envelope::RawRecord<'_>),
 ) -> Result<u64> {
     let starts = ranges.iter().map(|(&p, r)| (p, r.from)).collect();
     kafka.assign(consumer, topics, &starts)?;
@@ -501,12 +558,8 @@ fn read_ranges(
                 };
                 if offset < range.to {
                     read += 1;
-                    on_record(
-                        partition,
-                        offset,
-                        message.key(),
-                        message.payload().unwrap_or_default(),
-                    );
+                    let headers = crate::source::record_headers(&message);
+                    on_record(partition, crate::source::raw_record(&message, &headers));
                 }
                 if offset + 1 >= range.to {
                     open.remove(&partition);

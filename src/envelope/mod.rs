@@ -4,7 +4,11 @@
 //! A payload's type URL names a versioned message, `type.googleapis.com/acme.v2.OrderPaid`: the part
 //! after the last `/` is the full message name, and the package's last segment (`v2`) is its version.
 
+pub mod framing;
+
 use crate::projection::EventMeta;
+
+pub use framing::{Framing, FramingConfig, FramingError, RawRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {

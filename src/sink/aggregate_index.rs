@@ -78,7 +78,8 @@ impl AggregateIndex {
                 entry.last = offset;
                 let expected = entry.sequence + 1;
                 entry.sequence = entry.sequence.max(sequence);
-                Some(expected)
+                // Sequence 0: the record carries none (a framing without one); nothing to check.
+                (sequence != 0).then_some(expected)
             }
             None => {
                 // The id's allocation, its boxed pointer and entry, and the map's slot overhead.
@@ -91,7 +92,7 @@ impl AggregateIndex {
                         sequence,
                     },
                 );
-                self.from_start.contains(&partition).then_some(1)
+                (sequence != 0 && self.from_start.contains(&partition)).then_some(1)
             }
         };
         match expected {

@@ -23,6 +23,11 @@ pub struct StoredDeadLetter {
     pub record_key: Option<Vec<u8>>,
     #[serde(skip)]
     pub record_value: Vec<u8>,
+    /// The record's headers, names and values in order (a header without a value: NULL).
+    pub header_names: Vec<String>,
+    #[serde(skip)]
+    pub header_values: Vec<Option<Vec<u8>>>,
+    pub record_timestamp_ms: Option<i64>,
     pub event_id: Option<uuid::Uuid>,
     pub recorded_at: chrono::DateTime<chrono::Utc>,
     pub retried_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -41,6 +46,8 @@ pub struct NewDeadLetter<'a> {
     pub reason: &'a str,
     pub key: Option<&'a [u8]>,
     pub value: &'a [u8],
+    pub headers: &'a [(String, Option<Vec<u8>>)],
+    pub timestamp_millis: Option<i64>,
     pub event_id: Option<[u8; 16]>,
 }
 
@@ -57,8 +64,9 @@ pub async fn insert(
         let result = sqlx::query(
             r#"INSERT INTO reproject.dead_letters
                  (build_id, projection, topic, partition, "offset", kind, type_url, version, reason,
-                  record_key, record_value, event_id)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                  record_key, record_value, event_id, header_names, header_values,
+                  record_timestamp_ms)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
                ON CONFLICT (build_id, topic, partition, "offset") DO NOTHING"#,
         )
         .bind(build_id)
@@ -73,6 +81,19 @@ pub async fn insert(
         .bind(l.key)
         .bind(l.value)
         .bind(l.event_id.map(uuid::Uuid::from_bytes))
+        .bind(
+            l.headers
+                .iter()
+                .map(|(n, _)| n.clone())
+                .collect::<Vec<String>>(),
+        )
+        .bind(
+            l.headers
+                .iter()
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<Option<Vec<u8>>>>(),
+        )
+        .bind(l.timestamp_millis)
         .execute(&mut *conn)
         .await
         .context(|| {

@@ -511,6 +511,37 @@ pub fn parse_property(text: &str) -> Result<(String, String), SourceError> {
     }
 }
 
+/// A record's headers as a framing reads them (see [`crate::envelope::RawRecord`]). Most records
+/// carry a handful, which fit inline.
+pub type RecordHeaders<'a> = smallvec::SmallVec<[(&'a str, Option<&'a [u8]>); 8]>;
+
+/// The headers of `message`.
+pub fn record_headers<'a>(message: &'a rdkafka::message::BorrowedMessage<'_>) -> RecordHeaders<'a> {
+    use rdkafka::message::{Headers, Message};
+    match message.headers() {
+        Some(headers) => headers.iter().map(|h| (h.key, h.value)).collect(),
+        None => RecordHeaders::new(),
+    }
+}
+
+/// `message` as a framing reads it, with `headers` (from [`record_headers`], or none where the
+/// framing does not read them).
+pub fn raw_record<'a>(
+    message: &'a rdkafka::message::BorrowedMessage<'_>,
+    headers: &'a [(&'a str, Option<&'a [u8]>)],
+) -> crate::envelope::RawRecord<'a> {
+    use rdkafka::message::Message;
+    crate::envelope::RawRecord {
+        topic: message.topic(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key(),
+        value: message.payload().unwrap_or_default(),
+        headers,
+        timestamp_millis: message.timestamp().to_millis(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ pub mod producer;
 mod topics;
 
 pub use kafka::{
-    parse_property, prefetch_share, reconcile_log_end, KafkaSettings, LogBounds,
-    LogEndDisagreement, SourceError, MAX_FETCH_BYTES, PREFETCH_BYTES,
+    parse_property, prefetch_share, raw_record, reconcile_log_end, record_headers, KafkaSettings,
+    LogBounds, LogEndDisagreement, RecordHeaders, SourceError, MAX_FETCH_BYTES, PREFETCH_BYTES,
 };
 pub use topics::{check_topic_name, ByTopic, Topics, MAX_TOPICS, PARTITIONS_PER_TOPIC};

@@ -113,6 +113,27 @@ impl LogWriter {
         self.send_raw_to(topic, Some(key.as_bytes()), value)
     }
 
+    /// Append a record with headers and, when given, a timestamp (milliseconds since the Unix
+    /// epoch): how CloudEvents' binary mode, and producers that keep metadata beside the value,
+    /// write.
+    pub fn send_with_headers(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+        timestamp_millis: Option<i64>,
+    ) -> Result<(), SourceError> {
+        let mut owned = rdkafka::message::OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            owned = owned.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(*value),
+            });
+        }
+        self.send_record(topic, key, value, Some(owned), timestamp_millis)
+    }
+
     /// Append a record as given, key or none: how a misbehaving producer writes (tests use it).
     pub fn send_raw(&mut self, key: Option<&[u8]>, value: &[u8]) -> Result<(), SourceError> {
         let topic = std::mem::take(&mut self.topic);
@@ -127,12 +148,29 @@ impl LogWriter {
         key: Option<&[u8]>,
         value: &[u8],
     ) -> Result<(), SourceError> {
+        self.send_record(topic, key, value, None, None)
+    }
+
+    fn send_record(
+        &mut self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: Option<rdkafka::message::OwnedHeaders>,
+        timestamp_millis: Option<i64>,
+    ) -> Result<(), SourceError> {
         if !self.written_to.contains(topic) {
             self.written_to.insert(topic.to_string());
         }
         let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(value);
         if let Some(key) = key {
             record = record.key(key);
+        }
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        if let Some(ms) = timestamp_millis {
+            record = record.timestamp(ms);
         }
         loop {
             match self.producer.send(record) {

@@ -87,6 +87,8 @@ impl<E> Target<E> {
 pub struct ReaderConfig {
     /// The topics read; positions and stop positions name partitions by id (see [`Topics`]).
     pub topics: Topics,
+    /// How records carry events.
+    pub framing: Arc<crate::envelope::Framing>,
     /// Stop once every partition has reached this end (the replay's snapshot of the log end).
     pub stop_at: Option<Positions>,
     /// With `stop_at`: apply nothing at or past a partition's end (records there are read and
@@ -270,6 +272,7 @@ fn read<E: 'static>(
         return Ok(());
     }
     settings.assign(&consumer, &config.topics, &reading.next)?;
+    let wants_headers = !matches!(*config.framing, envelope::Framing::Envelope);
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -294,12 +297,18 @@ fn read<E: 'static>(
                 reading.on_error(&error);
                 false
             }
-            Some(Ok(message)) => reading.on_message(
-                reading.partition_id(message.topic(), message.partition()),
-                message.offset(),
-                message.key(),
-                message.payload().unwrap_or_default(),
-            )?,
+            Some(Ok(message)) => {
+                // Headers are read only where the framing keeps metadata in them.
+                let headers = if wants_headers {
+                    crate::source::record_headers(&message)
+                } else {
+                    Default::default()
+                };
+                reading.on_message(
+                    reading.partition_id(message.topic(), message.partition()),
+                    &crate::source::raw_record(&message, &headers),
+                )?
+            }
         };
         reading.check_stalled()?;
         if let Some(done) = reading.batch_due(idle, last_of_partition) {
@@ -517,10 +526,9 @@ impl<'a, E: 'static> Reading<'a, E> {
     fn on_message(
         &mut self,
         partition: i32,
-        offset: i64,
-        key: Option<&[u8]>,
-        bytes: &[u8],
+        record: &envelope::RawRecord<'_>,
     ) -> Result<bool, ReadError> {
+        let offset = record.offset;
         self.progressed = true;
         self.last_error = None;
         if self.config.stop_exactly
@@ -534,21 +542,27 @@ impl<'a, E: 'static> Reading<'a, E> {
             return Ok(true);
         }
         let processing_started = self.config.measure_processing.then(Instant::now);
-        self.batch.bytes += bytes.len() as u64;
+        self.batch.bytes += record.value.len() as u64;
         let mut event_id = None;
-        if let Err(record) = self.apply(partition, offset, key, bytes, &mut event_id) {
+        if let Err(bad) = self.apply(partition, record, &mut event_id) {
             if !self.config.dead_letters {
-                return Err(record.into());
+                return Err(bad.into());
             }
-            tracing::warn!(message = "bad record passed to the dead letters", %record);
+            tracing::warn!(message = "bad record passed to the dead letters", record = %bad);
             self.batch.dead_letters.push(DeadLetter {
-                key: key.map(<[u8]>::to_vec),
-                value: bytes.to_vec(),
+                key: record.key.map(<[u8]>::to_vec),
+                value: record.value.to_vec(),
+                headers: record
+                    .headers
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.map(<[u8]>::to_vec)))
+                    .collect(),
+                timestamp_millis: record.timestamp_millis,
                 event_id,
                 targets: (0..self.targets.len())
                     .filter(|&i| self.targets[i].wants(partition, offset))
                     .collect(),
-                record,
+                record: bad,
             });
         }
         self.next.insert(partition, offset + 1);
@@ -570,11 +584,10 @@ impl<'a, E: 'static> Reading<'a, E> {
     fn apply(
         &mut self,
         partition: i32,
-        offset: i64,
-        key: Option<&[u8]>,
-        bytes: &[u8],
+        record: &envelope::RawRecord<'_>,
         event_id: &mut Option<[u8; 16]>,
     ) -> Result<(), BadRecord> {
+        let offset = record.offset;
         let topics = self.topics();
         let at = Coordinates {
             topic: topics.topic_of(partition),
@@ -583,7 +596,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             offset,
             projections: &self.projections,
         };
-        at.decode_into(key, bytes, &mut self.decoded)?;
+        at.decode_into(&self.config.framing, record, &mut self.decoded)?;
         let decoded = &self.decoded;
         *event_id = Some(decoded.meta.event_id);
         self.aggregates_started += u64::from(decoded.meta.sequence == 1);

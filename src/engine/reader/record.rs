@@ -24,7 +24,8 @@ pub struct BadRecord {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BadKind {
-    /// The bytes are not an event envelope, or the envelope lacks a required field.
+    /// The bytes are not framed as the domain says (an event envelope, CloudEvents headers,
+    /// Confluent's wire format), or the framing lacks a required field.
     Envelope,
     /// The record has no key, or its key is not the envelope's aggregate id.
     Key,
@@ -52,6 +53,9 @@ pub struct DeadLetter {
     pub record: BadRecord,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    /// The record's headers (where CloudEvents keep the event's type, id and time).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub timestamp_millis: Option<i64>,
     pub event_id: Option<[u8; 16]>,
     pub targets: Vec<usize>,
 }
@@ -68,6 +72,8 @@ impl DeadLetter {
             reason: &self.record.reason,
             key: self.key.as_deref(),
             value: &self.value,
+            headers: &self.headers,
+            timestamp_millis: self.timestamp_millis,
             event_id: self.event_id,
         }
     }
@@ -133,23 +139,36 @@ impl Coordinates<'_> {
         }
     }
 
-    /// The record's envelope, checked: it decodes, and the record's key is its aggregate id.
-    pub fn decode(&self, key: Option<&[u8]>, value: &[u8]) -> Result<envelope::Decoded, BadRecord> {
+    /// The record's event, checked: its framing holds everything an event needs, and (where the
+    /// framing says so) the record's key is its aggregate id.
+    pub fn decode(
+        &self,
+        framing: &envelope::Framing,
+        record: &envelope::RawRecord<'_>,
+    ) -> Result<envelope::Decoded, BadRecord> {
         let mut decoded = envelope::Decoded::default();
-        self.decode_into(key, value, &mut decoded)?;
+        self.decode_into(framing, record, &mut decoded)?;
         Ok(decoded)
     }
 
     /// [`Coordinates::decode`] into `decoded`, reusing its buffers.
     pub fn decode_into(
         &self,
-        key: Option<&[u8]>,
-        value: &[u8],
+        framing: &envelope::Framing,
+        record: &envelope::RawRecord<'_>,
         decoded: &mut envelope::Decoded,
     ) -> Result<(), BadRecord> {
-        envelope::decode_into(value, self.partition_id, self.offset, decoded)
-            .map_err(|e| self.bad(BadKind::Envelope, None, e.to_string()))?;
-        if key != Some(decoded.meta.aggregate_id.as_bytes()) {
+        framing
+            .decode_into(record, self.partition_id, decoded)
+            .map_err(|e| {
+                let reason = match framing {
+                    envelope::Framing::Envelope => e.to_string(),
+                    other => format!("{} framing: {e}", other.name()),
+                };
+                self.bad(BadKind::Envelope, None, reason)
+            })?;
+        let key = record.key;
+        if framing.key_is_aggregate_id() && key != Some(decoded.meta.aggregate_id.as_bytes()) {
             let reason = match key {
                 None => format!(
                     "the record has no key; its envelope's aggregate id is {:?}",
