@@ -146,6 +146,17 @@ pub(super) fn append(
             topics.join(", ")
         );
     };
-    writer.send_to(topic, &record.key, &record.value)?;
+    let headers: Vec<(&str, &[u8])> = record
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_slice()))
+        .collect();
+    writer.send_with_headers(
+        topic,
+        Some(record.key.as_bytes()),
+        &record.value,
+        &headers,
+        None,
+    )?;
     Ok(())
 }

@@ -121,6 +121,9 @@ pub struct Record {
     pub key: String,
     /// The encoded record value.
     pub value: Vec<u8>,
+    /// Record headers (where a CloudEvents-framed domain keeps the event's type, id and time);
+    /// empty for the envelope framing.
+    pub headers: Vec<(String, Vec<u8>)>,
     /// Unix seconds of the event, as its envelope says.
     pub occurred_at: i64,
 }

@@ -248,6 +248,36 @@ pub struct FramingConfig {
     pub schema_ids: HashMap<String, String>,
 }
 
+/// Where CloudEvents keep an event's metadata: `ce_subject`, `ce_id`, `ce_time`, `ce_sequence`,
+/// `ce_source` (aggregate id, event id, time, sequence, aggregate type).
+const CLOUDEVENTS_FIELDS: [&str; 5] = [
+    "header:ce_subject",
+    "header:ce_id",
+    "header:ce_time",
+    "header:ce_sequence",
+    "header:ce_source",
+];
+
+impl Default for CloudEvents {
+    /// CloudEvents' own headers, `ce_type` holding the full message name.
+    fn default() -> CloudEvents {
+        let header = |name: &str| Place::Header(name.trim_start_matches("header:").to_string());
+        CloudEvents {
+            fields: Fields {
+                aggregate_id: header(CLOUDEVENTS_FIELDS[0]),
+                event_id: header(CLOUDEVENTS_FIELDS[1]),
+                time: header(CLOUDEVENTS_FIELDS[2]),
+                sequence: header(CLOUDEVENTS_FIELDS[3]),
+                aggregate_type: header(CLOUDEVENTS_FIELDS[4]),
+            },
+            event_type: header("ce_type"),
+            version: Place::Nothing,
+            message: "{type}".into(),
+            types: HashMap::new(),
+        }
+    }
+}
+
 impl FramingConfig {
     /// The framing this table describes, every field checked; defaults follow each format's
     /// conventions (CloudEvents' `ce_*` headers; Confluent: the key, the record's timestamp and its
@@ -325,13 +355,7 @@ impl FramingConfig {
                     ));
                 }
                 Ok(Framing::CloudEvents(CloudEvents {
-                    fields: fields([
-                        "header:ce_subject",
-                        "header:ce_id",
-                        "header:ce_time",
-                        "header:ce_sequence",
-                        "header:ce_source",
-                    ])?,
+                    fields: fields(CLOUDEVENTS_FIELDS)?,
                     event_type: pick(&self.event_type, "header:ce_type", "type", headers)?,
                     version,
                     message,

@@ -14,8 +14,6 @@ use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use reproject::domain::{Record, Totals};
-use reproject::envelope::{micros_timestamp, TYPE_URL_PREFIX};
-use reproject::proto::reproject::v1::EventEnvelope;
 
 use crate::proto::{v1, v2};
 use crate::upcasters::MICROS_PER_CENT;
@@ -110,18 +108,24 @@ impl History {
             .or_default() += 1;
         let mut event_id = [0u8; 16];
         self.rng.fill(&mut event_id);
-        let envelope = EventEnvelope {
-            event_id: event_id.to_vec(),
-            aggregate_type: aggregate_type.into(),
-            aggregate_id: aggregate_id.clone(),
-            sequence,
-            occurred_at: Some(micros_timestamp(at * 1_000_000)),
-            payload: Some(prost_types::Any {
-                type_url: format!("{TYPE_URL_PREFIX}{name}"),
-                value: payload,
-            }),
-            metadata: Default::default(),
-        };
+        // CloudEvents in binary mode (see `crate::framing`): the value is the bare message; the
+        // type (without its version), the version, id, time, subject and sequence are headers.
+        let (package, event_type) = name.rsplit_once('.').unwrap_or(("", &name));
+        let version = package.rsplit_once(".v").map_or("", |(_, v)| v);
+        let time = DateTime::from_timestamp(at, 0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        let header = |name: &str, value: &str| (name.to_string(), value.as_bytes().to_vec());
+        let headers = vec![
+            header("ce_specversion", "1.0"),
+            header("ce_type", event_type),
+            header(crate::SCHEMA_VERSION_HEADER, version),
+            header("ce_id", &uuid::Uuid::from_bytes(event_id).to_string()),
+            header("ce_time", &time),
+            header("ce_subject", &aggregate_id),
+            header("ce_sequence", &sequence.to_string()),
+            header("ce_source", aggregate_type),
+        ];
         self.emitted += 1;
         Record {
             topic: if aggregate_type == "Account" {
@@ -130,7 +134,8 @@ impl History {
                 crate::TRANSFERS_TOPIC
             },
             key: aggregate_id,
-            value: envelope.encode_to_vec(),
+            value: payload,
+            headers,
             occurred_at: at,
         }
     }
@@ -344,6 +349,43 @@ mod tests {
             accounts: events / 20,
             seed,
         })
+    }
+
+    #[test]
+    fn records_are_cloudevents_that_the_ledgers_framing_reads_back() {
+        use reproject::domain::Domain;
+        let framing = crate::Ledger::default().framing();
+        let mut versions = std::collections::BTreeSet::new();
+        for record in history(2_000, 3).take(2_000) {
+            let headers: Vec<(&str, Option<&[u8]>)> = record
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), Some(v.as_slice())))
+                .collect();
+            assert!(headers.iter().any(|(n, _)| *n == "ce_specversion"));
+            let raw = reproject::envelope::RawRecord {
+                headers: &headers,
+                ..reproject::envelope::RawRecord::plain(Some(record.key.as_bytes()), &record.value)
+            };
+            let mut decoded = reproject::envelope::Decoded::default();
+            framing
+                .decode_into(&raw, 0, &mut decoded)
+                .expect("the framing reads what the generator writes");
+            assert_eq!(decoded.meta.aggregate_id, record.key);
+            assert_eq!(
+                decoded.meta.occurred_at_micros,
+                record.occurred_at * 1_000_000
+            );
+            assert!(decoded.type_url.starts_with("type.googleapis.com/ledger.v"));
+            // The value is the bare message, not an envelope around it.
+            assert_eq!(decoded.payload, record.value);
+            versions.insert(reproject::envelope::message_version(&decoded.type_url));
+        }
+        assert_eq!(
+            versions.len(),
+            2,
+            "v1 and v2 both travel as CloudEvents: {versions:?}"
+        );
     }
 
     #[test]

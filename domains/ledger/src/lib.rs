@@ -31,6 +31,8 @@ pub mod proto {
 pub use events::LedgerEvent;
 
 use reproject::domain::{BoxFuture, Domain, Example, HistorySize, Totals};
+use reproject::envelope::framing::{CloudEvents, Place};
+use reproject::envelope::Framing;
 use reproject::projection::{DynProjection, SchemaSql};
 use reproject::upcast::{Registry, RegistryError};
 
@@ -39,6 +41,8 @@ use reproject::upcast::{Registry, RegistryError};
 /// first topic and its balance from the second.
 pub const TOPICS: [&str; 2] = ["ledger.accounts", "ledger.transfers"];
 /// Index of the accounts' topic in [`TOPICS`] (what an example record names).
+/// The CloudEvents extension header holding an event's schema version (`1`, `2`).
+pub const SCHEMA_VERSION_HEADER: &str = "ce_schemaversion";
 pub const ACCOUNTS_TOPIC: usize = 0;
 /// Index of the transfers' topic in [`TOPICS`].
 pub const TRANSFERS_TOPIC: usize = 1;
@@ -93,6 +97,17 @@ impl Domain for Ledger {
 
     fn descriptors(&self) -> &[u8] {
         proto::FILE_DESCRIPTOR_SET
+    }
+
+    /// CloudEvents in binary mode, as many teams write them: `ce_type` is the event's name
+    /// (`TransferPosted`), its schema version travels in an extension header, and the message is
+    /// `ledger.v<version>.<type>`.
+    fn framing(&self) -> Framing {
+        Framing::CloudEvents(CloudEvents {
+            version: Place::Header(SCHEMA_VERSION_HEADER.into()),
+            message: "ledger.v{version}.{type}".into(),
+            ..CloudEvents::default()
+        })
     }
 
     fn example(&self) -> Option<&dyn Example> {

@@ -458,6 +458,7 @@ impl History {
         Some(Record {
             topic: 0,
             key,
+            headers: Vec::new(),
             value: envelope.encode_to_vec(),
             occurred_at: planned.at,
         })
