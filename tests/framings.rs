@@ -338,3 +338,95 @@ fn a_framing_table_that_cannot_work_is_refused_naming_the_setting() {
     assert!(refused("format = \"envelope\"\nevent_id = \"position\"").contains("does not apply"));
     assert!(refused("format = \"confluent\"\ncolour = \"red\"").contains("colour"));
 }
+
+/// The mock registry's schemas by id, and how many requests it answered.
+type RegistryState = (
+    Arc<BTreeMap<u32, String>>,
+    Arc<std::sync::atomic::AtomicUsize>,
+);
+
+/// A Confluent Schema Registry on a local port answering `/schemas/ids/<id>` from `schemas`
+/// (message name -> id): each schema declares a padding message first, so the event's message is
+/// at index 1. Returns its URL and the count of requests it answered.
+async fn schema_registry(
+    schemas: &BTreeMap<String, (u32, Vec<i32>)>,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::extract::{Path, State};
+    let by_id: Arc<BTreeMap<u32, String>> = Arc::new(
+        schemas
+            .iter()
+            .map(|(name, (id, _))| {
+                let (package, message) = name.rsplit_once('.').expect("qualified");
+                let text = format!(
+                    "syntax = \"proto3\";\npackage {package};\nmessage Padding {{}}\nmessage {message} {{ string order_id = 1; }}\n"
+                );
+                (*id, serde_json::json!({"schemaType": "PROTOBUF", "schema": text}).to_string())
+            })
+            .collect(),
+    );
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/schemas/ids/{id}",
+            axum::routing::get(
+                |State((by_id, asked)): State<RegistryState>, Path(id): Path<u32>| async move {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match by_id.get(&id) {
+                        Some(body) => (axum::http::StatusCode::OK, body.clone()),
+                        None => (
+                            axum::http::StatusCode::NOT_FOUND,
+                            "{\"error_code\":40403,\"message\":\"Schema not found\"}".to_string(),
+                        ),
+                    }
+                },
+            ),
+        )
+        .with_state((by_id, asked.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unmapped_schema_ids_are_asked_of_the_schema_registry_once_each() {
+    let (_, events) = shop_events();
+    let schemas: BTreeMap<String, (u32, Vec<i32>)> = confluent_schemas(&events)
+        .into_iter()
+        .map(|(name, (id, _))| (name, (id, vec![1])))
+        .collect();
+    let (url, asked) = schema_registry(&schemas).await;
+    let kafka = Kafka::start(4);
+    write_confluent(&kafka, &events, &schemas);
+    let config = format!(
+        "format = \"confluent\"\nevent_id = \"header:event_id\"\nsequence = \"header:sequence\"\nregistry_url = \"{url}\"\n"
+    );
+    let db = fresh_database("framing_registry").await;
+    let engine = framed_engine(&db, &kafka, framing(&config), dead_lettering()).await;
+    rebuild_all(&engine).await.expect("rebuild");
+    let pool = engine.catalog.pool();
+
+    // The envelope log of the same history, for reference.
+    let reference_db = fresh_database("framing_registry_ref").await;
+    let reference_kafka = Kafka::start(4);
+    append(&reference_kafka.settings, &mut history(EVENTS, 77), EVENTS);
+    let reference =
+        framed_engine(&reference_db, &reference_kafka, Framing::Envelope, tuning()).await;
+    rebuild_all(&reference).await.expect("rebuild");
+    assert_eq!(
+        shop_checksums(pool).await,
+        shop_checksums(reference.catalog.pool()).await
+    );
+    // Every id once, and the unknown 999 once (then remembered): never once per record.
+    let distinct = schemas.len() + 1;
+    assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), distinct);
+    let reasons = dead_letter_reasons(pool).await;
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("schema registry") && r.contains("/schemas/ids/999")),
+        "{reasons:?}"
+    );
+}

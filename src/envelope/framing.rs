@@ -79,7 +79,9 @@ pub enum FramingError {
     },
     #[error("not in Confluent's wire format: {0}")]
     Confluent(String),
-    #[error("schema id {schema_id} (message indexes {indexes:?}) is not mapped to a message: add \"{key}\" = \"<package>.<Message>\" under [framing.schema_ids]")]
+    #[error("{0}")]
+    Registry(String),
+    #[error("schema id {schema_id} (message indexes {indexes:?}) is not mapped to a message: add \"{key}\" = \"<package>.<Message>\" under [framing.schema_ids], or give framing.registry_url")]
     UnknownSchema {
         schema_id: u32,
         indexes: Vec<i32>,
@@ -225,6 +227,8 @@ pub struct Confluent {
     pub fields: Fields,
     /// `"<schema id>"` (message indexes `[0]`) or `"<schema id>:<i>:<j>"` to a message name.
     pub schema_ids: HashMap<String, String>,
+    /// Asked for schema ids `schema_ids` does not map, when a URL is given.
+    pub registry: Option<std::sync::Arc<super::registry::SchemaRegistry>>,
 }
 
 /// The `[framing]` table of the config file, as written.
@@ -246,6 +250,8 @@ pub struct FramingConfig {
     pub types: HashMap<String, String>,
     #[serde(default)]
     pub schema_ids: HashMap<String, String>,
+    /// A Confluent Schema Registry to ask for schema ids `schema_ids` does not map.
+    pub registry_url: Option<String>,
 }
 
 /// Where CloudEvents keep an event's metadata: `ce_subject`, `ce_id`, `ce_time`, `ce_sequence`,
@@ -342,10 +348,12 @@ impl FramingConfig {
                 ] {
                     refuse_unused(name, given)?;
                 }
+                refuse_unused("registry_url", self.registry_url.is_some())?;
                 Ok(Framing::Envelope)
             }
             "cloudevents" => {
                 refuse_unused("schema_ids", !self.schema_ids.is_empty())?;
+                refuse_unused("registry_url", self.registry_url.is_some())?;
                 let message = self.message.clone().unwrap_or_else(|| "{type}".into());
                 let version = pick(&self.version, "none", "version", &["header:NAME", "none"])?;
                 if message.contains("{version}") == (version == Place::Nothing) {
@@ -381,6 +389,12 @@ impl FramingConfig {
                         .iter()
                         .map(|(k, v)| parse_schema_key(k).map(|key| (key, v.clone())))
                         .collect::<Result<_, _>>()?,
+                    registry: match &self.registry_url {
+                        Some(url) => Some(std::sync::Arc::new(
+                            super::registry::SchemaRegistry::new(url)?,
+                        )),
+                        None => None,
+                    },
                 }))
             }
             other => Err(format!(
@@ -487,17 +501,23 @@ impl Framing {
             Framing::Confluent(c) => {
                 let (schema_id, indexes, payload) = confluent_frame(record.value)?;
                 let key = schema_key(schema_id, &indexes);
-                let message =
-                    c.schema_ids
-                        .get(&key)
-                        .ok_or_else(|| FramingError::UnknownSchema {
+                out.type_url.clear();
+                out.type_url.push_str(TYPE_URL_PREFIX);
+                match (c.schema_ids.get(&key), &c.registry) {
+                    (Some(message), _) => out.type_url.push_str(message),
+                    (None, Some(registry)) => out.type_url.push_str(
+                        &registry
+                            .message(schema_id, &super::registry::index_key(&indexes))
+                            .map_err(FramingError::Registry)?,
+                    ),
+                    (None, None) => {
+                        return Err(FramingError::UnknownSchema {
                             schema_id,
                             indexes: if indexes.is_empty() { vec![0] } else { indexes },
                             key,
-                        })?;
-                out.type_url.clear();
-                out.type_url.push_str(TYPE_URL_PREFIX);
-                out.type_url.push_str(message);
+                        })
+                    }
+                }
                 out.payload.clear();
                 out.payload.extend_from_slice(payload);
                 c.fields.decode_meta(record, partition_id, out)

@@ -5,6 +5,7 @@
 //! after the last `/` is the full message name, and the package's last segment (`v2`) is its version.
 
 pub mod framing;
+pub mod registry;
 
 use crate::projection::EventMeta;
 
