@@ -334,6 +334,13 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn a_cell_stays_32_bytes_with_the_new_types() {
+        // Texts and byte vectors (24 bytes) were already the largest payloads; decimals and uuids
+        // (16) fit beside them, so rows, keys and changes keep their size.
+        assert_eq!(std::mem::size_of::<Value>(), 32);
+    }
+
     proptest! {
         #[test]
         fn the_order_prefix_never_contradicts_the_order_of_values(a in any_value(), b in any_value()) {
