@@ -117,25 +117,13 @@ pub async fn retry<E: Send + Sync + 'static>(
                     offset: letter.offset,
                     projections: projection.name(),
                 };
-                let headers: Vec<(&str, Option<&[u8]>)> = letter
-                    .header_names
-                    .iter()
-                    .zip(&letter.header_values)
-                    .map(|(name, value)| (name.as_str(), value.as_deref()))
-                    .collect();
-                let record = crate::envelope::RawRecord {
-                    topic: &letter.topic,
-                    partition: letter.partition,
-                    offset: letter.offset,
-                    key: letter.record_key.as_deref(),
-                    value: &letter.record_value,
-                    headers: &headers,
-                    timestamp_millis: letter.record_timestamp_ms,
-                };
-                let checked = at.decode(&engine.framing, &record).and_then(|decoded| {
-                    let payload = at.upcast(&engine.registry, &decoded)?;
-                    Ok((decoded, payload))
-                });
+                let checked = letter
+                    .record()
+                    .with_raw(|record| at.decode(&engine.framing, record))
+                    .and_then(|decoded| {
+                        let payload = at.upcast(&engine.registry, &decoded)?;
+                        Ok((decoded, payload))
+                    });
                 let (decoded, payload) = match checked {
                     Ok(ok) => ok,
                     Err(bad) => {

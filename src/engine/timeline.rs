@@ -239,8 +239,8 @@ pub async fn trace<E: Send + Sync + 'static>(
     let mut scratch = Changes::default();
     let topics = &engine.topics;
     for record in &records {
-        let (partition, offset) = (&record.partition, &record.offset);
-        let decoded = match record.decode(&engine.framing, topics) {
+        let (partition, offset) = (&record.partition, &record.record.offset);
+        let decoded = match record.decode(&engine.framing) {
             Ok(d) => d,
             Err(e) => {
                 events.push(TimelineEvent {
@@ -362,38 +362,20 @@ pub async fn trace<E: Send + Sync + 'static>(
     })
 }
 
-/// A record read for the aggregate, owned: its partition id and what its framing may read.
+/// A record read for the aggregate: its partition id among the build's topics, and the record.
 struct ReadRecord {
     partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-    headers: Vec<(String, Option<Vec<u8>>)>,
-    timestamp_millis: Option<i64>,
+    record: envelope::OwnedRecord,
 }
 
 impl ReadRecord {
     fn decode(
         &self,
         framing: &envelope::Framing,
-        topics: &Topics,
     ) -> std::result::Result<envelope::Decoded, envelope::FramingError> {
-        let headers: Vec<(&str, Option<&[u8]>)> = self
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_deref()))
-            .collect();
-        let raw = envelope::RawRecord {
-            topic: topics.topic_of(self.partition),
-            partition: topics.partition_of(self.partition),
-            offset: self.offset,
-            key: self.key.as_deref(),
-            value: &self.value,
-            headers: &headers,
-            timestamp_millis: self.timestamp_millis,
-        };
         let mut decoded = envelope::Decoded::default();
-        framing.decode_into(&raw, self.partition, &mut decoded)?;
+        self.record
+            .with_raw(|raw| framing.decode_into(raw, self.partition, &mut decoded))?;
         Ok(decoded)
     }
 }
@@ -507,20 +489,12 @@ fn read_aggregate(
             if matches && seen.insert((partition, raw.offset)) {
                 records.push(ReadRecord {
                     partition,
-                    offset: raw.offset,
-                    key: raw.key.map(<[u8]>::to_vec),
-                    value: raw.value.to_vec(),
-                    headers: raw
-                        .headers
-                        .iter()
-                        .map(|(n, v)| (n.to_string(), v.map(<[u8]>::to_vec)))
-                        .collect(),
-                    timestamp_millis: raw.timestamp_millis,
+                    record: envelope::OwnedRecord::of(&raw),
                 });
             }
         })?;
     }
-    records.sort_by_key(|r| (r.partition, r.offset));
+    records.sort_by_key(|r| (r.partition, r.record.offset));
     Ok((records, how, ranges, scanned))
 }
 

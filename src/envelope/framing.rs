@@ -61,6 +61,54 @@ impl<'a> RawRecord<'a> {
     }
 }
 
+/// A [`RawRecord`] kept past the consumer's buffer (a dead letter, a record `replay` collected).
+#[derive(Clone, Debug)]
+pub struct OwnedRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub timestamp_millis: Option<i64>,
+}
+
+impl OwnedRecord {
+    pub fn of(record: &RawRecord<'_>) -> OwnedRecord {
+        OwnedRecord {
+            topic: record.topic.to_string(),
+            partition: record.partition,
+            offset: record.offset,
+            key: record.key.map(<[u8]>::to_vec),
+            value: record.value.to_vec(),
+            headers: record
+                .headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.map(<[u8]>::to_vec)))
+                .collect(),
+            timestamp_millis: record.timestamp_millis,
+        }
+    }
+
+    /// Call `f` with this record as a framing reads it.
+    pub fn with_raw<R>(&self, f: impl FnOnce(&RawRecord<'_>) -> R) -> R {
+        let headers: Vec<(&str, Option<&[u8]>)> = self
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_deref()))
+            .collect();
+        f(&RawRecord {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.as_deref(),
+            value: &self.value,
+            headers: &headers,
+            timestamp_millis: self.timestamp_millis,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FramingError {
     #[error(transparent)]

@@ -9,7 +9,7 @@ pub mod registry;
 
 use crate::projection::EventMeta;
 
-pub use framing::{Framing, FramingConfig, FramingError, RawRecord};
+pub use framing::{Framing, FramingConfig, FramingError, OwnedRecord, RawRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {

@@ -35,6 +35,26 @@ pub struct StoredDeadLetter {
     pub resolved_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+impl StoredDeadLetter {
+    /// The record as it was read, for its framing to decode again.
+    pub fn record(&self) -> crate::envelope::OwnedRecord {
+        crate::envelope::OwnedRecord {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            key: self.record_key.clone(),
+            value: self.record_value.clone(),
+            headers: self
+                .header_names
+                .iter()
+                .cloned()
+                .zip(self.header_values.iter().cloned())
+                .collect(),
+            timestamp_millis: self.record_timestamp_ms,
+        }
+    }
+}
+
 /// A bad record about to be stored.
 pub struct NewDeadLetter<'a> {
     pub topic: &'a str,

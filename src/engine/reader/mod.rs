@@ -550,14 +550,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             }
             tracing::warn!(message = "bad record passed to the dead letters", record = %bad);
             self.batch.dead_letters.push(DeadLetter {
-                key: record.key.map(<[u8]>::to_vec),
-                value: record.value.to_vec(),
-                headers: record
-                    .headers
-                    .iter()
-                    .map(|(name, value)| (name.to_string(), value.map(<[u8]>::to_vec)))
-                    .collect(),
-                timestamp_millis: record.timestamp_millis,
+                raw: envelope::OwnedRecord::of(record),
                 event_id,
                 targets: (0..self.targets.len())
                     .filter(|&i| self.targets[i].wants(partition, offset))

@@ -51,11 +51,9 @@ impl BadKind {
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub record: BadRecord,
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-    /// The record's headers (where CloudEvents keep the event's type, id and time).
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-    pub timestamp_millis: Option<i64>,
+    /// The record as read: key, value, headers (where CloudEvents keep the event's type, id and
+    /// time) and timestamp.
+    pub raw: envelope::OwnedRecord,
     pub event_id: Option<[u8; 16]>,
     pub targets: Vec<usize>,
 }
@@ -70,10 +68,10 @@ impl DeadLetter {
             type_url: self.record.type_url.as_deref(),
             version: self.record.version,
             reason: &self.record.reason,
-            key: self.key.as_deref(),
-            value: &self.value,
-            headers: &self.headers,
-            timestamp_millis: self.timestamp_millis,
+            key: self.raw.key.as_deref(),
+            value: &self.raw.value,
+            headers: &self.raw.headers,
+            timestamp_millis: self.raw.timestamp_millis,
             event_id: self.event_id,
         }
     }
