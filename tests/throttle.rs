@@ -1,17 +1,67 @@
 //! The throttle against a real PostgreSQL: it slows down and pauses when the probe's latency or a
 //! load query of the operator's crosses its thresholds, and speeds up again when they fall; a
 //! running follower really stops writing while throttled, says why in `status`, and takes settings
-//! changed with `reproject tune` while it runs.
+//! changed with `reproject tune` while it runs. With PostgreSQL's own benchmark (pgbench) as
+//! production on the same server, a catch-up and a whole rebuild leave full speed while it runs,
+//! naming what production lost, and speed up again once it stops.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-use reproject::engine::throttle::{LiveSettings, Throttle, ThrottleConfig, ThrottleState};
+use reproject::engine::throttle::{
+    ImpactBudget, LiveSettings, Throttle, ThrottleConfig, ThrottleState,
+};
 
 async fn set(pool: &sqlx::PgPool, sql: &str) {
     sqlx::query(sql).execute(pool).await.expect(sql);
+}
+
+/// A production backend that stays active (in `pg_sleep`) while the guard lives: production is
+/// present, so the throttle judges its budget signals.
+struct ActiveBackend {
+    pid: i32,
+    pool: sqlx::PgPool,
+}
+
+impl ActiveBackend {
+    async fn start(pool: &sqlx::PgPool) -> ActiveBackend {
+        let mut conn = pool.acquire().await.expect("a connection").detach();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .expect("pid");
+        tokio::spawn(async move {
+            let _ = sqlx::query("SELECT pg_sleep(60)").execute(&mut conn).await;
+        });
+        ActiveBackend {
+            pid,
+            pool: pool.clone(),
+        }
+    }
+
+    async fn stop(self) {
+        set(
+            &self.pool,
+            &format!("SELECT pg_terminate_backend({})", self.pid),
+        )
+        .await;
+    }
+}
+
+/// Only the signals a test sets up count: the budget is out of reach, and so is "production grew".
+fn only_explicit_signals() -> ThrottleConfig {
+    ThrottleConfig {
+        check_every: Duration::from_millis(10),
+        budget: ImpactBudget {
+            throughput_loss: 1e6,
+            latency_rise: 1e6,
+        },
+        min_production_tps: 1e9,
+        max_active_backends: Some(1_000_000),
+        ..ThrottleConfig::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,17 +71,15 @@ async fn a_load_query_slows_the_rate_multiplicatively_pauses_at_the_limit_and_re
     set(&pool, "CREATE TABLE test_load (value float8 NOT NULL)").await;
     set(&pool, "INSERT INTO test_load VALUES (0)").await;
     let config = ThrottleConfig {
-        check_every: Duration::from_millis(10),
         load_query: Some("SELECT value FROM test_load".into()),
         load_limit: 100.0,
         slow_at: 0.7,
         pause_at: 1.0,
         increase_step: 1_000.0,
-        // Other signals must not interfere on a busy test machine.
-        latency_factor: 1e6,
-        max_active_backends: Some(1_000_000),
-        ..ThrottleConfig::default()
+        ..only_explicit_signals()
     };
+    // Production is there (else the throttle lifts the rate limit as soon as the load falls).
+    let production = ActiveBackend::start(&pool).await;
     let mut throttle = Throttle::new(config, &db);
     let live = LiveSettings::default();
 
@@ -72,13 +120,15 @@ async fn a_load_query_slows_the_rate_multiplicatively_pauses_at_the_limit_and_re
         ThrottleState::Paused
     );
 
-    // Healthy again: it resumes at the rate it had, then adds a step per check.
+    // Healthy again: it resumes at half the rate that led to the pause, then adds a step per
+    // check.
     set(&pool, "UPDATE test_load SET value = 10").await;
     let resumed = throttle.check(&live, None).await.expect("check").clone();
     assert_eq!(resumed.state, ThrottleState::Running, "{}", resumed.reason);
-    assert_eq!(resumed.rate, Some(r2));
+    let r3 = (r2 / 2.0).max(100.0);
+    assert_eq!(resumed.rate, Some(r3));
     let up = throttle.check(&live, None).await.expect("check").clone();
-    assert_eq!(up.rate, Some(r2 + 1_000.0));
+    assert_eq!(up.rate, Some(r3 + 1_000.0));
 
     // Thresholds changed while running (`reproject tune`) apply at the next check.
     let stricter = LiveSettings {
@@ -97,6 +147,30 @@ async fn a_load_query_slows_the_rate_multiplicatively_pauses_at_the_limit_and_re
         throttle.check(&live, Some(1_500)).await.expect("check");
     }
     assert_eq!(throttle.last().and_then(|d| d.rate), Some(1_500.0));
+
+    // Production gone and every signal low: nobody to protect, no limit but the cap.
+    production.stop().await;
+    // Other tests' connections count as production too: wait for a check without any.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let free = loop {
+        let d = throttle.check(&live, None).await.expect("check").clone();
+        if !d.reading.figures.production_active || Instant::now() > deadline {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(free.state, ThrottleState::Running, "{}", free.reason);
+    assert!(
+        free.rate.is_some_and(f64::is_infinite),
+        "{:?}: {}",
+        free.rate,
+        free.reason
+    );
+    assert!(
+        free.reason.contains("no production traffic"),
+        "{}",
+        free.reason
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,26 +180,69 @@ async fn a_slow_probe_pauses_writes_until_its_latency_returns_to_the_baseline() 
     set(&pool, "CREATE TABLE probe_delay (seconds float8 NOT NULL)").await;
     set(&pool, "INSERT INTO probe_delay VALUES (0)").await;
     let config = ThrottleConfig {
-        check_every: Duration::from_millis(10),
         probe_sql: "SELECT pg_sleep(seconds) FROM probe_delay".into(),
-        latency_factor: 20.0,
-        max_active_backends: Some(1_000_000),
-        ..ThrottleConfig::default()
+        budget: ImpactBudget {
+            throughput_loss: 1e6,
+            latency_rise: 0.5,
+        },
+        ..only_explicit_signals()
     };
+    let production = ActiveBackend::start(&pool).await;
     let mut throttle = Throttle::new(config, &db);
     let live = LiveSettings::default();
+    // Quiet checks (nothing written): production's latency alone, with no floor under it.
     for _ in 0..3 {
         throttle.check(&live, None).await.expect("baseline");
     }
-    // The baseline is at least 1 ms, so the limit is at least 20 ms: 300 ms is far beyond it.
+    let alone = throttle
+        .last()
+        .and_then(|d| d.reading.alone.clone())
+        .expect("measured alone");
+    assert!(
+        alone.production_active && alone.probe_ms < 300.0,
+        "{alone:?}"
+    );
+    // While writing, the probe takes 300 ms: far beyond +50% of what production saw alone.
     set(&pool, "UPDATE probe_delay SET seconds = 0.3").await;
+    throttle.pace(1).await;
     let slow = throttle.check(&live, None).await.expect("check").clone();
     assert_eq!(slow.state, ThrottleState::Paused, "{}", slow.reason);
-    assert!(slow.reason.contains("probe latency"), "{}", slow.reason);
+    assert!(slow.reason.contains("probe latency p50"), "{}", slow.reason);
     assert!(slow.reading.probe_ms >= 300.0);
     set(&pool, "UPDATE probe_delay SET seconds = 0").await;
     let back = throttle.check(&live, None).await.expect("check").clone();
     assert_eq!(back.state, ThrottleState::Running, "{}", back.reason);
+    production.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_is_slow_alone_too_is_not_reproject_s_doing() {
+    let db = fresh_database("throttle_slow_alone").await;
+    let pool = pool(&db).await;
+    set(&pool, "CREATE TABLE probe_delay (seconds float8 NOT NULL)").await;
+    set(&pool, "INSERT INTO probe_delay VALUES (0.05)").await;
+    let config = ThrottleConfig {
+        probe_sql: "SELECT pg_sleep(seconds) FROM probe_delay".into(),
+        budget: ImpactBudget {
+            throughput_loss: 1e6,
+            latency_rise: 0.5,
+        },
+        ..only_explicit_signals()
+    };
+    let production = ActiveBackend::start(&pool).await;
+    let mut throttle = Throttle::new(config, &db);
+    let live = LiveSettings::default();
+    throttle.check(&live, None).await.expect("baseline");
+    // Writing, and the probe is as slow as it was alone: within budget, and the rate grows.
+    throttle.pace(1).await;
+    let writing = throttle.check(&live, None).await.expect("check").clone();
+    assert_eq!(writing.state, ThrottleState::Running, "{}", writing.reason);
+    assert!(
+        writing.reason.contains("within budget"),
+        "{}",
+        writing.reason
+    );
+    production.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::Settings;
-use crate::engine::throttle::ThrottleConfig;
+use crate::engine::throttle::{parse_share, ImpactBudget, ThrottleConfig};
 use crate::engine::verify::{VerifyMode, VerifyPolicy};
 use crate::engine::{BadRecordPolicy, Tuning};
 use crate::source::partitioner::Partitioner;
@@ -148,12 +148,20 @@ pub struct ThrottleArgs {
     /// How often to read the health signals
     #[arg(long, default_value_t = ThrottleConfig::default().check_every.as_secs_f64(), value_name = "SECONDS")]
     pub throttle_check_every: f64,
-    /// The probe query whose latency is compared with its baseline
+    /// The impact budget: the share of its throughput production may lose to reproject's writes,
+    /// compared with its throughput alone (e.g. 10%)
+    #[arg(long, default_value = "10%", value_parser = parse_share, value_name = "PERCENT")]
+    pub max_throughput_loss: f64,
+    /// The impact budget: how far production's latency may rise, compared with its latency alone
+    /// (e.g. 50%: at most 1.5 times)
+    #[arg(long, default_value = "50%", value_parser = parse_share, value_name = "PERCENT")]
+    pub max_latency_rise: f64,
+    /// The probe query whose latency stands for production's
     #[arg(long, default_value_t = ThrottleConfig::default().probe_sql, value_name = "SQL")]
     pub throttle_probe: String,
-    /// The probe's latency limit, as a multiple of its fastest time (at least 1 ms)
-    #[arg(long, default_value_t = ThrottleConfig::default().latency_factor, value_name = "FACTOR")]
-    pub throttle_latency_factor: f64,
+    /// Which percentile of a check's probe samples counts, 1-99
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=99), value_name = "PERCENTILE")]
+    pub throttle_probe_percentile: u8,
     /// Active backends (other than reproject's) that count as full load [default: max_connections / 5]
     #[arg(long, value_name = "N")]
     pub throttle_max_active_backends: Option<u32>,
@@ -181,8 +189,16 @@ impl ThrottleArgs {
     pub fn config(&self) -> Option<ThrottleConfig> {
         (!self.no_throttle).then(|| ThrottleConfig {
             check_every: Duration::from_secs_f64(self.throttle_check_every.clamp(0.1, 3600.0)),
+            // About ten samples a check, at most ten a second.
+            sample_every: Duration::from_secs_f64(
+                (self.throttle_check_every / 10.0).clamp(0.02, 0.1),
+            ),
             probe_sql: self.throttle_probe.clone(),
-            latency_factor: self.throttle_latency_factor.max(1.0),
+            probe_percentile: f64::from(self.throttle_probe_percentile) / 100.0,
+            budget: ImpactBudget {
+                throughput_loss: self.max_throughput_loss,
+                latency_rise: self.max_latency_rise,
+            },
             max_active_backends: self.throttle_max_active_backends,
             max_replica_lag: Duration::from_secs_f64(
                 self.throttle_max_replica_lag.clamp(0.001, 1e6),

@@ -157,7 +157,10 @@ impl<D: Domain> Cx<D> {
                 config::redact_url(&settings.database_url)
             ))
         })?;
-        engine.read_database_url = settings.read_database_url.clone();
+        engine.read_database_url = settings
+            .read_database_url
+            .as_deref()
+            .map(crate::engine::named_connection_url);
         crate::engine::health::register(&engine);
         Ok(engine)
     }

@@ -177,7 +177,7 @@ pub async fn estimate<E: Send + Sync + 'static>(
         // this transaction (as a savepoint), so that all of it rolls back.
         writer::create_tables(&mut tx, build, &sql).await?;
         let started = Instant::now();
-        writer::bulk_load(&mut tx, build, store).await?;
+        writer::bulk_load(&mut tx, build, store, None).await?;
         sqlx::raw_sql(&sql.indexes)
             .execute(&mut *tx)
             .await

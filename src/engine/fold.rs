@@ -14,6 +14,7 @@ use crate::sink::catalog::Positions;
 use crate::sink::spill::SpillState;
 use crate::sink::writer::BuildTables;
 use crate::sink::Context;
+use crate::sink::SliceGate;
 
 /// What the fold of a whole replay gives the bulk load.
 pub struct FoldResult {
@@ -63,6 +64,9 @@ pub struct Fold<E> {
     readers: usize,
     readers_done: usize,
     result: FoldResult,
+    /// The throttle spills go through: they wait while it holds writes, and their first COPY is
+    /// paced in slices.
+    governor: Option<std::sync::Arc<super::throttle::Governor>>,
 }
 
 impl<E: Send + Sync + 'static> Fold<E> {
@@ -112,7 +116,17 @@ impl<E: Send + Sync + 'static> Fold<E> {
             readers,
             readers_done: 0,
             result,
+            governor: None,
         })
+    }
+
+    /// Spill through the process's throttle.
+    pub fn governed_by(
+        mut self,
+        governor: Option<std::sync::Arc<super::throttle::Governor>>,
+    ) -> Self {
+        self.governor = governor;
+        self
     }
 
     /// Events folded so far.
@@ -214,10 +228,20 @@ impl<E: Send + Sync + 'static> Fold<E> {
                 let mut tx = sqlx::Connection::begin(conn)
                     .await
                     .context(|| "starting a spill".into())?;
-                let rows = states[i].flush(&mut tx, tables, store).await?;
+                let gate = self.governor.as_deref();
+                if let Some(governor) = gate {
+                    let never = tokio_util::sync::CancellationToken::new();
+                    governor.wait_while_held("spill", &never).await;
+                }
+                let rows = states[i]
+                    .flush(&mut tx, tables, store, gate.map(|g| g as &dyn SliceGate))
+                    .await?;
                 tx.commit()
                     .await
                     .context(|| format!("committing a spill to {}", tables.schema))?;
+                if let Some(governor) = gate {
+                    governor.committed(1);
+                }
                 tracing::info!(
                     message = "fold over its memory budget: flushed to the build's tables",
                     projection = tables.projection,

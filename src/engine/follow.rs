@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use super::controls::{Controls, CONTROLS_CHECK_EVERY};
 use super::progress::{lag, Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
-use super::throttle::Throttle;
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::DynProjection;
 use crate::sink::catalog::Positions;
@@ -224,11 +223,6 @@ async fn apply_batches<E: Send + Sync + 'static>(
     let writer_name = holder_name(label);
     let names: Vec<&str> = targets.iter().map(|t| t.projection.name()).collect();
     let mut controls = Controls::new(&names, batch_size, &engine.tuning);
-    let mut throttle = engine
-        .tuning
-        .throttle
-        .clone()
-        .map(|config| Throttle::new(config, &engine.database_url));
     loop {
         // `reproject pause` and `reproject tune` take effect here, between batches: nothing is
         // half-applied.
@@ -237,11 +231,13 @@ async fn apply_batches<E: Send + Sync + 'static>(
             wait_while_paused(engine, &mut controls, targets, &writer_name, cancel).await?;
             last_controls_check = Instant::now();
         }
-        if let Some(t) = throttle.as_mut() {
-            t.check_if_due(controls.live(), engine.tuning.max_rate)
-                .await?;
-            while t.paused() && !cancel.is_cancelled() {
-                let snap = serde_json::json!({"phase": "throttled", "throttle": t.last()});
+        if let Some(governor) = engine.governor.as_deref() {
+            governor.set_live(controls.live());
+            while governor.holds_writes() && !cancel.is_cancelled() {
+                let snap = serde_json::json!({
+                    "phase": "throttled",
+                    "throttle": governor.last().map(|d| d.summary()),
+                });
                 for target in targets.iter() {
                     engine
                         .catalog
@@ -250,10 +246,10 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    _ = tokio::time::sleep(t.check_every()) => {}
+                    _ = governor.next_decision() => {}
                 }
                 controls.refresh(&engine.catalog).await?;
-                t.check(controls.live(), engine.tuning.max_rate).await?;
+                governor.set_live(controls.live());
             }
         }
         let batch = tokio::select! {
@@ -360,8 +356,8 @@ async fn apply_batches<E: Send + Sync + 'static>(
             }
             events += batch.events;
             dead_letters += stored.iter().map(|l| l.len() as u64).sum::<u64>();
-            if let Some(t) = throttle.as_mut() {
-                t.pace(batch.events).await;
+            if let Some(governor) = engine.governor.as_deref() {
+                governor.pace(batch.events).await;
             } else if let Some(rate) = controls
                 .live()
                 .max_rate
@@ -408,13 +404,10 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 );
                 let mut json = snap.to_json();
                 if let (Some(decision), Some(map)) = (
-                    throttle.as_ref().and_then(Throttle::last),
+                    engine.governor.as_ref().and_then(|g| g.last()),
                     json.as_object_mut(),
                 ) {
-                    map.insert(
-                        "throttle".into(),
-                        serde_json::to_value(decision).unwrap_or_default(),
-                    );
+                    map.insert("throttle".into(), decision.summary());
                 }
                 engine
                     .catalog

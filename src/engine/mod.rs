@@ -243,6 +243,8 @@ pub struct Engine<E> {
     pub descriptors: DescriptorPool,
     pub catalog: Catalog,
     pub tuning: Tuning,
+    /// The throttle every writer of this process goes through (None with `--no-throttle`).
+    pub governor: Option<Arc<throttle::Governor>>,
 }
 
 pub struct EngineParts<E> {
@@ -298,6 +300,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
     /// Connect to PostgreSQL and make sure reproject's catalog exists.
     pub async fn connect(parts: EngineParts<E>) -> Result<Engine<E>> {
         crate::sink::check_identifier("view schema", &parts.view_schema)?;
+        let database_url = named_connection_url(&parts.database_url);
         let descriptors = DescriptorPool::decode(parts.descriptors.as_slice()).map_err(|e| {
             EngineError::Domain {
                 domain: "-".into(),
@@ -320,7 +323,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
         // timed out: one direct attempt first gives the server's real answer, at once.
         match tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            <sqlx::PgConnection as sqlx::Connection>::connect(&parts.database_url),
+            <sqlx::PgConnection as sqlx::Connection>::connect(&database_url),
         )
         .await
         {
@@ -344,7 +347,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(&parts.database_url)
+            .connect(&database_url)
             .await
             .map_err(|source| SinkError::Database {
                 context: "connecting to PostgreSQL".into(),
@@ -353,11 +356,18 @@ impl<E: Send + Sync + 'static> Engine<E> {
         let catalog = Catalog::new(pool);
         catalog.migrate().await?;
         metrics::max_rate(parts.tuning.max_rate);
+        let governor = parts.tuning.throttle.clone().map(|config| {
+            Arc::new(throttle::Governor::start(
+                config,
+                &database_url,
+                parts.tuning.max_rate,
+            ))
+        });
         Ok(Engine {
             kafka: parts.kafka,
             framing: parts.framing,
             topics: parts.topics,
-            database_url: parts.database_url,
+            database_url,
             read_database_url: None,
             view_schema: parts.view_schema,
             registry: parts.registry,
@@ -366,6 +376,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
             descriptors,
             catalog,
             tuning: parts.tuning,
+            governor,
         })
     }
 
@@ -401,6 +412,17 @@ impl<E: Send + Sync + 'static> Engine<E> {
                     .join(", "),
             })
     }
+}
+
+/// The database URL with `application_name=reproject` unless it names the application already:
+/// the throttle tells production's backends from reproject's by that name.
+pub fn named_connection_url(url: &str) -> String {
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    if !is_url || url.contains("application_name=") {
+        return url.to_string();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name=reproject")
 }
 
 /// How this process names itself in locks and progress: command, pid and host.

@@ -35,7 +35,7 @@ use crate::sink::dead_letters;
 use crate::sink::lock::{AdvisoryLock, LockKind};
 use crate::sink::spill::SpillState;
 use crate::sink::writer::{self, BuildTables};
-use crate::sink::{Build, Context};
+use crate::sink::{Build, Context, SliceGate};
 use crate::swap::{self, SwapOptions, SwapReport};
 
 #[derive(Clone, Debug)]
@@ -209,14 +209,19 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
         .map(|job| async {
             check_disk_budget(engine, job, options.disk_budget).await?;
             super::metrics::build_phase(&job.build.projection, job.build.build_id, Phase::Indexing);
-            super::throttle::wait_until_healthy(
-                engine.tuning.throttle.as_ref(),
-                &engine.database_url,
-                "index build",
-                cancel,
-            )
-            .await?;
-            build_indexes(engine, job).await?;
+            // Side by side while production is idle or within budget; one at a time, each on one
+            // core, while it suffers.
+            let one_at_a_time = match &engine.governor {
+                Some(governor) => governor.heavy("index build", cancel).await,
+                None => None,
+            };
+            let busy = engine.governor.as_ref().map(|g| g.busy());
+            let single_core = one_at_a_time.is_some();
+            build_indexes(engine, job, single_core).await?;
+            if let Some(governor) = &engine.governor {
+                governor.committed(1);
+            }
+            drop((busy, one_at_a_time));
             check_disk_budget(engine, job, options.disk_budget).await?;
             super::metrics::build_phase(
                 &job.build.projection,
@@ -658,6 +663,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let budget = budget.map(|b| b.fold);
     let database_url = engine.database_url.clone();
     let runtime = tokio::runtime::Handle::current();
+    let governor = engine.governor.clone();
     let fold = tokio::task::spawn_blocking(move || -> Result<FoldResult> {
         let mut fold = Fold::new(
             builds,
@@ -667,7 +673,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             policy,
             &database_url,
             runtime,
-        )?;
+        )?
+        .governed_by(governor);
         while let Some(batch) = batches.blocking_recv() {
             let batch = batch?;
             while fold_paused.load(Ordering::Relaxed) {
@@ -728,15 +735,12 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         events_per_second = (events as f64 / report.replay_seconds.max(1e-9)).round()
     );
 
-    // Bulk load each build with its positions, in one transaction per build: one COPY per table,
-    // which the throttle cannot pace, so it waits for a healthy database first.
-    super::throttle::wait_until_healthy(
-        engine.tuning.throttle.as_ref(),
-        &engine.database_url,
-        "bulk load",
-        cancel,
-    )
-    .await?;
+    // Bulk load each build with its positions, in one transaction per build; the throttle paces
+    // the COPY between slices, and holds it from the start while production is measured or hurt.
+    if let Some(governor) = &engine.governor {
+        governor.remeasure();
+        governor.wait_while_held("bulk load", cancel).await;
+    }
     // The aggregate index comes free with the replay; `replay` uses it to read only where an
     // aggregate's events lie. It is written on a connection of its own while the builds load and
     // index: on two cores the load alone leaves one of them half idle.
@@ -760,6 +764,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         log_end: &bounds.end,
         events,
         source_checks: source_checks.as_ref(),
+        gate: engine.governor.as_deref().map(|g| g as &dyn SliceGate),
     };
     load_all(engine, jobs, stores, spill, &dead_letters, &loaded, report).await?;
     report.load_seconds = started.elapsed().as_secs_f64();
@@ -775,6 +780,8 @@ struct Loaded<'a> {
     log_end: &'a Positions,
     events: u64,
     source_checks: Option<&'a reader::SourceChecks>,
+    /// The throttle that paces the COPY between slices.
+    gate: Option<&'a dyn SliceGate>,
 }
 
 struct LoadOutcome {
@@ -856,17 +863,21 @@ async fn load_build<E: Send + Sync + 'static>(
     letters: &[reader::DeadLetter],
     loaded: &Loaded<'_>,
 ) -> Result<LoadOutcome> {
+    let gate = loaded.gate;
     let mut tx = conn
         .begin()
         .await
         .context(|| "starting the bulk load".into())?;
     let (rows, spills) = match spilled {
         Some(state) => {
-            state.flush(&mut tx, tables(job), store).await?;
+            state.flush(&mut tx, tables(job), store, gate).await?;
             let rows = SpillState::row_count(&mut tx, tables(job)).await?;
             (rows, u64::from(state.spills))
         }
-        None => (writer::bulk_load(&mut tx, tables(job), store).await?, 0),
+        None => (
+            writer::bulk_load(&mut tx, tables(job), store, gate).await?,
+            0,
+        ),
     };
     let letters: Vec<_> = letters.iter().map(|l| l.stored()).collect();
     let dead_letters =
@@ -930,6 +941,7 @@ async fn check_disk_budget<E: Send + Sync + 'static>(
 async fn build_indexes<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     job: &mut Job<E>,
+    single_core: bool,
 ) -> Result<()> {
     let sql = engine
         .schemas
@@ -937,7 +949,7 @@ async fn build_indexes<E: Send + Sync + 'static>(
     let mut conn = sqlx::PgConnection::connect(&engine.database_url)
         .await
         .context(|| "connecting to build indexes".into())?;
-    writer::build_indexes(&mut conn, tables(job), &sql).await?;
+    writer::build_indexes(&mut conn, tables(job), &sql, single_core).await?;
     job.build.phase = Phase::CatchingUp;
     Ok(())
 }

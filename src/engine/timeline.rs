@@ -734,7 +734,7 @@ async fn write_scratch<E: Send + Sync + 'static>(
             .begin()
             .await
             .context(|| format!("starting to fill {schema}"))?;
-        writer::bulk_load(&mut tx, tables, store).await?;
+        writer::bulk_load(&mut tx, tables, store, None).await?;
         tx.commit()
             .await
             .context(|| format!("committing {schema}"))?;

@@ -13,6 +13,13 @@ pub mod writer;
 
 pub use catalog::{Build, Catalog, Phase};
 
+/// Between the slices of a bulk write, the throttle's chance to pace it or hold it (see
+/// `engine::throttle::Governor`). Bulk writes without one go in whole.
+pub trait SliceGate: Sync {
+    /// A slice that took `took` was written; returns when the next may start.
+    fn after_slice(&self, took: std::time::Duration) -> futures::future::BoxFuture<'_, ()>;
+}
+
 /// What went wrong talking to PostgreSQL, with what reproject was doing at the time.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

@@ -145,10 +145,11 @@ impl SpillState {
         conn: &mut PgConnection,
         tables: BuildTables<'_>,
         store: &RowStore,
+        gate: Option<&dyn super::SliceGate>,
     ) -> Result<u64> {
         let mut written = 0;
         if self.spills == 0 {
-            written += writer::bulk_load(conn, tables, store).await?;
+            written += writer::bulk_load(conn, tables, store, gate).await?;
             for spec in tables.specs {
                 let key_columns = spec
                     .key_columns()

@@ -19,7 +19,7 @@ use sqlx::{Connection, PgConnection};
 use super::catalog::{self, Positions};
 use super::clocks;
 use super::copy::{decode_rows, CopyEncoder};
-use super::{qualified, quote_ident, Context, Result, SinkError};
+use super::{qualified, quote_ident, Context, Result, SinkError, SliceGate};
 use crate::projection::{ChangeLog, RowStore, SchemaSql, TableSpec, Value};
 
 /// Bytes of COPY data sent to the server at a time.
@@ -150,11 +150,13 @@ pub async fn drop_schema(conn: &mut PgConnection, schema: &str) -> Result<()> {
     Ok(())
 }
 
-/// COPY every row of `store` into the build's tables, in the caller's transaction. Returns rows written.
+/// COPY every row of `store` into the build's tables, in the caller's transaction, in slices that
+/// `gate` paces when given. Returns rows written.
 pub async fn bulk_load(
     conn: &mut PgConnection,
     build: BuildTables<'_>,
     store: &RowStore,
+    gate: Option<&dyn SliceGate>,
 ) -> Result<u64> {
     let mut written = 0;
     for (index, spec) in build.specs.iter().enumerate() {
@@ -166,7 +168,15 @@ pub async fn bulk_load(
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(sort),
             _ => sort(),
         };
-        written += copy_rows(conn, build.schema, spec, rows.into_iter()).await?;
+        written += copy_sliced(
+            conn,
+            &qualified(build.schema, spec.name),
+            spec.columns.len(),
+            rows.into_iter(),
+            |row| row.as_slice(),
+            gate,
+        )
+        .await?;
         if spec.gathers_partitions() {
             clocks::bulk_load(conn, build.schema, spec, table).await?;
         }
@@ -174,20 +184,41 @@ pub async fn bulk_load(
     Ok(written)
 }
 
-async fn copy_rows<'r>(
+/// Rows per COPY statement when a bulk write is paced: a fraction of a second each on a local
+/// server, so a pause takes effect quickly.
+pub const SLICE_ROWS: usize = 100_000;
+
+/// [`copy_into`], as several COPY statements of [`SLICE_ROWS`] rows in the caller's transaction with
+/// `gate` between them; one statement without a gate.
+pub async fn copy_sliced<'r, T: 'r>(
     conn: &mut PgConnection,
-    schema: &str,
-    spec: &TableSpec,
-    rows: impl Iterator<Item = &'r Vec<Value>>,
+    target: &str,
+    columns: usize,
+    items: impl Iterator<Item = &'r T>,
+    cells: impl Fn(&'r T) -> &'r [Value] + Copy,
+    gate: Option<&dyn SliceGate>,
 ) -> Result<u64> {
-    copy_into(
-        conn,
-        &qualified(schema, spec.name),
-        spec.columns.len(),
-        rows,
-        |row| row,
-    )
-    .await
+    let Some(gate) = gate else {
+        return copy_into(conn, target, columns, items, cells).await;
+    };
+    let mut items = items.peekable();
+    let mut written = 0;
+    // An empty table still gets its (empty) COPY, as without a gate.
+    loop {
+        let started = std::time::Instant::now();
+        written += copy_into(
+            conn,
+            target,
+            columns,
+            items.by_ref().take(SLICE_ROWS),
+            cells,
+        )
+        .await?;
+        if items.peek().is_none() {
+            return Ok(written);
+        }
+        gate.after_slice(started.elapsed()).await;
+    }
 }
 
 /// How long one step of a COPY (starting it, sending a chunk of [`COPY_CHUNK`] bytes, finishing it)
@@ -259,15 +290,23 @@ pub async fn copy_into_within<'r, T: 'r>(
 }
 
 /// Run `indexes.sql` and ANALYZE the tables, in one transaction: a crash leaves no half-built index.
+/// With `single_core`, without parallel workers: the throttle's choice while production suffers.
 pub async fn build_indexes(
     conn: &mut PgConnection,
     build: BuildTables<'_>,
     sql: &SchemaSql,
+    single_core: bool,
 ) -> Result<()> {
     let mut tx = conn
         .begin()
         .await
         .context(|| "starting the index build".into())?;
+    if single_core {
+        sqlx::query("SET LOCAL max_parallel_maintenance_workers = 0")
+            .execute(&mut *tx)
+            .await
+            .context(|| "limiting the index build to one core".into())?;
+    }
     sqlx::raw_sql(&format!(
         "SET LOCAL search_path TO {};",
         quote_ident(build.schema)
