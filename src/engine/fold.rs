@@ -230,8 +230,7 @@ impl<E: Send + Sync + 'static> Fold<E> {
                     .context(|| "starting a spill".into())?;
                 let gate = self.governor.as_deref();
                 if let Some(governor) = gate {
-                    let never = tokio_util::sync::CancellationToken::new();
-                    governor.wait_while_held("spill", &never).await;
+                    governor.wait_while_held("spill", governor.released()).await;
                 }
                 let rows = states[i]
                     .flush(&mut tx, tables, store, gate.map(|g| g as &dyn SliceGate))

@@ -15,9 +15,14 @@
 //! | `reproject_paused` | gauge, 1 while paused | projection |
 //! | `reproject_max_rate_events_per_second` | gauge, the `--max-rate` cap, 0 when none | |
 //! | `reproject_errors_total` | counter | kind (database_retry, kafka, bad_record) |
-//! | `reproject_throttle_state` | gauge: 0 running, 1 slowed, 2 paused | |
-//! | `reproject_throttle_load_ratio` | gauge: the highest health signal as a share of its limit | |
+//! | `reproject_throttle_state` | gauge: 0 running, 1 slowed, 2 paused, 3 measuring production alone | |
+//! | `reproject_throttle_load_ratio` | gauge: the highest signal as a share of its limit | |
+//! | `reproject_throttle_signal_load_ratio` | gauge: each signal as a share of its limit | signal |
 //! | `reproject_throttle_rate_events_per_second` | gauge: the rate the throttle allows, 0 when paused or unbounded | |
+//! | `reproject_production_commits_per_second` | gauge: production's commits, reproject's taken out | |
+//! | `reproject_production_alone_commits_per_second` | gauge: the same, measured with reproject quiet | |
+//! | `reproject_production_probe_latency_seconds` | gauge: the probe's latency (the percentile) | |
+//! | `reproject_production_alone_probe_latency_seconds` | gauge: the same, with reproject quiet | |
 
 use std::net::SocketAddr;
 use std::time::Duration;

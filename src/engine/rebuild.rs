@@ -664,6 +664,9 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let database_url = engine.database_url.clone();
     let runtime = tokio::runtime::Handle::current();
     let governor = engine.governor.clone();
+    if let Some(governor) = &governor {
+        governor.release_on(cancel);
+    }
     let fold = tokio::task::spawn_blocking(move || -> Result<FoldResult> {
         let mut fold = Fold::new(
             builds,
@@ -738,6 +741,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     // Bulk load each build with its positions, in one transaction per build; the throttle paces
     // the COPY between slices, and holds it from the start while production is measured or hurt.
     if let Some(governor) = &engine.governor {
+        governor.release_on(cancel);
         governor.remeasure();
         governor.wait_while_held("bulk load", cancel).await;
     }

@@ -57,6 +57,8 @@ pub struct Governor {
     one_at_a_time: Mutex<()>,
     check_every: Duration,
     task: tokio::task::JoinHandle<()>,
+    /// Set when the command stops: writers held by the throttle stop waiting.
+    released: CancellationToken,
 }
 
 impl Drop for Governor {
@@ -105,7 +107,23 @@ impl Governor {
             one_at_a_time: Mutex::new(()),
             check_every,
             task,
+            released: CancellationToken::new(),
         }
+    }
+
+    /// Stop holding writers once `cancel` fires (the command is stopping), also where a writer
+    /// cannot pass its own token (between the slices of a bulk load, before a spill).
+    pub fn release_on(&self, cancel: &CancellationToken) {
+        let (cancel, released) = (cancel.clone(), self.released.clone());
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            released.cancel();
+        });
+    }
+
+    /// The token [`Governor::release_on`] fires.
+    pub fn released(&self) -> &CancellationToken {
+        &self.released
     }
 
     /// The last decision (None before the first check).
@@ -230,7 +248,7 @@ impl SliceGate for Governor {
                 let rest = took.as_secs_f64() * (1.0 - duty) / duty;
                 tokio::time::sleep(Duration::from_secs_f64(rest.min(30.0))).await;
             }
-            while self.holds_writes() {
+            while self.holds_writes() && !self.released.is_cancelled() {
                 self.next_decision().await;
             }
         })
