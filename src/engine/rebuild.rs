@@ -740,8 +740,8 @@ async fn replay_and_load<E: Send + Sync + 'static>(
 
     // Bulk load each build with its positions, in one transaction per build; the throttle paces
     // the COPY between slices, and holds it from the start while production is measured or hurt.
+    // (The governor was released on `cancel` before the replay.)
     if let Some(governor) = &engine.governor {
-        governor.release_on(cancel);
         governor.remeasure();
         governor.wait_while_held("bulk load", cancel).await;
     }

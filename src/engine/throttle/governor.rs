@@ -193,7 +193,13 @@ impl Governor {
     pub async fn pace(&self, events: u64) {
         self.activity.wrote(events);
         self.activity.committed(1);
-        let rate = self.last().and_then(|d| d.rate).unwrap_or(f64::INFINITY);
+        // Only the rate: not a clone of the whole decision per batch.
+        let rate = self
+            .decisions
+            .borrow()
+            .as_ref()
+            .and_then(|d| d.rate)
+            .unwrap_or(f64::INFINITY);
         let due = match self.pacer.lock() {
             Ok(mut pacer) => pacer.reserve(rate, events),
             Err(_) => None,
@@ -230,11 +236,6 @@ impl Governor {
         self.wait_while_held(what, cancel).await;
         Some(guard)
     }
-
-    /// Whether production suffers now (the throttle is not running freely).
-    pub fn production_suffers(&self) -> bool {
-        self.state() != ThrottleState::Running
-    }
 }
 
 impl SliceGate for Governor {
@@ -243,7 +244,7 @@ impl SliceGate for Governor {
     fn after_slice(&self, took: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.activity.wrote(0);
-            let duty = self.last().map_or(1.0, |d| d.duty);
+            let duty = self.decisions.borrow().as_ref().map_or(1.0, |d| d.duty);
             if duty > 0.0 && duty < 1.0 {
                 let rest = took.as_secs_f64() * (1.0 - duty) / duty;
                 tokio::time::sleep(Duration::from_secs_f64(rest.min(30.0))).await;

@@ -298,10 +298,6 @@ impl Throttle {
         self.config.sample_every
     }
 
-    pub fn paused(&self) -> bool {
-        self.state.holds_writes()
-    }
-
     /// Take one sample of the signals into the current window.
     pub async fn sample(&mut self) -> Result<()> {
         self.sampler.sample().await
