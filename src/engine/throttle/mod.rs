@@ -413,6 +413,17 @@ impl Throttle {
         if self.state != ThrottleState::Measuring {
             self.measuring_windows = 0;
         }
+        tracing::debug!(
+            message = "throttle: check",
+            state = ?self.state,
+            quiet,
+            production_tps = reading.figures.production_tps,
+            tps_seconds = reading.figures.tps_seconds,
+            alone_tps = reading.alone.as_ref().map(|a| a.production_tps),
+            probe_ms = reading.figures.probe_ms,
+            alone_probe_ms = reading.alone.as_ref().map(|a| a.probe_ms),
+            %reason,
+        );
         self.rate = self.rate.min(cap.max(self.config.min_rate));
         if self.state != before {
             match self.state {
@@ -460,9 +471,12 @@ impl Throttle {
             return None;
         }
         if reading.quiet {
+            // Quiet, but still within the shadow of the last writes, or not yet long enough to
+            // tell production's throughput: go on measuring.
             let unfinished = self.state == ThrottleState::Measuring
-                && reading.figures.commits_seen >= self.config.min_production_tps
-                && reading.figures.tps_seconds < signals::MIN_TPS_SECONDS;
+                && (reading.figures.tps_beside_writes
+                    || (reading.figures.commits_seen >= self.config.min_production_tps
+                        && reading.figures.tps_seconds < signals::MIN_TPS_SECONDS));
             return unfinished.then_some("measuring production alone");
         }
         let now = Instant::now();
@@ -475,9 +489,10 @@ impl Throttle {
             Some(alone) if reading.figures.production_active => {
                 if !alone.figures.production_active {
                     "production became active"
-                } else if reading.figures.production_tps
-                    > alone.figures.production_tps * (1.0 + self.config.budget.throughput_loss)
-                        + self.config.min_production_tps
+                } else if reading.figures.tps_seconds >= signals::MIN_TPS_SECONDS
+                    && reading.figures.production_tps
+                        > alone.figures.production_tps * (1.0 + self.config.budget.throughput_loss)
+                            + self.config.min_production_tps
                 {
                     "production does more than when it was measured alone"
                 } else if now.duration_since(alone.at) >= self.config.remeasure_every {
@@ -505,7 +520,9 @@ impl Throttle {
 
     async fn read(&mut self, quiet: bool) -> Result<Reading> {
         let figures = self.sampler.window().await?;
-        if quiet {
+        // Production alone: a window with nothing written, whose samples are out of the shadow of
+        // the last writes (a writer between two batches is not quiet).
+        if quiet && !figures.tps_beside_writes {
             // Production alone: average with the previous quiet figures while production's
             // activity is unchanged, to halve the noise of one window.
             let merged = match &self.alone {

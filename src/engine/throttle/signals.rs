@@ -106,10 +106,13 @@ pub struct Figures {
     pub probe_ms: f64,
     /// Production's commits (and rollbacks) per second, reproject's own taken out.
     pub production_tps: f64,
-    /// Seconds of samples `production_tps` was measured over, all written beside (or all quiet,
-    /// as the window was); 0 when too few to tell. Short spans are noise: each backend flushes its
-    /// counts to `pg_stat_database` about once a second.
+    /// Seconds of samples `production_tps` was measured over, all beside reproject's writes (or
+    /// all quiet: see `tps_beside_writes`); 0 when too few to tell. Short spans are noise: each
+    /// backend flushes its counts to `pg_stat_database` about once a second.
     pub tps_seconds: f64,
+    /// Whether `production_tps` was measured beside reproject's writes (or within
+    /// [`WRITE_SHADOW`] of one) rather than with reproject quiet.
+    pub tps_beside_writes: bool,
     /// Production's commits per second over the last seconds, whatever reproject did.
     pub commits_seen: f64,
     /// Mean active production backends, and the mean of those waiting on locks or I/O.
@@ -219,6 +222,29 @@ pub const MIN_TPS_SECONDS: f64 = 2.0;
 /// Samples kept for throughput.
 const TPS_HISTORY: Duration = Duration::from_secs(8);
 
+/// How long after a write a sample still counts as beside reproject's writes. A writer that
+/// commits a batch every few hundred milliseconds is writing all along, not quiet between its
+/// batches; and what it wrote is still felt for a moment (its WAL flushed, its buffers written).
+pub const WRITE_SHADOW: Duration = Duration::from_secs(1);
+
+/// When reproject last wrote, to tell samples beside its writes from quiet ones.
+#[derive(Debug, Default)]
+struct WriteShadow {
+    last_write: Option<Instant>,
+}
+
+impl WriteShadow {
+    /// Whether a sample taken `at`, after a write since the previous sample or not, is beside
+    /// reproject's writes.
+    fn beside_writes(&mut self, wrote: bool, at: Instant) -> bool {
+        if wrote {
+            self.last_write = Some(at);
+        }
+        self.last_write
+            .is_some_and(|t| at.duration_since(t) < WRITE_SHADOW)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     at: Instant,
@@ -245,6 +271,7 @@ pub(super) struct Sampler {
     /// The last few seconds of samples, for throughput.
     history: std::collections::VecDeque<Sample>,
     max_connections: Option<i64>,
+    shadow: WriteShadow,
 }
 
 /// Fewer samples than this in a window (a check called directly, or a sampler that could not keep
@@ -269,6 +296,7 @@ impl Sampler {
             samples: Vec::new(),
             history: std::collections::VecDeque::new(),
             max_connections: None,
+            shadow: WriteShadow::default(),
         }
     }
 
@@ -319,9 +347,10 @@ impl Sampler {
         .context(|| "throttle: reading pg_stat_activity and pg_stat_database".into())?;
         // The probe and this query are transactions of the server's counter too.
         activity.committed(2);
+        let at = Instant::now();
         let sample = Sample {
-            at: Instant::now(),
-            writing: activity.take_sample_mark(),
+            at,
+            writing: self.shadow.beside_writes(activity.take_sample_mark(), at),
             probe_ms,
             active,
             waiting,
@@ -343,11 +372,13 @@ impl Sampler {
     /// Production's commits per second over the trailing samples of one kind (all beside
     /// reproject's writes, or all quiet, as the latest), measured between the first and the last
     /// change of the server's counter: backends flush their counts about once a second, so the
-    /// counter moves in steps, and the rate between steps is the rate. With the seconds it spans.
-    fn production_tps(&self) -> (f64, f64) {
+    /// counter moves in steps, and the rate between steps is the rate. With the seconds it spans
+    /// and whether the run was beside writes.
+    fn production_tps(&self) -> (f64, f64, bool) {
         let Some(latest) = self.history.back() else {
-            return (0.0, 0.0);
+            return (0.0, 0.0, false);
         };
+        let beside = latest.writing;
         let run: Vec<&Sample> = self
             .history
             .iter()
@@ -363,15 +394,15 @@ impl Sampler {
             .map(|(_, after)| *after)
             .collect();
         let (Some(first), Some(last)) = (steps.first(), steps.last()) else {
-            return (0.0, 0.0);
+            return (0.0, 0.0, beside);
         };
         let seconds = last.at.duration_since(first.at).as_secs_f64();
         if seconds <= 0.0 {
-            return (0.0, 0.0);
+            return (0.0, 0.0, beside);
         }
         let theirs = (last.transactions - first.transactions) as f64
             - last.own.saturating_sub(first.own) as f64;
-        ((theirs / seconds).max(0.0), seconds)
+        ((theirs / seconds).max(0.0), seconds, beside)
     }
 
     /// Whether production committed anything over the whole history, whatever reproject did.
@@ -435,13 +466,14 @@ impl Sampler {
         let n = samples.len() as f64;
         let active = samples.iter().map(|s| s.active as f64).sum::<f64>() / n;
         let waiting = samples.iter().map(|s| s.waiting as f64).sum::<f64>() / n;
-        let (production_tps, tps_seconds) = self.production_tps();
+        let (production_tps, tps_seconds, tps_beside_writes) = self.production_tps();
         let seen_tps = self.production_seen();
         Ok(Figures {
             samples: samples.len(),
             probe_ms,
             production_tps,
             tps_seconds,
+            tps_beside_writes,
             commits_seen: seen_tps,
             active,
             waiting,
@@ -514,6 +546,21 @@ mod tests {
         let now = figures(0.2, 0.0, 0.0, 0.0);
         let signals = budget_signals(&now, &alone, &ImpactBudget::default(), 0.5, 50.0);
         assert!(signals.iter().all(|s| s.name != "throughput"));
+    }
+
+    #[test]
+    fn a_writer_between_two_batches_is_still_writing() {
+        let mut shadow = WriteShadow::default();
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert!(!shadow.beside_writes(false, at(0)), "nothing written yet");
+        // A batch every 300 ms, sampled every 50 ms: every sample is beside the writes.
+        for ms in (300..3_000).step_by(50) {
+            assert!(shadow.beside_writes(ms % 300 == 0, at(ms)), "at {ms} ms");
+        }
+        // The last batch was at 2,700 ms: quiet once its shadow has passed.
+        assert!(shadow.beside_writes(false, at(3_650)));
+        assert!(!shadow.beside_writes(false, at(3_750)));
     }
 
     #[test]
