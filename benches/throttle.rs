@@ -6,7 +6,8 @@
 //! of medians: production's tps and latency (average, p99) as a share of its solo figures, and the
 //! catch-up rate each mode leaves reproject. Environment: `THROTTLE_BENCH_SECONDS` (pgbench's
 //! duration, default 15), `THROTTLE_BENCH_BACKLOG` (events appended before each catch-up, default
-//! 3,000,000), `THROTTLE_BENCH_ROUNDS` (default 3).
+//! 3,000,000), `THROTTLE_BENCH_ROUNDS` (default 3), `THROTTLE_BENCH_WORKLOADS` (`select-only`,
+//! `TPC-B-like` or both, comma-separated; default both).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -138,7 +139,11 @@ fn main() {
         println!(
             "pgbench -c 4 -j 2 -T {seconds}, reproject run catching up {backlog} events; {rounds} rounds"
         );
+        let only = std::env::var("THROTTLE_BENCH_WORKLOADS").unwrap_or_default();
         for (name, workload) in [("select-only", vec!["-S"]), ("TPC-B-like", vec![])] {
+            if !only.is_empty() && !only.split(',').any(|w| w.trim() == name) {
+                continue;
+            }
             let mut alone = Vec::new();
             let mut beside: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
             for round in 1..=rounds {

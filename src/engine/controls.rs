@@ -13,6 +13,10 @@ use crate::sink::Catalog;
 /// How often followers and rebuilds look at the pause flags and the live settings.
 pub const CONTROLS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// The smallest batch a throttled rate makes: smaller ones cost more in round trips than they
+/// spread.
+const MIN_LIMITED_BATCH: usize = 200;
+
 /// The controls of a set of projections as last read, applied to the batch size the reader uses.
 pub struct Controls {
     names: Vec<String>,
@@ -65,6 +69,23 @@ impl Controls {
             self.live = live;
         }
         Ok(())
+    }
+
+    /// Batches of at most a quarter of a second at the throttle's `rate`: at a limited rate a
+    /// batch is written in one burst and production feels the burst, so many small ones spread
+    /// the same events more evenly.
+    pub fn limit_batches(&self, rate: f64) {
+        let configured = self
+            .live
+            .batch_events
+            .unwrap_or(self.default_batch_events)
+            .max(1);
+        let limited = if rate.is_finite() {
+            configured.min(((rate / 4.0) as usize).max(MIN_LIMITED_BATCH))
+        } else {
+            configured
+        };
+        self.batch_size.store(limited, Ordering::Relaxed);
     }
 
     /// The projections paused when last read (empty: none).

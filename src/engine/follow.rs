@@ -251,6 +251,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 controls.refresh(&engine.catalog).await?;
                 governor.set_live(controls.live());
             }
+            controls.limit_batches(governor.rate());
         }
         let batch = tokio::select! {
             _ = cancel.cancelled() => {

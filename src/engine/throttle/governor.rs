@@ -188,18 +188,23 @@ impl Governor {
         }
     }
 
+    /// The events per second writers may write now (infinite: no limit; while writes are held
+    /// it is the rate they resume at).
+    pub fn rate(&self) -> f64 {
+        // Only the rate: not a clone of the whole decision per batch.
+        self.decisions
+            .borrow()
+            .as_ref()
+            .and_then(|d| d.rate)
+            .unwrap_or(f64::INFINITY)
+    }
+
     /// After `events` were written in a transaction: count them, and sleep as long as they take
     /// at the allowed rate.
     pub async fn pace(&self, events: u64) {
         self.activity.wrote(events);
         self.activity.committed(1);
-        // Only the rate: not a clone of the whole decision per batch.
-        let rate = self
-            .decisions
-            .borrow()
-            .as_ref()
-            .and_then(|d| d.rate)
-            .unwrap_or(f64::INFINITY);
+        let rate = self.rate();
         let due = match self.pacer.lock() {
             Ok(mut pacer) => pacer.reserve(rate, events),
             Err(_) => None,

@@ -108,8 +108,8 @@ pub struct ThrottleConfig {
     /// Slow down above this fraction of a limit; pause at `pause_at`, resume below `slow_at`.
     pub slow_at: f64,
     pub pause_at: f64,
-    /// Events per second added per check while healthy, and where the rate starts (unbounded by
-    /// default: the first slow-down halves the rate actually reached).
+    /// Events per second added per check while healthy (at most a quarter of the rate), and where
+    /// the rate starts (unbounded by default: nobody to protect until production shows up).
     pub increase_step: f64,
     pub start_rate: f64,
     /// The rate never goes below this while not paused.
@@ -209,7 +209,7 @@ pub struct Decision {
     /// null in JSON).
     pub rate: Option<f64>,
     /// The share of time a writer that cannot be paced per event (a bulk COPY in slices, spills)
-    /// may spend writing: 1 at full speed, halved with the rate.
+    /// may spend writing: 1 at full speed, cut with the rate.
     pub duty: f64,
     pub reading: Reading,
     pub reason: String,
@@ -254,6 +254,11 @@ pub struct Throttle {
     /// Windows spent measuring without getting a quiet one (a long statement could not stop).
     measuring_windows: u32,
     rate: f64,
+    /// Below this the rate doubles per healthy check, above it it grows by a step: the rate at
+    /// the last overload (TCP's slow-start threshold).
+    threshold: f64,
+    /// Events per second written in the last window that wrote.
+    last_written_rate: f64,
     duty: f64,
     state: ThrottleState,
     last_check: Option<Instant>,
@@ -267,6 +272,8 @@ impl Throttle {
         let activity = Arc::new(Activity::default());
         Throttle {
             rate: config.start_rate,
+            threshold: f64::INFINITY,
+            last_written_rate: 0.0,
             duty: 1.0,
             sampler: signals::Sampler::new(&config, database_url, activity.clone()),
             config,
@@ -352,11 +359,21 @@ impl Throttle {
             .unwrap_or(f64::INFINITY);
         let before = self.state;
         let was_limited = self.rate.is_finite();
-        let reached = if self.rate.is_finite() {
+        if !quiet && observed > 0.0 {
+            self.last_written_rate = observed;
+        }
+        // What the writers reached: the rate, or less when they wrote less than it allowed.
+        let reached = if observed > 0.0 {
+            observed.min(self.rate)
+        } else if self.rate.is_finite() {
             self.rate
         } else {
-            observed.max(self.config.min_rate)
-        };
+            self.last_written_rate
+        }
+        .max(self.config.min_rate);
+        // An overload cuts the rate by how far over budget production is, at least by half: a
+        // loss of 4 times the budget cuts it to a quarter.
+        let cut = (1.0 / reading.load.max(f64::EPSILON)).clamp(0.1, 0.5);
         let reason;
         if let Some(why) = self.measure_needed(&reading, measure_requested) {
             self.state = ThrottleState::Measuring;
@@ -366,9 +383,10 @@ impl Throttle {
             || (before == ThrottleState::Paused && reading.load >= slow_at)
         {
             if before != ThrottleState::Paused {
-                // What was written before the pause hurt: resume at half of it.
-                self.rate = (reached / 2.0).max(self.config.min_rate);
-                self.duty = (self.duty / 2.0).max(0.05);
+                // What was written before the pause hurt: resume at a cut of it.
+                self.rate = (reached * cut).max(self.config.min_rate);
+                self.threshold = self.rate;
+                self.duty = (self.duty * cut).max(0.05);
             }
             self.state = ThrottleState::Paused;
             reason = format!(
@@ -379,11 +397,12 @@ impl Throttle {
                 slow_at * 100.0
             );
         } else if reading.load > slow_at {
-            self.rate = (reached / 2.0).max(self.config.min_rate);
-            self.duty = (self.duty / 2.0).max(0.05);
+            self.rate = (reached * cut).max(self.config.min_rate);
+            self.threshold = self.rate;
+            self.duty = (self.duty * cut).max(0.05);
             self.state = ThrottleState::Slowed;
             reason = format!(
-                "{} is {:.0}% of its limit (slow down above {:.0}%): rate halved to {:.0} events/s",
+                "{} is {:.0}% of its limit (slow down above {:.0}%): rate cut to {:.0} events/s",
                 reading.signal,
                 reading.load * 100.0,
                 slow_at * 100.0,
@@ -392,6 +411,7 @@ impl Throttle {
         } else if !reading.figures.production_active {
             // Nobody to protect: full speed.
             self.rate = self.config.start_rate;
+            self.threshold = f64::INFINITY;
             self.duty = 1.0;
             self.state = ThrottleState::Running;
             reason = format!(
@@ -399,8 +419,21 @@ impl Throttle {
                 reading.figures.production_tps, reading.figures.active, reading.signal
             );
         } else {
-            if !before.holds_writes() {
-                self.rate += self.config.increase_step;
+            if before == ThrottleState::Measuring
+                && !self.rate.is_finite()
+                && self.last_written_rate > 0.0
+            {
+                // Production has just been measured alone, and reproject wrote without limit
+                // before: start again at a quarter of that and find production's limit upwards
+                // rather than by hurting it first.
+                self.rate = (self.last_written_rate / 4.0).max(self.config.min_rate);
+                self.duty = 0.25;
+            } else if !before.holds_writes() {
+                self.rate += if self.rate < self.threshold {
+                    self.rate.min(self.threshold - self.rate)
+                } else {
+                    self.config.increase_step.min(self.rate / 4.0)
+                };
                 self.duty = (self.duty + 0.1).min(1.0);
             }
             self.state = ThrottleState::Running;
