@@ -254,7 +254,7 @@ pub struct Throttle {
     /// Windows spent measuring without getting a quiet one (a long statement could not stop).
     measuring_windows: u32,
     rate: f64,
-    /// Below this the rate doubles per healthy check, above it it grows by a step: the rate at
+    /// Below this the rate grows by half per healthy check, above it by a step: the rate at
     /// the last overload (TCP's slow-start threshold).
     threshold: f64,
     /// Events per second written in the last window that wrote.
@@ -424,13 +424,13 @@ impl Throttle {
                 && self.last_written_rate > 0.0
             {
                 // Production has just been measured alone, and reproject wrote without limit
-                // before: start again at a quarter of that and find production's limit upwards
+                // before: start again at an eighth of that and find production's limit upwards
                 // rather than by hurting it first.
-                self.rate = (self.last_written_rate / 4.0).max(self.config.min_rate);
-                self.duty = 0.25;
+                self.rate = (self.last_written_rate / 8.0).max(self.config.min_rate);
+                self.duty = 0.125;
             } else if !before.holds_writes() {
                 self.rate += if self.rate < self.threshold {
-                    self.rate.min(self.threshold - self.rate)
+                    (self.rate / 2.0).min(self.threshold - self.rate)
                 } else {
                     self.config.increase_step.min(self.rate / 4.0)
                 };
