@@ -503,6 +503,10 @@ impl Throttle {
         if self.measuring_windows >= most_windows {
             return None;
         }
+        if self.state == ThrottleState::Measuring && !reading.quiet {
+            // A batch was under way when writes were held: the measurement starts once it is in.
+            return Some("measuring production alone once the writes under way are in");
+        }
         if reading.quiet {
             // Quiet, but still within the shadow of the last writes, or not yet long enough to
             // tell production's throughput: go on measuring.

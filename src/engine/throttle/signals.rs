@@ -222,6 +222,11 @@ pub const MIN_TPS_SECONDS: f64 = 2.0;
 /// Samples kept for throughput.
 const TPS_HISTORY: Duration = Duration::from_secs(8);
 
+/// Production's throughput beside reproject's writes is taken over at most the last few seconds,
+/// so that a rate that just went up shows within a check or two (alone, over the whole quiet
+/// run: there accuracy counts more than speed).
+const TPS_BESIDE_WRITES: Duration = Duration::from_secs(4);
+
 /// How long after a write a sample still counts as beside reproject's writes. A writer that
 /// commits a batch every few hundred milliseconds is writing all along, not quiet between its
 /// batches; and what it wrote is still felt for a moment (its WAL flushed, its buffers written).
@@ -383,7 +388,10 @@ impl Sampler {
             .history
             .iter()
             .rev()
-            .take_while(|s| s.writing == latest.writing)
+            .take_while(|s| {
+                s.writing == latest.writing
+                    && (!beside || latest.at.duration_since(s.at) <= TPS_BESIDE_WRITES)
+            })
             .collect();
         // Oldest first; the steps are the samples whose counter moved since the one before.
         let steps: Vec<&Sample> = run
