@@ -180,7 +180,7 @@ pub struct ThrottleArgs {
     /// Pause writing when a signal reaches this fraction of its limit (resume below --throttle-slow-at)
     #[arg(long, default_value_t = ThrottleConfig::default().pause_at, value_name = "FRACTION")]
     pub throttle_pause_at: f64,
-    /// Events per second added at each healthy check after a slow-down
+    /// Events per second added at each healthy check once the rate is back at its last overload (at most a quarter of the rate)
     #[arg(long, default_value_t = ThrottleConfig::default().increase_step, value_name = "EVENTS")]
     pub throttle_step: f64,
 }
