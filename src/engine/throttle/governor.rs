@@ -204,13 +204,39 @@ impl Governor {
     pub async fn pace(&self, events: u64) {
         self.activity.wrote(events);
         self.activity.committed(1);
-        let rate = self.rate();
+        let mut rate = self.rate();
         let due = match self.pacer.lock() {
             Ok(mut pacer) => pacer.reserve(rate, events),
             Err(_) => None,
         };
-        if let Some(due) = due {
-            tokio::time::sleep_until(due.into()).await;
+        let Some(mut due) = due else {
+            return;
+        };
+        // A batch paced at a low rate can owe many seconds; when the rate goes up (production
+        // left, or a pause ended at a cut rate) what is left of the wait shrinks with it.
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => return,
+                _ = self.next_decision() => {}
+            }
+            let now = Instant::now();
+            if due <= now {
+                return;
+            }
+            let new = self.rate();
+            if new > rate {
+                let left = due.duration_since(now);
+                due = now
+                    + if new.is_finite() {
+                        left.mul_f64(rate / new)
+                    } else {
+                        Duration::ZERO
+                    };
+                if let Ok(mut pacer) = self.pacer.lock() {
+                    pacer.next_due = new.is_finite().then_some(due);
+                }
+                rate = new;
+            }
         }
     }
 

@@ -179,7 +179,10 @@ pub fn budget_signals(
             ),
         });
     }
+    // Only throughput beside reproject's writes is a loss it caused: a quiet run against the solo
+    // figure is production against itself (noise, on a trickle of commits).
     if alone.production_tps >= min_production_tps
+        && now.tps_beside_writes
         && now.tps_seconds >= MIN_TPS_SECONDS
         && alone.tps_seconds >= MIN_TPS_SECONDS
     {
@@ -503,6 +506,7 @@ mod tests {
             probe_ms,
             production_tps: tps,
             tps_seconds: 5.0,
+            tps_beside_writes: true,
             active,
             waiting,
             production_active: true,
@@ -546,6 +550,19 @@ mod tests {
         assert!(signals
             .iter()
             .any(|s| s.detail.contains("waits on locks and I/O 50%")));
+    }
+
+    #[test]
+    fn throughput_is_judged_only_beside_writes() {
+        let alone = figures(0.2, 66.0, 0.0, 0.0);
+        // A trickle of commits, measured while reproject was quiet: lower than alone, but not a
+        // loss reproject caused.
+        let quiet = Figures {
+            tps_beside_writes: false,
+            ..figures(0.2, 56.0, 0.0, 0.0)
+        };
+        let signals = budget_signals(&quiet, &alone, &ImpactBudget::default(), 0.5, 50.0);
+        assert!(signals.iter().all(|s| s.name != "throughput"), "{signals:?}");
     }
 
     #[test]
