@@ -59,14 +59,10 @@ impl Controls {
         let live = catalog.live_settings(&names).await?;
         if live != self.live {
             tracing::info!(message = "settings changed by `reproject tune`", settings = ?live);
-            self.batch_size.store(
-                live.batch_events
-                    .unwrap_or(self.default_batch_events)
-                    .max(1),
-                Ordering::Relaxed,
-            );
             metrics::max_rate(live.max_rate.or(self.default_max_rate));
             self.live = live;
+            self.batch_size
+                .store(self.configured_batch(), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -75,17 +71,21 @@ impl Controls {
     /// batch is written in one burst and production feels the burst, so many small ones spread
     /// the same events more evenly.
     pub fn limit_batches(&self, rate: f64) {
-        let configured = self
-            .live
-            .batch_events
-            .unwrap_or(self.default_batch_events)
-            .max(1);
+        let configured = self.configured_batch();
         let limited = if rate.is_finite() {
             configured.min(((rate / 4.0) as usize).max(MIN_LIMITED_BATCH))
         } else {
             configured
         };
         self.batch_size.store(limited, Ordering::Relaxed);
+    }
+
+    /// The batch size `reproject tune` set, or the command's.
+    fn configured_batch(&self) -> usize {
+        self.live
+            .batch_events
+            .unwrap_or(self.default_batch_events)
+            .max(1)
     }
 
     /// The projections paused when last read (empty: none).

@@ -111,7 +111,7 @@ pub struct Figures {
     /// backend flushes its counts to `pg_stat_database` about once a second.
     pub tps_seconds: f64,
     /// Whether `production_tps` was measured beside reproject's writes (or within
-    /// [`WRITE_SHADOW`] of one) rather than with reproject quiet.
+    /// `WRITE_SHADOW` of one) rather than with reproject quiet.
     pub tps_beside_writes: bool,
     /// Production's commits per second over the last seconds, whatever reproject did.
     pub commits_seen: f64,
@@ -233,7 +233,7 @@ const TPS_BESIDE_WRITES: Duration = Duration::from_secs(4);
 /// How long after a write a sample still counts as beside reproject's writes. A writer that
 /// commits a batch every few hundred milliseconds is writing all along, not quiet between its
 /// batches; and what it wrote is still felt for a moment (its WAL flushed, its buffers written).
-pub const WRITE_SHADOW: Duration = Duration::from_secs(1);
+const WRITE_SHADOW: Duration = Duration::from_secs(1);
 
 /// When reproject last wrote, to tell samples beside its writes from quiet ones.
 #[derive(Debug, Default)]
@@ -562,7 +562,10 @@ mod tests {
             ..figures(0.2, 56.0, 0.0, 0.0)
         };
         let signals = budget_signals(&quiet, &alone, &ImpactBudget::default(), 0.5, 50.0);
-        assert!(signals.iter().all(|s| s.name != "throughput"), "{signals:?}");
+        assert!(
+            signals.iter().all(|s| s.name != "throughput"),
+            "{signals:?}"
+        );
     }
 
     #[test]
