@@ -42,6 +42,24 @@ impl std::ops::DerefMut for Killed {
     }
 }
 
+/// Prints the throttle's decisions when a test fails: a timed-out wait says what it waited for,
+/// the log says why the throttle did what it did.
+struct ShowLogOnFailure(PathBuf);
+
+impl Drop for ShowLogOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the throttle's decisions, in order ({}):", self.0.display());
+            for line in log_text(&self.0)
+                .lines()
+                .filter(|l| l.contains("throttle:"))
+            {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// The budget the tests hold the throttle to: tighter than the defaults, so that what a catch-up
 /// costs pgbench on any machine (a few percent on a fast one, half on a loaded one) is over it;
 /// whether the defaults keep production within them is the benchmark's question.
@@ -159,6 +177,7 @@ async fn a_catch_up_beside_pgbench_slows_down_naming_the_signal_and_speeds_up_wh
     let total = 820_000;
 
     let log = log_path("throttle-run");
+    let _show = ShowLogOnFailure(log.clone());
     let metrics_addr = free_local_addr();
     let mut run = spawn_logged(
         &db,
@@ -202,16 +221,22 @@ async fn a_catch_up_beside_pgbench_slows_down_naming_the_signal_and_speeds_up_wh
         "status shows the throttle:\n{shown}"
     );
     // The metrics show pgbench measured alone (a few thousand commits/s, not the trickle of this
-    // test's own polling) and the throughput signal judged against it.
+    // test's own polling) and production judged against it. Which budget signal shows depends on
+    // the machine: throughput is judged only over 2 s of writing, and where the probe's latency
+    // pauses the catch-up every other check, it is latency alone.
     let metrics = wait_until(
-        "the metrics to show production measured alone and its throughput judged",
+        "the metrics to show production measured alone and judged against its solo figures",
         20,
         || async { http_get(&metrics_addr, "/metrics") },
         |(code, metrics)| {
             *code == 200
                 && gauge(metrics, "reproject_production_alone_commits_per_second")
                     .is_some_and(|tps| tps > 1_000.0)
-                && metrics.contains("reproject_throttle_signal_load_ratio{signal=\"throughput\"}")
+                && ["throughput", "latency"].iter().any(|signal| {
+                    metrics.contains(&format!(
+                        "reproject_throttle_signal_load_ratio{{signal=\"{signal}\"}}"
+                    ))
+                })
         },
     )
     .await;
@@ -245,6 +270,7 @@ async fn a_rebuild_beside_pgbench_paces_its_bulk_load_and_index_builds() {
     pgbench_init(&db);
 
     let log = log_path("throttle-rebuild");
+    let _show = ShowLogOnFailure(log.clone());
     let mut production = start_production(&db);
     let mut rebuild = spawn_logged(
         &db,

@@ -560,14 +560,14 @@ impl Throttle {
         // Production alone: a window with nothing written, whose samples are out of the shadow of
         // the last writes (a writer between two batches is not quiet).
         if quiet && !figures.tps_beside_writes {
-            // Production alone: average with the previous quiet figures while production's
-            // activity is unchanged, to halve the noise of one window.
+            // Production alone: update the previous solo figures while production's activity
+            // is unchanged (a pause's short quiet window refines the probe's figure but cannot
+            // tell throughput); start again when production appeared or went idle.
             let merged = match &self.alone {
                 Some(previous)
-                    if previous.figures.production_active == figures.production_active
-                        && previous.at.elapsed() < self.config.check_every * 3 =>
+                    if previous.figures.production_active == figures.production_active =>
                 {
-                    previous.figures.averaged_with(&figures)
+                    previous.figures.updated_with(&figures)
                 }
                 _ => figures.clone(),
             };

@@ -135,22 +135,27 @@ impl Figures {
         }
     }
 
-    pub(super) fn averaged_with(&self, other: &Figures) -> Figures {
+    /// Production's solo figures after one more quiet window (`newer`). The probe and the
+    /// backends are averaged with what was known, halving one window's noise. Throughput is
+    /// taken from the newer window only when it spans enough seconds to tell (or more than what
+    /// was known): a pause of half a second is quiet, but its throughput is flush timing, and it
+    /// must not replace a solo figure measured over seconds.
+    pub(super) fn updated_with(&self, newer: &Figures) -> Figures {
         let mean = |a: f64, b: f64| (a + b) / 2.0;
-        // Throughput from the longer span: a short one is flush timing more than throughput.
-        let (production_tps, tps_seconds) = if other.tps_seconds >= self.tps_seconds {
-            (other.production_tps, other.tps_seconds)
-        } else {
-            (self.production_tps, self.tps_seconds)
-        };
+        let (production_tps, tps_seconds) =
+            if newer.tps_seconds >= MIN_TPS_SECONDS || newer.tps_seconds >= self.tps_seconds {
+                (newer.production_tps, newer.tps_seconds)
+            } else {
+                (self.production_tps, self.tps_seconds)
+            };
         Figures {
-            samples: self.samples + other.samples,
-            probe_ms: mean(self.probe_ms, other.probe_ms),
+            samples: self.samples + newer.samples,
+            probe_ms: mean(self.probe_ms, newer.probe_ms),
             production_tps,
             tps_seconds,
-            active: mean(self.active, other.active),
-            waiting: mean(self.waiting, other.waiting),
-            ..other.clone()
+            active: mean(self.active, newer.active),
+            waiting: mean(self.waiting, newer.waiting),
+            ..newer.clone()
         }
     }
 }
@@ -566,6 +571,23 @@ mod tests {
             signals.iter().all(|s| s.name != "throughput"),
             "{signals:?}"
         );
+    }
+
+    #[test]
+    fn a_short_quiet_window_keeps_the_solo_throughput_measured_over_seconds() {
+        let alone = figures(0.2, 30_000.0, 2.0, 0.0);
+        // Half a second of pause: quiet, but too short to tell throughput.
+        let pause = Figures {
+            tps_seconds: 0.4,
+            ..figures(0.4, 0.0, 2.0, 0.0)
+        };
+        let updated = alone.updated_with(&pause);
+        assert_eq!(updated.production_tps, 30_000.0);
+        assert_eq!(updated.tps_seconds, 5.0);
+        assert!((updated.probe_ms - 0.3).abs() < 1e-9, "probe averaged");
+        // A longer quiet run measures throughput anew.
+        let measured = figures(0.2, 20_000.0, 2.0, 0.0);
+        assert_eq!(alone.updated_with(&measured).production_tps, 20_000.0);
     }
 
     #[test]
