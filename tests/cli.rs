@@ -363,7 +363,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
 }
 
 #[test]
-fn bench_reports_every_figure_as_json() {
+fn bench_reports_every_figure_as_json_with_its_limits_measured_in_the_same_run() {
     let json = std::env::temp_dir().join(format!("reproject-bench-{}.json", std::process::id()));
     let out = binary(&[
         "bench",
@@ -377,6 +377,8 @@ fn bench_reports_every_figure_as_json() {
         "2",
         "--database",
         "rp_test_bench",
+        "--broker",
+        "own-process",
         "--json",
         &json.to_string_lossy(),
         "--quiet",
@@ -405,5 +407,31 @@ fn bench_reports_every_figure_as_json() {
     }
     assert!(figures["reader_queries"].as_u64().is_some_and(|n| n > 0));
     assert!(figures["peak_rss_bytes"].as_u64().is_some_and(|n| n > 0));
+    // The limits: the whole log read raw, and every row the rebuild loaded written again.
+    assert_eq!(figures["broker"], "own-process");
+    assert_eq!(figures["read_limit"]["records"], 20_000, "{figures}");
+    let rows_loaded = figures["rebuild"]["rows_loaded"]
+        .as_u64()
+        .expect("rows_loaded");
+    assert!(
+        figures["write_limit"]["rows"]
+            .as_u64()
+            .is_some_and(|rows| rows >= rows_loaded && rows_loaded > 0),
+        "{figures}"
+    );
+    for field in [
+        "replay_share_of_read_limit",
+        "load_and_indexes_over_write_limit",
+    ] {
+        assert!(
+            figures[field]
+                .as_f64()
+                .is_some_and(|v| v > 0.0 && v.is_finite()),
+            "{field}: {figures}"
+        );
+    }
+    assert!(figures["write_limit"]["index_seconds"]
+        .as_f64()
+        .is_some_and(|s| s > 0.0));
     let _ = std::fs::remove_file(&json);
 }

@@ -88,15 +88,27 @@ impl DevBrokerProcess {
     /// Starts `program dev-broker` on a free port with `partitions` partitions of the program's
     /// default topic, and waits until it says it is ready.
     pub fn spawn(program: &str, partitions: u32) -> std::io::Result<DevBrokerProcess> {
+        Self::spawn_with_topics(program, partitions, &[])
+    }
+
+    /// [`DevBrokerProcess::spawn`] with these topics instead of the program's default ones.
+    pub fn spawn_with_topics(
+        program: &str,
+        partitions: u32,
+        topics: &[String],
+    ) -> std::io::Result<DevBrokerProcess> {
         use std::io::{BufRead, BufReader};
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut child = std::process::Command::new(program)
+        let mut command = std::process::Command::new(program);
+        command
             .args(["dev-broker", "--port", &port.to_string()])
-            .args(["--partitions", &partitions.to_string(), "--quiet"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
+            .args(["--partitions", &partitions.to_string(), "--quiet"]);
+        if !topics.is_empty() {
+            command.args(["--topic", &topics.join(",")]);
+        }
+        let mut child = command.stdout(std::process::Stdio::piped()).spawn()?;
         let mut line = String::new();
         if let Some(stdout) = child.stdout.take() {
             BufReader::new(stdout).read_line(&mut line)?;

@@ -185,8 +185,12 @@ pub fn budget_signals(
         });
     }
     // Only throughput beside reproject's writes is a loss it caused: a quiet run against the solo
-    // figure is production against itself (noise, on a trickle of commits).
+    // figure is production against itself (noise, on a trickle of commits). And a production
+    // that commits next to nothing with no backend active has stopped, not been slowed down (one
+    // held up by reproject has backends active, waiting).
+    let production_stopped = now.production_tps < min_production_tps && now.active < 0.1;
     if alone.production_tps >= min_production_tps
+        && !production_stopped
         && now.tps_beside_writes
         && now.tps_seconds >= MIN_TPS_SECONDS
         && alone.tps_seconds >= MIN_TPS_SECONDS
@@ -571,6 +575,22 @@ mod tests {
             signals.iter().all(|s| s.name != "throughput"),
             "{signals:?}"
         );
+    }
+
+    #[test]
+    fn a_production_that_stopped_is_not_a_throughput_loss() {
+        let alone = figures(0.2, 23_000.0, 2.0, 0.0);
+        // pgbench ended: 24 commits/s (reproject's own neighbours), nobody active.
+        let stopped = figures(0.2, 24.0, 0.0, 0.0);
+        let signals = budget_signals(&stopped, &alone, &ImpactBudget::default(), 0.5, 50.0);
+        assert!(
+            signals.iter().all(|s| s.name != "throughput"),
+            "{signals:?}"
+        );
+        // The same throughput with backends active is production held up: a loss.
+        let held_up = figures(0.2, 24.0, 4.0, 4.0);
+        let signals = budget_signals(&held_up, &alone, &ImpactBudget::default(), 0.5, 50.0);
+        assert!(load(&signals, "throughput") > 9.0, "{signals:?}");
     }
 
     #[test]

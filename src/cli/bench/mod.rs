@@ -5,7 +5,12 @@
 //! - the swap's effect on readers: 8 connections query the stable name in a loop while
 //!   the domain's first projection is rebuilt and swapped again.
 //!
+//! - the limits, on the same log and server (see [`limits`]): a raw read of the log, and a raw COPY
+//!   and index build of the rows the rebuild wrote, each phase reported as a ratio to its limit.
+//!
 //! Prints the figures and, with `--json FILE`, writes them for scripts to compare runs.
+
+mod limits;
 
 use super::output::outln;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,12 +32,28 @@ use crate::engine::{Engine, Tuning};
 use crate::envelope;
 use crate::projection::{Changes, Event, RowStore, Value};
 use crate::sink::database::recreate_database;
-use crate::source::dev_broker::DevBroker;
+use crate::source::dev_broker::{DevBroker, DevBrokerProcess};
 use crate::source::producer::LogWriter;
 use crate::swap::SwapOptions;
 
+/// Where the bench's broker runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerPlace {
+    /// librdkafka's mock cluster inside the bench's process: its threads share the bench's cores
+    /// and its copy of the log counts in the bench's memory
+    #[default]
+    InProcess,
+    /// The same mock cluster as `reproject dev-broker`, a process of its own, reached over
+    /// loopback TCP as a production broker is
+    OwnProcess,
+}
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// Where the broker runs
+    #[arg(long, value_enum, default_value_t = BrokerPlace::InProcess)]
+    pub broker: BrokerPlace,
     /// Events in the history (orders: a tenth of it)
     #[arg(long, default_value_t = 2_000_000)]
     pub events: u64,
@@ -62,6 +83,7 @@ pub struct BenchArgs {
 pub struct BenchFigures {
     pub events: u64,
     pub partitions: i32,
+    pub broker: BrokerPlace,
     pub seed_seconds: f64,
     /// From the rebuild's first fetch to the end of the last swap.
     pub rebuild_seconds: f64,
@@ -86,11 +108,20 @@ pub struct BenchFigures {
     /// longest of each.
     pub slow_reader_queries_by_phase: std::collections::BTreeMap<String, (u64, f64)>,
     pub swap_commit_ms: f64,
+    /// The same log read with nothing decoded, on as many threads as the replay.
+    pub read_limit: limits::ReadLimit,
+    /// The replay's events per second as a share of the raw read's records per second.
+    pub replay_share_of_read_limit: f64,
+    /// The rebuild's rows written again by PostgreSQL alone: COPY into unindexed tables, then the
+    /// same indexes.
+    pub write_limit: limits::WriteLimit,
+    /// The rebuild's bulk load and index builds over the write limit's COPY and index builds.
+    pub load_and_indexes_over_write_limit: f64,
 }
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outcome> {
     let mut settings = cx.settings()?;
-    let broker = DevBroker::start_with(&settings.topics, args.partitions)?;
+    let broker = start_broker(args.broker, &settings.topics, args.partitions)?;
     settings.kafka.brokers = broker.bootstrap_servers();
     settings.database_url = recreate_database(&settings.database_url, &args.database).await?;
     settings.quiet = true;
@@ -99,12 +130,17 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
         partitions: args.partitions,
         baseline_events: args.baseline_events.min(args.events),
         readers: args.readers,
+        broker: args.broker,
         ..BenchFigures::default()
     };
     outln!(
-        "== bench: {} events over {} partitions (in-process mock cluster), database {}",
+        "== bench: {} events over {} partitions ({}), database {}",
         args.events,
         args.partitions,
+        match args.broker {
+            BrokerPlace::InProcess => "mock cluster in this process",
+            BrokerPlace::OwnProcess => "mock cluster in a process of its own",
+        },
         args.database
     );
 
@@ -159,6 +195,27 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
     figures.peak_rss_bytes = peak_rss_bytes();
     print_report(&report);
     figures.rebuild = report;
+
+    // The limits, on the same log and the rows just written.
+    let (kafka, topics, readers) = (
+        engine.kafka.clone(),
+        engine.topics.clone(),
+        engine.tuning.replay_readers,
+    );
+    figures.read_limit =
+        tokio::task::spawn_blocking(move || limits::raw_read(&kafka, &topics, readers)).await??;
+    let replay_rate = figures.rebuild.events_replayed as f64 / figures.rebuild.replay_seconds;
+    figures.replay_share_of_read_limit = replay_rate / figures.read_limit.records_per_second;
+    let mut schemas = Vec::new();
+    for name in &names {
+        if let Some(build) = engine.catalog.active_build(name).await? {
+            schemas.push(build.schema_name);
+        }
+    }
+    figures.write_limit = limits::raw_write(&settings.database_url, &schemas).await?;
+    figures.load_and_indexes_over_write_limit = (figures.rebuild.load_seconds
+        + figures.rebuild.index_seconds)
+        / (figures.write_limit.copy_seconds + figures.write_limit.index_seconds);
 
     // The baseline, on the first events of the same log.
     let started = Instant::now();
@@ -298,8 +355,32 @@ fn print_figures(f: &BenchFigures) {
         r.swap_seconds
     );
     outln!(
-        "  peak RSS {:.0} MB (the in-process mock cluster's copy of the log included)",
-        f.peak_rss_bytes as f64 / 1e6
+        "  peak RSS {:.0} MB{}",
+        f.peak_rss_bytes as f64 / 1e6,
+        if f.broker == BrokerPlace::InProcess {
+            " (the in-process mock cluster's copy of the log included)"
+        } else {
+            ""
+        }
+    );
+    let (read, write) = (&f.read_limit, &f.write_limit);
+    outln!(
+        "limits, same run: raw read of the log ({} threads, nothing decoded) {} records, {:.0} MB in {:.2}s = {:.0} records/s; the replay ran at {:.0}% of it",
+        read.readers,
+        read.records,
+        read.bytes as f64 / 1e6,
+        read.seconds,
+        read.records_per_second,
+        f.replay_share_of_read_limit * 100.0
+    );
+    outln!(
+        "  raw COPY of the same {} rows ({} tables, {:.0} MB binary) into unindexed tables {:.2}s, the same indexes and ANALYZE {:.2}s; the rebuild's load + indexes took {:.2}x that",
+        write.rows,
+        write.tables,
+        write.bytes as f64 / 1e6,
+        write.copy_seconds,
+        write.index_seconds,
+        f.load_and_indexes_over_write_limit
     );
     outln!(
         "baseline (one upsert per event, transactions of 1,000): {} events in {:.2}s = {:.0} events/s",
@@ -319,6 +400,37 @@ fn print_figures(f: &BenchFigures) {
     for (phase, (count, longest)) in &f.slow_reader_queries_by_phase {
         outln!("  reader queries over 100 ms during {phase}: {count}, longest {longest:.0} ms");
     }
+}
+
+/// The broker the bench seeds and reads, in this process or in one of its own; dropped at the end.
+enum Broker {
+    InProcess(DevBroker),
+    OwnProcess(DevBrokerProcess),
+}
+
+impl Broker {
+    fn bootstrap_servers(&self) -> String {
+        match self {
+            Broker::InProcess(broker) => broker.bootstrap_servers(),
+            Broker::OwnProcess(process) => process.address.clone(),
+        }
+    }
+}
+
+fn start_broker(place: BrokerPlace, topics: &[String], partitions: i32) -> anyhow::Result<Broker> {
+    Ok(match place {
+        BrokerPlace::InProcess => Broker::InProcess(DevBroker::start_with(topics, partitions)?),
+        BrokerPlace::OwnProcess => {
+            let program =
+                std::env::current_exe().context("finding this program to run dev-broker")?;
+            let partitions = u32::try_from(partitions)
+                .map_err(|_| anyhow::anyhow!("--partitions must be positive, got {partitions}"))?;
+            Broker::OwnProcess(
+                DevBrokerProcess::spawn_with_topics(&program.to_string_lossy(), partitions, topics)
+                    .context("starting dev-broker in a process of its own")?,
+            )
+        }
+    })
 }
 
 /// The projection the baseline and the readers use: the domain's first.
