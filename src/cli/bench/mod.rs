@@ -374,9 +374,9 @@ fn print_figures(f: &BenchFigures) {
         f.replay_share_of_read_limit * 100.0
     );
     outln!(
-        "  raw COPY of the same {} rows ({} tables, {:.0} MB binary) into unindexed tables {:.2}s, the same indexes and ANALYZE {:.2}s; the rebuild's load + indexes took {:.2}x that",
-        write.rows,
+        "  raw COPY of the rebuild's {} tables ({} rows, row clocks included, {:.0} MB binary) into unindexed tables {:.2}s, the same indexes and ANALYZE {:.2}s; the rebuild's load + indexes took {:.2}x that",
         write.tables,
+        write.rows,
         write.bytes as f64 / 1e6,
         write.copy_seconds,
         write.index_seconds,
