@@ -185,20 +185,21 @@ async fn pause_and_resume_from_another_process_stop_and_restart_a_running_follow
         "resumed and caught up"
     );
 
-    // What happened is visible to Prometheus.
-    let (_, metrics) = http_get(&metrics_addr, "/metrics");
-    for expected in [
+    // What happened is visible to Prometheus (a moment after the commit the test saw).
+    let expected = [
         "reproject_events_applied_total{projection=\"order_summary\",phase=\"follow\"} 10000",
         "reproject_lag_events{projection=\"order_summary\",topic=\"shop.orders\",partition=\"0\"} 0",
         "reproject_paused{projection=\"order_summary\"} 0",
         "reproject_events_read_total{",
         "reproject_batch_duration_seconds_bucket{",
-    ] {
-        assert!(
-            metrics.contains(expected),
-            "{expected} missing from:\n{metrics}"
-        );
-    }
+    ];
+    wait_until(
+        "the metrics to show the follow, its lag and the resume",
+        10,
+        || async { http_get(&metrics_addr, "/metrics").1 },
+        |metrics| expected.iter().all(|e| metrics.contains(e)),
+    )
+    .await;
     stop(&mut run);
 }
 

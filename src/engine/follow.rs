@@ -357,20 +357,6 @@ async fn apply_batches<E: Send + Sync + 'static>(
             }
             events += batch.events;
             dead_letters += stored.iter().map(|l| l.len() as u64).sum::<u64>();
-            if let Some(governor) = engine.governor.as_deref() {
-                governor.pace(batch.events).await;
-            } else if let Some(rate) = controls
-                .live()
-                .max_rate
-                .or(engine.tuning.max_rate)
-                .filter(|r| *r > 0)
-            {
-                // Hold the average at the cap: sleep until this many events are due.
-                let due = Duration::from_secs_f64(events as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(progress.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-            }
         }
         for (t, next) in targets.iter_mut().zip(nexts) {
             t.positions = next;
@@ -414,6 +400,24 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     .catalog
                     .write_progress(t.build.build_id, &writer_name, &json)
                     .await;
+            }
+        }
+        // Paced after the batch's positions, lag and progress are out: what is committed shows at
+        // once, however long the throttle or the cap holds the next batch.
+        if batch.events > 0 {
+            if let Some(governor) = engine.governor.as_deref() {
+                governor.pace(batch.events).await;
+            } else if let Some(rate) = controls
+                .live()
+                .max_rate
+                .or(engine.tuning.max_rate)
+                .filter(|r| *r > 0)
+            {
+                // Hold the average at the cap: sleep until this many events are due.
+                let due = Duration::from_secs_f64(events as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(progress.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
         let reached = last && matches!(until, Until::Reached(_));
