@@ -4,6 +4,7 @@
 
 mod args;
 mod bench;
+mod check;
 mod config;
 mod dead_letters;
 mod demo;
@@ -85,6 +86,43 @@ pub fn main<D: Domain>(domain: D) -> ExitCode {
             } else {
                 EXIT_ERROR
             })
+        }
+    }
+}
+
+/// The folder of a file-defined domain, when the command line (`--domain DIR`) or the environment
+/// (`REPROJECT_DOMAIN`) names one. Read before the command line is parsed, since which domain runs
+/// decides the parser's types.
+pub fn requested_domain_dir() -> Option<PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            break;
+        }
+        if arg == "--domain" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(dir) = arg.to_str().and_then(|a| a.strip_prefix("--domain=")) {
+            return Some(PathBuf::from(dir));
+        }
+    }
+    std::env::var_os("REPROJECT_DOMAIN")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Runs the domain defined by the files in `dir`, or reports every problem they have.
+pub fn main_with_files(dir: &std::path::Path) -> ExitCode {
+    match crate::domain::files::FileDomain::load(dir) {
+        Ok(domain) => main(domain),
+        Err(problems) => {
+            eprintln!(
+                "reproject: the domain in {} has {} problem(s):\n{}",
+                dir.display(),
+                problems.len(),
+                problems.render(dir)
+            );
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
@@ -195,6 +233,12 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct GlobalArgs {
+    /// A domain defined by files: a folder holding domain.toml, its schemas and
+    /// views/<name>/v<N>.toml. The stock binary runs it instead of its built-in example domain
+    /// [env: REPROJECT_DOMAIN]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub domain: Option<PathBuf>,
+
     /// Kafka bootstrap servers, comma separated [env: REPROJECT_BROKERS] [default: 127.0.0.1:9092]
     #[arg(long, global = true, value_name = "HOST:PORT")]
     pub brokers: Option<String>,
@@ -287,6 +331,9 @@ pub enum Command {
     CheckTotals(totals::CheckTotalsArgs),
     /// Records passed over under `--on-bad-record dead-letter`: list, show, retry after a fix.
     DeadLetters(dead_letters::DeadLettersArgs),
+    /// Check the domain before anything runs: its upcasters, its projections and their tables. With
+    /// `--domain DIR`, every problem in the files is reported with its file and line.
+    Check(check::CheckArgs),
 }
 
 /// The projections a command names, or all of them with `--all`.
@@ -343,6 +390,7 @@ pub async fn run<D: Domain>(domain: Arc<D>, cli: Cli) -> anyhow::Result<Outcome>
         Command::Gc(args) => gc::run(&cx, args).await,
         Command::Bench(args) => bench::run(&cx, args).await,
         Command::DeadLetters(args) => dead_letters::run(&cx, args).await,
+        Command::Check(args) => check::run(&cx, args).await,
     }
 }
 

@@ -10,6 +10,7 @@
 //! `shop` is the example domain the stock binary runs. It uses only the public API, through
 //! `reproject::` paths, exactly as a crate of its own would.
 
+pub mod files;
 pub mod shop;
 
 use std::collections::BTreeMap;

@@ -303,6 +303,13 @@ pub async fn trace<E: Send + Sync + 'static>(
         };
         for (projection, store) in options.projections.iter().zip(stores.iter_mut()) {
             projection.apply(&event, &mut scratch);
+            if let Some(reason) = scratch.take_refusal() {
+                entry.error = Some(format!(
+                    "projection {} refused the event: {reason}",
+                    projection.name()
+                ));
+                continue;
+            }
             let specs = projection.tables();
             let changes: Vec<Change> = scratch.drain().collect();
             let described = changes.iter().map(|c| describe_change(specs, c)).collect();

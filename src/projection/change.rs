@@ -82,6 +82,8 @@ impl Change {
 #[derive(Default, Debug)]
 pub struct Changes {
     changes: Vec<Change>,
+    /// Why the projection could not project the event, when it could not (see [`Changes::refuse`]).
+    refusal: Option<String>,
 }
 
 impl Changes {
@@ -156,7 +158,25 @@ impl Changes {
     }
 
     pub fn clear(&mut self) {
-        self.changes.clear()
+        self.changes.clear();
+        self.refusal = None;
+    }
+
+    /// The projection cannot project this event (a value its code cannot convert): the event
+    /// becomes a bad record, a dead letter or the end of the replay as the policy says, and none of
+    /// its changes is applied to any projection. Compiled projections rarely need it; a view
+    /// defined in a file uses it when an expression fails on one event.
+    pub fn refuse(&mut self, reason: impl Into<String>) {
+        self.refusal.get_or_insert_with(|| reason.into());
+    }
+
+    /// The refusal recorded since the last call, if any; the buffer's changes are dropped with it.
+    pub fn take_refusal(&mut self) -> Option<String> {
+        let refusal = self.refusal.take();
+        if refusal.is_some() {
+            self.changes.clear();
+        }
+        refusal
     }
 }
 
@@ -187,6 +207,18 @@ impl ChangeLog {
         }
         self.changes.extend(changes.drain());
         self.events.push((at, self.changes.len()));
+    }
+
+    /// Where the log ends now, to [`ChangeLog::truncate`] back to when a later projection refuses
+    /// the event whose changes follow.
+    pub fn mark(&self) -> (usize, usize) {
+        (self.changes.len(), self.events.len())
+    }
+
+    /// Drop what was recorded after `mark`.
+    pub fn truncate(&mut self, mark: (usize, usize)) {
+        self.changes.truncate(mark.0);
+        self.events.truncate(mark.1);
     }
 
     /// Every change with its event's time, in the order the events were read.

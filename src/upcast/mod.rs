@@ -19,8 +19,8 @@ use rustc_hash::FxHashMap;
 use crate::envelope::message_name;
 
 type AnyMessage = Box<dyn Any + Send>;
-type DecodeFn = fn(&[u8]) -> Result<AnyMessage, prost::DecodeError>;
-type EncodeFn = fn(&(dyn Any + Send)) -> Option<Vec<u8>>;
+type DecodeFn = Arc<dyn Fn(&[u8]) -> Result<AnyMessage, prost::DecodeError> + Send + Sync>;
+type EncodeFn = Arc<dyn Fn(&(dyn Any + Send)) -> Option<Vec<u8>> + Send + Sync>;
 type StepFn = Arc<dyn Fn(AnyMessage) -> Result<AnyMessage, StepError> + Send + Sync>;
 type FinishFn<E> = Arc<dyn Fn(AnyMessage) -> Option<E> + Send + Sync>;
 
@@ -106,6 +106,26 @@ fn decode_as<M: Message + Default + Send + 'static>(
     Ok(Box::new(M::decode(bytes)?))
 }
 
+/// Decoding and re-encoding of a message known by its descriptor. Every dynamic message has one Rust
+/// type, so the registry's type check passes trivially; the file-defined domain checks names and
+/// fields itself before it builds the registry.
+fn dynamic_entry<E>(descriptor: prost_reflect::MessageDescriptor, kind: Kind<E>) -> Entry<E> {
+    Entry {
+        decode: Arc::new(move |bytes: &[u8]| {
+            Ok(Box::new(prost_reflect::DynamicMessage::decode(
+                descriptor.clone(),
+                bytes,
+            )?) as AnyMessage)
+        }),
+        encode: Arc::new(|msg: &(dyn Any + Send)| {
+            msg.downcast_ref::<prost_reflect::DynamicMessage>()
+                .map(Message::encode_to_vec)
+        }),
+        input: TypeId::of::<prost_reflect::DynamicMessage>(),
+        kind,
+    }
+}
+
 fn encode_as<M: Message + 'static>(msg: &(dyn Any + Send)) -> Option<Vec<u8>> {
     msg.downcast_ref::<M>().map(Message::encode_to_vec)
 }
@@ -121,12 +141,59 @@ impl<E: 'static> RegistryBuilder<E> {
         self.entries.push((
             name,
             Entry {
-                decode: decode_as::<M>,
-                encode: encode_as::<M>,
+                decode: Arc::new(decode_as::<M>),
+                encode: Arc::new(encode_as::<M>),
                 input: TypeId::of::<M>(),
                 kind: Kind::Latest { finish },
             },
         ));
+        self
+    }
+
+    /// Register a latest version known only at run time, by its descriptor (a file-defined domain):
+    /// decoded as a [`prost_reflect::DynamicMessage`] and handed to projections as `wrap(message)`.
+    pub fn latest_dynamic(
+        mut self,
+        name: &'static str,
+        descriptor: prost_reflect::MessageDescriptor,
+        wrap: impl Fn(prost_reflect::DynamicMessage) -> E + Send + Sync + 'static,
+    ) -> Self {
+        let finish: FinishFn<E> = Arc::new(move |msg: AnyMessage| {
+            msg.downcast::<prost_reflect::DynamicMessage>()
+                .ok()
+                .map(|m| wrap(*m))
+        });
+        self.entries
+            .push((name, dynamic_entry(descriptor, Kind::Latest { finish })));
+        self
+    }
+
+    /// Register a step between two versions known only at run time, each a
+    /// [`prost_reflect::DynamicMessage`] of its descriptor.
+    pub fn step_dynamic(
+        mut self,
+        from: &'static str,
+        descriptor: prost_reflect::MessageDescriptor,
+        to: &'static str,
+        step: impl Fn(prost_reflect::DynamicMessage) -> Result<prost_reflect::DynamicMessage, StepError>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        let apply: StepFn = Arc::new(move |msg: AnyMessage| {
+            let input = msg
+                .downcast::<prost_reflect::DynamicMessage>()
+                .map_err(|_| {
+                    StepError::new("internal: the step received a message of another type")
+                })?;
+            Ok(Box::new(step(*input)?) as AnyMessage)
+        });
+        let kind = Kind::Step {
+            to,
+            output: TypeId::of::<prost_reflect::DynamicMessage>(),
+            apply,
+        };
+        self.entries.push((from, dynamic_entry(descriptor, kind)));
         self
     }
 
@@ -150,8 +217,8 @@ impl<E: 'static> RegistryBuilder<E> {
         self.entries.push((
             from,
             Entry {
-                decode: decode_as::<A>,
-                encode: encode_as::<A>,
+                decode: Arc::new(decode_as::<A>),
+                encode: Arc::new(encode_as::<A>),
                 input: TypeId::of::<A>(),
                 kind: Kind::Step {
                     to,

@@ -371,6 +371,9 @@ struct Reading<'a, E> {
     aggregates_started: u64,
     recent: RecentEventIds,
     scratch: Changes,
+    /// Where each projection's change log ended before the current event, to undo its changes when a
+    /// later projection refuses it.
+    marks: Vec<(usize, usize)>,
     /// Every record is decoded into this one, reusing its strings and buffers.
     decoded: envelope::Decoded,
     batch: Batch,
@@ -417,6 +420,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             aggregates_started: 0,
             recent: RecentEventIds::new(DUPLICATE_WINDOW),
             scratch: Changes::default(),
+            marks: Vec::new(),
             decoded: envelope::Decoded::default(),
             batch: Batch {
                 changes: vec![ChangeLog::default(); targets.len()],
@@ -630,11 +634,29 @@ impl<'a, E: 'static> Reading<'a, E> {
             payload: &payload,
         };
         let time = LogicalTime::of(&decoded.meta);
+        self.marks.clear();
+        self.marks
+            .extend(self.batch.changes.iter().map(ChangeLog::mark));
         for (i, target) in self.targets.iter().enumerate() {
             if !target.wants(partition, offset) {
                 continue;
             }
             target.projection.apply(&event, &mut self.scratch);
+            if let Some(reason) = self.scratch.take_refusal() {
+                // None of the event's changes is applied, to any projection: a dead letter retried
+                // after the fix applies it whole.
+                for (log, mark) in self.batch.changes.iter_mut().zip(&self.marks) {
+                    log.truncate(*mark);
+                }
+                return Err(at.bad(
+                    BadKind::Projection,
+                    Some(decoded.type_url.as_str()),
+                    format!(
+                        "projection {} refused the event: {reason}",
+                        target.projection.name()
+                    ),
+                ));
+            }
             self.batch.changes[i].record(time, &mut self.scratch);
         }
         self.recent

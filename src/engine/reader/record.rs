@@ -33,6 +33,9 @@ pub enum BadKind {
     Upcast,
     /// An event id already applied a short while before (a producer's retry, usually).
     Duplicate,
+    /// A projection could not project the event (an expression of a file-defined view failed on
+    /// it, say).
+    Projection,
 }
 
 impl BadKind {
@@ -42,6 +45,7 @@ impl BadKind {
             BadKind::Key => "key",
             BadKind::Upcast => "upcast",
             BadKind::Duplicate => "duplicate",
+            BadKind::Projection => "projection",
         }
     }
 }

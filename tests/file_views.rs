@@ -1,0 +1,277 @@
+//! Views defined by files, run by the stock binary (`--domain DIR`): the shop's three views written
+//! as files (domains/shop-as-files) give tables identical to the compiled ones on the same log; a
+//! view file's mistakes are refused before anything runs, each with its file and line; an
+//! expression that fails on one event refuses that event, naming the view, the file, the offset.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::*;
+use reproject::domain::files::FileDomain;
+use reproject::domain::shop::generator::{History, HistoryConfig, V3_FROM};
+use reproject::engine::{Engine, EngineParts};
+
+const EVENTS: u64 = 8_000;
+
+fn shop_as_files() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("domains/shop-as-files")
+}
+
+/// A shop history written entirely in the latest schema version (orders placed from 2025 on): the
+/// file-defined shop has no upcasters yet.
+fn latest_version_history() -> History {
+    let mut config = HistoryConfig::new(EVENTS, EVENTS / 10, EVENTS / 50, 31);
+    config.start = V3_FROM;
+    History::new(config)
+}
+
+const TABLES: [(&str, &str); 3] = [
+    ("order_summary", "order_id"),
+    ("customer_stats", "customer_id"),
+    ("daily_sales", "day, currency"),
+];
+
+async fn checksums(pool: &sqlx::PgPool) -> Vec<String> {
+    let mut out = Vec::new();
+    for (table, key) in TABLES {
+        out.push(checksum(pool, "public", table, key).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shops_views_as_files_give_the_compiled_views_tables_on_the_same_log() {
+    let kafka = Kafka::start(4);
+    let mut history = latest_version_history();
+    append(&kafka.settings, &mut history, EVENTS);
+    let expected = history.expected();
+    assert_eq!(
+        expected.events_by_version.keys().collect::<Vec<_>>(),
+        ["v3"],
+        "the history is written in v3 only"
+    );
+
+    let compiled_db = fresh_database("file_views_compiled").await;
+    let compiled = engine(&compiled_db, &kafka.settings, tuning()).await;
+    rebuild_all(&compiled).await.expect("the compiled rebuild");
+
+    // The stock binary, pointed at the files.
+    let files_db = fresh_database("file_views_files").await;
+    let domain_dir = shop_as_files();
+    let domain_arg = domain_dir.to_string_lossy().into_owned();
+    let out = reproject(
+        &files_db,
+        &kafka,
+        &["--domain", &domain_arg, "rebuild", "--all"],
+    );
+    assert!(
+        out.status.success(),
+        "rebuild --all of the file-defined views: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    let compiled_pool = pool(&compiled_db).await;
+    let files_pool = pool(&files_db).await;
+    let from_code = checksums(&compiled_pool).await;
+    let from_files = checksums(&files_pool).await;
+    assert!(from_code.iter().all(|c| c != "empty"), "{from_code:?}");
+    assert_eq!(
+        from_files, from_code,
+        "order_summary, customer_stats, daily_sales"
+    );
+    let orders: i64 = scalar(&files_pool, "SELECT count(*) FROM order_summary")
+        .await
+        .expect("rows");
+    assert_eq!(orders as u64, expected.orders);
+
+    // The derived SQL made the same keys and indexes as the shop's hand-written SQL.
+    let indexes = |pool: sqlx::PgPool| async move {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT regexp_replace(indexdef, ' ON \\S+ ', ' ON t ') FROM pg_indexes
+             WHERE schemaname = 'public' AND tablename = 'order_summary' ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("indexes");
+        rows.len()
+    };
+    let (code_indexes, file_indexes) = (
+        indexes(compiled_pool.clone()).await,
+        indexes(files_pool.clone()).await,
+    );
+    assert_eq!(file_indexes, code_indexes);
+}
+
+/// A domain folder in the temp dir whose domain.toml reads the shop's schemas, with these views.
+fn domain_with_views(test: &str, views: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rp-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/domain/shop/protos");
+    std::fs::create_dir_all(&dir).expect("domain dir");
+    std::fs::write(
+        dir.join("domain.toml"),
+        format!(
+            "name = \"broken\"\ntopics = [\"{TOPIC}\"]\nschemas = {:?}\nevents = [\"shop.v3.OrderPlaced\", \"shop.v3.OrderPaid\"]\n",
+            protos.to_string_lossy()
+        ),
+    )
+    .expect("domain.toml");
+    for (name, text) in views {
+        let folder = dir.join("views").join(name);
+        std::fs::create_dir_all(&folder).expect("view folder");
+        std::fs::write(folder.join("v1.toml"), text).expect("view file");
+    }
+    dir
+}
+
+const MISTAKES: &str = r#"[[tables]]
+name = "orders_by_customer"
+key = ["customer_id"]
+columns = [
+  { name = "customer_id", type = "text" },
+  { name = "orders", type = "bigint", counter = true },
+  { name = "last_placed", type = "timestamptz" },
+  { name = "currency", type = "text" },
+]
+
+[[on]]
+events = ["shop.v3.OrderPlaced"]
+key = ["payload.customer"]
+add = { orders = "1" }
+
+[[on]]
+events = ["shop.v3.OrderPaid"]
+key = ["payload.customer_id"]
+set = { last_placed = "payload.currency" }
+
+[[on]]
+events = ["shop.v3.OrderPaid"]
+key = ["payload.customer_id"]
+set = { currency = "payload.currency +" }
+
+[[on]]
+events = ["shop.v9.Nothing"]
+key = ["payload.customer_id"]
+add = { orders = "1" }
+
+[[on]]
+events = ["shop.v3.OrderPaid"]
+key = ["payload.customer_id"]
+set = { currency = "now()" }
+"#;
+
+const INJECTION: &str = r#"[[tables]]
+name = "x\"; DROP TABLE reproject.builds; --"
+key = ["id"]
+columns = [{ name = "id", type = "text" }]
+"#;
+
+#[test]
+fn check_refuses_each_mistake_with_its_file_line_and_what_is_wrong() {
+    let dir = domain_with_views(
+        "file-views-mistakes",
+        &[("orders_by_customer", MISTAKES), ("sneaky", INJECTION)],
+    );
+    let out = binary(&["--domain", &dir.to_string_lossy(), "check"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let view = dir.join("views/orders_by_customer/v1.toml");
+    let at = |line: usize| format!("{}:{line}: ", view.display());
+    for (line, what) in [
+        (13, "key customer_id = \"payload.customer\", for shop.v3.OrderPlaced: message shop.v3.OrderPlaced has no field `customer`"),
+        (19, "set.last_placed = \"payload.currency\", for shop.v3.OrderPaid: the expression is a string and the column is timestamp with time zone"),
+        (24, "does not parse as CEL"),
+        (27, "shop.v9.Nothing is not an event type of this domain"),
+        (34, "unknown function now()"),
+    ] {
+        assert!(
+            err.lines().any(|l| l.starts_with(&at(line)) && l.contains(what)),
+            "expected {}{what} in:\n{err}",
+            at(line)
+        );
+    }
+    let sneaky = dir.join("views/sneaky/v1.toml");
+    assert!(
+        err.contains(&format!("{}:2: table name", sneaky.display()))
+            && err.contains("is not a valid name"),
+        "{err}"
+    );
+    // Nothing ran: no command got as far as the database or the broker.
+    assert!(!err.contains("connect"), "{err}");
+}
+
+#[test]
+fn check_describes_a_domain_whose_files_are_right() {
+    let out = binary(&["--domain", &shop_as_files().to_string_lossy(), "check"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("domain shop-as-files: 7 message type(s)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("order_summary v1: order_summary (16 columns)"),
+        "{stdout}"
+    );
+}
+
+const UNCONVERTIBLE: &str = r#"[[tables]]
+name = "numbered_customers"
+key = ["order_id"]
+per_aggregate = true
+columns = [
+  { name = "order_id", type = "text" },
+  { name = "customer_number", type = "bigint" },
+]
+
+[[on]]
+events = ["shop.v3.OrderPlaced"]
+key = ["payload.order_id"]
+set = { customer_number = "int(payload.customer_id)" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expression_that_fails_on_an_event_refuses_it_naming_view_file_and_offset() {
+    let kafka = Kafka::start(1);
+    let mut history = latest_version_history();
+    append(&kafka.settings, &mut history, 200);
+    let dir = domain_with_views(
+        "file-views-refusal",
+        &[("numbered_customers", UNCONVERTIBLE)],
+    );
+    let domain = Arc::new(FileDomain::load(&dir).expect("the view compiles: int(string) is typed"));
+    let db = fresh_database("file_views_refusal").await;
+    let parts = EngineParts::for_domain(
+        &domain,
+        kafka.settings.clone(),
+        reproject::source::Topics::new([TOPIC]).expect("topic"),
+        db.clone(),
+        "public".into(),
+        None,
+        tuning(),
+    )
+    .expect("parts");
+    let engine = Engine::connect(parts).await.expect("engine");
+    let error = reproject::engine::rebuild::rebuild(
+        &engine,
+        &["numbered_customers".to_string()],
+        &rebuild_options(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect_err("customer ids are not numbers")
+    .to_string();
+    for what in [
+        "projection numbered_customers refused the event",
+        "views/numbered_customers/v1.toml:11",
+        "column customer_number = \"int(payload.customer_id)\"",
+        "not an integer",
+        "offset 0",
+        TOPIC,
+    ] {
+        assert!(error.contains(what), "{what:?} in: {error}");
+    }
+}
