@@ -16,7 +16,11 @@
 //! values. Supported: literals (including `null`), `+ - * / %` (integers checked for overflow), `==
 //! != < <= > >=`, `&& || !`, `c ? a : b`, `has(payload.field)`, and the functions `int`, `uint`,
 //! `double`, `string`, `date` (the UTC day of a timestamp), `timestamp` (RFC 3339 text), `size`, and
-//! the methods `contains`, `startsWith`, `endsWith`, `lowerAscii`, `upperAscii`, `trim`.
+//! the methods `contains`, `startsWith`, `endsWith`, `lowerAscii`, `upperAscii`, `trim`,
+//! `split(sep)` / `split(sep, n)` (a list of strings, indexed with `[i]`). For real histories:
+//! `cents("12.50")` (a decimal amount as integer cents, exactly), `utc("2024-03-31 02:30:00
+//! Europe/Berlin")` or `utc(local, zone)` (a local time and an IANA zone to a UTC timestamp), and
+//! `required(x)` (x, or an error for that event when it is empty).
 //! Everything else CEL has (lists, maps, macros over them, struct literals) is refused by `check`
 //! with the construct named.
 
@@ -45,6 +49,8 @@ pub enum Type {
     Timestamp,
     Date,
     Message(MessageDescriptor),
+    /// A list of strings, from `split`: indexed with `[i]`, measured with `size`.
+    Strings,
 }
 
 impl fmt::Display for Type {
@@ -60,6 +66,7 @@ impl fmt::Display for Type {
             Type::Timestamp => f.write_str("timestamp"),
             Type::Date => f.write_str("date"),
             Type::Message(m) => write!(f, "message {}", m.full_name()),
+            Type::Strings => f.write_str("list(string)"),
         }
     }
 }
@@ -110,6 +117,7 @@ pub enum Scalar<'a> {
     Date(i32),
     /// A message; `None` when the field holding it is unset (its fields read as their defaults).
     Message(Option<&'a DynamicMessage>),
+    Strings(Vec<String>),
 }
 
 /// What an expression is evaluated on.
@@ -188,6 +196,11 @@ enum Function {
     Lower,
     Upper,
     Trim,
+    Split,
+    Index,
+    Cents,
+    Utc,
+    Required,
 }
 
 #[derive(Clone, Debug)]
@@ -223,8 +236,30 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    /// Parse `source` and type it against `payload`, the message the expression will see.
+    /// Parse `source` and type it against `payload`, the message the expression will see, and the
+    /// event's time and position.
     pub fn new(source: &str, payload: &MessageDescriptor) -> Result<Compiled, CompileError> {
+        Compiled::parse(
+            source,
+            &Scope {
+                payload,
+                event: true,
+            },
+        )
+    }
+
+    /// Like [`Compiled::new`], for an upcaster step: the message alone, no `event`.
+    pub fn for_step(source: &str, payload: &MessageDescriptor) -> Result<Compiled, CompileError> {
+        Compiled::parse(
+            source,
+            &Scope {
+                payload,
+                event: false,
+            },
+        )
+    }
+
+    fn parse(source: &str, scope: &Scope<'_>) -> Result<Compiled, CompileError> {
         let parsed = cel::parser::Parser::new().parse(source).map_err(|errors| {
             let first = errors
                 .errors
@@ -233,7 +268,7 @@ impl Compiled {
                 .unwrap_or_else(|| errors.to_string());
             CompileError(format!("does not parse as CEL: {first}"))
         })?;
-        let (node, ty) = compile(&parsed, payload)?;
+        let (node, ty) = compile(&parsed, scope)?;
         Ok(Compiled {
             node,
             ty,
@@ -269,7 +304,7 @@ impl Compiled {
     }
 }
 
-fn field_type(field: &FieldDescriptor) -> Result<Type, CompileError> {
+pub(super) fn field_type(field: &FieldDescriptor) -> Result<Type, CompileError> {
     if field.is_list() || field.is_map() {
         return refuse(format!(
             "field {} is {}: repeated and map fields are not supported in expressions yet",
@@ -295,7 +330,15 @@ fn field_type(field: &FieldDescriptor) -> Result<Type, CompileError> {
     })
 }
 
-fn compile(expr: &IdedExpr, payload: &MessageDescriptor) -> Result<(Node, Type), CompileError> {
+/// What an expression is compiled against.
+struct Scope<'s> {
+    payload: &'s MessageDescriptor,
+    /// Whether `event` (time and position) is there: an upcaster step sees the message alone.
+    event: bool,
+}
+
+fn compile(expr: &IdedExpr, scope: &Scope<'_>) -> Result<(Node, Type), CompileError> {
+    let payload = scope.payload;
     match &expr.expr {
         CelExpr::Literal(literal) => Ok(literal_node(literal)?),
         CelExpr::Ident(name) => match name.as_str() {
@@ -307,6 +350,9 @@ fn compile(expr: &IdedExpr, payload: &MessageDescriptor) -> Result<(Node, Type),
         },
         CelExpr::Select(select) => {
             if let CelExpr::Ident(root) = &select.operand.expr {
+                if root == "event" && !scope.event {
+                    return refuse("an upcaster step sees the message alone (`payload`), not `event`: upcasting must not depend on where an event sits in the log");
+                }
                 if root == "event" {
                     if select.test {
                         return refuse("has() takes a message field, not event metadata");
@@ -328,7 +374,7 @@ fn compile(expr: &IdedExpr, payload: &MessageDescriptor) -> Result<(Node, Type),
                         });
                 }
             }
-            let (of, of_ty) = compile(&select.operand, payload)?;
+            let (of, of_ty) = compile(&select.operand, scope)?;
             let Type::Message(message) = &of_ty else {
                 return refuse(format!(
                     "`.{}` reads a field, but what it is read from is a {of_ty}, not a message",
@@ -366,7 +412,7 @@ fn compile(expr: &IdedExpr, payload: &MessageDescriptor) -> Result<(Node, Type),
                 ty,
             ))
         }
-        CelExpr::Call(call) => compile_call(&call.func_name, call.target.as_deref(), &call.args, payload),
+        CelExpr::Call(call) => compile_call(&call.func_name, call.target.as_deref(), &call.args, scope),
         CelExpr::List(_) => refuse("list literals are not supported in view expressions"),
         CelExpr::Map(_) => refuse("map literals are not supported in view expressions"),
         CelExpr::Struct(_) => refuse("message literals are not supported in view expressions"),
@@ -399,15 +445,15 @@ fn compile_call(
     name: &str,
     target: Option<&IdedExpr>,
     args: &[IdedExpr],
-    payload: &MessageDescriptor,
+    scope: &Scope<'_>,
 ) -> Result<(Node, Type), CompileError> {
     use cel::common::ast::operators as op;
     let mut compiled = Vec::with_capacity(args.len() + 1);
     if let Some(t) = target {
-        compiled.push(compile(t, payload)?);
+        compiled.push(compile(t, scope)?);
     }
     for a in args {
-        compiled.push(compile(a, payload)?);
+        compiled.push(compile(a, scope)?);
     }
     let arity = |n: usize| -> Result<(), CompileError> {
         if compiled.len() == n {
@@ -470,6 +516,16 @@ fn compile_call(
         return Ok((Node::Compare(kind, Box::new(a), Box::new(b)), Type::Bool));
     }
     match name {
+        op::INDEX => {
+            arity(2)?;
+            let ((a, at), (b, bt)) = binary(compiled)?;
+            if at != Type::Strings || bt != Type::Int {
+                return refuse(format!(
+                    "`[ ]` indexes a list(string) (from split) with an int, not {at} with {bt}"
+                ));
+            }
+            Ok((Node::Call(Function::Index, vec![a, b]), Type::String))
+        }
         op::LOGICAL_AND | op::LOGICAL_OR => {
             arity(2)?;
             let ((a, at), (b, bt)) = binary(compiled)?;
@@ -558,7 +614,13 @@ fn compile_function(
         ) => (Function::String, Type::String),
         ("date", false, ["timestamp"]) => (Function::Date, Type::Date),
         ("timestamp", false, ["string"]) => (Function::Timestamp, Type::Timestamp),
-        ("size", _, ["string" | "bytes"]) => (Function::Size, Type::Int),
+        ("size", _, ["string" | "bytes" | "list(string)"]) => (Function::Size, Type::Int),
+        ("split", true, ["string", "string"] | ["string", "string", "int"]) => {
+            (Function::Split, Type::Strings)
+        }
+        ("cents", false, ["string"]) => (Function::Cents, Type::Int),
+        ("utc", false, ["string"] | ["string", "string"]) => (Function::Utc, Type::Timestamp),
+        ("required", false, [_]) => (Function::Required, compiled[0].1.clone()),
         ("contains", true, ["string", "string"]) => (Function::Contains, Type::Bool),
         ("startsWith", true, ["string", "string"]) => (Function::StartsWith, Type::Bool),
         ("endsWith", true, ["string", "string"]) => (Function::EndsWith, Type::Bool),
@@ -567,7 +629,8 @@ fn compile_function(
         ("trim", true, ["string"]) => (Function::Trim, Type::String),
         (
             "int" | "uint" | "double" | "string" | "date" | "timestamp" | "size" | "contains"
-            | "startsWith" | "endsWith" | "lowerAscii" | "upperAscii" | "trim",
+            | "startsWith" | "endsWith" | "lowerAscii" | "upperAscii" | "trim" | "split" | "cents"
+            | "utc",
             ..,
         ) => {
             return refuse(format!(
@@ -702,7 +765,7 @@ fn default_of(ty: &Type) -> Scalar<'static> {
         Type::String => Scalar::Str(Cow::Borrowed("")),
         Type::Bytes => Scalar::Bytes(Cow::Borrowed(&[])),
         Type::Message(_) => Scalar::Message(None),
-        Type::Null | Type::Timestamp | Type::Date => Scalar::Null,
+        Type::Null | Type::Timestamp | Type::Date | Type::Strings => Scalar::Null,
     }
 }
 
@@ -917,8 +980,116 @@ fn call<'a>(function: Function, mut args: Vec<Scalar<'a>>) -> Result<Scalar<'a>,
             Cow::Borrowed(b) => Scalar::Str(Cow::Borrowed(b.trim())),
             Cow::Owned(o) => Scalar::Str(Cow::Owned(o.trim().to_string())),
         },
+        (Function::Size, Scalar::Strings(list)) => Scalar::Int(list.len() as i64),
+        (Function::Split, Scalar::Str(s)) => {
+            let separator = text_arg(&args)?;
+            let limit = match args.get(1) {
+                Some(Scalar::Int(n)) if *n > 0 => Some(*n as usize),
+                Some(Scalar::Int(n)) => {
+                    return Err(EvalError(format!(
+                        "split: a limit of {n}; it must be 1 or more"
+                    )))
+                }
+                _ => None,
+            };
+            Scalar::Strings(match limit {
+                Some(n) => s
+                    .splitn(n, separator.as_str())
+                    .map(str::to_string)
+                    .collect(),
+                None => s.split(separator.as_str()).map(str::to_string).collect(),
+            })
+        }
+        (Function::Index, Scalar::Strings(mut list)) => match args.first() {
+            Some(Scalar::Int(i)) if *i >= 0 && (*i as usize) < list.len() => {
+                Scalar::Str(Cow::Owned(list.swap_remove(*i as usize)))
+            }
+            other => {
+                return Err(EvalError(format!(
+                    "index {other:?} is outside the list {list:?}"
+                )))
+            }
+        },
+        (Function::Cents, Scalar::Str(s)) => Scalar::Int(decimal_cents(&s)?),
+        (Function::Utc, Scalar::Str(s)) => {
+            let zone = match args.first() {
+                Some(Scalar::Str(z)) => Some(z.to_string()),
+                _ => None,
+            };
+            Scalar::Timestamp(local_time_micros(&s, zone.as_deref())?)
+        }
+        (Function::Required, Scalar::Str(s)) if s.is_empty() => {
+            return Err(EvalError("a required value is empty".to_string()))
+        }
+        (Function::Required, value) => value,
         (function, other) => return Err(EvalError(format!("internal: {function:?} of {other:?}"))),
     })
+}
+
+/// "12.50" -> 1250: a decimal amount with at most two decimals as integer cents, exactly.
+fn decimal_cents(text: &str) -> Result<i64, EvalError> {
+    let bad = || {
+        EvalError(format!(
+            "cents({text:?}): not a decimal amount like \"12.50\""
+        ))
+    };
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let digits_only = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty()
+        || !digits_only(whole)
+        || fraction.len() > 2
+        || !digits_only(fraction)
+        || (digits.contains('.') && fraction.is_empty())
+    {
+        return Err(bad());
+    }
+    let whole: i64 = whole.parse().map_err(|_| bad())?;
+    let fraction: i64 = match fraction.len() {
+        0 => 0,
+        1 => fraction.parse::<i64>().map_err(|_| bad())? * 10,
+        _ => fraction.parse().map_err(|_| bad())?,
+    };
+    let cents = whole
+        .checked_mul(100)
+        .and_then(|c| c.checked_add(fraction))
+        .ok_or_else(bad)?;
+    Ok(if negative { -cents } else { cents })
+}
+
+/// "2024-03-31 02:30:00 Europe/Berlin" (or the local time and the zone apart) as UTC microseconds;
+/// a local time a clock change skipped is an error, one it repeated is its earlier instant.
+fn local_time_micros(text: &str, zone: Option<&str>) -> Result<i64, EvalError> {
+    use chrono::TimeZone;
+    let shown = || match zone {
+        Some(z) => format!("utc({text:?}, {z:?})"),
+        None => format!("utc({text:?})"),
+    };
+    let (local, zone) = match zone {
+        Some(z) => (text, z),
+        None => text.trim().rsplit_once(' ').ok_or_else(|| {
+            EvalError(format!(
+                "{}: not \"YYYY-MM-DD HH:MM:SS Zone/Name\"",
+                shown()
+            ))
+        })?,
+    };
+    let tz: chrono_tz::Tz = zone
+        .trim()
+        .parse()
+        .map_err(|_| EvalError(format!("{}: unknown time zone {zone:?}", shown())))?;
+    let naive = chrono::NaiveDateTime::parse_from_str(local.trim(), "%Y-%m-%d %H:%M:%S")
+        .map_err(|e| EvalError(format!("{}: {e}", shown())))?;
+    let instant = tz.from_local_datetime(&naive).earliest().ok_or_else(|| {
+        EvalError(format!(
+            "{}: does not exist in {zone} (a clock change skipped it)",
+            shown()
+        ))
+    })?;
+    Ok(instant.timestamp_micros())
 }
 
 /// A computed value as a column of type `column`.
@@ -1047,6 +1218,7 @@ mod tests {
             Scalar::Double(d) => Scalar::Double(d),
             Scalar::Timestamp(t) => Scalar::Timestamp(t),
             Scalar::Date(d) => Scalar::Date(d),
+            Scalar::Strings(l) => Scalar::Strings(l),
         })
     }
 
@@ -1125,6 +1297,50 @@ mod tests {
             .expect_err("out of range")
             .to_string()
             .contains("does not fit an integer column"));
+    }
+
+    #[test]
+    fn conversions_for_real_histories_are_exact_and_refuse_what_they_cannot_read() {
+        let s = |x: &str| Scalar::Str(Cow::Owned(x.to_string()));
+        assert_eq!(
+            eval_on("cents('12.5') + cents('-0.05') + cents('3')", ORDER),
+            Ok(Scalar::Int(1545))
+        );
+        assert!(eval_on("cents('12.505')", ORDER)
+            .expect_err("3 decimals")
+            .contains("not a decimal amount"));
+        assert!(eval_on("cents('1,50')", ORDER)
+            .expect_err("comma")
+            .contains("not a decimal amount"));
+        // 02:30 in Berlin on the last Sunday of March 2024 never happened; 12:00 CET is 11:00 UTC.
+        assert_eq!(
+            eval_on("utc('2024-01-15 12:00:00 Europe/Berlin')", ORDER),
+            Ok(Scalar::Timestamp(1_705_316_400_000_000))
+        );
+        assert_eq!(
+            eval_on("utc('2024-01-15 12:00:00', 'Europe/Berlin') == utc('2024-01-15 12:00:00 Europe/Berlin')", ORDER),
+            Ok(Scalar::Bool(true))
+        );
+        assert!(eval_on("utc('2024-03-31 02:30:00 Europe/Berlin')", ORDER)
+            .expect_err("skipped")
+            .contains("a clock change skipped it"));
+        assert!(eval_on("utc('2024-01-15 12:00:00 Mars/Olympus')", ORDER)
+            .expect_err("zone")
+            .contains("unknown time zone"));
+        assert_eq!(
+            eval_on(
+                "'5 Market Street, 10115 New York, US'.split(', ')[1].split(' ', 2)[1]",
+                ORDER
+            ),
+            Ok(s("New York"))
+        );
+        assert!(eval_on("'a, b'.split(', ')[2]", ORDER)
+            .expect_err("out of range")
+            .contains("outside the list"));
+        assert_eq!(eval_on("required(payload.currency)", ORDER), Ok(s("EUR")));
+        assert!(eval_on("required(payload.ship_to.city)", "{}")
+            .expect_err("empty")
+            .contains("a required value is empty"));
     }
 
     #[test]

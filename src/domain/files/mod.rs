@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! DIR/domain.toml                 name, topics, where the schemas are, which messages are events
+//! DIR/upcasters.toml              steps from older message versions to those (optional)
 //! DIR/views/<view>/v<N>.toml      one file per view version (see `view.rs` for what it holds)
 //! ```
 //!
@@ -19,11 +20,14 @@
 //! once with its file and line ([`Problems`]). Payloads are decoded dynamically (prost-reflect) and
 //! each view's expressions were compiled against the descriptors, so nothing is parsed per event.
 //!
-//! Not yet here: upcasters between message versions as files (every event type is its own latest
-//! version), a sample of the log checked for event types no view handles, and the hash of each view
-//! file recorded with its builds.
+//! DIR/upcasters.toml (optional) holds the steps from older message versions to the event types
+//! (see `upcast.rs`).
+//!
+//! Not yet here: a sample of the log checked for event types no view handles, and the hash of each
+//! view file recorded with its builds.
 
 pub mod expr;
+mod upcast;
 mod view;
 
 use std::fmt;
@@ -143,6 +147,8 @@ pub struct FileDomain {
     descriptors: Vec<u8>,
     /// The event types, by [`FileEvent::kind`].
     events: Vec<(&'static str, MessageDescriptor)>,
+    /// Steps from older message versions towards the event types.
+    steps: Vec<Arc<upcast::FileStep>>,
     /// Every version of every view, sorted by name then version.
     views: Vec<Arc<FileView>>,
 }
@@ -211,6 +217,8 @@ impl FileDomain {
             problems.add(DOMAIN_FILE, None, "topics: name at least one topic");
         }
 
+        let steps = upcast::load(dir, &pool, &mut problems);
+        check_chains(&steps, &events, &mut problems);
         let descriptors_only: Vec<MessageDescriptor> =
             events.iter().map(|(_, d)| d.clone()).collect();
         let views = load_views(dir, &descriptors_only, &mut problems);
@@ -223,6 +231,7 @@ impl FileDomain {
             topics: settings.topics.iter().map(|t| leak(t)).collect(),
             descriptors,
             events,
+            steps: steps.into_iter().map(Arc::new).collect(),
             views,
         })
     }
@@ -240,6 +249,68 @@ impl FileDomain {
     /// Every view version read, as `(name, version)`.
     pub fn view_versions(&self) -> Vec<(&'static str, u32)> {
         self.views.iter().map(|v| (v.name(), v.version())).collect()
+    }
+}
+
+/// Every step's chain must end at an event type, without a cycle and with one step per message:
+/// said here with the file, before the registry would refuse it without one.
+fn check_chains(
+    steps: &[upcast::FileStep],
+    events: &[(&'static str, MessageDescriptor)],
+    problems: &mut Problems,
+) {
+    let is_event = |name: &str| events.iter().any(|(n, _)| *n == name);
+    for (i, step) in steps.iter().enumerate() {
+        if is_event(step.from) {
+            problems.add(
+                upcast::UPCASTERS_FILE,
+                None,
+                format!(
+                    "a step starts from {}, which is an event type (a latest version)",
+                    step.from
+                ),
+            );
+        }
+        if steps[..i].iter().any(|s| s.from == step.from) {
+            problems.add(
+                upcast::UPCASTERS_FILE,
+                None,
+                format!("{} has two steps", step.from),
+            );
+            continue;
+        }
+        let mut path = vec![step.from];
+        let mut current = step.to;
+        loop {
+            if is_event(current) {
+                break;
+            }
+            if path.contains(&current) {
+                path.push(current);
+                problems.add(
+                    upcast::UPCASTERS_FILE,
+                    None,
+                    format!("the steps form a cycle: {}", path.join(" -> ")),
+                );
+                break;
+            }
+            path.push(current);
+            match steps.iter().find(|s| s.from == current) {
+                Some(next) => current = next.to,
+                None => {
+                    problems.add(
+                        upcast::UPCASTERS_FILE,
+                        None,
+                        format!(
+                            "{} has no path to a latest version: {} is neither an event type of domain.toml nor the start of a step",
+                            step.from,
+                            path.join(" -> ")
+                        ),
+                    );
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -434,6 +505,13 @@ impl Domain for FileDomain {
                 kind,
                 message,
             });
+        }
+        for step in &self.steps {
+            let apply = step.clone();
+            builder =
+                builder.step_dynamic(step.from, step.from_descriptor.clone(), step.to, move |m| {
+                    apply.apply(m)
+                });
         }
         builder.build()
     }

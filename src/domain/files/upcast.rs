@@ -1,0 +1,324 @@
+//! Upcaster steps declared in `upcasters.toml`: each turns one message version into the next.
+//!
+//! ```toml
+//! [[step]]
+//! from = "sales.v1.OrderPaid"
+//! to = "sales.v2.OrderPaid"
+//! # Fields of `to` whose name and type are the same in `from` are copied. `set` gives the others
+//! # (or overrides a copy) as CEL over `payload`, the `from` message; a dotted name sets a field of a
+//! # nested message (moving a field into one), and a null leaves the field unset.
+//! set = { amount_cents = "cents(payload.amount)", customer_id = "required(payload.user_id)",
+//!         currency = "'EUR'", "paid_at" = "utc(payload.paid_at)" }
+//! ```
+//!
+//! Everything is checked at start-up: both messages exist, every `set` path names a field of `to`,
+//! every expression parses and its type fits its field, and a field of `to` whose namesake in `from`
+//! has another type is set (it cannot be copied, and leaving it empty would lose data silently).
+//! Chains and cycles are checked by the registry they are added to.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value as PbValue,
+};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::expr::{Compiled, Input, Scalar, Type};
+use super::view::line_of;
+use super::{leak, Problems};
+use crate::projection::EventMeta;
+use crate::upcast::StepError;
+
+/// The file a domain's folder holds its upcaster steps in (optional: a domain whose events never
+/// changed has none).
+pub const UPCASTERS_FILE: &str = "upcasters.toml";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpcastersFile {
+    #[serde(default)]
+    step: Vec<StepDecl>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepDecl {
+    from: Spanned<String>,
+    to: Spanned<String>,
+    #[serde(default)]
+    set: BTreeMap<String, Spanned<String>>,
+}
+
+/// One step, compiled.
+pub struct FileStep {
+    pub from: &'static str,
+    pub from_descriptor: MessageDescriptor,
+    pub to: &'static str,
+    to_descriptor: MessageDescriptor,
+    /// `(from's field, to's field)`, copied as they are.
+    copies: Vec<(FieldDescriptor, FieldDescriptor)>,
+    /// The path of fields from `to` down to the one set, and its expression.
+    sets: Vec<(Vec<FieldDescriptor>, Compiled)>,
+    /// `upcasters.toml:12`, for errors.
+    at: String,
+}
+
+/// Read the domain's steps; a missing file is no steps.
+pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<FileStep> {
+    let path = dir.join(UPCASTERS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            problems.add(UPCASTERS_FILE, None, format!("cannot read: {e}"));
+            return Vec::new();
+        }
+    };
+    let file: UpcastersFile = match toml::from_str(&text) {
+        Ok(f) => f,
+        Err(e) => {
+            let line = e.span().map(|s| line_of(&text, s.start));
+            problems.add(UPCASTERS_FILE, line, e.message().to_string());
+            return Vec::new();
+        }
+    };
+    let mut steps = Vec::new();
+    for decl in &file.step {
+        let line = |offset: usize| Some(line_of(&text, offset));
+        let message = |name: &Spanned<String>, problems: &mut Problems| {
+            let found = pool.get_message_by_name(name.get_ref());
+            if found.is_none() {
+                problems.add(
+                    UPCASTERS_FILE,
+                    line(name.span().start),
+                    format!("{} is not a message of the schemas", name.get_ref()),
+                );
+            }
+            found
+        };
+        let (Some(from), Some(to)) = (message(&decl.from, problems), message(&decl.to, problems))
+        else {
+            continue;
+        };
+        let step_line = line(decl.from.span().start);
+        let label = format!("step {} -> {}", from.full_name(), to.full_name());
+        let mut sets = Vec::new();
+        for (path, source) in &decl.set {
+            let at = line(source.span().start);
+            let Some(fields) = field_path(&to, path) else {
+                problems.add(
+                    UPCASTERS_FILE,
+                    at,
+                    format!("{label}: set.{path}: {} has no such field", to.full_name()),
+                );
+                continue;
+            };
+            let Some(target) = fields.last() else {
+                continue;
+            };
+            let target_type = match super::expr::field_type(target) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.add(UPCASTERS_FILE, at, format!("{label}: set.{path}: {e}"));
+                    continue;
+                }
+            };
+            match Compiled::for_step(source.get_ref(), &from) {
+                Ok(c) if assignable(c.ty(), &target_type) => sets.push((fields, c)),
+                Ok(c) => problems.add(
+                    UPCASTERS_FILE,
+                    at,
+                    format!(
+                        "{label}: set.{path} = {:?}: the expression is a {} and the field is a {target_type}",
+                        source.get_ref(),
+                        c.ty()
+                    ),
+                ),
+                Err(e) => problems.add(
+                    UPCASTERS_FILE,
+                    at,
+                    format!("{label}: set.{path} = {:?}: {e}", source.get_ref()),
+                ),
+            }
+        }
+        let set_roots: Vec<&str> = decl
+            .set
+            .keys()
+            .map(|p| p.split('.').next().unwrap_or(p))
+            .collect();
+        let mut copies = Vec::new();
+        for field in to.fields() {
+            if set_roots.contains(&field.name()) {
+                continue;
+            }
+            let Some(namesake) = from.get_field_by_name(field.name()) else {
+                continue;
+            };
+            let same = namesake.kind() == field.kind()
+                && namesake.is_list() == field.is_list()
+                && namesake.is_map() == field.is_map();
+            if same {
+                copies.push((namesake, field));
+            } else {
+                problems.add(
+                    UPCASTERS_FILE,
+                    step_line,
+                    format!(
+                        "{label}: field {} changes type ({:?} to {:?}) and cannot be copied: say how to convert it, set = {{ {} = \"...\" }}",
+                        field.name(),
+                        namesake.kind(),
+                        field.kind(),
+                        field.name()
+                    ),
+                );
+            }
+        }
+        steps.push(FileStep {
+            from: leak(from.full_name()),
+            from_descriptor: from,
+            to: leak(to.full_name()),
+            to_descriptor: to,
+            copies,
+            sets,
+            at: format!("{UPCASTERS_FILE}:{}", step_line.unwrap_or(0)),
+        });
+    }
+    steps
+}
+
+/// `a.b.c` as the fields from `message` down.
+fn field_path(message: &MessageDescriptor, path: &str) -> Option<Vec<FieldDescriptor>> {
+    let mut fields = Vec::new();
+    let mut current = message.clone();
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let field = current.get_field_by_name(part)?;
+        if i + 1 < parts.len() {
+            match field.kind() {
+                Kind::Message(m) if !field.is_list() && !field.is_map() => current = m,
+                _ => return None,
+            }
+        }
+        fields.push(field);
+    }
+    Some(fields)
+}
+
+/// Whether a value of `from` can be written into a field of type `to`.
+fn assignable(from: &Type, to: &Type) -> bool {
+    from == to || *from == Type::Null || (*from == Type::Int && *to == Type::UInt)
+}
+
+impl FileStep {
+    /// Turn one `from` message into its `to` version.
+    pub fn apply(&self, input: DynamicMessage) -> Result<DynamicMessage, StepError> {
+        let mut out = DynamicMessage::new(self.to_descriptor.clone());
+        for (from, to) in &self.copies {
+            if input.has_field(from) {
+                out.try_set_field(to, input.get_field(from).into_owned())
+                    .map_err(|e| {
+                        StepError::new(format!(
+                            "{} ({}): copying {}: {e}",
+                            self.at,
+                            self.to,
+                            to.name()
+                        ))
+                    })?;
+            }
+        }
+        let meta = EventMeta::default();
+        let scope = Input {
+            payload: &input,
+            meta: &meta,
+        };
+        for (path, expr) in &self.sets {
+            let shown = || path.iter().map(|f| f.name()).collect::<Vec<_>>().join(".");
+            let value = expr.eval(&scope).map_err(|e| {
+                StepError::new(format!(
+                    "{}: set.{} = {:?}: {e}",
+                    self.at,
+                    shown(),
+                    expr.source()
+                ))
+            })?;
+            let Some(value) = field_value(value, path.last().map(FieldDescriptor::kind)) else {
+                continue;
+            };
+            let value = value.map_err(|e| {
+                StepError::new(format!(
+                    "{}: set.{} = {:?}: {e}",
+                    self.at,
+                    shown(),
+                    expr.source()
+                ))
+            })?;
+            let mut target = &mut out;
+            for field in &path[..path.len().saturating_sub(1)] {
+                match target.get_field_mut(field) {
+                    PbValue::Message(m) => target = m,
+                    _ => {
+                        return Err(StepError::new(format!(
+                            "{}: set.{}: not a message",
+                            self.at,
+                            shown()
+                        )))
+                    }
+                }
+            }
+            if let Some(field) = path.last() {
+                target
+                    .try_set_field(field, value)
+                    .map_err(|e| StepError::new(format!("{}: set.{}: {e}", self.at, shown())))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A computed value as a Protobuf field of `kind`; `None` for a null (the field stays unset).
+fn field_value(value: Scalar<'_>, kind: Option<Kind>) -> Option<Result<PbValue, String>> {
+    let kind = kind?;
+    let out_of_range = |v: &dyn std::fmt::Debug| format!("{v:?} is out of the field's range");
+    Some(match (value, kind) {
+        (Scalar::Null, _) => return None,
+        (Scalar::Bool(b), Kind::Bool) => Ok(PbValue::Bool(b)),
+        (Scalar::Int(i), Kind::Int32 | Kind::Sint32 | Kind::Sfixed32) => i32::try_from(i)
+            .map(PbValue::I32)
+            .map_err(|_| out_of_range(&i)),
+        (Scalar::Int(i), Kind::Enum(_)) => i32::try_from(i)
+            .map(PbValue::EnumNumber)
+            .map_err(|_| out_of_range(&i)),
+        (Scalar::Int(i), Kind::Int64 | Kind::Sint64 | Kind::Sfixed64) => Ok(PbValue::I64(i)),
+        (Scalar::Int(i), Kind::Uint32 | Kind::Fixed32) => u32::try_from(i)
+            .map(PbValue::U32)
+            .map_err(|_| out_of_range(&i)),
+        (Scalar::Int(i), Kind::Uint64 | Kind::Fixed64) => u64::try_from(i)
+            .map(PbValue::U64)
+            .map_err(|_| out_of_range(&i)),
+        (Scalar::UInt(u), Kind::Uint32 | Kind::Fixed32) => u32::try_from(u)
+            .map(PbValue::U32)
+            .map_err(|_| out_of_range(&u)),
+        (Scalar::UInt(u), Kind::Uint64 | Kind::Fixed64) => Ok(PbValue::U64(u)),
+        (Scalar::Double(d), Kind::Double) => Ok(PbValue::F64(d)),
+        (Scalar::Double(d), Kind::Float) => Ok(PbValue::F32(d as f32)),
+        (Scalar::Str(s), Kind::String) => Ok(PbValue::String(s.into_owned())),
+        (Scalar::Bytes(b), Kind::Bytes) => {
+            Ok(PbValue::Bytes(prost::bytes::Bytes::from(b.into_owned())))
+        }
+        (Scalar::Timestamp(micros), Kind::Message(m)) => {
+            let mut ts = DynamicMessage::new(m);
+            let seconds = micros.div_euclid(1_000_000);
+            let nanos = (micros.rem_euclid(1_000_000) * 1_000) as i32;
+            let set = ts
+                .try_set_field_by_number(1, PbValue::I64(seconds))
+                .and_then(|()| ts.try_set_field_by_number(2, PbValue::I32(nanos)));
+            set.map(|()| PbValue::Message(ts))
+                .map_err(|e| e.to_string())
+        }
+        (Scalar::Message(Some(m)), Kind::Message(_)) => Ok(PbValue::Message(m.clone())),
+        (Scalar::Message(None), Kind::Message(_)) => return None,
+        (other, kind) => Err(format!("{other:?} cannot be stored in a {kind:?} field")),
+    })
+}
