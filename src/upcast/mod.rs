@@ -9,6 +9,8 @@
 //! Steps work on decoded messages (`Box<dyn Any>`), not bytes, so a v1 event is decoded once and never
 //! re-encoded on the hot path. `replay` asks for each intermediate message as bytes to show it as JSON.
 
+pub mod convert;
+
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

@@ -1026,70 +1026,23 @@ fn call<'a>(function: Function, mut args: Vec<Scalar<'a>>) -> Result<Scalar<'a>,
     })
 }
 
-/// "12.50" -> 1250: a decimal amount with at most two decimals as integer cents, exactly.
 fn decimal_cents(text: &str) -> Result<i64, EvalError> {
-    let bad = || {
-        EvalError(format!(
-            "cents({text:?}): not a decimal amount like \"12.50\""
-        ))
-    };
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text),
-    };
-    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
-    let digits_only = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty()
-        || !digits_only(whole)
-        || fraction.len() > 2
-        || !digits_only(fraction)
-        || (digits.contains('.') && fraction.is_empty())
-    {
-        return Err(bad());
-    }
-    let whole: i64 = whole.parse().map_err(|_| bad())?;
-    let fraction: i64 = match fraction.len() {
-        0 => 0,
-        1 => fraction.parse::<i64>().map_err(|_| bad())? * 10,
-        _ => fraction.parse().map_err(|_| bad())?,
-    };
-    let cents = whole
-        .checked_mul(100)
-        .and_then(|c| c.checked_add(fraction))
-        .ok_or_else(bad)?;
-    Ok(if negative { -cents } else { cents })
+    crate::upcast::convert::decimal_cents(text)
+        .map_err(|r| EvalError(format!("cents({text:?}): {r}")))
 }
 
-/// "2024-03-31 02:30:00 Europe/Berlin" (or the local time and the zone apart) as UTC microseconds;
-/// a local time a clock change skipped is an error, one it repeated is its earlier instant.
+/// `utc(text)` or `utc(local, zone)`.
 fn local_time_micros(text: &str, zone: Option<&str>) -> Result<i64, EvalError> {
-    use chrono::TimeZone;
+    use crate::upcast::convert;
     let shown = || match zone {
         Some(z) => format!("utc({text:?}, {z:?})"),
         None => format!("utc({text:?})"),
     };
     let (local, zone) = match zone {
         Some(z) => (text, z),
-        None => text.trim().rsplit_once(' ').ok_or_else(|| {
-            EvalError(format!(
-                "{}: not \"YYYY-MM-DD HH:MM:SS Zone/Name\"",
-                shown()
-            ))
-        })?,
+        None => convert::split_zoned(text).map_err(|r| EvalError(format!("{}: {r}", shown())))?,
     };
-    let tz: chrono_tz::Tz = zone
-        .trim()
-        .parse()
-        .map_err(|_| EvalError(format!("{}: unknown time zone {zone:?}", shown())))?;
-    let naive = chrono::NaiveDateTime::parse_from_str(local.trim(), "%Y-%m-%d %H:%M:%S")
-        .map_err(|e| EvalError(format!("{}: {e}", shown())))?;
-    let instant = tz.from_local_datetime(&naive).earliest().ok_or_else(|| {
-        EvalError(format!(
-            "{}: does not exist in {zone} (a clock change skipped it)",
-            shown()
-        ))
-    })?;
-    Ok(instant.timestamp_micros())
+    convert::local_time_micros(local, zone).map_err(|r| EvalError(format!("{}: {r}", shown())))
 }
 
 /// A computed value as a column of type `column`.

@@ -6,13 +6,10 @@
 //! clock falls back, is read as the earlier instant, as the v2 writers did); the one-line address
 //! "Street 1, 12345 City, DE" becomes a nested `Address`.
 
-use chrono::{NaiveDateTime, TimeZone};
-use chrono_tz::Tz;
-
 use super::events::ShopEvent;
 use super::proto::{v1, v2, v3};
 use reproject::envelope::micros_timestamp;
-use reproject::upcast::{RegistryBuilder, StepError};
+use reproject::upcast::{convert, RegistryBuilder, StepError};
 
 /// The currency every v1 amount was in.
 pub const V1_CURRENCY: &str = "EUR";
@@ -77,58 +74,17 @@ fn required(field: &str, value: String) -> Result<String, StepError> {
 /// "12.50" -> 1250. Exactly the format v1 writers used: digits, optionally a dot and one or two
 /// digits, optionally a leading minus. Anything else ("12,50", "1e3", "") is refused, not guessed.
 pub fn parse_decimal_cents(field: &str, text: &str) -> Result<i64, StepError> {
-    let bad = || {
-        StepError::new(format!(
-            "{field} {text:?} is not a decimal amount like \"12.50\""
-        ))
-    };
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text),
-    };
-    let (whole, fraction) = match digits.split_once('.') {
-        Some((w, f)) => (w, f),
-        None => (digits, ""),
-    };
-    if whole.is_empty()
-        || !whole.bytes().all(|b| b.is_ascii_digit())
-        || fraction.len() > 2
-        || !fraction.bytes().all(|b| b.is_ascii_digit())
-        || (digits.contains('.') && fraction.is_empty())
-    {
-        return Err(bad());
-    }
-    let whole: i64 = whole.parse().map_err(|_| bad())?;
-    let fraction: i64 = match fraction.len() {
-        0 => 0,
-        1 => fraction.parse::<i64>().map_err(|_| bad())? * 10,
-        _ => fraction.parse().map_err(|_| bad())?,
-    };
-    let cents = whole
-        .checked_mul(100)
-        .and_then(|c| c.checked_add(fraction))
-        .ok_or_else(bad)?;
-    Ok(if negative { -cents } else { cents })
+    convert::decimal_cents(text)
+        .map_err(|reason| StepError::new(format!("{field} {text:?} {reason}")))
 }
 
-/// "2022-03-04 12:30:00 Europe/Berlin" -> the UTC instant.
+/// "2022-07-01 12:00:00 Europe/Berlin" -> UTC. A local time the clock repeated (falling back) is
+/// the earlier instant, as the v2 writers did; one it skipped is refused.
 pub fn parse_local_time(field: &str, text: &str) -> Result<prost_types::Timestamp, StepError> {
-    let (local, zone) = text.rsplit_once(' ').ok_or_else(|| {
-        StepError::new(format!(
-            "{field} {text:?} is not \"YYYY-MM-DD HH:MM:SS Zone/Name\""
-        ))
-    })?;
-    let tz: Tz = zone
-        .parse()
-        .map_err(|_| StepError::new(format!("{field} {text:?}: unknown time zone {zone:?}")))?;
-    let naive = NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S")
-        .map_err(|e| StepError::new(format!("{field} {text:?}: {e}")))?;
-    let instant = tz.from_local_datetime(&naive).earliest().ok_or_else(|| {
-        StepError::new(format!(
-            "{field} {text:?} does not exist in {zone} (a clock change skipped it)"
-        ))
-    })?;
-    Ok(micros_timestamp(instant.timestamp_micros()))
+    let failed = |reason: String| StepError::new(format!("{field} {text:?}: {reason}"));
+    let (local, zone) = convert::split_zoned(text).map_err(failed)?;
+    let micros = convert::local_time_micros(local, zone).map_err(failed)?;
+    Ok(micros_timestamp(micros))
 }
 
 /// "Hauptstr. 5, 10115 Berlin, DE" -> Address. Empty means no address was given.
