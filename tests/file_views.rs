@@ -7,12 +7,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use common::*;
-use reproject::domain::files::FileDomain;
 use reproject::domain::shop::generator::{History, HistoryConfig, V3_FROM};
-use reproject::engine::{Engine, EngineParts};
 
 const EVENTS: u64 = 8_000;
 
@@ -53,9 +50,15 @@ async fn the_shops_views_as_files_give_the_compiled_views_tables_on_the_same_log
         "the history is written in all three versions"
     );
 
+    // Both through the binary: a test that built engines here would compile the whole engine
+    // into this test binary once per domain, minutes of CI for nothing the binary does not do.
     let compiled_db = fresh_database("file_views_compiled").await;
-    let compiled = engine(&compiled_db, &kafka.settings, tuning()).await;
-    rebuild_all(&compiled).await.expect("the compiled rebuild");
+    let out = reproject(&compiled_db, &kafka, &["rebuild", "--all"]);
+    assert!(
+        out.status.success(),
+        "the compiled rebuild: {}",
+        text(&out.stderr)
+    );
 
     // The stock binary, pointed at the files.
     let files_db = fresh_database("file_views_files").await;
@@ -327,28 +330,14 @@ async fn an_expression_that_fails_on_an_event_refuses_it_naming_view_file_and_of
         "file-views-refusal",
         &[("numbered_customers", UNCONVERTIBLE)],
     );
-    let domain = Arc::new(FileDomain::load(&dir).expect("the view compiles: int(string) is typed"));
     let db = fresh_database("file_views_refusal").await;
-    let parts = EngineParts::for_domain(
-        &domain,
-        kafka.settings.clone(),
-        reproject::source::Topics::new([TOPIC]).expect("topic"),
-        db.clone(),
-        "public".into(),
-        None,
-        tuning(),
-    )
-    .expect("parts");
-    let engine = Engine::connect(parts).await.expect("engine");
-    let error = reproject::engine::rebuild::rebuild(
-        &engine,
-        &["numbered_customers".to_string()],
-        &rebuild_options(),
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .expect_err("customer ids are not numbers")
-    .to_string();
+    let out = reproject(
+        &db,
+        &kafka,
+        &["--domain", &dir.to_string_lossy(), "rebuild", "--all"],
+    );
+    assert_eq!(out.status.code(), Some(2), "customer ids are not numbers");
+    let error = text(&out.stderr);
     for what in [
         "projection numbered_customers refused the event",
         "views/numbered_customers/v1.toml:11",
