@@ -141,6 +141,16 @@ pub async fn retry<E: Send + Sync + 'static>(
                     },
                     &mut emitted,
                 );
+                if let Some(reason) = emitted.take_refusal() {
+                    let reason = format!(
+                        "projection {} refused the event: {reason}",
+                        projection.name()
+                    );
+                    let mut conn = engine.catalog.conn().await?;
+                    dead_letters::mark_retried(&mut conn, id, Some(&reason)).await?;
+                    report.still_failing.push((id, reason));
+                    continue;
+                }
                 // At its own logical time: in rows that gather several partitions a retried set
                 // still loses to a later one, however late the retry comes.
                 let mut changes = ChangeLog::default();

@@ -200,25 +200,22 @@ impl ChangeLog {
         }
     }
 
-    /// Move what one event emitted (in `changes`) into the log, at `at`.
-    pub fn record(&mut self, at: LogicalTime, changes: &mut Changes) {
+    /// Move what one event emitted (in `changes`) into the log, at `at`; false when it emitted
+    /// nothing (nothing was recorded).
+    pub fn record(&mut self, at: LogicalTime, changes: &mut Changes) -> bool {
         if changes.is_empty() {
-            return;
+            return false;
         }
         self.changes.extend(changes.drain());
         self.events.push((at, self.changes.len()));
+        true
     }
 
-    /// Where the log ends now, to [`ChangeLog::truncate`] back to when a later projection refuses
-    /// the event whose changes follow.
-    pub fn mark(&self) -> (usize, usize) {
-        (self.changes.len(), self.events.len())
-    }
-
-    /// Drop what was recorded after `mark`.
-    pub fn truncate(&mut self, mark: (usize, usize)) {
-        self.changes.truncate(mark.0);
-        self.events.truncate(mark.1);
+    /// Drop the last event recorded and its changes (a later projection refused that event).
+    pub fn pop_event(&mut self) {
+        self.events.pop();
+        let end = self.events.last().map_or(0, |&(_, end)| end);
+        self.changes.truncate(end);
     }
 
     /// Every change with its event's time, in the order the events were read.
@@ -272,5 +269,34 @@ impl Iterator for ChangeLogIntoIter {
                 _ => self.current = Some(self.events.next()?),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn popping_an_event_drops_its_changes_and_keeps_the_ones_before() {
+        let at = |offset| LogicalTime {
+            occurred_at_micros: 0,
+            partition: 0,
+            offset,
+        };
+        let mut log = ChangeLog::default();
+        let mut changes = Changes::default();
+        changes.add(0, crate::key![Value::text("a")], 1, 1);
+        assert!(log.record(at(0), &mut changes));
+        assert!(
+            !log.record(at(1), &mut changes),
+            "nothing emitted, nothing recorded"
+        );
+        changes.add(0, crate::key![Value::text("b")], 1, 2);
+        changes.delete(0, crate::key![Value::text("c")]);
+        assert!(log.record(at(2), &mut changes));
+        log.pop_event();
+        let kept: Vec<i64> = log.iter().map(|(t, _)| t.offset).collect();
+        assert_eq!(kept, [0]);
+        assert_eq!(log.changes().len(), 1);
     }
 }

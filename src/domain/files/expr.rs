@@ -810,27 +810,25 @@ fn arith<'a>(kind: Arith, a: Scalar<'a>, b: Scalar<'a>) -> Result<Scalar<'a>, Ev
             arith_symbol(kind)
         ))
     };
+    // The same checked operation on either integer type.
+    macro_rules! checked {
+        ($x:expr, $y:expr) => {
+            match kind {
+                Arith::Add => $x.checked_add($y),
+                Arith::Sub => $x.checked_sub($y),
+                Arith::Mul => $x.checked_mul($y),
+                Arith::Div => $x.checked_div($y),
+                Arith::Rem => $x.checked_rem($y),
+            }
+        };
+    }
     Ok(match (a, b) {
-        (Scalar::Int(x), Scalar::Int(y)) => Scalar::Int(
-            match kind {
-                Arith::Add => x.checked_add(y),
-                Arith::Sub => x.checked_sub(y),
-                Arith::Mul => x.checked_mul(y),
-                Arith::Div => x.checked_div(y),
-                Arith::Rem => x.checked_rem(y),
-            }
-            .ok_or_else(|| overflow(&x, &y))?,
-        ),
-        (Scalar::UInt(x), Scalar::UInt(y)) => Scalar::UInt(
-            match kind {
-                Arith::Add => x.checked_add(y),
-                Arith::Sub => x.checked_sub(y),
-                Arith::Mul => x.checked_mul(y),
-                Arith::Div => x.checked_div(y),
-                Arith::Rem => x.checked_rem(y),
-            }
-            .ok_or_else(|| overflow(&x, &y))?,
-        ),
+        (Scalar::Int(x), Scalar::Int(y)) => {
+            Scalar::Int(checked!(x, y).ok_or_else(|| overflow(&x, &y))?)
+        }
+        (Scalar::UInt(x), Scalar::UInt(y)) => {
+            Scalar::UInt(checked!(x, y).ok_or_else(|| overflow(&x, &y))?)
+        }
         (Scalar::Double(x), Scalar::Double(y)) => Scalar::Double(match kind {
             Arith::Add => x + y,
             Arith::Sub => x - y,

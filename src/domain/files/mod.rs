@@ -142,7 +142,6 @@ struct DomainFile {
 /// A domain read from a folder of files; see the module docs.
 pub struct FileDomain {
     name: String,
-    dir: PathBuf,
     topics: Vec<&'static str>,
     descriptors: Vec<u8>,
     /// The event types, by [`FileEvent::kind`].
@@ -227,28 +226,12 @@ impl FileDomain {
         }
         Ok(FileDomain {
             name: settings.name,
-            dir: dir.to_path_buf(),
             topics: settings.topics.iter().map(|t| leak(t)).collect(),
             descriptors,
             events,
             steps: steps.into_iter().map(Arc::new).collect(),
             views,
         })
-    }
-
-    /// The folder the domain was read from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The event types' message names, by kind.
-    pub fn event_types(&self) -> Vec<&'static str> {
-        self.events.iter().map(|(n, _)| *n).collect()
-    }
-
-    /// Every view version read, as `(name, version)`.
-    pub fn view_versions(&self) -> Vec<(&'static str, u32)> {
-        self.views.iter().map(|v| (v.name(), v.version())).collect()
     }
 }
 

@@ -234,43 +234,29 @@ impl FileStep {
             meta: &meta,
         };
         for (path, expr) in &self.sets {
-            let shown = || path.iter().map(|f| f.name()).collect::<Vec<_>>().join(".");
-            let value = expr.eval(&scope).map_err(|e| {
+            let failed = |reason: &dyn std::fmt::Display| {
+                let shown: Vec<&str> = path.iter().map(|f| f.name()).collect();
                 StepError::new(format!(
-                    "{}: set.{} = {:?}: {e}",
+                    "{}: set.{} = {:?}: {reason}",
                     self.at,
-                    shown(),
+                    shown.join("."),
                     expr.source()
                 ))
-            })?;
+            };
+            let value = expr.eval(&scope).map_err(|e| failed(&e))?;
             let Some(value) = field_value(value, path.last().map(FieldDescriptor::kind)) else {
                 continue;
             };
-            let value = value.map_err(|e| {
-                StepError::new(format!(
-                    "{}: set.{} = {:?}: {e}",
-                    self.at,
-                    shown(),
-                    expr.source()
-                ))
-            })?;
+            let value = value.map_err(|e| failed(&e))?;
             let mut target = &mut out;
             for field in &path[..path.len().saturating_sub(1)] {
                 match target.get_field_mut(field) {
                     PbValue::Message(m) => target = m,
-                    _ => {
-                        return Err(StepError::new(format!(
-                            "{}: set.{}: not a message",
-                            self.at,
-                            shown()
-                        )))
-                    }
+                    _ => return Err(failed(&"not a message")),
                 }
             }
             if let Some(field) = path.last() {
-                target
-                    .try_set_field(field, value)
-                    .map_err(|e| StepError::new(format!("{}: set.{}: {e}", self.at, shown())))?;
+                target.try_set_field(field, value).map_err(|e| failed(&e))?;
             }
         }
         Ok(out)

@@ -41,7 +41,9 @@ const MAX_NAME: usize = 63;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ViewFile {
+    /// For the reader of the file; declared so that a misspelt key is still refused.
     #[serde(default)]
+    #[allow(dead_code)]
     description: Option<String>,
     tables: Vec<TableDecl>,
     #[serde(default)]
@@ -232,7 +234,6 @@ impl FileView {
                 return None;
             }
         };
-        let _ = &file.description;
         let at = |offset: usize| format!("{shown}:{}", line_of(&text, offset));
         let line = |offset: usize| Some(line_of(&text, offset));
 

@@ -371,9 +371,9 @@ struct Reading<'a, E> {
     aggregates_started: u64,
     recent: RecentEventIds,
     scratch: Changes,
-    /// Where each projection's change log ended before the current event, to undo its changes when a
-    /// later projection refuses it.
-    marks: Vec<(usize, usize)>,
+    /// The projections that recorded the current event's changes, to undo them when a later one
+    /// refuses it.
+    recorded: Vec<usize>,
     /// Every record is decoded into this one, reusing its strings and buffers.
     decoded: envelope::Decoded,
     batch: Batch,
@@ -420,7 +420,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             aggregates_started: 0,
             recent: RecentEventIds::new(DUPLICATE_WINDOW),
             scratch: Changes::default(),
-            marks: Vec::new(),
+            recorded: Vec::new(),
             decoded: envelope::Decoded::default(),
             batch: Batch {
                 changes: vec![ChangeLog::default(); targets.len()],
@@ -634,9 +634,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             payload: &payload,
         };
         let time = LogicalTime::of(&decoded.meta);
-        self.marks.clear();
-        self.marks
-            .extend(self.batch.changes.iter().map(ChangeLog::mark));
+        self.recorded.clear();
         for (i, target) in self.targets.iter().enumerate() {
             if !target.wants(partition, offset) {
                 continue;
@@ -645,8 +643,8 @@ impl<'a, E: 'static> Reading<'a, E> {
             if let Some(reason) = self.scratch.take_refusal() {
                 // None of the event's changes is applied, to any projection: a dead letter retried
                 // after the fix applies it whole.
-                for (log, mark) in self.batch.changes.iter_mut().zip(&self.marks) {
-                    log.truncate(*mark);
+                for &j in &self.recorded {
+                    self.batch.changes[j].pop_event();
                 }
                 return Err(at.bad(
                     BadKind::Projection,
@@ -657,7 +655,9 @@ impl<'a, E: 'static> Reading<'a, E> {
                     ),
                 ));
             }
-            self.batch.changes[i].record(time, &mut self.scratch);
+            if self.batch.changes[i].record(time, &mut self.scratch) {
+                self.recorded.push(i);
+            }
         }
         self.recent
             .remember(&decoded.meta.event_id, partition, offset);
