@@ -40,9 +40,9 @@ use reproject::upcast::{Registry, RegistryError};
 /// transfers. `account_balances` joins them: an account's row gets its owner and currency from the
 /// first topic and its balance from the second.
 pub const TOPICS: [&str; 2] = ["ledger.accounts", "ledger.transfers"];
-/// Index of the accounts' topic in [`TOPICS`] (what an example record names).
 /// The CloudEvents extension header holding an event's schema version (`1`, `2`).
 pub const SCHEMA_VERSION_HEADER: &str = "ce_schemaversion";
+/// Index of the accounts' topic in [`TOPICS`] (what an example record names).
 pub const ACCOUNTS_TOPIC: usize = 0;
 /// Index of the transfers' topic in [`TOPICS`].
 pub const TRANSFERS_TOPIC: usize = 1;
@@ -70,6 +70,14 @@ impl Ledger {
             daily_volume_version: 1,
         }
     }
+}
+
+/// reproject's command line for a ledger, as both of this crate's binaries run it. A team's binary
+/// calls `reproject::cli::main` itself; here it sits in the library because the command line is
+/// compiled for the domain in the crate that calls it, and two binaries calling it compiled it twice
+/// (100 s each of CI's build).
+pub fn command_line(ledger: Ledger) -> std::process::ExitCode {
+    reproject::cli::main(ledger)
 }
 
 impl Domain for Ledger {

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    reproject::cli::main(reproject_ledger::Ledger::default())
+    reproject_ledger::command_line(reproject_ledger::Ledger::default())
 }

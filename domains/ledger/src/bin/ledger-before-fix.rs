@@ -2,5 +2,5 @@
 //! that the tests and the README can re-enact "a bug in a projection was fixed, rebuild it".
 
 fn main() -> std::process::ExitCode {
-    reproject::cli::main(reproject_ledger::Ledger::before_daily_volume_fix())
+    reproject_ledger::command_line(reproject_ledger::Ledger::before_daily_volume_fix())
 }

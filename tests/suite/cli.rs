@@ -1,7 +1,7 @@
 //! The binary as users run it: separate processes sharing a `dev-broker`, `run` backfilling and
 //! stopping on SIGTERM, and one clear line with a non-zero exit for bad input.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 

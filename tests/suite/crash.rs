@@ -2,7 +2,7 @@
 //! finishes with correct views and nothing applied twice. The rebuild runs as the real binary, so
 //! the kill is a real one; the mock broker lives in this test process and is reached over TCP.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

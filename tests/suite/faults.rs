@@ -1,6 +1,6 @@
 //! Faults while writing: connections killed by the server mid-batch.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! After the swap: rolling back to the previous build, and dropping the builds nobody needs.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -5,7 +5,7 @@
 //! tables; a record whose framing is broken is a bad record naming what is missing, under both
 //! policies.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! `dead-letters retry` applies them once the upcaster is fixed, and a duplicate event id is applied
 //! once. Totals are checked against the generator's, which never saw the bad records.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! before anything runs, each with its file and line; an expression that fails on one event refuses
 //! that event, naming the view, the file, the offset.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! fetches with errors, two writers wanting the same projection at once, and a COPY that makes no
 //! progress.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

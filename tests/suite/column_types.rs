@@ -4,7 +4,7 @@
 //! Their values are checked against the shop's own bigint views over the same log, and a
 //! declaration whose types disagree with its table's SQL is refused before anything is written.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

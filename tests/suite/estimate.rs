@@ -1,7 +1,7 @@
 //! `estimate`: a pilot over a small share of the log predicts rows, size and time of a rebuild
 //! without writing anything, and its row counts are in the right range once the rebuild is done.
 
-mod common;
+use crate::common;
 
 use common::*;
 use reproject::engine::estimate::estimate;

@@ -1,7 +1,7 @@
 //! Rebuilding projections from the log: correctness against independently computed totals,
 //! determinism, events arriving during the rebuild, and refusing a truncated log.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! `replay`: one aggregate's timeline through every schema version, the verdict against a live row
 //! that was tampered with, and partitioners that agree with the producers'.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

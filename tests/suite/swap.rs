@@ -2,7 +2,7 @@
 //! empty result, and never see `order_summary` shrink, while `run` keeps the old build current and a
 //! rebuild swaps the new one in.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

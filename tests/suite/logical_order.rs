@@ -5,7 +5,7 @@
 //! partition and offset. These tests write each customer's two events to different partitions (or
 //! different topics), the one that happened later written (and, when `run` follows, applied) first.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

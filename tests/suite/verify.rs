@@ -3,7 +3,7 @@
 //! build that differs, `report` swaps and keeps the report, and the replay's source checks notice
 //! events missing from the log.
 
-mod common;
+use crate::common;
 
 use common::*;
 use reproject::engine::rebuild::{catch_up_and_swap, rebuild};

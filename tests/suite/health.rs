@@ -4,7 +4,7 @@
 //! check that failed. Checked against a `run` process that follows, is paused, falls behind, and
 //! loses its database (through a proxy the test cuts) and finds it again.
 
-mod common;
+use crate::common;
 
 use common::*;
 

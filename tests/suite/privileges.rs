@@ -1,7 +1,7 @@
 //! reproject runs as a role with only the privileges the README lists, and an application role with
 //! only SELECT on the views keeps reading across swaps.
 
-mod common;
+use crate::common;
 
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
