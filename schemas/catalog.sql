@@ -119,6 +119,11 @@ ALTER TABLE reproject.dead_letters ADD COLUMN IF NOT EXISTS record_timestamp_ms 
 -- sequence gaps), for verification.
 ALTER TABLE reproject.builds ADD COLUMN IF NOT EXISTS source_checks jsonb;
 
+-- The hash of the declaration a build's projection version was made from, for a projection defined
+-- in a file (`--domain`); NULL for compiled ones. A file edited without a new version no longer
+-- matches the builds made from it, and the commands that write refuse to go on.
+ALTER TABLE reproject.builds ADD COLUMN IF NOT EXISTS definition_hash text;
+
 -- Every verification of a build against another: the verdict and the whole report (JSON), kept so
 -- that a swap made with `--verify report` can be looked at afterwards.
 CREATE TABLE IF NOT EXISTS reproject.verifications (

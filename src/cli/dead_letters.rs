@@ -41,7 +41,10 @@ pub enum Action {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: DeadLettersArgs) -> anyhow::Result<Outcome> {
     let settings = cx.settings()?;
-    let engine = cx.engine(&settings, Tuning::default()).await?;
+    let engine = match args.action {
+        Action::Retry { .. } => cx.writing_engine(&settings, Tuning::default()).await?,
+        _ => cx.engine(&settings, Tuning::default()).await?,
+    };
     let mut conn = engine.catalog.conn().await?;
     match args.action {
         Action::List {

@@ -34,7 +34,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: EstimateArgs) -> anyhow::Result<Ou
         );
     }
     let settings = cx.settings()?;
-    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
+    let engine = cx.writing_engine(&settings, args.tuning.tuning()).await?;
     let names = super::chosen_projections(&engine, args.all, &args.projections);
     let estimate = estimate::estimate(&engine, &names, args.sample).await?;
     match args.format {

@@ -203,6 +203,18 @@ impl<D: Domain> Cx<D> {
         Ok(engine)
     }
 
+    /// [`Cx::engine`] for a command that replays the log or writes views: refused when a view file
+    /// was edited under a version that has builds (status, gc and the like still work, to look).
+    pub async fn writing_engine(
+        &self,
+        settings: &Settings,
+        tuning: Tuning,
+    ) -> anyhow::Result<Engine<D::Event>> {
+        let engine = self.engine(settings, tuning).await?;
+        engine.refuse_edited_definitions().await?;
+        Ok(engine)
+    }
+
     /// The domain's example history, or an error saying the command needs one.
     pub fn example(&self, command: &str) -> anyhow::Result<&dyn crate::domain::Example> {
         self.domain.example().ok_or_else(|| {

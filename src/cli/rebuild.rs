@@ -33,7 +33,7 @@ pub struct RebuildArgs {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: RebuildArgs) -> anyhow::Result<Outcome> {
     let settings = cx.settings()?;
-    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
+    let engine = cx.writing_engine(&settings, args.tuning.tuning()).await?;
     let names = super::chosen_projections(&engine, args.all, &args.projections);
     let options = RebuildOptions {
         allow_truncated_history: args.allow_truncated_history,

@@ -31,7 +31,7 @@ pub struct ReplayArgs {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: ReplayArgs) -> anyhow::Result<Outcome> {
     let settings = cx.settings()?;
-    let engine = cx.engine(&settings, Tuning::default()).await?;
+    let engine = cx.writing_engine(&settings, Tuning::default()).await?;
     let projections = match &args.projection {
         Some(name) => vec![engine.projection(name)?],
         None => engine.projections.clone(),

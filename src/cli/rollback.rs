@@ -27,7 +27,7 @@ pub struct RollbackArgs {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: RollbackArgs) -> anyhow::Result<Outcome> {
     let settings = cx.settings()?;
-    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
+    let engine = cx.writing_engine(&settings, args.tuning.tuning()).await?;
     let projection = engine.projection(&args.projection)?;
     let retired: Vec<_> = engine
         .catalog

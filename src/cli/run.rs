@@ -33,7 +33,7 @@ pub struct RunArgs {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: RunArgs) -> anyhow::Result<Outcome> {
     let settings = cx.settings()?;
-    let engine = Arc::new(cx.engine(&settings, args.tuning.tuning()).await?);
+    let engine = Arc::new(cx.writing_engine(&settings, args.tuning.tuning()).await?);
     let options = RunOptions {
         backfill: !args.no_backfill,
         rebuild: RebuildOptions {

@@ -23,7 +23,7 @@ pub struct SwapArgs {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: SwapArgs) -> anyhow::Result<Outcome> {
     let settings = cx.settings()?;
-    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
+    let engine = cx.writing_engine(&settings, args.tuning.tuning()).await?;
     let projection = engine.projection(&args.projection)?;
     let builds = engine.catalog.builds(Some(projection.name())).await?;
     let Some(build) = builds

@@ -49,7 +49,7 @@ fn parse_against(text: &str) -> Result<Against, String> {
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: VerifyCommandArgs) -> anyhow::Result<Outcome> {
     let settings = cx.settings()?;
-    let engine = cx.engine(&settings, args.tuning.tuning()).await?;
+    let engine = cx.writing_engine(&settings, args.tuning.tuning()).await?;
     let projection = engine.projection(&args.projection)?;
     if let Some(id) = args.show {
         let Some(kept) = engine.catalog.verification(projection.name(), id).await? else {

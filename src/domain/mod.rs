@@ -63,6 +63,25 @@ pub trait Domain: Send + Sync + 'static {
     fn example(&self) -> Option<&dyn Example> {
         None
     }
+
+    /// Where each projection version was declared and the hash of that declaration, for a domain
+    /// read from files. Each build records its version's hash; a declaration changed under the same
+    /// version is refused (see [`crate::engine::Engine::refuse_edited_definitions`]). Compiled
+    /// domains have none: their versions are code, released as a whole.
+    fn definitions(&self) -> Vec<Definition> {
+        Vec::new()
+    }
+}
+
+/// The declaration of one projection version: which file, and a hash of what it says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Definition {
+    pub projection: String,
+    pub version: u32,
+    /// The file, as users name it (`views/order_summary/v1.toml`).
+    pub source: String,
+    /// SHA-256 of the parsed declaration, hex: comments and layout do not change it.
+    pub hash: String,
 }
 
 /// A deterministic example history and the totals its views must show.

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use prost_reflect::DescriptorPool;
 use sqlx::postgres::PgPoolOptions;
 
-use crate::domain::Domain;
+use crate::domain::{Definition, Domain};
 use crate::projection::{DynProjection, SchemaSql};
 use crate::sink::lock::LockError;
 use crate::sink::{Catalog, SinkError};
@@ -52,6 +52,11 @@ pub enum EngineError {
     SchemaFile { path: String, reason: String },
     #[error("domain {domain}: {reason}")]
     Domain { domain: String, reason: String },
+    #[error("{edited}. A view file changed under the same version would mix two definitions in one \
+             build's rows: put the change in a new version file (v<N+1>.toml, rebuilt and swapped in \
+             beside the old one) and put the old file back as it was; comments, layout and \
+             `description` may change freely")]
+    EditedDefinition { edited: String },
     #[error("projection {projection}: {reason}")]
     Projection { projection: String, reason: String },
     #[error("aggregate {aggregate_id:?} has no events in {topic} (looked in {looked_in}); check the id, or pass --scan-all if the producers use another partitioner")]
@@ -239,6 +244,8 @@ pub struct Engine<E> {
     pub registry: Arc<Registry<E>>,
     pub projections: Vec<DynProjection<E>>,
     pub schemas: SchemaSource,
+    /// Where each projection version was declared, for a domain read from files.
+    pub definitions: Vec<Definition>,
     /// The domain's Protobuf descriptors, for showing payloads as JSON.
     pub descriptors: DescriptorPool,
     pub catalog: Catalog,
@@ -257,6 +264,8 @@ pub struct EngineParts<E> {
     pub registry: Arc<Registry<E>>,
     pub projections: Vec<DynProjection<E>>,
     pub schemas: SchemaSource,
+    /// Where each projection version was declared (see [`Domain::definitions`]).
+    pub definitions: Vec<Definition>,
     /// An encoded `FileDescriptorSet` of the domain's payload messages (may be empty).
     pub descriptors: Vec<u8>,
     pub tuning: Tuning,
@@ -290,6 +299,7 @@ impl<E: Send + Sync + 'static> EngineParts<E> {
             registry: Arc::new(registry),
             projections: domain.projections(),
             schemas,
+            definitions: domain.definitions(),
             descriptors: domain.descriptors().to_vec(),
             tuning,
         })
@@ -373,6 +383,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
             registry: parts.registry,
             projections: parts.projections,
             schemas: parts.schemas,
+            definitions: parts.definitions,
             descriptors,
             catalog,
             tuning: parts.tuning,
@@ -397,6 +408,53 @@ impl<E: Send + Sync + 'static> Engine<E> {
         .map_err(EngineError::from)
     }
 
+    /// The hash of the declaration `projection` `version` is made from now, if it is declared in a file.
+    pub fn definition_hash(&self, projection: &str, version: u32) -> Option<&str> {
+        self.definitions
+            .iter()
+            .find(|d| d.projection == projection && d.version == version)
+            .map(|d| d.hash.as_str())
+    }
+
+    /// Refuse to go on when a projection version's file was changed after builds were made from
+    /// it: the rows of those builds would silently mix two definitions under one version (a
+    /// resumed build, a follow, a rollback). Only builds that still hold or will hold rows count
+    /// (not dropped or failed ones). Commands that only read the catalog do not call it.
+    pub async fn refuse_edited_definitions(&self) -> Result<()> {
+        if self.definitions.is_empty() {
+            return Ok(());
+        }
+        let mut edited = Vec::new();
+        for build in self.catalog.recorded_definitions().await? {
+            let Some(now) = self
+                .definitions
+                .iter()
+                .find(|d| d.projection == build.projection && d.version == build.version)
+            else {
+                continue;
+            };
+            if now.hash != build.hash {
+                edited.push(format!(
+                    "{} is not the declaration build {} ({}) of {} v{} was made from \
+                     (recorded hash {}, now {})",
+                    now.source,
+                    build.build_id,
+                    build.phase,
+                    build.projection,
+                    build.version,
+                    short(&build.hash),
+                    short(&now.hash)
+                ));
+            }
+        }
+        if edited.is_empty() {
+            return Ok(());
+        }
+        Err(EngineError::EditedDefinition {
+            edited: edited.join("; "),
+        })
+    }
+
     pub fn projection(&self, name: &str) -> Result<DynProjection<E>> {
         self.projections
             .iter()
@@ -412,6 +470,11 @@ impl<E: Send + Sync + 'static> Engine<E> {
                     .join(", "),
             })
     }
+}
+
+/// The first 12 hex digits of a hash, as people compare them.
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 /// The database URL with `application_name=reproject` unless it names the application already:

@@ -123,6 +123,16 @@ pub struct BuildProgress {
     pub last_error: Option<String>,
 }
 
+/// The declaration a build was made from, as [`Catalog::recorded_definitions`] reads it.
+#[derive(Debug)]
+pub struct RecordedDefinition {
+    pub build_id: i64,
+    pub projection: String,
+    pub version: u32,
+    pub phase: String,
+    pub hash: String,
+}
+
 /// A verification to keep in `reproject.verifications`: its verdict and whole report.
 pub struct NewVerification<'a> {
     pub projection: &'a str,
@@ -219,28 +229,55 @@ impl Catalog {
     }
 
     /// Register a new build and name its schema `rp_<projection>_v<version>_b<id>`.
+    /// `definition_hash`: the hash of the file the version is declared in, if it is.
     pub async fn create_build(
         &self,
         projection: &str,
         version: u32,
         topics: &crate::source::Topics,
         truncated: bool,
+        definition_hash: Option<&str>,
     ) -> Result<Build> {
         check_identifier("projection", projection)?;
         let row = sqlx::query(&format!(
             "WITH b AS (SELECT nextval(pg_get_serial_sequence('reproject.builds', 'build_id')) AS id)
-             INSERT INTO reproject.builds (build_id, projection, version, schema_name, topic, topics, phase, history_truncated)
-             SELECT id, $1, $2, format('rp_%s_v%s_b%s', $1::text, $2::int, id), array_to_string($3::text[], ', '), $3, 'loading', $4 FROM b
+             INSERT INTO reproject.builds (build_id, projection, version, schema_name, topic, topics, phase, history_truncated, definition_hash)
+             SELECT id, $1, $2, format('rp_%s_v%s_b%s', $1::text, $2::int, id), array_to_string($3::text[], ', '), $3, 'loading', $4, $5 FROM b
              RETURNING {BUILD_COLUMNS}"
         ))
         .bind(projection)
         .bind(version as i32)
         .bind(topics.names())
         .bind(truncated)
+        .bind(definition_hash)
         .fetch_one(&self.pool)
         .await
         .context(|| format!("registering a new build of {projection} v{version}"))?;
         build_from_row(&row)
+    }
+
+    /// The declaration hash of every build that holds or will hold rows (not dropped or failed).
+    pub async fn recorded_definitions(&self) -> Result<Vec<RecordedDefinition>> {
+        let rows = sqlx::query(
+            "SELECT build_id, projection, version, phase, definition_hash FROM reproject.builds
+             WHERE definition_hash IS NOT NULL AND phase NOT IN ('dropped', 'failed')
+             ORDER BY build_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .context(|| "reading the builds' definition hashes (reproject.builds)".into())?;
+        rows.iter()
+            .map(|row| {
+                let read = || "reading reproject.builds".to_string();
+                Ok(RecordedDefinition {
+                    build_id: row.try_get("build_id").context(read)?,
+                    projection: row.try_get("projection").context(read)?,
+                    version: row.try_get::<i32, _>("version").context(read)? as u32,
+                    phase: row.try_get("phase").context(read)?,
+                    hash: row.try_get("definition_hash").context(read)?,
+                })
+            })
+            .collect()
     }
 
     pub async fn build(&self, build_id: i64) -> Result<Build> {

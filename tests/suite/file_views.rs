@@ -168,6 +168,19 @@ fn domain_with(test: &str, views: &[(&str, &str)], upcasters: Option<&str>) -> P
     dir
 }
 
+/// Make the domain in `dir` take every event type of the shop's latest version, as a history has.
+fn every_event_type(dir: &Path) {
+    let path = dir.join("domain.toml");
+    let text = std::fs::read_to_string(&path).expect("domain.toml");
+    let every = r#"events = ["shop.v3.OrderPlaced", "shop.v3.ItemAdded", "shop.v3.ItemRemoved", "shop.v3.OrderPaid", "shop.v3.OrderShipped", "shop.v3.OrderCancelled", "shop.v3.OrderRefunded"]"#;
+    let text: String = text
+        .lines()
+        .map(|l| if l.starts_with("events = ") { every } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&path, text).expect("domain.toml");
+}
+
 const MISTAKES: &str = r#"[[tables]]
 name = "orders_by_customer"
 key = ["customer_id"]
@@ -348,4 +361,115 @@ async fn an_expression_that_fails_on_an_event_refuses_it_naming_view_file_and_of
     ] {
         assert!(error.contains(what), "{what:?} in: {error}");
     }
+}
+
+const ORDERS_PER_CUSTOMER: &str = r#"[[tables]]
+name = "orders_per_customer"
+key = ["customer_id"]
+columns = [
+  { name = "customer_id", type = "text" },
+  { name = "orders", type = "bigint", counter = true },
+]
+
+[[on]]
+events = ["shop.v3.OrderPlaced"]
+key = ["payload.customer_id"]
+add = { orders = "1" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_view_file_changed_under_its_version_is_refused_until_the_change_gets_a_version_of_its_own(
+) {
+    let kafka = Kafka::start(2);
+    let mut history = latest_version_history();
+    append(&kafka.settings, &mut history, 1_000);
+    let dir = domain_with_views(
+        "file-views-edited",
+        &[("orders_per_customer", ORDERS_PER_CUSTOMER)],
+    );
+    every_event_type(&dir);
+    let domain_arg = dir.to_string_lossy().into_owned();
+    let db = fresh_database("file_views_edited").await;
+    let rebuild = || reproject(&db, &kafka, &["--domain", &domain_arg, "rebuild", "--all"]);
+    let out = rebuild();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let pool = pool(&db).await;
+    let hashes: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT definition_hash FROM reproject.builds ORDER BY build_id")
+            .fetch_all(&pool)
+            .await
+            .expect("builds");
+    assert_eq!(hashes.len(), 1);
+    let first = hashes[0]
+        .clone()
+        .expect("the build recorded its file's hash");
+    assert_eq!(first.len(), 64, "SHA-256, hex: {first}");
+
+    // A comment, a description and another layout are not a change of the view.
+    let v1 = dir.join("views/orders_per_customer/v1.toml");
+    let relaid = format!(
+        "# Orders per customer.\ndescription = \"how many orders each customer placed\"\n\n{}",
+        ORDERS_PER_CUSTOMER.replace(
+            "add = { orders = \"1\" }",
+            "add = {orders=\"1\"}  # one each"
+        )
+    );
+    std::fs::write(&v1, &relaid).expect("v1.toml");
+    let out = rebuild();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Counting each order twice is: every command that writes refuses, naming the file and the
+    // build; status still shows where things are.
+    let changed = ORDERS_PER_CUSTOMER.replace("orders = \"1\"", "orders = \"2\"");
+    std::fs::write(&v1, &changed).expect("v1.toml");
+    for command in [
+        &["rebuild", "--all"][..],
+        &["run", "--exit-when-caught-up", "0"][..],
+        &["rollback", "orders_per_customer"][..],
+    ] {
+        let mut args = vec!["--domain", &domain_arg];
+        args.extend_from_slice(command);
+        let out = reproject(&db, &kafka, &args);
+        assert!(
+            !out.status.success(),
+            "{command:?} went on with an edited view"
+        );
+        let error = text(&out.stderr);
+        for what in [
+            "views/orders_per_customer/v1.toml is not the declaration build",
+            "of orders_per_customer v1 was made from",
+            "new version file",
+        ] {
+            assert!(error.contains(what), "{command:?}: {what:?} in: {error}");
+        }
+    }
+    let status = reproject(&db, &kafka, &["--domain", &domain_arg, "status"]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let orders: i64 = scalar(&pool, "SELECT sum(orders)::bigint FROM orders_per_customer")
+        .await
+        .expect("orders");
+    assert_eq!(
+        orders as u64,
+        history.expected().orders,
+        "the view is untouched"
+    );
+
+    // The change as v2, v1 as it was: v2 is built from offset zero and swapped in.
+    std::fs::write(dir.join("views/orders_per_customer/v2.toml"), &changed).expect("v2.toml");
+    std::fs::write(&v1, ORDERS_PER_CUSTOMER).expect("v1.toml");
+    let out = rebuild();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let orders: i64 = scalar(&pool, "SELECT sum(orders)::bigint FROM orders_per_customer")
+        .await
+        .expect("orders");
+    assert_eq!(orders as u64, 2 * history.expected().orders);
+    let active: Option<String> = scalar(
+        &pool,
+        "SELECT definition_hash FROM reproject.builds WHERE phase = 'active'",
+    )
+    .await;
+    assert!(
+        active.is_some_and(|h| h != first),
+        "v2 recorded its own hash"
+    );
 }

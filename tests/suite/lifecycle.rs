@@ -420,7 +420,7 @@ async fn a_catalog_from_before_several_topics_is_upgraded_in_place_and_positions
     // A build of two topics stores each position under its topic and partition number.
     let topics = Topics::new(["shop.payments", "shop.customers"]).expect("topics");
     let two = catalog
-        .create_build("order_summary", 2, &topics, false)
+        .create_build("order_summary", 2, &topics, false, None)
         .await
         .expect("a build of two topics");
     assert_eq!(two.topics, ["shop.customers", "shop.payments"]);

@@ -525,4 +525,8 @@ impl Domain for FileDomain {
     fn descriptors(&self) -> &[u8] {
         &self.descriptors
     }
+
+    fn definitions(&self) -> Vec<crate::domain::Definition> {
+        self.views.iter().map(|v| v.definition()).collect()
+    }
 }

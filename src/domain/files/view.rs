@@ -117,6 +117,21 @@ pub struct FileView {
     /// Per event type (by [`FileEvent::kind`]), the handlers it runs, in file order.
     handlers: Vec<Vec<Handler>>,
     sql: SchemaSql,
+    /// The file as users name it, and the hash of its declaration (see [`declaration_hash`]).
+    source: String,
+    hash: String,
+}
+
+/// SHA-256 (hex) of a view file's declaration: the parsed TOML without its `description`, so that
+/// comments, layout and the description can change under a version and nothing else can.
+pub fn declaration_hash(text: &str) -> Result<String, String> {
+    use sha2::Digest;
+    let mut value: toml::Table = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    value.remove("description");
+    // Written back, a parsed table has one form: no comments, no layout.
+    let canonical = toml::to_string(&value).map_err(|e| e.to_string())?;
+    let digest = sha2::Sha256::digest(canonical.as_bytes());
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Lowercase letters, digits and `_`, starting with a letter, at most 63 bytes: a name that needs no
@@ -522,13 +537,32 @@ impl FileView {
             return None;
         }
         let sql = derive_sql(name, version, &tables, &indexes);
+        let hash = match declaration_hash(&text) {
+            Ok(hash) => hash,
+            Err(e) => {
+                problems.add(shown, None, e);
+                return None;
+            }
+        };
         Some(FileView {
             name: leak(name),
             version,
             tables,
             handlers,
             sql,
+            source: shown.to_string(),
+            hash,
         })
+    }
+
+    /// Where this version is declared and the hash of the declaration.
+    pub fn definition(&self) -> crate::domain::Definition {
+        crate::domain::Definition {
+            projection: self.name.to_string(),
+            version: self.version,
+            source: self.source.clone(),
+            hash: self.hash.clone(),
+        }
     }
 
     pub fn sql(&self) -> &SchemaSql {
@@ -683,5 +717,28 @@ impl Projection<FileEvent> for FileView {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declaration_hash;
+
+    const VIEW: &str = r#"[[tables]]
+name = "counts"
+key = ["id"]
+columns = [{ name = "id", type = "text" }, { name = "n", type = "bigint", counter = true }]
+"#;
+
+    #[test]
+    fn comments_layout_and_description_leave_the_declaration_hash_alone_and_a_value_does_not() {
+        let hash = |text: &str| declaration_hash(text).expect("valid TOML");
+        let relaid = format!(
+            "# counts\ndescription = \"per id\"\n\n{}",
+            VIEW.replace(", { name", ",\n  { name")
+        );
+        assert_eq!(hash(VIEW), hash(&relaid));
+        assert_ne!(hash(VIEW), hash(&VIEW.replace("bigint", "integer")));
+        assert!(declaration_hash("tables = [").is_err());
     }
 }
