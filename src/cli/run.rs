@@ -9,6 +9,7 @@ use super::{shutdown_token, Cx, Outcome};
 use crate::domain::Domain;
 use crate::engine::rebuild::RebuildOptions;
 use crate::engine::run::{self, RunOptions};
+use crate::engine::EngineError;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -32,21 +33,96 @@ pub struct RunArgs {
 }
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: RunArgs) -> anyhow::Result<Outcome> {
-    let settings = cx.settings()?;
-    let engine = Arc::new(cx.writing_engine(&settings, args.tuning.tuning()).await?);
-    let options = RunOptions {
-        backfill: !args.no_backfill,
-        rebuild: RebuildOptions {
-            allow_truncated_history: args.allow_truncated_history,
-            swap: true,
-            swap_options: args.swap.options(&settings),
-            quiet: true,
-            memory_budget: args.memory.memory_budget,
-            disk_budget: args.memory.disk_budget.map(|b| b as u64),
-            verify: args.verify.policy(),
-        },
-        exit_when_caught_up: args.exit_when_caught_up,
-    };
-    run::run(engine, options, shutdown_token()).await?;
-    Ok(Outcome::Success)
+    let shutdown = shutdown_token();
+    let mut domain = cx.domain.clone();
+    loop {
+        let now = Cx {
+            global: cx.global.clone(),
+            domain: domain.clone(),
+        };
+        let settings = now.settings()?;
+        let engine = Arc::new(now.writing_engine(&settings, args.tuning.tuning()).await?);
+        let options = RunOptions {
+            backfill: !args.no_backfill,
+            rebuild: RebuildOptions {
+                allow_truncated_history: args.allow_truncated_history,
+                swap: true,
+                swap_options: args.swap.options(&settings),
+                quiet: true,
+                memory_budget: args.memory.memory_budget,
+                disk_budget: args.memory.disk_budget.map(|b| b as u64),
+                verify: args.verify.policy(),
+            },
+            exit_when_caught_up: args.exit_when_caught_up,
+        };
+        let round = shutdown.child_token();
+        let watcher = tokio::spawn(watch_definitions(
+            domain.clone(),
+            engine.catalog.clone(),
+            round.clone(),
+        ));
+        let result = run::run(engine, options, round.clone()).await;
+        round.cancel();
+        let reloaded = watcher.await.ok().flatten();
+        match (result, reloaded) {
+            (Ok(()) | Err(EngineError::Interrupted), Some(next)) if !shutdown.is_cancelled() => {
+                domain = Arc::new(next)
+            }
+            (result, _) => {
+                result?;
+                return Ok(Outcome::Success);
+            }
+        }
+    }
+}
+
+/// How often `run` looks whether a domain's files changed.
+const LOOK_FOR_CHANGED_FILES_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Until `round` ends, read the domain's files again whenever they change (a compiled domain never
+/// does). Changed files that are right, and that change no version builds were made from, end the
+/// round and are returned: `run` goes on with them, backfilling a new view or version from offset
+/// zero while the others keep being followed from their stored positions. Files with problems are
+/// reported once and the running views go on as they were.
+async fn watch_definitions<D: Domain>(
+    domain: Arc<D>,
+    catalog: crate::sink::Catalog,
+    round: tokio_util::sync::CancellationToken,
+) -> Option<D> {
+    let mut reported = String::new();
+    loop {
+        tokio::select! {
+            _ = round.cancelled() => return None,
+            _ = tokio::time::sleep(LOOK_FOR_CHANGED_FILES_EVERY) => {}
+        }
+        let current = domain.clone();
+        let reloaded = match tokio::task::spawn_blocking(move || current.reload()).await {
+            Ok(Some(reloaded)) => reloaded,
+            _ => continue,
+        };
+        let problem = match reloaded {
+            Ok(next) => {
+                match crate::engine::refuse_edited_definitions(&catalog, &next.definitions()).await
+                {
+                    Ok(()) => {
+                        tracing::info!(
+                            message = "the domain's files changed; going on with them",
+                            projections = %next.projections().iter().map(|p| format!("{} v{}", p.name(), p.version())).collect::<Vec<_>>().join(", ")
+                        );
+                        round.cancel();
+                        return Some(next);
+                    }
+                    Err(refused) => refused.to_string(),
+                }
+            }
+            Err(problems) => problems,
+        };
+        if problem != reported {
+            tracing::error!(
+                message = "the domain's files changed and are refused; the running views go on as they were",
+                problem = %problem
+            );
+            reported = problem;
+        }
+    }
 }

@@ -71,6 +71,17 @@ pub trait Domain: Send + Sync + 'static {
     fn definitions(&self) -> Vec<Definition> {
         Vec::new()
     }
+
+    /// The domain read again, when what it was read from has changed since (a domain defined by
+    /// files): `run` asks every few seconds and picks up a new view file or version without a
+    /// restart. `None` when nothing changed or the domain is compiled; `Some(Err)` describes every
+    /// problem of the changed files.
+    fn reload(&self) -> Option<Result<Self, String>>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 /// The declaration of one projection version: which file, and a hash of what it says.

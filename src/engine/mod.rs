@@ -424,35 +424,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
         if self.definitions.is_empty() {
             return Ok(());
         }
-        let mut edited = Vec::new();
-        for build in self.catalog.recorded_definitions().await? {
-            let Some(now) = self
-                .definitions
-                .iter()
-                .find(|d| d.projection == build.projection && d.version == build.version)
-            else {
-                continue;
-            };
-            if now.hash != build.hash {
-                edited.push(format!(
-                    "{} is not the declaration build {} ({}) of {} v{} was made from \
-                     (recorded hash {}, now {})",
-                    now.source,
-                    build.build_id,
-                    build.phase,
-                    build.projection,
-                    build.version,
-                    short(&build.hash),
-                    short(&now.hash)
-                ));
-            }
-        }
-        if edited.is_empty() {
-            return Ok(());
-        }
-        Err(EngineError::EditedDefinition {
-            edited: edited.join("; "),
-        })
+        refuse_edited_definitions(&self.catalog, &self.definitions).await
     }
 
     pub fn projection(&self, name: &str) -> Result<DynProjection<E>> {
@@ -470,6 +442,42 @@ impl<E: Send + Sync + 'static> Engine<E> {
                     .join(", "),
             })
     }
+}
+
+/// Refuse `definitions` when one of them is not what a build of its version was made from (see
+/// [`Engine::refuse_edited_definitions`]); `run` also asks it of files it reads again.
+pub async fn refuse_edited_definitions(
+    catalog: &Catalog,
+    definitions: &[Definition],
+) -> Result<()> {
+    let mut edited = Vec::new();
+    for build in catalog.recorded_definitions().await? {
+        let Some(now) = definitions
+            .iter()
+            .find(|d| d.projection == build.projection && d.version == build.version)
+        else {
+            continue;
+        };
+        if now.hash != build.hash {
+            edited.push(format!(
+                "{} is not the declaration build {} ({}) of {} v{} was made from \
+                 (recorded hash {}, now {})",
+                now.source,
+                build.build_id,
+                build.phase,
+                build.projection,
+                build.version,
+                short(&build.hash),
+                short(&now.hash)
+            ));
+        }
+    }
+    if edited.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::EditedDefinition {
+        edited: edited.join("; "),
+    })
 }
 
 /// The first 12 hex digits of a hash, as people compare them.

@@ -473,3 +473,135 @@ async fn a_view_file_changed_under_its_version_is_refused_until_the_change_gets_
         "v2 recorded its own hash"
     );
 }
+
+const REVENUE_BY_CURRENCY: &str = r#"[[tables]]
+name = "revenue_by_currency"
+key = ["currency"]
+columns = [
+  { name = "currency", type = "text" },
+  { name = "revenue_cents", type = "bigint", counter = true },
+]
+
+[[on]]
+events = ["shop.v3.OrderPaid"]
+key = ["payload.currency"]
+add = { revenue_cents = "payload.amount_cents" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_view_file_dropped_next_to_a_running_run_is_backfilled_and_swapped_in_without_a_restart()
+{
+    let kafka = Kafka::start(2);
+    let mut history = latest_version_history();
+    append(&kafka.settings, &mut history, 1_500);
+    let dir = domain_with_views(
+        "file-views-live",
+        &[("orders_per_customer", ORDERS_PER_CUSTOMER)],
+    );
+    every_event_type(&dir);
+    let domain_arg = dir.to_string_lossy().into_owned();
+    let db = fresh_database("file_views_live").await;
+    let pool = pool(&db).await;
+    let log_path = dir.with_extension("log");
+    let log = std::fs::File::create(&log_path).expect("run's log");
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args(["run", "--quiet", "--domain", &domain_arg, "--brokers"])
+        .args([&kafka.settings.brokers, "--database-url", &db])
+        .stderr(log)
+        .spawn()
+        .expect("start run");
+    let logged = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let orders = "SELECT sum(orders)::bigint FROM orders_per_customer";
+    let expected = history.expected().orders as i64;
+    wait_until(
+        "orders_per_customer caught up",
+        60,
+        || scalar::<i64>(&pool, orders),
+        |n| *n == Some(expected),
+    )
+    .await;
+    let first_build: i64 = scalar(&pool, "SELECT build_id FROM reproject.builds")
+        .await
+        .expect("one build");
+
+    // A view file with a mistake: reported, and the running view goes on.
+    let broken = dir.join("views/broken");
+    std::fs::create_dir_all(&broken).expect("views/broken");
+    std::fs::write(
+        broken.join("v1.toml"),
+        REVENUE_BY_CURRENCY.replace("payload.amount_cents", "payload.amount"),
+    )
+    .expect("broken v1.toml");
+    append(&kafka.settings, &mut history, 300);
+    let expected = history.expected().orders as i64;
+    wait_until(
+        "orders_per_customer to follow the new events",
+        60,
+        || scalar::<i64>(&pool, orders),
+        |n| *n == Some(expected),
+    )
+    .await;
+    let report = wait_until(
+        "run to report the broken file",
+        30,
+        || async { logged() },
+        |log| log.contains("the domain's files changed and are refused"),
+    )
+    .await;
+    assert!(
+        report.contains("views/broken/v1.toml") && report.contains("has no field `amount`"),
+        "{report}"
+    );
+    assert!(matches!(run.try_wait(), Ok(None)), "run went on");
+    std::fs::remove_dir_all(&broken).expect("remove views/broken");
+
+    // A new view: backfilled from offset zero and swapped in by the same process, while events
+    // keep arriving; the other view keeps its build.
+    let folder = dir.join("views/revenue_by_currency");
+    std::fs::create_dir_all(&folder).expect("view folder");
+    std::fs::write(folder.join("v1.toml"), REVENUE_BY_CURRENCY).expect("v1.toml");
+    append(&kafka.settings, &mut history, 300);
+    let expected = history.expected();
+    let revenue: i64 = expected.daily_sales.values().map(|d| d.revenue_cents).sum();
+    assert!(revenue > 0);
+    wait_until(
+        "revenue_by_currency backfilled and swapped in",
+        90,
+        || {
+            scalar::<i64>(
+                &pool,
+                "SELECT sum(revenue_cents)::bigint FROM revenue_by_currency",
+            )
+        },
+        |n| *n == Some(revenue),
+    )
+    .await;
+    wait_until(
+        "orders_per_customer to follow",
+        60,
+        || scalar::<i64>(&pool, orders),
+        |n| *n == Some(expected.orders as i64),
+    )
+    .await;
+    assert!(
+        matches!(run.try_wait(), Ok(None)),
+        "no restart: the same process"
+    );
+    let builds: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT projection, build_id, phase FROM reproject.builds ORDER BY build_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("builds");
+    assert_eq!(builds.len(), 2, "{builds:?}");
+    assert_eq!(
+        (builds[0].1, builds[0].2.as_str()),
+        (first_build, "active"),
+        "{builds:?}"
+    );
+    assert_eq!(
+        (builds[1].0.as_str(), builds[1].2.as_str()),
+        ("revenue_by_currency", "active")
+    );
+    stop(&mut run);
+}

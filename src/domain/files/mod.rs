@@ -150,6 +150,41 @@ pub struct FileDomain {
     steps: Vec<Arc<upcast::FileStep>>,
     /// Every version of every view, sorted by name then version.
     views: Vec<Arc<FileView>>,
+    /// What it was read from (the folder, and the schemas when they lie outside it), and a
+    /// fingerprint of those files as they were read, for [`Domain::reload`].
+    dir: PathBuf,
+    watched: Vec<PathBuf>,
+    fingerprint: String,
+}
+
+/// SHA-256 (hex) of every file under `paths` (a file or a folder, recursively): names and contents,
+/// in name order. A missing path counts as empty.
+fn fingerprint(paths: &[PathBuf]) -> String {
+    use sha2::Digest;
+    fn walk(path: &Path, hasher: &mut sha2::Sha256) {
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            entries.sort();
+            for entry in entries {
+                walk(&entry, hasher);
+            }
+        } else if let Ok(bytes) = std::fs::read(path) {
+            hasher.update(path.to_string_lossy().as_bytes());
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(&bytes);
+        }
+    }
+    let mut hasher = sha2::Sha256::new();
+    for path in paths {
+        walk(path, &mut hasher);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl FileDomain {
@@ -176,6 +211,18 @@ impl FileDomain {
             p
         })?;
         let line = |offset: usize| Some(view::line_of(&text, offset));
+        // Fingerprinted before the files are read: a change made while they are is seen next time.
+        let mut watched = vec![dir.to_path_buf()];
+        for outside in [&settings.schemas, &settings.descriptors]
+            .into_iter()
+            .flatten()
+        {
+            let path = dir.join(outside.get_ref());
+            if !path.starts_with(dir) {
+                watched.push(path);
+            }
+        }
+        let fingerprint = fingerprint(&watched);
         let (pool, descriptors) = match (&settings.schemas, &settings.descriptors) {
             (Some(folder), None) => compile_protos(dir, folder, &text, &mut problems),
             (None, Some(file)) => read_descriptor_set(dir, file, &text, &mut problems),
@@ -231,6 +278,9 @@ impl FileDomain {
             events,
             steps: steps.into_iter().map(Arc::new).collect(),
             views,
+            dir: dir.to_path_buf(),
+            watched,
+            fingerprint,
         })
     }
 }
@@ -528,5 +578,13 @@ impl Domain for FileDomain {
 
     fn definitions(&self) -> Vec<crate::domain::Definition> {
         self.views.iter().map(|v| v.definition()).collect()
+    }
+
+    fn reload(&self) -> Option<Result<FileDomain, String>> {
+        if fingerprint(&self.watched) == self.fingerprint {
+            return None;
+        }
+        // Names are leaked to `&'static str` at each load: bounded by how often files are edited.
+        Some(FileDomain::load(&self.dir).map_err(|problems| problems.render(&self.dir)))
     }
 }
