@@ -84,6 +84,13 @@ pub trait Projection<E>: Send + Sync {
     fn version(&self) -> u32;
     fn tables(&self) -> &[TableSpec];
     fn apply(&self, event: &Event<'_, E>, out: &mut Changes);
+
+    /// Whether it changes anything for events of this type (a latest message's full name), when it
+    /// can say without an event: `check --sample` names the event types no view reads. `None`: it
+    /// cannot tell (compiled code decides per event).
+    fn handles(&self, _event_type: &str) -> Option<bool> {
+        None
+    }
 }
 
 /// A projection ready for the engine: its code, its SQL and which position it holds in a run.

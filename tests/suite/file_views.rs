@@ -605,3 +605,67 @@ async fn a_view_file_dropped_next_to_a_running_run_is_backfilled_and_swapped_in_
     );
     stop(&mut run);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_with_a_sample_of_the_log_names_event_types_no_upcaster_knows_and_none_reads() {
+    let kafka = Kafka::start(2);
+    let mut history = latest_version_history();
+    append(&kafka.settings, &mut history, 400);
+    // The domain declares OrderPlaced and OrderPaid only; the log has every event type.
+    let dir = domain_with_views(
+        "file-views-sample",
+        &[("orders_per_customer", ORDERS_PER_CUSTOMER)],
+    );
+    let db = fresh_database("file_views_sample").await;
+    let domain_arg = dir.to_string_lossy().into_owned();
+    let check = || {
+        reproject(
+            &db,
+            &kafka,
+            &["--domain", &domain_arg, "check", "--sample", "100"],
+        )
+    };
+    let out = check();
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("sample: 200 record(s) of shop.orders"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("problem: event type shop.v3.ItemAdded (")
+                && l.contains("is known to no upcaster: a replay would refuse each one")
+                && l.contains("shop.orders/")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("shop.v3.OrderPlaced: ")
+                && l.ends_with("read by orders_per_customer")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("shop.v3.OrderPaid: ")
+                && l.ends_with("read by no view")),
+        "{stdout}"
+    );
+
+    // Every type declared: nothing is refused, and the types no view reads are only named.
+    every_event_type(&dir);
+    let out = check();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(!stdout.contains("problem:"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("shop.v3.ItemAdded: ")
+                && l.ends_with("read by no view")),
+        "{stdout}"
+    );
+}

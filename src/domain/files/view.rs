@@ -116,6 +116,8 @@ pub struct FileView {
     tables: Vec<TableSpec>,
     /// Per event type (by [`FileEvent::kind`]), the handlers it runs, in file order.
     handlers: Vec<Vec<Handler>>,
+    /// The event types' names, by kind (what [`Projection::handles`] is asked about).
+    kinds: Vec<&'static str>,
     sql: SchemaSql,
     /// The file as users name it, and the hash of its declaration (see [`declaration_hash`]).
     source: String,
@@ -549,6 +551,7 @@ impl FileView {
             version,
             tables,
             handlers,
+            kinds: events.iter().map(|e| leak(e.full_name())).collect(),
             sql,
             source: shown.to_string(),
             hash,
@@ -695,6 +698,11 @@ impl Projection<FileEvent> for FileView {
 
     fn tables(&self) -> &[TableSpec] {
         &self.tables
+    }
+
+    fn handles(&self, event_type: &str) -> Option<bool> {
+        let kind = self.kinds.iter().position(|k| *k == event_type);
+        Some(kind.is_some_and(|kind| self.handlers.get(kind).is_some_and(|h| !h.is_empty())))
     }
 
     fn apply(&self, event: &Event<'_, FileEvent>, out: &mut Changes) {
