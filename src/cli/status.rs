@@ -45,6 +45,12 @@ pub fn render(report: &StatusReport) -> String {
         )),
         _ => {}
     }
+    if let Some(edited) = &report.edited_definitions {
+        out.push_str(&format!(
+            "EDITED VIEW FILES: {edited}; the commands that write refuse to run until the change \
+             has a version file of its own\n"
+        ));
+    }
     for p in &report.projections {
         out.push_str(&format!(
             "\n{} (code v{}){}\n",

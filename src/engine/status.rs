@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Engine, Result};
+use super::{Engine, EngineError, Result};
 use crate::sink::catalog::Positions;
 use crate::sink::lock::{self, writer_lock_subject, LockKind};
 use crate::sink::{qualified, Build, Context, Phase};
@@ -17,6 +17,9 @@ pub struct StatusReport {
     /// reached).
     pub log_end: Option<ByTopic>,
     pub broker_error: Option<String>,
+    /// View files changed under a version that has builds: what the commands that write refuse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edited_definitions: Option<String>,
     pub projections: Vec<ProjectionStatus>,
 }
 
@@ -94,10 +97,16 @@ pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Sta
         }
         projections.push(status);
     }
+    let edited_definitions = match engine.refuse_edited_definitions().await {
+        Err(EngineError::EditedDefinition { edited }) => Some(edited),
+        Err(other) => return Err(other),
+        Ok(()) => None,
+    };
     Ok(StatusReport {
         topics: engine.topics.names().to_vec(),
         log_end: log_end.as_ref().map(|end| engine.topics.by_topic(end)),
         broker_error,
+        edited_definitions,
         projections,
     })
 }

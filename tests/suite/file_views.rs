@@ -445,6 +445,13 @@ async fn a_view_file_changed_under_its_version_is_refused_until_the_change_gets_
     }
     let status = reproject(&db, &kafka, &["--domain", &domain_arg, "status"]);
     assert!(status.status.success(), "{}", text(&status.stderr));
+    assert!(
+        text(&status.stdout).contains(
+            "EDITED VIEW FILES: views/orders_per_customer/v1.toml is not the declaration build"
+        ),
+        "{}",
+        text(&status.stdout)
+    );
     let orders: i64 = scalar(&pool, "SELECT sum(orders)::bigint FROM orders_per_customer")
         .await
         .expect("orders");
