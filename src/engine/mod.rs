@@ -410,20 +410,13 @@ impl<E: Send + Sync + 'static> Engine<E> {
 
     /// The hash of the declaration `projection` `version` is made from now, if it is declared in a file.
     pub fn definition_hash(&self, projection: &str, version: u32) -> Option<&str> {
-        self.definitions
-            .iter()
-            .find(|d| d.projection == projection && d.version == version)
-            .map(|d| d.hash.as_str())
+        definition_of(&self.definitions, projection, version).map(|d| d.hash.as_str())
     }
 
     /// Refuse to go on when a projection version's file was changed after builds were made from
     /// it: the rows of those builds would silently mix two definitions under one version (a
-    /// resumed build, a follow, a rollback). Only builds that still hold or will hold rows count
-    /// (not dropped or failed ones). Commands that only read the catalog do not call it.
+    /// resumed build, a follow, a rollback). Commands that only read the catalog do not call it.
     pub async fn refuse_edited_definitions(&self) -> Result<()> {
-        if self.definitions.is_empty() {
-            return Ok(());
-        }
         refuse_edited_definitions(&self.catalog, &self.definitions).await
     }
 
@@ -444,18 +437,29 @@ impl<E: Send + Sync + 'static> Engine<E> {
     }
 }
 
-/// Refuse `definitions` when one of them is not what a build of its version was made from (see
-/// [`Engine::refuse_edited_definitions`]); `run` also asks it of files it reads again.
-pub async fn refuse_edited_definitions(
+fn definition_of<'a>(
+    definitions: &'a [Definition],
+    projection: &str,
+    version: u32,
+) -> Option<&'a Definition> {
+    definitions
+        .iter()
+        .find(|d| d.projection == projection && d.version == version)
+}
+
+/// Each of `definitions` that is not what a build of its version was made from, said with its file,
+/// the build and both hashes. Only builds that still hold or will hold rows count (not dropped or
+/// failed ones). `status` shows them; [`refuse_edited_definitions`] refuses them.
+pub async fn edited_definitions(
     catalog: &Catalog,
     definitions: &[Definition],
-) -> Result<()> {
+) -> Result<Vec<String>> {
+    if definitions.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut edited = Vec::new();
     for build in catalog.recorded_definitions().await? {
-        let Some(now) = definitions
-            .iter()
-            .find(|d| d.projection == build.projection && d.version == build.version)
-        else {
+        let Some(now) = definition_of(definitions, &build.projection, build.version) else {
             continue;
         };
         if now.hash != build.hash {
@@ -472,6 +476,16 @@ pub async fn refuse_edited_definitions(
             ));
         }
     }
+    Ok(edited)
+}
+
+/// [`edited_definitions`] as an error (see [`Engine::refuse_edited_definitions`]); `run` also asks
+/// it of the files it reads again.
+pub async fn refuse_edited_definitions(
+    catalog: &Catalog,
+    definitions: &[Definition],
+) -> Result<()> {
+    let edited = edited_definitions(catalog, definitions).await?;
     if edited.is_empty() {
         return Ok(());
     }

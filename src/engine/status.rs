@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Engine, EngineError, Result};
+use super::{Engine, Result};
 use crate::sink::catalog::Positions;
 use crate::sink::lock::{self, writer_lock_subject, LockKind};
 use crate::sink::{qualified, Build, Context, Phase};
@@ -97,11 +97,8 @@ pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Sta
         }
         projections.push(status);
     }
-    let edited_definitions = match engine.refuse_edited_definitions().await {
-        Err(EngineError::EditedDefinition { edited }) => Some(edited),
-        Err(other) => return Err(other),
-        Ok(()) => None,
-    };
+    let edited = super::edited_definitions(&engine.catalog, &engine.definitions).await?;
+    let edited_definitions = (!edited.is_empty()).then(|| edited.join("; "));
     Ok(StatusReport {
         topics: engine.topics.names().to_vec(),
         log_end: log_end.as_ref().map(|end| engine.topics.by_topic(end)),
