@@ -123,6 +123,9 @@ ALTER TABLE reproject.builds ADD COLUMN IF NOT EXISTS source_checks jsonb;
 -- in a file (`--domain`); NULL for compiled ones. A file edited without a new version no longer
 -- matches the builds made from it, and the commands that write refuse to go on.
 ALTER TABLE reproject.builds ADD COLUMN IF NOT EXISTS definition_hash text;
+-- The hash of the schemas, event types and upcaster steps a file-defined build was made through:
+-- when they change, `status` names the live builds made before (a rebuild applies the change).
+ALTER TABLE reproject.builds ADD COLUMN IF NOT EXISTS inputs_hash text;
 
 -- Every verification of a build against another: the verdict and the whole report (JSON), kept so
 -- that a swap made with `--verify report` can be looked at afterwards.

@@ -42,6 +42,9 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: RunArgs) -> anyhow::Result<Outcome
         };
         let settings = now.settings()?;
         let engine = Arc::new(now.writing_engine(&settings, args.tuning.tuning()).await?);
+        for stale in crate::engine::stale_inputs(&engine.catalog, &engine.definitions).await? {
+            tracing::warn!(message = "the domain's schemas or upcasters changed", build = %stale);
+        }
         let options = RunOptions {
             backfill: !args.no_backfill,
             rebuild: RebuildOptions {

@@ -51,6 +51,9 @@ pub fn render(report: &StatusReport) -> String {
              has a version file of its own\n"
         ));
     }
+    if let Some(stale) = &report.stale_inputs {
+        out.push_str(&format!("SCHEMAS OR UPCASTERS CHANGED: {stale}\n"));
+    }
     for p in &report.projections {
         out.push_str(&format!(
             "\n{} (code v{}){}\n",

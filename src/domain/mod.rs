@@ -93,6 +93,10 @@ pub struct Definition {
     pub source: String,
     /// SHA-256 of the parsed declaration, hex: comments and layout do not change it.
     pub hash: String,
+    /// SHA-256 of what every view of the domain reads events through, hex: the schemas (without
+    /// their comments), the event types and the upcaster steps. Editing them is allowed (fixing an
+    /// upcaster is a reason to rebuild), but builds made before no longer show what the files say.
+    pub inputs_hash: String,
 }
 
 /// A deterministic example history and the totals its views must show.

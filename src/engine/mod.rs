@@ -408,9 +408,9 @@ impl<E: Send + Sync + 'static> Engine<E> {
         .map_err(EngineError::from)
     }
 
-    /// The hash of the declaration `projection` `version` is made from now, if it is declared in a file.
-    pub fn definition_hash(&self, projection: &str, version: u32) -> Option<&str> {
-        definition_of(&self.definitions, projection, version).map(|d| d.hash.as_str())
+    /// The declaration `projection` `version` is made from now, if it is declared in a file.
+    pub fn definition(&self, projection: &str, version: u32) -> Option<&Definition> {
+        definition_of(&self.definitions, projection, version)
     }
 
     /// Refuse to go on when a projection version's file was changed after builds were made from
@@ -477,6 +477,38 @@ pub async fn edited_definitions(
         }
     }
     Ok(edited)
+}
+
+/// Each active build made through other schemas, event types or upcaster steps than the domain's
+/// files hold now, said with the build and what applies the change. Not an error: fixing an
+/// upcaster is a reason to rebuild, and until then the active build goes on being followed (its
+/// new events read through the files as they are now). `status` shows them and `run` warns.
+pub async fn stale_inputs(catalog: &Catalog, definitions: &[Definition]) -> Result<Vec<String>> {
+    let Some(now) = definitions.first() else {
+        return Ok(Vec::new());
+    };
+    let mut stale = Vec::new();
+    for build in catalog.recorded_definitions().await? {
+        let Some(recorded) = build.inputs_hash.as_deref() else {
+            continue;
+        };
+        if build.phase == crate::sink::catalog::Phase::Active.as_str()
+            && recorded != now.inputs_hash
+        {
+            stale.push(format!(
+                "active build {} of {} v{} was made through other schemas or upcaster steps \
+                 (recorded hash {}, now {}): `reproject rebuild {}` replays its history through \
+                 the files as they are",
+                build.build_id,
+                build.projection,
+                build.version,
+                short(recorded),
+                short(&now.inputs_hash),
+                build.projection
+            ));
+        }
+    }
+    Ok(stale)
 }
 
 /// [`edited_definitions`] as an error (see [`Engine::refuse_edited_definitions`]); `run` also asks

@@ -530,7 +530,7 @@ async fn prepare_build<E: Send + Sync + 'static>(
                     projection.version(),
                     &engine.topics,
                     false,
-                    engine.definition_hash(projection.name(), projection.version()),
+                    engine.definition(projection.name(), projection.version()),
                 )
                 .await?
         }

@@ -20,6 +20,9 @@ pub struct StatusReport {
     /// View files changed under a version that has builds: what the commands that write refuse.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub edited_definitions: Option<String>,
+    /// Active builds made through other schemas or upcaster steps than the files hold now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_inputs: Option<String>,
     pub projections: Vec<ProjectionStatus>,
 }
 
@@ -99,11 +102,14 @@ pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Sta
     }
     let edited = super::edited_definitions(&engine.catalog, &engine.definitions).await?;
     let edited_definitions = (!edited.is_empty()).then(|| edited.join("; "));
+    let stale = super::stale_inputs(&engine.catalog, &engine.definitions).await?;
+    let stale_inputs = (!stale.is_empty()).then(|| stale.join("; "));
     Ok(StatusReport {
         topics: engine.topics.names().to_vec(),
         log_end: log_end.as_ref().map(|end| engine.topics.by_topic(end)),
         broker_error,
         edited_definitions,
+        stale_inputs,
         projections,
     })
 }

@@ -131,6 +131,8 @@ pub struct RecordedDefinition {
     pub version: u32,
     pub phase: String,
     pub hash: String,
+    /// NULL for builds made before reproject recorded it.
+    pub inputs_hash: Option<String>,
 }
 
 /// A verification to keep in `reproject.verifications`: its verdict and whole report.
@@ -229,27 +231,28 @@ impl Catalog {
     }
 
     /// Register a new build and name its schema `rp_<projection>_v<version>_b<id>`.
-    /// `definition_hash`: the hash of the file the version is declared in, if it is.
+    /// `definition`: the file the version is declared in and what it reads through, if it is.
     pub async fn create_build(
         &self,
         projection: &str,
         version: u32,
         topics: &crate::source::Topics,
         truncated: bool,
-        definition_hash: Option<&str>,
+        definition: Option<&crate::domain::Definition>,
     ) -> Result<Build> {
         check_identifier("projection", projection)?;
         let row = sqlx::query(&format!(
             "WITH b AS (SELECT nextval(pg_get_serial_sequence('reproject.builds', 'build_id')) AS id)
-             INSERT INTO reproject.builds (build_id, projection, version, schema_name, topic, topics, phase, history_truncated, definition_hash)
-             SELECT id, $1, $2, format('rp_%s_v%s_b%s', $1::text, $2::int, id), array_to_string($3::text[], ', '), $3, 'loading', $4, $5 FROM b
+             INSERT INTO reproject.builds (build_id, projection, version, schema_name, topic, topics, phase, history_truncated, definition_hash, inputs_hash)
+             SELECT id, $1, $2, format('rp_%s_v%s_b%s', $1::text, $2::int, id), array_to_string($3::text[], ', '), $3, 'loading', $4, $5, $6 FROM b
              RETURNING {BUILD_COLUMNS}"
         ))
         .bind(projection)
         .bind(version as i32)
         .bind(topics.names())
         .bind(truncated)
-        .bind(definition_hash)
+        .bind(definition.map(|d| d.hash.as_str()))
+        .bind(definition.map(|d| d.inputs_hash.as_str()))
         .fetch_one(&self.pool)
         .await
         .context(|| format!("registering a new build of {projection} v{version}"))?;
@@ -259,7 +262,7 @@ impl Catalog {
     /// The declaration hash of every build that holds or will hold rows (not dropped or failed).
     pub async fn recorded_definitions(&self) -> Result<Vec<RecordedDefinition>> {
         let rows = sqlx::query(
-            "SELECT build_id, projection, version, phase, definition_hash FROM reproject.builds
+            "SELECT build_id, projection, version, phase, definition_hash, inputs_hash FROM reproject.builds
              WHERE definition_hash IS NOT NULL AND phase NOT IN ('dropped', 'failed')
              ORDER BY build_id",
         )
@@ -275,6 +278,7 @@ impl Catalog {
                     version: row.try_get::<i32, _>("version").context(read)? as u32,
                     phase: row.try_get("phase").context(read)?,
                     hash: row.try_get("definition_hash").context(read)?,
+                    inputs_hash: row.try_get("inputs_hash").context(read)?,
                 })
             })
             .collect()

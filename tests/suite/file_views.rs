@@ -751,3 +751,102 @@ async fn dead_letters_retry_verify_and_estimate_work_on_file_defined_views() {
     let estimated = cli(&["estimate", "--all"]);
     assert!(estimated.contains("events_per_order"), "{estimated}");
 }
+
+/// A copy of domains/shop-as-files in the temp dir (its schemas still read from the source tree).
+fn shop_as_files_copy(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rp-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let from = shop_as_files();
+    for file in [
+        "upcasters.toml",
+        "views/order_summary/v1.toml",
+        "views/customer_stats/v1.toml",
+        "views/daily_sales/v1.toml",
+    ] {
+        let to = dir.join(file);
+        std::fs::create_dir_all(to.parent().expect("a folder")).expect("domain folder");
+        std::fs::copy(from.join(file), &to).expect("copy");
+    }
+    let protos = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/domain/shop/protos");
+    let settings = std::fs::read_to_string(from.join("domain.toml"))
+        .expect("domain.toml")
+        .replace(
+            "\"../../src/domain/shop/protos\"",
+            &format!("{:?}", protos.to_string_lossy()),
+        );
+    std::fs::write(dir.join("domain.toml"), settings).expect("domain.toml");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_upcaster_is_named_by_status_for_the_builds_made_before_and_a_rebuild_applies_it()
+{
+    let kafka = Kafka::start(2);
+    let mut history = history(EVENTS, 37);
+    append(&kafka.settings, &mut history, EVENTS);
+    let dir = shop_as_files_copy("file-views-upcaster-changed");
+    let domain_arg = dir.to_string_lossy().into_owned();
+    let db = fresh_database("file_views_upcasters").await;
+    let pool = pool(&db).await;
+    let command = |args: &[&str]| {
+        let mut all = vec!["--domain", &domain_arg];
+        all.extend_from_slice(args);
+        let out = reproject(&db, &kafka, &all);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    const CHANGED: &str = "SCHEMAS OR UPCASTERS CHANGED";
+    command(&["rebuild", "--all"]);
+    let recorded: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT DISTINCT inputs_hash FROM reproject.builds WHERE phase = 'active'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("builds");
+    assert!(
+        recorded.len() == 1 && recorded[0].as_ref().is_some_and(|h| h.len() == 64),
+        "every build recorded the one hash of the schemas and upcasters: {recorded:?}"
+    );
+    assert!(!command(&["status"]).contains(CHANGED));
+
+    // A comment is not a change.
+    let upcasters = dir.join("upcasters.toml");
+    let text_before = std::fs::read_to_string(&upcasters).expect("upcasters.toml");
+    std::fs::write(&upcasters, format!("# reviewed\n{text_before}")).expect("upcasters.toml");
+    assert!(!command(&["status"]).contains(CHANGED));
+
+    // v1 payments were in another currency after all: not refused (a fixed upcaster is a reason to
+    // rebuild), but status names every active build made before, and a rebuild applies it.
+    let fixed = text_before.replacen(
+        "currency = \"'EUR'\", paid_at",
+        "currency = \"'XXX'\", paid_at",
+        1,
+    );
+    assert_ne!(
+        fixed, text_before,
+        "the v1 OrderPaid step sets its currency"
+    );
+    std::fs::write(&upcasters, fixed).expect("upcasters.toml");
+    let status = command(&["status"]);
+    for view in ["order_summary", "customer_stats", "daily_sales"] {
+        assert!(
+            status.contains(&format!(
+                "of {view} v1 was made through other schemas or upcaster steps"
+            )),
+            "{view} in: {status}"
+        );
+    }
+    assert!(
+        status.contains(&format!("{CHANGED}: active build")),
+        "{status}"
+    );
+    let in_xxx = "SELECT count(*) FROM daily_sales WHERE currency = 'XXX'";
+    assert_eq!(scalar::<i64>(&pool, in_xxx).await, Some(0));
+
+    command(&["rebuild", "--all"]);
+    assert!(!command(&["status"]).contains(CHANGED));
+    assert!(
+        scalar::<i64>(&pool, in_xxx).await.is_some_and(|n| n > 0),
+        "the rebuild read v1 payments through the fixed step"
+    );
+}

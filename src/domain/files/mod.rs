@@ -23,8 +23,9 @@
 //! DIR/upcasters.toml (optional) holds the steps from older message versions to the event types
 //! (see `upcast.rs`).
 //!
-//! Not yet here: a sample of the log checked for event types no view handles, and the hash of each
-//! view file recorded with its builds.
+//! Each build records two hashes (see [`crate::domain::Definition`]): its view file's, which may not
+//! change under a version that has builds, and that of the schemas and upcasters, which may (a
+//! fixed upcaster is a reason to rebuild) and which `status` compares with the active builds'.
 
 pub mod expr;
 mod upcast;
@@ -150,6 +151,8 @@ pub struct FileDomain {
     steps: Vec<Arc<upcast::FileStep>>,
     /// Every version of every view, sorted by name then version.
     views: Vec<Arc<FileView>>,
+    /// See [`crate::domain::Definition::inputs_hash`].
+    inputs_hash: String,
     /// What it was read from (the folder, and the schemas when they lie outside it), and a
     /// fingerprint of those files as they were read, for [`Domain::reload`].
     dir: PathBuf,
@@ -271,6 +274,7 @@ impl FileDomain {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let inputs_hash = inputs_hash(dir, &descriptors, &events);
         Ok(FileDomain {
             name: settings.name,
             topics: settings.topics.iter().map(|t| leak(t)).collect(),
@@ -278,11 +282,46 @@ impl FileDomain {
             events,
             steps: steps.into_iter().map(Arc::new).collect(),
             views,
+            inputs_hash,
             dir: dir.to_path_buf(),
             watched,
             fingerprint,
         })
     }
+}
+
+/// SHA-256 (hex) of what every view reads events through: the schemas as descriptors without their
+/// source information (comments and layout do not count), the event types in order, and the
+/// upcaster steps as parsed (see [`view::declaration_hash`]).
+fn inputs_hash(dir: &Path, descriptors: &[u8], events: &[(&str, MessageDescriptor)]) -> String {
+    use prost::Message as _;
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    match prost_types::FileDescriptorSet::decode(descriptors) {
+        Ok(mut set) => {
+            for file in &mut set.file {
+                file.source_code_info = None;
+            }
+            hasher.update(set.encode_to_vec());
+        }
+        // Already decoded once by the pool; should it fail here, the bytes as read still say
+        // whether the schemas changed.
+        Err(_) => hasher.update(descriptors),
+    }
+    for (name, _) in events {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+    }
+    let upcasters = std::fs::read_to_string(dir.join(upcast::UPCASTERS_FILE))
+        .ok()
+        .and_then(|text| view::declaration_hash(&text).ok())
+        .unwrap_or_default();
+    hasher.update(upcasters.as_bytes());
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Every step's chain must end at an event type, without a cycle and with one step per message:
@@ -577,7 +616,10 @@ impl Domain for FileDomain {
     }
 
     fn definitions(&self) -> Vec<crate::domain::Definition> {
-        self.views.iter().map(|v| v.definition()).collect()
+        self.views
+            .iter()
+            .map(|v| v.definition(&self.inputs_hash))
+            .collect()
     }
 
     fn reload(&self) -> Option<Result<FileDomain, String>> {

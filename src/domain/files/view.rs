@@ -559,12 +559,13 @@ impl FileView {
     }
 
     /// Where this version is declared and the hash of the declaration.
-    pub fn definition(&self) -> crate::domain::Definition {
+    pub fn definition(&self, inputs_hash: &str) -> crate::domain::Definition {
         crate::domain::Definition {
             projection: self.name.to_string(),
             version: self.version,
             source: self.source.clone(),
             hash: self.hash.clone(),
+            inputs_hash: inputs_hash.to_string(),
         }
     }
 
