@@ -723,7 +723,7 @@ fn eval<'a>(node: &Node, input: &Input<'a>) -> Result<Scalar<'a>, EvalError> {
             }
         }
         Node::Call(function, args) => {
-            let mut values = Vec::with_capacity(args.len());
+            let mut values = Arguments::new();
             for a in args {
                 values.push(eval(a, input)?);
             }
@@ -744,15 +744,11 @@ fn read_field<'a>(
     field: &FieldDescriptor,
     ty: &Type,
 ) -> Scalar<'a> {
-    let value = match message {
-        Some(m) if m.has_field(field) => m.get_field(field),
-        _ => return default_of(ty),
-    };
-    match value {
-        Cow::Borrowed(v) => scalar_of(v, ty),
-        // A field that is present is stored in the message; prost-reflect hands out an owned value
-        // only for an unset one, which was answered above.
-        Cow::Owned(_) => default_of(ty),
+    // One look-up: prost-reflect lends a value it stores and makes an owned default for one it
+    // does not (a proto3 field that is present with its default value reads the same either way).
+    match message.map(|m| m.get_field(field)) {
+        Some(Cow::Borrowed(v)) => scalar_of(v, ty),
+        _ => default_of(ty),
     }
 }
 
@@ -886,7 +882,10 @@ fn compare(kind: Compare, a: &Scalar<'_>, b: &Scalar<'_>) -> bool {
     }
 }
 
-fn call<'a>(function: Function, mut args: Vec<Scalar<'a>>) -> Result<Scalar<'a>, EvalError> {
+/// A call's evaluated arguments: inline, as calls are made per event.
+type Arguments<'a> = smallvec::SmallVec<[Scalar<'a>; 3]>;
+
+fn call<'a>(function: Function, mut args: Arguments<'a>) -> Result<Scalar<'a>, EvalError> {
     let first = if args.is_empty() {
         return Err(EvalError(format!(
             "internal: {function:?} without arguments"

@@ -59,8 +59,9 @@ pub struct FileStep {
     to_descriptor: MessageDescriptor,
     /// `(from's field, to's field)`, copied as they are.
     copies: Vec<(FieldDescriptor, FieldDescriptor)>,
-    /// The path of fields from `to` down to the one set, and its expression.
-    sets: Vec<(Vec<FieldDescriptor>, Compiled)>,
+    /// The path of fields from `to` down to the one set, the kind of that field (looked up once:
+    /// prost-reflect finds it in the pool at each call), and its expression.
+    sets: Vec<(Vec<FieldDescriptor>, Kind, Compiled)>,
     /// `upcasters.toml:12`, for errors.
     at: String,
 }
@@ -126,7 +127,10 @@ pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<F
                 }
             };
             match Compiled::for_step(source.get_ref(), &from) {
-                Ok(c) if assignable(c.ty(), &target_type) => sets.push((fields, c)),
+                Ok(c) if assignable(c.ty(), &target_type) => {
+                    let kind = target.kind();
+                    sets.push((fields, kind, c))
+                }
                 Ok(c) => problems.add(
                     UPCASTERS_FILE,
                     at,
@@ -212,60 +216,69 @@ fn assignable(from: &Type, to: &Type) -> bool {
 }
 
 impl FileStep {
-    /// Turn one `from` message into its `to` version.
-    pub fn apply(&self, input: DynamicMessage) -> Result<DynamicMessage, StepError> {
-        let mut out = DynamicMessage::new(self.to_descriptor.clone());
-        for (from, to) in &self.copies {
-            if input.has_field(from) {
-                out.try_set_field(to, input.get_field(from).into_owned())
-                    .map_err(|e| {
-                        StepError::new(format!(
-                            "{} ({}): copying {}: {e}",
-                            self.at,
-                            self.to,
-                            to.name()
-                        ))
-                    })?;
+    /// Turn one `from` message into its `to` version. The `set` expressions read `input` first;
+    /// then the copied fields are moved out of it rather than cloned (the input is not used again).
+    pub fn apply(&self, mut input: DynamicMessage) -> Result<DynamicMessage, StepError> {
+        let mut set_values: smallvec::SmallVec<[(usize, PbValue); 8]> = smallvec::SmallVec::new();
+        {
+            let meta = EventMeta::default();
+            let scope = Input {
+                payload: &input,
+                meta: &meta,
+            };
+            for (i, (_, kind, expr)) in self.sets.iter().enumerate() {
+                let value = expr.eval(&scope).map_err(|e| self.failed(i, &e))?;
+                if let Some(value) = field_value(value, kind) {
+                    set_values.push((i, value.map_err(|e| self.failed(i, &e))?));
+                }
             }
         }
-        let meta = EventMeta::default();
-        let scope = Input {
-            payload: &input,
-            meta: &meta,
-        };
-        for (path, expr) in &self.sets {
-            let failed = |reason: &dyn std::fmt::Display| {
-                let shown: Vec<&str> = path.iter().map(|f| f.name()).collect();
-                StepError::new(format!(
-                    "{}: set.{} = {:?}: {reason}",
-                    self.at,
-                    shown.join("."),
-                    expr.source()
-                ))
-            };
-            let value = expr.eval(&scope).map_err(|e| failed(&e))?;
-            let Some(value) = field_value(value, path.last().map(FieldDescriptor::kind)) else {
-                continue;
-            };
-            let value = value.map_err(|e| failed(&e))?;
+        let mut out = DynamicMessage::new(self.to_descriptor.clone());
+        for (from, to) in &self.copies {
+            if let Some(value) = input.take_field(from) {
+                out.try_set_field(to, value).map_err(|e| {
+                    StepError::new(format!(
+                        "{} ({}): copying {}: {e}",
+                        self.at,
+                        self.to,
+                        to.name()
+                    ))
+                })?;
+            }
+        }
+        for (i, value) in set_values {
+            let path = &self.sets[i].0;
             let mut target = &mut out;
             for field in &path[..path.len().saturating_sub(1)] {
                 match target.get_field_mut(field) {
                     PbValue::Message(m) => target = m,
-                    _ => return Err(failed(&"not a message")),
+                    _ => return Err(self.failed(i, &"not a message")),
                 }
             }
             if let Some(field) = path.last() {
-                target.try_set_field(field, value).map_err(|e| failed(&e))?;
+                target
+                    .try_set_field(field, value)
+                    .map_err(|e| self.failed(i, &e))?;
             }
         }
         Ok(out)
     }
+
+    /// Set `i` of this step failed on an event, for `reason`.
+    fn failed(&self, i: usize, reason: &dyn std::fmt::Display) -> StepError {
+        let (path, _, expr) = &self.sets[i];
+        let shown: Vec<&str> = path.iter().map(|f| f.name()).collect();
+        StepError::new(format!(
+            "{}: set.{} = {:?}: {reason}",
+            self.at,
+            shown.join("."),
+            expr.source()
+        ))
+    }
 }
 
 /// A computed value as a Protobuf field of `kind`; `None` for a null (the field stays unset).
-fn field_value(value: Scalar<'_>, kind: Option<Kind>) -> Option<Result<PbValue, String>> {
-    let kind = kind?;
+fn field_value(value: Scalar<'_>, kind: &Kind) -> Option<Result<PbValue, String>> {
     let out_of_range = |v: &dyn std::fmt::Debug| format!("{v:?} is out of the field's range");
     Some(match (value, kind) {
         (Scalar::Null, _) => return None,
@@ -294,7 +307,7 @@ fn field_value(value: Scalar<'_>, kind: Option<Kind>) -> Option<Result<PbValue, 
             Ok(PbValue::Bytes(prost::bytes::Bytes::from(b.into_owned())))
         }
         (Scalar::Timestamp(micros), Kind::Message(m)) => {
-            let mut ts = DynamicMessage::new(m);
+            let mut ts = DynamicMessage::new(m.clone());
             let seconds = micros.div_euclid(1_000_000);
             let nanos = (micros.rem_euclid(1_000_000) * 1_000) as i32;
             let set = ts

@@ -573,7 +573,17 @@ impl FileView {
         &self.sql
     }
 
-    fn run(&self, handler: &Handler, input: &Input<'_>, out: &mut Changes) -> Result<(), String> {
+    /// One handler's changes for one event. Its `set` joins a `set` of the handler before it when
+    /// both name the same row and nothing came between (a view often sets columns of one row from
+    /// several handlers, such as one for every event and one per type): one change for the fold
+    /// to look the row up for instead of several, the same cells at the same logical time.
+    fn run(
+        &self,
+        handler: &Handler,
+        input: &Input<'_>,
+        pending: &mut Option<PendingSet>,
+        out: &mut Changes,
+    ) -> Result<(), String> {
         if let Some(when) = &handler.when {
             if !when.holds(input).map_err(|e| format!("when: {e}"))? {
                 return Ok(());
@@ -599,13 +609,32 @@ impl FileView {
                 )
             })
         };
+        let only_set = handler.add.is_empty()
+            && handler.min.is_empty()
+            && handler.max.is_empty()
+            && !handler.delete;
         if !handler.set.is_empty() {
             let mut columns = Vec::with_capacity(handler.set.len());
             for entry in &handler.set {
                 columns.push((entry.0, value(entry)?));
             }
-            out.set(handler.table, key.clone(), columns);
+            match pending {
+                Some(row) if row.table == handler.table && row.key == key => row.join(columns),
+                _ => {
+                    flush(pending, out);
+                    let key = if only_set { std::mem::take(&mut key) } else { key.clone() };
+                    *pending = Some(PendingSet {
+                        table: handler.table,
+                        key,
+                        columns,
+                    });
+                }
+            }
         }
+        if only_set {
+            return Ok(());
+        }
+        flush(pending, out);
         for entry in &handler.add {
             let delta = value(entry)?;
             if delta != Value::Null {
@@ -628,6 +657,31 @@ impl FileView {
             out.delete(handler.table, key);
         }
         Ok(())
+    }
+}
+
+/// A `set` not yet emitted, which the next handler's `set` of the same row may join.
+struct PendingSet {
+    table: usize,
+    key: Key,
+    columns: Vec<(usize, Value)>,
+}
+
+impl PendingSet {
+    /// The later handler's value wins a column both set, as it would applied after.
+    fn join(&mut self, columns: Vec<(usize, Value)>) {
+        for (column, value) in columns {
+            match self.columns.iter_mut().find(|(c, _)| *c == column) {
+                Some(slot) => slot.1 = value,
+                None => self.columns.push((column, value)),
+            }
+        }
+    }
+}
+
+fn flush(pending: &mut Option<PendingSet>, out: &mut Changes) {
+    if let Some(row) = pending.take() {
+        out.set(row.table, row.key, row.columns);
     }
 }
 
@@ -714,8 +768,9 @@ impl Projection<FileEvent> for FileView {
             payload: &event.payload.message,
             meta: event.meta,
         };
+        let mut pending = None;
         for handler in handlers {
-            if let Err(reason) = self.run(handler, &input, out) {
+            if let Err(reason) = self.run(handler, &input, &mut pending, out) {
                 out.refuse(format!(
                     "view {} v{} ({}), for {}: {reason}",
                     self.name,
@@ -726,6 +781,7 @@ impl Projection<FileEvent> for FileView {
                 return;
             }
         }
+        flush(&mut pending, out);
     }
 }
 
