@@ -228,6 +228,9 @@ enum Node {
 }
 
 /// An expression compiled against one message type, ready to evaluate on every event of it.
+/// In [`Compiled::payload_fields_read`]: the expression takes the whole payload.
+pub const WHOLE_PAYLOAD: u32 = u32::MAX;
+
 #[derive(Clone, Debug)]
 pub struct Compiled {
     node: Node,
@@ -286,6 +289,57 @@ impl Compiled {
 
     pub fn eval<'a>(&self, input: &Input<'a>) -> Result<Scalar<'a>, EvalError> {
         eval(&self.node, input)
+    }
+
+    /// The field of the payload this expression is, when it is only that: `payload.f` or
+    /// `required(payload.f)` (then `true`: an empty string is an error). An upcaster step can move
+    /// such a value into the next version instead of converting and copying it.
+    pub fn payload_field(&self) -> Option<(&FieldDescriptor, bool)> {
+        match &self.node {
+            Node::Field { of, field, .. } if matches!(**of, Node::Payload) => Some((field, false)),
+            Node::Call(Function::Required, args) => match args.as_slice() {
+                [Node::Field { of, field, .. }] if matches!(**of, Node::Payload) => {
+                    Some((field, true))
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// The numbers of the payload's own fields this expression reads (or tests with `has`);
+    /// [`WHOLE_PAYLOAD`] when it takes the payload itself.
+    pub fn payload_fields_read(&self) -> Vec<u32> {
+        fn walk(node: &Node, out: &mut Vec<u32>) {
+            match node {
+                Node::Field { of, field, .. } | Node::Has { of, field } => {
+                    if matches!(**of, Node::Payload) {
+                        out.push(field.number());
+                    } else {
+                        walk(of, out);
+                    }
+                }
+                Node::Not(a) | Node::Negate(a) => walk(a, out),
+                Node::Arith(_, a, b)
+                | Node::Compare(_, a, b)
+                | Node::And(a, b)
+                | Node::Or(a, b) => {
+                    walk(a, out);
+                    walk(b, out);
+                }
+                Node::Cond(c, a, b) => {
+                    walk(c, out);
+                    walk(a, out);
+                    walk(b, out);
+                }
+                Node::Call(_, args) => args.iter().for_each(|a| walk(a, out)),
+                Node::Payload => out.push(WHOLE_PAYLOAD),
+                Node::Const(_) | Node::Meta(_) => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.node, &mut out);
+        out
     }
 
     /// Evaluate and convert to a column value of type `column` (checked with [`Type::fits`] at
@@ -358,8 +412,8 @@ fn compile(expr: &IdedExpr, scope: &Scope<'_>) -> Result<(Node, Type), CompileEr
                         return refuse("has() takes a message field, not event metadata");
                     }
                     if select.field == "type" {
-                        let name = payload.full_name().to_string();
-                        return Ok((Node::Const(Scalar::Str(Cow::Owned(name))), Type::String));
+                        let name = super::leak(payload.full_name());
+                        return Ok((Node::Const(Scalar::Str(Cow::Borrowed(name))), Type::String));
                     }
                     return META_FIELDS
                         .iter()
@@ -430,7 +484,8 @@ fn literal_node(literal: &LiteralValue) -> Result<(Node, Type), CompileError> {
         LiteralValue::UInt(u) => (Node::Const(Scalar::UInt(*u.inner())), Type::UInt),
         LiteralValue::Double(d) => (Node::Const(Scalar::Double(*d.inner())), Type::Double),
         LiteralValue::String(s) => (
-            Node::Const(Scalar::Str(Cow::Owned(s.inner().to_string()))),
+            // Borrowed, so that evaluating the constant copies nothing (see `leak`).
+            Node::Const(Scalar::Str(Cow::Borrowed(super::leak(s.inner())))),
             Type::String,
         ),
         LiteralValue::Bytes(b) => (

@@ -62,6 +62,10 @@ pub struct FileStep {
     /// The path of fields from `to` down to the one set, the kind of that field (looked up once:
     /// prost-reflect finds it in the pool at each call), and its expression.
     sets: Vec<(Vec<FieldDescriptor>, Kind, Compiled)>,
+    /// Of `sets`, those that are a field of `from` of the same type, which nothing else in the
+    /// step reads: moved rather than evaluated and converted (`(index in sets, from's field,
+    /// required)`).
+    moves: Vec<(usize, FieldDescriptor, bool)>,
     /// `upcasters.toml:12`, for errors.
     at: String,
 }
@@ -179,6 +183,7 @@ pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<F
                 );
             }
         }
+        let moves = movable_sets(&sets, &copies);
         steps.push(FileStep {
             from: leak(from.full_name()),
             from_descriptor: from,
@@ -186,10 +191,41 @@ pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<F
             to_descriptor: to,
             copies,
             sets,
+            moves,
             at: format!("{UPCASTERS_FILE}:{}", step_line.unwrap_or(0)),
         });
     }
     steps
+}
+
+/// The sets of a step that can move a field of `from` instead of evaluating: `payload.f` or
+/// `required(payload.f)` into a top-level field of the same type, where no other set or copy reads
+/// `f` (it is taken out of the message) and no expression reads the whole payload.
+fn movable_sets(
+    sets: &[(Vec<FieldDescriptor>, Kind, Compiled)],
+    copies: &[(FieldDescriptor, FieldDescriptor)],
+) -> Vec<(usize, FieldDescriptor, bool)> {
+    let mut reads: Vec<u32> = copies.iter().map(|(from, _)| from.number()).collect();
+    for (_, _, expr) in sets {
+        reads.extend(expr.payload_fields_read());
+    }
+    if reads.contains(&super::expr::WHOLE_PAYLOAD) {
+        return Vec::new();
+    }
+    let mut moves = Vec::new();
+    for (i, (path, kind, expr)) in sets.iter().enumerate() {
+        let ([target], Some((from, required))) = (path.as_slice(), expr.payload_field()) else {
+            continue;
+        };
+        let same_type = from.kind() == *kind
+            && from.is_list() == target.is_list()
+            && from.is_map() == target.is_map();
+        let read_once = reads.iter().filter(|n| **n == from.number()).count() == 1;
+        if same_type && read_once {
+            moves.push((i, from.clone(), required));
+        }
+    }
+    moves
 }
 
 /// `a.b.c` as the fields from `message` down.
@@ -227,6 +263,9 @@ impl FileStep {
                 meta: &meta,
             };
             for (i, (_, kind, expr)) in self.sets.iter().enumerate() {
+                if self.moves.iter().any(|(m, _, _)| *m == i) {
+                    continue;
+                }
                 let value = expr.eval(&scope).map_err(|e| self.failed(i, &e))?;
                 if let Some(value) = field_value(value, kind) {
                     set_values.push((i, value.map_err(|e| self.failed(i, &e))?));
@@ -244,6 +283,20 @@ impl FileStep {
                         to.name()
                     ))
                 })?;
+            }
+        }
+        for (i, from, required) in &self.moves {
+            let value = input.take_field(from);
+            let empty = match &value {
+                Some(PbValue::String(s)) => s.is_empty(),
+                None => matches!(from.kind(), Kind::String),
+                Some(_) => false,
+            };
+            if *required && empty {
+                return Err(self.failed(*i, &"a required value is empty"));
+            }
+            if let Some(value) = value {
+                set_values.push((*i, value));
             }
         }
         for (i, value) in set_values {
@@ -320,4 +373,65 @@ fn field_value(value: Scalar<'_>, kind: &Kind) -> Option<Result<PbValue, String>
         (Scalar::Message(None), Kind::Message(_)) => return None,
         (other, kind) => Err(format!("{other:?} cannot be stored in a {kind:?} field")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use prost_reflect::{DynamicMessage, Value as PbValue};
+
+    use crate::domain::files::FileDomain;
+
+    fn text(message: &DynamicMessage, field: &str) -> String {
+        match message.get_field_by_name(field).as_deref() {
+            Some(PbValue::String(s)) => s.clone(),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_step_moves_fields_it_only_renames_and_still_refuses_an_empty_required_one() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("domains/shop-as-files");
+        let domain = FileDomain::load(&dir).expect("the shop as files loads");
+        let step = domain
+            .steps
+            .iter()
+            .find(|s| s.from == "shop.v1.OrderPlaced")
+            .expect("a v1 OrderPlaced step");
+        let mut moved: Vec<&str> = step
+            .moves
+            .iter()
+            .map(|(i, _, _)| step.sets[*i].0[0].name())
+            .collect();
+        moved.sort();
+        assert_eq!(moved, ["customer_id", "order_id", "placed_at"]);
+
+        let v1 = |user: &str| {
+            let mut m = DynamicMessage::new(step.from_descriptor.clone());
+            for (field, value) in [
+                ("order_id", "o-1"),
+                ("user_id", user),
+                ("placed_at", "2021-03-04 05:06:07"),
+                ("ship_to", "Street 1, 12345 City, DE"),
+            ] {
+                m.set_field_by_name(field, PbValue::String(value.into()));
+            }
+            m
+        };
+        let v2 = step.apply(v1("u-7")).expect("a whole v1 event upcasts");
+        assert_eq!(text(&v2, "order_id"), "o-1");
+        assert_eq!(text(&v2, "customer_id"), "u-7");
+        assert_eq!(text(&v2, "placed_at"), "2021-03-04 05:06:07");
+        assert_eq!(text(&v2, "currency"), "EUR");
+        assert_eq!(text(&v2, "ship_to"), "Street 1, 12345 City, DE");
+
+        let refused = step.apply(v1("")).expect_err("an empty user_id is refused");
+        let said = refused.to_string();
+        assert!(
+            said.contains("set.customer_id = \"required(payload.user_id)\"")
+                && said.contains("a required value is empty"),
+            "{said}"
+        );
+    }
 }
