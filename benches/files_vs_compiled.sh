@@ -57,7 +57,7 @@ compiled=$(median $(for r in $(seq 1 "$rounds"); do echo "${took[compiled,$r]}";
 files=$(median $(for r in $(seq 1 "$rounds"); do echo "${took[files,$r]}"; done))
 printf 'median   compiled %6.2f s (%.0f events/s)   files %6.2f s (%.0f events/s)\n' \
   "$compiled" "$(echo "$events / $compiled" | bc -l)" "$files" "$(echo "$events / $files" | bc -l)"
-printf 'files at %.0f%% of compiled throughput\n' "$(echo "100 * $compiled / $files" | bc -l)"
+printf 'files at %.1f%% of compiled throughput\n' "$(echo "100 * $compiled / $files" | bc -l)"
 
 # The same rows in both: every table of the stable schema, md5 over its rows in key order.
 same=yes

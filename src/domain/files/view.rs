@@ -622,7 +622,11 @@ impl FileView {
                 Some(row) if row.table == handler.table && row.key == key => row.join(columns),
                 _ => {
                     flush(pending, out);
-                    let key = if only_set { std::mem::take(&mut key) } else { key.clone() };
+                    let key = if only_set {
+                        std::mem::take(&mut key)
+                    } else {
+                        key.clone()
+                    };
                     *pending = Some(PendingSet {
                         table: handler.table,
                         key,
