@@ -14,6 +14,7 @@ use rdkafka::message::Message;
 use serde::Serialize;
 use sqlx::{Connection, PgConnection};
 
+use crate::engine::reader::PartitionShares;
 use crate::sink::quote_ident;
 use crate::source::{KafkaSettings, Topics};
 
@@ -43,16 +44,16 @@ pub fn raw_read(
     let partitions = kafka.partitions(&consumer, topics)?;
     let bounds = kafka.bounds(&consumer, topics, &partitions)?;
     drop(consumer);
-    let readers = readers.clamp(1, partitions.len().max(1));
+    let shares = PartitionShares::new(partitions.iter().copied(), readers);
+    let readers = shares.readers();
     let started = Instant::now();
     let threads = (0..readers)
         .map(|share| {
             // partition -> (first offset, end offset), for the partitions that hold records.
             let mine: BTreeMap<i32, (i64, i64)> = partitions
                 .iter()
-                .enumerate()
-                .filter(|(i, _)| i % readers == share)
-                .filter_map(|(_, p)| {
+                .filter(|p| shares.owns(share, **p))
+                .filter_map(|p| {
                     let (start, end) = (*bounds.start.get(p)?, *bounds.end.get(p)?);
                     (end > start).then_some((*p, (start, end)))
                 })

@@ -172,6 +172,40 @@ impl ReaderThreads {
 /// per reader, each carrying its own partitions'
 /// aggregate index and source checks (see [`AggregateIndex::merge`], [`SourceChecks::merge`]).
 /// Under a limit on the aggregate index's bytes or on the prefetch queue, each reader gets its share.
+/// How the partitions are shared out to reader threads: in partition order, round robin, so that
+/// each of `readers` threads gets every `readers`-th partition. The replay and the bench's raw read
+/// of the same log split it the same way.
+pub struct PartitionShares {
+    /// Sorted, without duplicates.
+    partitions: Vec<i32>,
+    readers: usize,
+}
+
+impl PartitionShares {
+    /// `readers` is clamped to 1..=the number of partitions.
+    pub fn new(partitions: impl IntoIterator<Item = i32>, readers: usize) -> PartitionShares {
+        let mut partitions: Vec<i32> = partitions.into_iter().collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let readers = readers.clamp(1, partitions.len().max(1));
+        PartitionShares {
+            partitions,
+            readers,
+        }
+    }
+
+    pub fn readers(&self) -> usize {
+        self.readers
+    }
+
+    /// Whether thread `share` reads `partition`.
+    pub fn owns(&self, share: usize, partition: i32) -> bool {
+        self.partitions
+            .binary_search(&partition)
+            .is_ok_and(|i| i % self.readers == share)
+    }
+}
+
 pub fn spawn_split<E: Send + Sync + 'static>(
     settings: KafkaSettings,
     registry: Arc<Registry<E>>,
@@ -181,23 +215,17 @@ pub fn spawn_split<E: Send + Sync + 'static>(
     capacity: usize,
     readers: usize,
 ) -> (mpsc::Receiver<Result<Batch, ReadError>>, ReaderThreads) {
-    let partitions: std::collections::BTreeSet<i32> = targets
-        .iter()
-        .flat_map(|t| t.positions.keys().copied())
-        .collect();
-    let partitions: Vec<i32> = partitions.into_iter().collect();
-    let readers = readers.clamp(1, partitions.len().max(1));
+    let shares = PartitionShares::new(
+        targets.iter().flat_map(|t| t.positions.keys().copied()),
+        readers,
+    );
+    let readers = shares.readers();
     let (tx, batches) = mpsc::channel(capacity);
     let handles = (0..readers)
         .map(|share| {
             // One reader takes everything as given (a stop position may name a partition the
             // targets do not have yet).
-            let mine = |p: &i32| {
-                readers == 1
-                    || partitions
-                        .binary_search(p)
-                        .is_ok_and(|i| i % readers == share)
-            };
+            let mine = |p: &i32| readers == 1 || shares.owns(share, *p);
             let only_mine = |positions: &Positions| -> Positions {
                 positions
                     .iter()
@@ -841,5 +869,27 @@ mod tests {
         raw[0] = 0xab;
         raw[15] = 0x01;
         assert_eq!(event_id_text(&raw), "ab000000-0000-0000-0000-000000000001");
+    }
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::PartitionShares;
+
+    #[test]
+    fn partitions_are_shared_round_robin_in_partition_order_each_to_one_reader() {
+        let shares = PartitionShares::new([7, 3, 5, 3, 1], 2);
+        assert_eq!(shares.readers(), 2);
+        let of = |share| {
+            [1, 3, 5, 7]
+                .into_iter()
+                .filter(|p| shares.owns(share, *p))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of(0), [1, 5]);
+        assert_eq!(of(1), [3, 7]);
+        assert!(!shares.owns(0, 2) && !shares.owns(1, 2), "not a partition");
+        assert_eq!(PartitionShares::new([4], 8).readers(), 1);
+        assert_eq!(PartitionShares::new([], 8).readers(), 1);
     }
 }
