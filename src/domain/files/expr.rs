@@ -20,7 +20,8 @@
 //! `split(sep)` / `split(sep, n)` (a list of strings, indexed with `[i]`). For real histories:
 //! `cents("12.50")` (a decimal amount as integer cents, exactly), `utc("2024-03-31 02:30:00
 //! Europe/Berlin")` or `utc(local, zone)` (a local time and an IANA zone to a UTC timestamp), and
-//! `required(x)` (x, or an error for that event when it is empty).
+//! `required(x)` (x, or an error for that event when it is empty), `enum('pkg.Status', text)` (the
+//! number of the enum value named `text`, an error for that event when it names none).
 //! Everything else CEL has (lists, maps, macros over them, struct literals) is refused by `check`
 //! with the construct named.
 
@@ -225,6 +226,10 @@ enum Node {
     Or(Box<Node>, Box<Node>),
     Cond(Box<Node>, Box<Node>, Box<Node>),
     Call(Function, Vec<Node>),
+    EnumByName {
+        descriptor: prost_reflect::EnumDescriptor,
+        text: Box<Node>,
+    },
 }
 
 /// An expression compiled against one message type, ready to evaluate on every event of it.
@@ -333,6 +338,7 @@ impl Compiled {
                     walk(b, out);
                 }
                 Node::Call(_, args) => args.iter().for_each(|a| walk(a, out)),
+                Node::EnumByName { text, .. } => walk(text, out),
                 Node::Payload => out.push(WHOLE_PAYLOAD),
                 Node::Const(_) | Node::Meta(_) => {}
             }
@@ -527,6 +533,9 @@ fn compile_call(
             _ => refuse(format!("{name} takes 2 arguments")),
         }
     };
+    if name == "enum" && target.is_none() {
+        return compile_enum(compiled, scope);
+    }
     let arith = match name {
         op::ADD => Some(Arith::Add),
         op::SUBSTRACT => Some(Arith::Sub),
@@ -637,6 +646,34 @@ fn compile_call(
 
 fn symbol(operator: &str) -> &str {
     operator.trim_matches('_')
+}
+
+/// `enum('pkg.Status', text)`: the number of the value of enum `pkg.Status` named `text`, for an
+/// upcaster whose older version kept as text what the newer keeps as an enum. The enum is looked up
+/// now; a name that is not one of its values is an error for that event.
+fn compile_enum(
+    compiled: Vec<(Node, Type)>,
+    scope: &Scope<'_>,
+) -> Result<(Node, Type), CompileError> {
+    let usage = "enum takes the enum's full name as a string literal and a string: enum('pkg.Status', payload.status)";
+    let mut args = compiled.into_iter();
+    let (Some((Node::Const(Scalar::Str(name)), _)), Some((text, Type::String)), None) =
+        (args.next(), args.next(), args.next())
+    else {
+        return refuse(usage);
+    };
+    let Some(descriptor) = scope.payload.parent_pool().get_enum_by_name(&name) else {
+        return refuse(format!(
+            "enum({name:?}, ..): {name} is not an enum of the schemas"
+        ));
+    };
+    Ok((
+        Node::EnumByName {
+            descriptor,
+            text: Box::new(text),
+        },
+        Type::Int,
+    ))
 }
 
 fn compile_function(
@@ -777,6 +814,22 @@ fn eval<'a>(node: &Node, input: &Input<'a>) -> Result<Scalar<'a>, EvalError> {
                 eval(b, input)?
             }
         }
+        Node::EnumByName { descriptor, text } => match eval(text, input)? {
+            Scalar::Null => Scalar::Null,
+            Scalar::Str(name) => match descriptor.get_value_by_name(&name) {
+                Some(value) => Scalar::Int(i64::from(value.number())),
+                None => {
+                    let names: Vec<String> =
+                        descriptor.values().map(|v| v.name().to_string()).collect();
+                    return Err(EvalError(format!(
+                        "{name:?} is not a value of enum {} ({})",
+                        descriptor.full_name(),
+                        names.join(", ")
+                    )));
+                }
+            },
+            other => return Err(EvalError(format!("internal: enum of {other:?}"))),
+        },
         Node::Call(function, args) => {
             let mut values = Arguments::new();
             for a in args {
@@ -1157,6 +1210,7 @@ mod tests {
         package sales.v1;
         import "google/protobuf/timestamp.proto";
         message Address { string city = 1; string country = 2; }
+        enum Channel { CHANNEL_UNKNOWN = 0; WEB = 1; STORE = 2; }
         message OrderPlaced {
             string order_id = 1;
             string customer_id = 2;
@@ -1346,6 +1400,29 @@ mod tests {
         assert!(eval_on("required(payload.ship_to.city)", "{}")
             .expect_err("empty")
             .contains("a required value is empty"));
+    }
+
+    #[test]
+    fn text_becomes_an_enum_number_and_a_name_it_does_not_know_is_refused_for_that_event() {
+        assert_eq!(
+            eval_on(
+                "enum('sales.v1.Channel', payload.currency == 'EUR' ? 'STORE' : 'WEB')",
+                ORDER
+            ),
+            Ok(Scalar::Int(2))
+        );
+        assert_eq!(
+            eval_on("enum('sales.v1.Channel', 'PHONE')", ORDER),
+            Err(
+                "\"PHONE\" is not a value of enum sales.v1.Channel (CHANNEL_UNKNOWN, WEB, STORE)"
+                    .to_string()
+            )
+        );
+        assert!(compiled("enum('sales.v1.Nothing', 'WEB')")
+            .is_err_and(|e| e.contains("sales.v1.Nothing is not an enum of the schemas")));
+        assert!(compiled("enum(payload.currency, 'WEB')")
+            .is_err_and(|e| e.contains("the enum's full name as a string literal")));
+        assert!(compiled("enum('sales.v1.Channel', 1)").is_err());
     }
 
     #[test]

@@ -400,12 +400,13 @@ mod tests {
         write(
             "protos/v1.proto",
             "syntax = \"proto3\"; package sales.v1;\n\
-             message Placed { string order_id = 1; string user_id = 2; string note = 3; }",
+             message Placed { string order_id = 1; string user_id = 2; string note = 3; string channel = 4; }",
         );
         write(
             "protos/v2.proto",
             "syntax = \"proto3\"; package sales.v2;\n\
-             message Placed { string order_id = 1; string customer_id = 2; string note = 3; string currency = 4; }",
+             enum Channel { CHANNEL_UNKNOWN = 0; WEB = 1; STORE = 2; }\n\
+             message Placed { string order_id = 1; string customer_id = 2; string note = 3; Channel channel = 4; string currency = 5; }",
         );
         write(
             "domain.toml",
@@ -414,7 +415,7 @@ mod tests {
         write(
             "upcasters.toml",
             "[[step]]\nfrom = \"sales.v1.Placed\"\nto = \"sales.v2.Placed\"\n\
-             set = { order_id = \"required(payload.order_id)\", customer_id = \"required(payload.user_id)\", currency = \"'EUR'\" }\n",
+             set = { order_id = \"required(payload.order_id)\", customer_id = \"required(payload.user_id)\", currency = \"'EUR'\", channel = \"enum('sales.v2.Channel', payload.channel.upperAscii())\" }\n",
         );
         write(
             "views/per_customer/v1.toml",
@@ -428,7 +429,8 @@ mod tests {
     }
 
     #[test]
-    fn a_step_moves_fields_it_only_renames_and_still_refuses_an_empty_required_one() {
+    fn a_step_moves_fields_it_only_renames_turns_text_into_an_enum_and_refuses_an_empty_required_one(
+    ) {
         let domain = two_versions();
         let step = &domain.steps[0];
         let mut moved: Vec<&str> = step
@@ -441,7 +443,12 @@ mod tests {
 
         let v1 = |user: &str| {
             let mut m = DynamicMessage::new(step.from_descriptor.clone());
-            for (field, value) in [("order_id", "o-1"), ("user_id", user), ("note", "gift")] {
+            for (field, value) in [
+                ("order_id", "o-1"),
+                ("user_id", user),
+                ("note", "gift"),
+                ("channel", "store"),
+            ] {
                 m.set_field_by_name(field, PbValue::String(value.into()));
             }
             m
@@ -451,6 +458,11 @@ mod tests {
         assert_eq!(text(&v2, "customer_id"), "u-7");
         assert_eq!(text(&v2, "currency"), "EUR");
         assert_eq!(text(&v2, "note"), "gift", "copied");
+        assert_eq!(
+            v2.get_field_by_name("channel").as_deref(),
+            Some(&PbValue::EnumNumber(2)),
+            "text to enum"
+        );
 
         let refused = step.apply(v1("")).expect_err("an empty user_id is refused");
         let said = refused.to_string();
