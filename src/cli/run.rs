@@ -42,7 +42,8 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: RunArgs) -> anyhow::Result<Outcome
         };
         let settings = now.settings()?;
         let engine = Arc::new(now.writing_engine(&settings, args.tuning.tuning()).await?);
-        for stale in crate::engine::stale_inputs(&engine.catalog, &engine.definitions).await? {
+        let drift = crate::engine::drift(&engine.catalog, &engine.definitions).await?;
+        for stale in drift.stale_inputs {
             tracing::warn!(message = "the domain's schemas or upcasters changed", build = %stale);
         }
         let options = RunOptions {

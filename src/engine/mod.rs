@@ -447,55 +447,49 @@ fn definition_of<'a>(
         .find(|d| d.projection == projection && d.version == version)
 }
 
-/// Each of `definitions` that is not what a build of its version was made from, said with its file,
-/// the build and both hashes. Only builds that still hold or will hold rows count (not dropped or
-/// failed ones). `status` shows them; [`refuse_edited_definitions`] refuses them.
-pub async fn edited_definitions(
-    catalog: &Catalog,
-    definitions: &[Definition],
-) -> Result<Vec<String>> {
-    if definitions.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut edited = Vec::new();
-    for build in catalog.recorded_definitions().await? {
-        let Some(now) = definition_of(definitions, &build.projection, build.version) else {
-            continue;
-        };
-        if now.hash != build.hash {
-            edited.push(format!(
-                "{} is not the declaration build {} ({}) of {} v{} was made from \
-                 (recorded hash {}, now {})",
-                now.source,
-                build.build_id,
-                build.phase,
-                build.projection,
-                build.version,
-                short(&build.hash),
-                short(&now.hash)
-            ));
-        }
-    }
-    Ok(edited)
+/// How the builds recorded in the catalog differ from the domain's files now (see [`drift`]).
+#[derive(Debug, Default)]
+pub struct Drift {
+    /// Each definition that is not what a build of its version was made from, said with its file,
+    /// the build and both hashes. Only builds that still hold or will hold rows count (not dropped
+    /// or failed ones). `status` shows them; [`refuse_edited_definitions`] refuses them.
+    pub edited: Vec<String>,
+    /// Each active build made through other schemas, event types or upcaster steps than the files
+    /// hold now, said with the build and what applies the change. Not an error: fixing an upcaster
+    /// is a reason to rebuild, and until then the active build goes on being followed (its new
+    /// events read through the files as they are now). `status` shows them and `run` warns.
+    pub stale_inputs: Vec<String>,
 }
 
-/// Each active build made through other schemas, event types or upcaster steps than the domain's
-/// files hold now, said with the build and what applies the change. Not an error: fixing an
-/// upcaster is a reason to rebuild, and until then the active build goes on being followed (its
-/// new events read through the files as they are now). `status` shows them and `run` warns.
-pub async fn stale_inputs(catalog: &Catalog, definitions: &[Definition]) -> Result<Vec<String>> {
-    let Some(now) = definitions.first() else {
-        return Ok(Vec::new());
+/// Compare `definitions` with what the catalog recorded for the builds made from them (one read of
+/// the catalog; none for a domain that declares nothing in files).
+pub async fn drift(catalog: &Catalog, definitions: &[Definition]) -> Result<Drift> {
+    let mut drift = Drift::default();
+    let Some(any) = definitions.first() else {
+        return Ok(drift);
     };
-    let mut stale = Vec::new();
+    let active = crate::sink::catalog::Phase::Active.as_str();
     for build in catalog.recorded_definitions().await? {
+        if let Some(now) = definition_of(definitions, &build.projection, build.version) {
+            if now.hash != build.hash {
+                drift.edited.push(format!(
+                    "{} is not the declaration build {} ({}) of {} v{} was made from \
+                     (recorded hash {}, now {})",
+                    now.source,
+                    build.build_id,
+                    build.phase,
+                    build.projection,
+                    build.version,
+                    short(&build.hash),
+                    short(&now.hash)
+                ));
+            }
+        }
         let Some(recorded) = build.inputs_hash.as_deref() else {
             continue;
         };
-        if build.phase == crate::sink::catalog::Phase::Active.as_str()
-            && recorded != now.inputs_hash
-        {
-            stale.push(format!(
+        if build.phase == active && recorded != any.inputs_hash {
+            drift.stale_inputs.push(format!(
                 "active build {} of {} v{} was made through other schemas or upcaster steps \
                  (recorded hash {}, now {}): `reproject rebuild {}` replays its history through \
                  the files as they are",
@@ -503,21 +497,21 @@ pub async fn stale_inputs(catalog: &Catalog, definitions: &[Definition]) -> Resu
                 build.projection,
                 build.version,
                 short(recorded),
-                short(&now.inputs_hash),
+                short(&any.inputs_hash),
                 build.projection
             ));
         }
     }
-    Ok(stale)
+    Ok(drift)
 }
 
-/// [`edited_definitions`] as an error (see [`Engine::refuse_edited_definitions`]); `run` also asks
-/// it of the files it reads again.
+/// [`Drift::edited`] as an error (see [`Engine::refuse_edited_definitions`]); `run` also asks it of
+/// the files it reads again.
 pub async fn refuse_edited_definitions(
     catalog: &Catalog,
     definitions: &[Definition],
 ) -> Result<()> {
-    let edited = edited_definitions(catalog, definitions).await?;
+    let edited = drift(catalog, definitions).await?.edited;
     if edited.is_empty() {
         return Ok(());
     }

@@ -100,10 +100,10 @@ pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Sta
         }
         projections.push(status);
     }
-    let edited = super::edited_definitions(&engine.catalog, &engine.definitions).await?;
-    let edited_definitions = (!edited.is_empty()).then(|| edited.join("; "));
-    let stale = super::stale_inputs(&engine.catalog, &engine.definitions).await?;
-    let stale_inputs = (!stale.is_empty()).then(|| stale.join("; "));
+    let drift = super::drift(&engine.catalog, &engine.definitions).await?;
+    let joined = |list: Vec<String>| (!list.is_empty()).then(|| list.join("; "));
+    let edited_definitions = joined(drift.edited);
+    let stale_inputs = joined(drift.stale_inputs);
     Ok(StatusReport {
         topics: engine.topics.names().to_vec(),
         log_end: log_end.as_ref().map(|end| engine.topics.by_topic(end)),

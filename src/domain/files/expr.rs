@@ -232,10 +232,14 @@ enum Node {
     },
 }
 
-/// An expression compiled against one message type, ready to evaluate on every event of it.
+/// What `required(x)` says of an empty `x` (an upcaster step that moves a required field says the
+/// same).
+pub const REQUIRED_BUT_EMPTY: &str = "a required value is empty";
+
 /// In [`Compiled::payload_fields_read`]: the expression takes the whole payload.
 pub const WHOLE_PAYLOAD: u32 = u32::MAX;
 
+/// An expression compiled against one message type, ready to evaluate on every event of it.
 #[derive(Clone, Debug)]
 pub struct Compiled {
     node: Node,
@@ -1124,7 +1128,7 @@ fn call<'a>(function: Function, mut args: Arguments<'a>) -> Result<Scalar<'a>, E
             Scalar::Timestamp(local_time_micros(&s, zone.as_deref())?)
         }
         (Function::Required, Scalar::Str(s)) if s.is_empty() => {
-            return Err(EvalError("a required value is empty".to_string()))
+            return Err(EvalError(REQUIRED_BUT_EMPTY.to_string()))
         }
         (Function::Required, value) => value,
         (function, other) => return Err(EvalError(format!("internal: {function:?} of {other:?}"))),

@@ -266,7 +266,7 @@ impl FileDomain {
             problems.add(DOMAIN_FILE, None, "topics: name at least one topic");
         }
 
-        let steps = upcast::load(dir, &pool, &mut problems);
+        let (steps, upcasters_hash) = upcast::load(dir, &pool, &mut problems);
         check_chains(&steps, &events, &mut problems);
         let descriptors_only: Vec<MessageDescriptor> =
             events.iter().map(|(_, d)| d.clone()).collect();
@@ -274,7 +274,7 @@ impl FileDomain {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let inputs_hash = inputs_hash(dir, &descriptors, &events);
+        let inputs_hash = inputs_hash(&descriptors, &events, &upcasters_hash);
         Ok(FileDomain {
             name: settings.name,
             topics: settings.topics.iter().map(|t| leak(t)).collect(),
@@ -292,8 +292,12 @@ impl FileDomain {
 
 /// SHA-256 (hex) of what every view reads events through: the schemas as descriptors without their
 /// source information (comments and layout do not count), the event types in order, and the
-/// upcaster steps as parsed (see [`view::declaration_hash`]).
-fn inputs_hash(dir: &Path, descriptors: &[u8], events: &[(&str, MessageDescriptor)]) -> String {
+/// upcaster steps as parsed (`upcasters_hash`, see [`view::declaration_hash`]).
+fn inputs_hash(
+    descriptors: &[u8],
+    events: &[(&str, MessageDescriptor)],
+    upcasters_hash: &str,
+) -> String {
     use prost::Message as _;
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
@@ -312,11 +316,7 @@ fn inputs_hash(dir: &Path, descriptors: &[u8], events: &[(&str, MessageDescripto
         hasher.update(name.as_bytes());
         hasher.update([0]);
     }
-    let upcasters = std::fs::read_to_string(dir.join(upcast::UPCASTERS_FILE))
-        .ok()
-        .and_then(|text| view::declaration_hash(&text).ok())
-        .unwrap_or_default();
-    hasher.update(upcasters.as_bytes());
+    hasher.update(upcasters_hash.as_bytes());
     hasher
         .finalize()
         .iter()

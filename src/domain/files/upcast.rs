@@ -59,26 +59,33 @@ pub struct FileStep {
     to_descriptor: MessageDescriptor,
     /// `(from's field, to's field)`, copied as they are.
     copies: Vec<(FieldDescriptor, FieldDescriptor)>,
-    /// The path of fields from `to` down to the one set, the kind of that field (looked up once:
-    /// prost-reflect finds it in the pool at each call), and its expression.
-    sets: Vec<(Vec<FieldDescriptor>, Kind, Compiled)>,
-    /// Of `sets`, those that are a field of `from` of the same type, which nothing else in the
-    /// step reads: moved rather than evaluated and converted (`(index in sets, from's field,
-    /// required)`).
-    moves: Vec<(usize, FieldDescriptor, bool)>,
+    sets: Vec<StepSet>,
     /// `upcasters.toml:12`, for errors.
     at: String,
 }
 
-/// Read the domain's steps; a missing file is no steps.
-pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<FileStep> {
+/// One `set` of a step, compiled.
+struct StepSet {
+    /// The fields from `to` down to the one set.
+    path: Vec<FieldDescriptor>,
+    /// That field's kind, looked up once (prost-reflect finds it in the pool at each call).
+    kind: Kind,
+    expr: Compiled,
+    /// `(from's field, required)` when the expression is only that field, moved rather than
+    /// evaluated and converted (see [`mark_moves`]).
+    moved_from: Option<(FieldDescriptor, bool)>,
+}
+
+/// Read the domain's steps; a missing file is no steps. Also the hash of the file's declaration
+/// (see [`super::view::declaration_hash`]), empty without a file.
+pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> (Vec<FileStep>, String) {
     let path = dir.join(UPCASTERS_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Vec::new(), String::new()),
         Err(e) => {
             problems.add(UPCASTERS_FILE, None, format!("cannot read: {e}"));
-            return Vec::new();
+            return (Vec::new(), String::new());
         }
     };
     let file: UpcastersFile = match toml::from_str(&text) {
@@ -86,9 +93,11 @@ pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<F
         Err(e) => {
             let line = e.span().map(|s| line_of(&text, s.start));
             problems.add(UPCASTERS_FILE, line, e.message().to_string());
-            return Vec::new();
+            return (Vec::new(), String::new());
         }
     };
+    // It parsed just above, so hashing it cannot fail.
+    let declaration_hash = super::view::declaration_hash(&text).unwrap_or_default();
     let mut steps = Vec::new();
     for decl in &file.step {
         let line = |offset: usize| Some(line_of(&text, offset));
@@ -131,10 +140,12 @@ pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<F
                 }
             };
             match Compiled::for_step(source.get_ref(), &from) {
-                Ok(c) if assignable(c.ty(), &target_type) => {
-                    let kind = target.kind();
-                    sets.push((fields, kind, c))
-                }
+                Ok(expr) if assignable(expr.ty(), &target_type) => sets.push(StepSet {
+                    kind: target.kind(),
+                    path: fields,
+                    expr,
+                    moved_from: None,
+                }),
                 Ok(c) => problems.add(
                     UPCASTERS_FILE,
                     at,
@@ -183,7 +194,7 @@ pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<F
                 );
             }
         }
-        let moves = movable_sets(&sets, &copies);
+        mark_moves(&mut sets, &copies);
         steps.push(FileStep {
             from: leak(from.full_name()),
             from_descriptor: from,
@@ -191,41 +202,36 @@ pub fn load(dir: &Path, pool: &DescriptorPool, problems: &mut Problems) -> Vec<F
             to_descriptor: to,
             copies,
             sets,
-            moves,
             at: format!("{UPCASTERS_FILE}:{}", step_line.unwrap_or(0)),
         });
     }
-    steps
+    (steps, declaration_hash)
 }
 
-/// The sets of a step that can move a field of `from` instead of evaluating: `payload.f` or
+/// Mark the sets of a step that can move a field of `from` instead of evaluating: `payload.f` or
 /// `required(payload.f)` into a top-level field of the same type, where no other set or copy reads
 /// `f` (it is taken out of the message) and no expression reads the whole payload.
-fn movable_sets(
-    sets: &[(Vec<FieldDescriptor>, Kind, Compiled)],
-    copies: &[(FieldDescriptor, FieldDescriptor)],
-) -> Vec<(usize, FieldDescriptor, bool)> {
+fn mark_moves(sets: &mut [StepSet], copies: &[(FieldDescriptor, FieldDescriptor)]) {
     let mut reads: Vec<u32> = copies.iter().map(|(from, _)| from.number()).collect();
-    for (_, _, expr) in sets {
-        reads.extend(expr.payload_fields_read());
+    for set in sets.iter() {
+        reads.extend(set.expr.payload_fields_read());
     }
     if reads.contains(&super::expr::WHOLE_PAYLOAD) {
-        return Vec::new();
+        return;
     }
-    let mut moves = Vec::new();
-    for (i, (path, kind, expr)) in sets.iter().enumerate() {
-        let ([target], Some((from, required))) = (path.as_slice(), expr.payload_field()) else {
+    for set in sets.iter_mut() {
+        let ([target], Some((from, required))) = (set.path.as_slice(), set.expr.payload_field())
+        else {
             continue;
         };
-        let same_type = from.kind() == *kind
+        let same_type = from.kind() == set.kind
             && from.is_list() == target.is_list()
             && from.is_map() == target.is_map();
         let read_once = reads.iter().filter(|n| **n == from.number()).count() == 1;
         if same_type && read_once {
-            moves.push((i, from.clone(), required));
+            set.moved_from = Some((from.clone(), required));
         }
     }
-    moves
 }
 
 /// `a.b.c` as the fields from `message` down.
@@ -262,12 +268,12 @@ impl FileStep {
                 payload: &input,
                 meta: &meta,
             };
-            for (i, (_, kind, expr)) in self.sets.iter().enumerate() {
-                if self.moves.iter().any(|(m, _, _)| *m == i) {
+            for (i, set) in self.sets.iter().enumerate() {
+                if set.moved_from.is_some() {
                     continue;
                 }
-                let value = expr.eval(&scope).map_err(|e| self.failed(i, &e))?;
-                if let Some(value) = field_value(value, kind) {
+                let value = set.expr.eval(&scope).map_err(|e| self.failed(i, &e))?;
+                if let Some(value) = field_value(value, &set.kind) {
                     set_values.push((i, value.map_err(|e| self.failed(i, &e))?));
                 }
             }
@@ -285,7 +291,10 @@ impl FileStep {
                 })?;
             }
         }
-        for (i, from, required) in &self.moves {
+        for (i, set) in self.sets.iter().enumerate() {
+            let Some((from, required)) = &set.moved_from else {
+                continue;
+            };
             let value = input.take_field(from);
             let empty = match &value {
                 Some(PbValue::String(s)) => s.is_empty(),
@@ -293,14 +302,14 @@ impl FileStep {
                 Some(_) => false,
             };
             if *required && empty {
-                return Err(self.failed(*i, &"a required value is empty"));
+                return Err(self.failed(i, &super::expr::REQUIRED_BUT_EMPTY));
             }
             if let Some(value) = value {
-                set_values.push((*i, value));
+                set_values.push((i, value));
             }
         }
         for (i, value) in set_values {
-            let path = &self.sets[i].0;
+            let path = &self.sets[i].path;
             let mut target = &mut out;
             for field in &path[..path.len().saturating_sub(1)] {
                 match target.get_field_mut(field) {
@@ -319,13 +328,13 @@ impl FileStep {
 
     /// Set `i` of this step failed on an event, for `reason`.
     fn failed(&self, i: usize, reason: &dyn std::fmt::Display) -> StepError {
-        let (path, _, expr) = &self.sets[i];
-        let shown: Vec<&str> = path.iter().map(|f| f.name()).collect();
+        let set = &self.sets[i];
+        let shown: Vec<&str> = set.path.iter().map(|f| f.name()).collect();
         StepError::new(format!(
             "{}: set.{} = {:?}: {reason}",
             self.at,
             shown.join("."),
-            expr.source()
+            set.expr.source()
         ))
     }
 }
@@ -434,9 +443,10 @@ mod tests {
         let domain = two_versions();
         let step = &domain.steps[0];
         let mut moved: Vec<&str> = step
-            .moves
+            .sets
             .iter()
-            .map(|(i, _, _)| step.sets[*i].0[0].name())
+            .filter(|set| set.moved_from.is_some())
+            .map(|set| set.path[0].name())
             .collect();
         moved.sort();
         assert_eq!(moved, ["customer_id", "order_id"]);

@@ -160,18 +160,6 @@ impl ReaderThreads {
     }
 }
 
-/// Start up to `readers` readers (never more than there are partitions), each on a consumer of its
-/// own and every `readers`-th partition, sending batches into one channel. One reader thread decoding,
-/// upcasting and projecting every record is what bounds a replay (the fold, on its own thread, has
-/// time to spare): sharing the partitions out lets the reading use every core. Each partition stays
-/// with one reader, so its records still arrive in order; records of different partitions were never
-/// ordered among themselves.
-///
-/// Each thread stops when its share of `stop_at` is reached, when `stop` is set, when the receiver is
-/// dropped, or at its first error (which it sends). A bounded read ends with one batch marked `done`
-/// per reader, each carrying its own partitions'
-/// aggregate index and source checks (see [`AggregateIndex::merge`], [`SourceChecks::merge`]).
-/// Under a limit on the aggregate index's bytes or on the prefetch queue, each reader gets its share.
 /// How the partitions are shared out to reader threads: in partition order, round robin, so that
 /// each of `readers` threads gets every `readers`-th partition. The replay and the bench's raw read
 /// of the same log split it the same way.
@@ -206,6 +194,18 @@ impl PartitionShares {
     }
 }
 
+/// Start up to `readers` readers (never more than there are partitions), each on a consumer of its
+/// own and every `readers`-th partition, sending batches into one channel. One reader thread decoding,
+/// upcasting and projecting every record is what bounds a replay (the fold, on its own thread, has
+/// time to spare): sharing the partitions out lets the reading use every core. Each partition stays
+/// with one reader, so its records still arrive in order; records of different partitions were never
+/// ordered among themselves.
+///
+/// Each thread stops when its share of `stop_at` is reached, when `stop` is set, when the receiver is
+/// dropped, or at its first error (which it sends). A bounded read ends with one batch marked `done`
+/// per reader, each carrying its own partitions'
+/// aggregate index and source checks (see [`AggregateIndex::merge`], [`SourceChecks::merge`]).
+/// Under a limit on the aggregate index's bytes or on the prefetch queue, each reader gets its share.
 pub fn spawn_split<E: Send + Sync + 'static>(
     settings: KafkaSettings,
     registry: Arc<Registry<E>>,
@@ -870,11 +870,6 @@ mod tests {
         raw[15] = 0x01;
         assert_eq!(event_id_text(&raw), "ab000000-0000-0000-0000-000000000001");
     }
-}
-
-#[cfg(test)]
-mod share_tests {
-    use super::PartitionShares;
 
     #[test]
     fn partitions_are_shared_round_robin_in_partition_order_each_to_one_reader() {
