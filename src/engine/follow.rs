@@ -23,6 +23,9 @@ use crate::sink::lock::{writer_lock_subject, AdvisoryLock, LockKind};
 use crate::sink::writer::{self, BatchWriter, BuildBatch, BuildTables};
 use crate::sink::Build;
 
+/// What a follow's consumer reads ahead of its writer: seconds of writing at the writer's pace.
+const FOLLOW_PREFETCH_BYTES: usize = 64 << 20;
+
 /// A build to keep current, and where it stands.
 pub struct FollowTarget<E> {
     pub build: Build,
@@ -167,7 +170,9 @@ async fn follow_locked<E: Send + Sync + 'static>(
         index_aggregates: false,
         aggregate_index_max_bytes: None,
         measure_processing: false,
-        prefetch_max_bytes: None,
+        // The database paces a follow, not the log: a rebuild's gigabyte of read-ahead would only
+        // be memory held while the throttle holds the writes.
+        prefetch_max_bytes: Some(FOLLOW_PREFETCH_BYTES),
         dead_letters: matches!(
             engine.tuning.bad_records,
             super::BadRecordPolicy::DeadLetter { .. }
@@ -179,7 +184,11 @@ async fn follow_locked<E: Send + Sync + 'static>(
         reader_targets,
         config,
         stop.clone(),
-        4,
+        // One batch waiting beside the one the reader builds: batches are built at the size the
+        // throttle allowed when they were read, so every batch queued at full speed is a
+        // full-size burst production feels once the throttle has cut the rate. The reader is
+        // many times faster than the writer, so a deeper queue adds no speed.
+        1,
         // One reader: a bounded read here ends at the first batch marked done, and these reads
         // are short or paced by the database.
         1,
