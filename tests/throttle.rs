@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use reproject::engine::throttle::{
-    ImpactBudget, LiveSettings, Throttle, ThrottleConfig, ThrottleState,
+    Governor, ImpactBudget, LiveSettings, Throttle, ThrottleConfig, ThrottleState,
 };
+
+/// The throttle watches the whole server: a test that needs no other production backend takes it
+/// alone, the others share it.
+static SERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 async fn set(pool: &sqlx::PgPool, sql: &str) {
     sqlx::query(sql).execute(pool).await.expect(sql);
@@ -66,6 +70,7 @@ fn only_explicit_signals() -> ThrottleConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_query_slows_the_rate_multiplicatively_pauses_at_the_limit_and_resumes_additively() {
+    let _shared = SERVER.read().await;
     let db = fresh_database("throttle_load_query").await;
     let pool = pool(&db).await;
     set(&pool, "CREATE TABLE test_load (value float8 NOT NULL)").await;
@@ -174,7 +179,95 @@ async fn a_load_query_slows_the_rate_multiplicatively_pauses_at_the_limit_and_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_arriving_beside_full_speed_writes_holds_them_within_the_window_not_at_its_end()
+{
+    // Production is every other backend of the server: the other tests' must not be there.
+    let _alone = SERVER.write().await;
+    let db = fresh_database("throttle_arrival").await;
+    let pool = pool(&db).await;
+    // A long window: the check that ends it comes 6 s after the first; production arriving must
+    // be acted on well before that.
+    let window = Duration::from_secs(6);
+    let config = ThrottleConfig {
+        check_every: window,
+        ..ThrottleConfig::default()
+    };
+    let governor = Governor::start(config, &db, None);
+    let first = wait_until(
+        "the throttle's first decision",
+        10,
+        || std::future::ready(governor.last()),
+        |d| d.is_some(),
+    )
+    .await
+    .expect("a decision");
+    assert_eq!(first.state, ThrottleState::Running, "{}", first.reason);
+    assert!(
+        first.rate.is_some_and(f64::is_infinite),
+        "nobody to protect: {first:?}"
+    );
+    // Writing at full speed when production arrives.
+    governor.pace(1_000).await;
+    let arrived = Instant::now();
+    let production = ActiveBackend::start(&pool).await;
+    let held = wait_until(
+        "writes held once production arrived",
+        10,
+        || std::future::ready(governor.holds_writes()),
+        |held| *held,
+    )
+    .await;
+    let after = arrived.elapsed();
+    assert!(held);
+    assert!(
+        after < window / 2,
+        "production was acted on {after:?} after it arrived: a window is {window:?}"
+    );
+    let reason = governor.last().map(|d| d.reason).unwrap_or_default();
+    assert!(reason.contains("production became active"), "{reason}");
+    production.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_that_cannot_be_measured_alone_is_not_written_beside_at_full_speed() {
+    let _shared = SERVER.read().await;
+    let db = fresh_database("throttle_unmeasured").await;
+    let pool = pool(&db).await;
+    let production = ActiveBackend::start(&pool).await;
+    let config = ThrottleConfig {
+        check_every: Duration::from_secs(3),
+        ..ThrottleConfig::default()
+    };
+    let mut throttle = Throttle::new(config, &db);
+    let live = LiveSettings::default();
+    // A statement that cannot be paced (an index build) runs through every window: none is quiet,
+    // so production is never measured alone, and the throttle stops waiting for it after a few
+    // windows.
+    let busy = throttle.activity().busy();
+    let mut decision = throttle.check(&live, None).await.expect("check").clone();
+    for _ in 0..10 {
+        if decision.state != ThrottleState::Measuring {
+            break;
+        }
+        decision = throttle.check(&live, None).await.expect("check").clone();
+    }
+    assert_eq!(decision.state, ThrottleState::Slowed, "{}", decision.reason);
+    assert!(
+        decision.reason.contains("not measured alone"),
+        "{}",
+        decision.reason
+    );
+    assert!(
+        decision.rate.is_some_and(f64::is_finite),
+        "a limited rate: {decision:?}"
+    );
+    drop(busy);
+    production.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_probe_pauses_writes_until_its_latency_returns_to_the_baseline() {
+    let _shared = SERVER.read().await;
     let db = fresh_database("throttle_probe").await;
     let pool = pool(&db).await;
     set(&pool, "CREATE TABLE probe_delay (seconds float8 NOT NULL)").await;
@@ -227,6 +320,7 @@ async fn a_slow_probe_pauses_writes_until_its_latency_returns_to_the_baseline() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_that_is_slow_alone_too_is_not_reproject_s_doing() {
+    let _shared = SERVER.read().await;
     let db = fresh_database("throttle_slow_alone").await;
     let pool = pool(&db).await;
     set(&pool, "CREATE TABLE probe_delay (seconds float8 NOT NULL)").await;
@@ -257,6 +351,7 @@ async fn a_probe_that_is_slow_alone_too_is_not_reproject_s_doing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settings_live() {
+    let _shared = SERVER.read().await;
     let db = fresh_database("throttle_follower").await;
     let kafka = Kafka::start(2);
     let mut history = history(16_000, 31);

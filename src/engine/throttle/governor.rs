@@ -81,12 +81,26 @@ impl Governor {
             // than the later ones: writers wait for it.
             let mut next_check =
                 Instant::now() + throttle.check_every().min(Duration::from_millis(500));
+            // When production shows up while writers go at full speed, a check comes at once
+            // (not up to a window later): the first seconds of a full-speed catch-up are what
+            // production feels most. At most one such early check per quarter window, so a
+            // production that comes and goes does not turn every sample into a check.
+            let mut last_early_check: Option<Instant> = None;
             loop {
-                if let Err(e) = throttle.sample().await {
-                    // The check that ends the window reports it (and slows down).
-                    tracing::debug!(message = "throttle: a sample failed", error = %e);
+                let production_appeared = match throttle.sample().await {
+                    Ok(appeared) => appeared,
+                    Err(e) => {
+                        // The check that ends the window reports it (and slows down).
+                        tracing::debug!(message = "throttle: a sample failed", error = %e);
+                        false
+                    }
+                };
+                let early = production_appeared
+                    && last_early_check.is_none_or(|t| t.elapsed() >= throttle.check_every() / 4);
+                if early {
+                    last_early_check = Some(Instant::now());
                 }
-                if Instant::now() >= next_check {
+                if early || Instant::now() >= next_check {
                     next_check = Instant::now() + throttle.check_every();
                     let live = live_settings.borrow().clone();
                     match throttle.check(&live, hard_cap).await {

@@ -8,7 +8,8 @@
 //! **alone**. Its solo figures come from quiet windows, checks during which reproject wrote
 //! nothing: the first one before anything is written, every pause, every idle moment of a
 //! follower, and a window the throttle asks for when production appears, grows, or its figures are
-//! a minute old (state `measuring`: writers wait one check).
+//! a minute old (state `measuring`: writers wait one check). Production appearing beside writes at
+//! full speed is acted on within two samples, not at the end of the window ([`Throttle::sample`]).
 //!
 //! Signals, each a fraction of its limit (the load):
 //! - while production is active: the probe query's latency (a percentile of the window's samples)
@@ -234,6 +235,10 @@ impl Decision {
     }
 }
 
+/// Why a measurement is asked for when production shows up; unlike a re-measurement it is never
+/// put off.
+const PRODUCTION_APPEARED: &str = "production became active";
+
 /// The longest writers are held to measure production alone.
 const MEASURE_FOR: Duration = Duration::from_secs(6);
 
@@ -263,6 +268,8 @@ pub struct Throttle {
     state: ThrottleState,
     last_check: Option<Instant>,
     last: Option<Decision>,
+    /// Consecutive samples that saw a production backend active.
+    samples_with_production: u32,
     /// For tests and single writers that drive the throttle themselves: the pacer of [`Throttle::pace`].
     pacer: governor::Pacer,
 }
@@ -284,6 +291,7 @@ impl Throttle {
             state: ThrottleState::Measuring,
             last_check: None,
             last: None,
+            samples_with_production: 0,
             pacer: governor::Pacer::default(),
         }
     }
@@ -305,9 +313,23 @@ impl Throttle {
         self.config.sample_every
     }
 
-    /// Take one sample of the signals into the current window.
-    pub async fn sample(&mut self) -> Result<()> {
-        self.sampler.sample().await
+    /// Take one sample of the signals into the current window. Returns true when the sample saw
+    /// production active while the last decision had none to protect (writers may be going at
+    /// full speed): the caller should check now rather than at the end of the window.
+    pub async fn sample(&mut self) -> Result<bool> {
+        let saw_production = self.sampler.sample().await?;
+        self.samples_with_production = if saw_production {
+            self.samples_with_production + 1
+        } else {
+            0
+        };
+        // Two samples in a row: one short statement (an operator's query) is not production
+        // arriving.
+        Ok(self.samples_with_production >= 2
+            && self
+                .last
+                .as_ref()
+                .is_some_and(|d| !d.reading.figures.production_active && !d.state.holds_writes()))
     }
 
     /// Sleep as long as `events` take at the current rate, and count them as written.
@@ -407,6 +429,21 @@ impl Throttle {
                 reading.load * 100.0,
                 slow_at * 100.0,
                 self.rate
+            );
+        } else if reading.figures.production_active
+            && !reading.alone.as_ref().is_some_and(|a| a.production_active)
+            && !self.rate.is_finite()
+        {
+            // Production is there but could not be measured alone (a statement that cannot stop
+            // ran through the measurement): its budget cannot be judged, so do not go on at full
+            // speed beside it.
+            self.rate = (self.last_written_rate / 8.0).max(self.config.min_rate);
+            self.threshold = f64::INFINITY;
+            self.duty = 0.125;
+            self.state = ThrottleState::Slowed;
+            reason = format!(
+                "production is active ({:.0} commits/s, {:.1} active backends) and not measured alone yet: rate cut to an eighth, {:.0} events/s",
+                reading.figures.production_tps, reading.figures.active, self.rate
             );
         } else if !reading.figures.production_active {
             // Nobody to protect: full speed.
@@ -525,7 +562,7 @@ impl Throttle {
             None => "nothing measured yet",
             Some(alone) if reading.figures.production_active => {
                 if !alone.figures.production_active {
-                    "production became active"
+                    PRODUCTION_APPEARED
                 } else if reading.figures.tps_seconds >= signals::MIN_TPS_SECONDS
                     && reading.figures.production_tps
                         > alone.figures.production_tps * (1.0 + self.config.budget.throughput_loss)
@@ -543,8 +580,11 @@ impl Throttle {
         if self.state == ThrottleState::Measuring {
             return Some(why);
         }
-        // At most one quiet window asked for per five checks (the first is always granted).
-        if self.alone.is_some()
+        // At most one quiet window asked for per five checks to measure a production already
+        // measured (the first, and production appearing, are always granted: until it is measured
+        // nothing protects it).
+        if why != PRODUCTION_APPEARED
+            && self.alone.is_some()
             && self
                 .measure_asked
                 .is_some_and(|t| now.duration_since(t) < self.config.check_every * 5)

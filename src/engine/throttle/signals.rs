@@ -339,7 +339,8 @@ impl Sampler {
             .ok_or_else(|| SinkError::Invalid("throttle: no connection".into()))
     }
 
-    pub(super) async fn sample(&mut self) -> Result<()> {
+    /// Take one sample; returns whether it saw a production backend active.
+    pub(super) async fn sample(&mut self) -> Result<bool> {
         let probe_sql = self.probe_sql.clone();
         let activity = self.activity.clone();
         let conn = self.connection().await?;
@@ -383,7 +384,7 @@ impl Sampler {
         {
             self.history.pop_front();
         }
-        Ok(())
+        Ok(active > 0)
     }
 
     /// Production's commits per second over the trailing samples of one kind (all beside
@@ -488,6 +489,9 @@ impl Sampler {
         let waiting = samples.iter().map(|s| s.waiting as f64).sum::<f64>() / n;
         let (production_tps, tps_seconds, tps_beside_writes) = self.production_tps();
         let seen_tps = self.production_seen();
+        // Production arriving late in a window shows in its last samples before it moves the
+        // window's mean: two samples in a row with a backend active is production there now.
+        let active_now = samples.len() >= 2 && samples.iter().rev().take(2).all(|s| s.active > 0);
         Ok(Figures {
             samples: samples.len(),
             probe_ms,
@@ -498,7 +502,8 @@ impl Sampler {
             active,
             waiting,
             production_active: seen_tps.max(production_tps) >= self.min_production_tps
-                || active >= 0.1,
+                || active >= 0.1
+                || active_now,
             max_connections,
             replica_lag_seconds,
             load_query: load_value,
