@@ -7,7 +7,8 @@
 //! catch-up rate each mode leaves reproject. Environment: `THROTTLE_BENCH_SECONDS` (pgbench's
 //! duration, default 15), `THROTTLE_BENCH_BACKLOG` (events appended before each catch-up, default
 //! 3,000,000), `THROTTLE_BENCH_ROUNDS` (default 3), `THROTTLE_BENCH_WORKLOADS` (`select-only`,
-//! `TPC-B-like` or both, comma-separated; default both).
+//! `TPC-B-like` or both, comma-separated; default both), `THROTTLE_BENCH_LOGS` (a folder: each
+//! `run`'s log goes there, with the throttle's every check, to see what it decided and why).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -83,6 +84,21 @@ fn pgbench(db: &str, workload: &[&str], seconds: u64, logs: &Path) -> Production
     }
 }
 
+/// The time of day, to find pgbench's start in `run`'s log (whose times are UTC).
+fn utc_time_of_day() -> String {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ms = since_epoch.as_millis() % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1_000 % 60,
+        ms % 1_000
+    )
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -93,8 +109,17 @@ struct Measured {
     catch_up_rate: f64,
 }
 
-fn spawn_run(db: &str, kafka: &Kafka, throttle: bool) -> Child {
+fn spawn_run(db: &str, kafka: &Kafka, throttle: bool, log: Option<std::path::PathBuf>) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_reproject"));
+    if let Some(path) = log {
+        let file = std::fs::File::create(&path).expect("a log file in THROTTLE_BENCH_LOGS");
+        command
+            .env(
+                "RUST_LOG",
+                "reproject=info,reproject::engine::throttle=debug",
+            )
+            .stderr(file);
+    }
     command.args([
         "run",
         "--no-backfill",
@@ -156,12 +181,19 @@ fn main() {
                 for (i, throttle) in [true, false].into_iter().enumerate() {
                     append(&kafka.settings, &mut history, backlog);
                     appended += backlog as i64;
-                    let mut run = spawn_run(&db, &kafka, throttle);
+                    let log = std::env::var_os("THROTTLE_BENCH_LOGS").map(|dir| {
+                        let mode = if throttle { "throttle" } else { "no-throttle" };
+                        std::path::Path::new(&dir).join(format!("{name}-{round}-{mode}.log"))
+                    });
+                    let mut run = spawn_run(&db, &kafka, throttle, log);
                     let start = applied(&pool, 1).await;
                     wait_until("run to be writing", 60, || applied(&pool, 1), |n| *n > start)
                         .await;
                     let from = applied(&pool, 1).await;
                     let started = Instant::now();
+                    if std::env::var_os("THROTTLE_BENCH_LOGS").is_some() {
+                        println!("  pgbench starts at {} UTC", utc_time_of_day());
+                    }
                     let production = pgbench(&db, &workload, seconds, &logs);
                     let events = applied(&pool, 1).await - from;
                     let rate = events as f64 / started.elapsed().as_secs_f64();
