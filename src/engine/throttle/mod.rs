@@ -437,9 +437,8 @@ impl Throttle {
             // Production is there but could not be measured alone (a statement that cannot stop
             // ran through the measurement): its budget cannot be judged, so do not go on at full
             // speed beside it.
-            self.rate = (self.last_written_rate / 8.0).max(self.config.min_rate);
+            self.restart_at_an_eighth();
             self.threshold = f64::INFINITY;
-            self.duty = 0.125;
             self.state = ThrottleState::Slowed;
             reason = format!(
                 "production is active ({:.0} commits/s, {:.1} active backends) and not measured alone yet: rate cut to an eighth, {:.0} events/s",
@@ -463,8 +462,7 @@ impl Throttle {
                 // Production has just been measured alone, and reproject wrote without limit
                 // before: start again at an eighth of that and find production's limit upwards
                 // rather than by hurting it first.
-                self.rate = (self.last_written_rate / 8.0).max(self.config.min_rate);
-                self.duty = 0.125;
+                self.restart_at_an_eighth();
             } else if !before.holds_writes() {
                 self.rate += if self.rate < self.threshold {
                     (self.rate / 2.0).min(self.threshold - self.rate)
@@ -528,6 +526,13 @@ impl Throttle {
             reason,
         };
         Ok(self.last.insert(decision))
+    }
+
+    /// Limit writing to an eighth of the rate written without limit: where production's limit is
+    /// looked for from below once production is there.
+    fn restart_at_an_eighth(&mut self) {
+        self.rate = (self.last_written_rate / 8.0).max(self.config.min_rate);
+        self.duty = 0.125;
     }
 
     /// Whether production's solo figures must be measured before the signals can be judged, and why.
