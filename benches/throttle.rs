@@ -84,21 +84,6 @@ fn pgbench(db: &str, workload: &[&str], seconds: u64, logs: &Path) -> Production
     }
 }
 
-/// The time of day, to find pgbench's start in `run`'s log (whose times are UTC).
-fn utc_time_of_day() -> String {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let ms = since_epoch.as_millis() % 86_400_000;
-    format!(
-        "{:02}:{:02}:{:02}.{:03}",
-        ms / 3_600_000,
-        ms / 60_000 % 60,
-        ms / 1_000 % 60,
-        ms % 1_000
-    )
-}
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -192,7 +177,10 @@ fn main() {
                     let from = applied(&pool, 1).await;
                     let started = Instant::now();
                     if std::env::var_os("THROTTLE_BENCH_LOGS").is_some() {
-                        println!("  pgbench starts at {} UTC", utc_time_of_day());
+                        println!(
+                            "  pgbench starts at {} UTC",
+                            chrono::Utc::now().format("%H:%M:%S%.3f")
+                        );
                     }
                     let production = pgbench(&db, &workload, seconds, &logs);
                     let events = applied(&pool, 1).await - from;

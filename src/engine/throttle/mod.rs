@@ -268,8 +268,6 @@ pub struct Throttle {
     state: ThrottleState,
     last_check: Option<Instant>,
     last: Option<Decision>,
-    /// Consecutive samples that saw a production backend active.
-    samples_with_production: u32,
     /// For tests and single writers that drive the throttle themselves: the pacer of [`Throttle::pace`].
     pacer: governor::Pacer,
 }
@@ -291,7 +289,6 @@ impl Throttle {
             state: ThrottleState::Measuring,
             last_check: None,
             last: None,
-            samples_with_production: 0,
             pacer: governor::Pacer::default(),
         }
     }
@@ -313,19 +310,12 @@ impl Throttle {
         self.config.sample_every
     }
 
-    /// Take one sample of the signals into the current window. Returns true when the sample saw
-    /// production active while the last decision had none to protect (writers may be going at
-    /// full speed): the caller should check now rather than at the end of the window.
+    /// Take one sample of the signals into the current window. Returns true when production is
+    /// there now (two samples in a row) while the last decision had none to protect (writers may
+    /// be going at full speed): the caller should check now rather than at the end of the window.
     pub async fn sample(&mut self) -> Result<bool> {
-        let saw_production = self.sampler.sample().await?;
-        self.samples_with_production = if saw_production {
-            self.samples_with_production + 1
-        } else {
-            0
-        };
-        // Two samples in a row: one short statement (an operator's query) is not production
-        // arriving.
-        Ok(self.samples_with_production >= 2
+        let production_now = self.sampler.sample().await?;
+        Ok(production_now
             && self
                 .last
                 .as_ref()

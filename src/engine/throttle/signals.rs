@@ -339,7 +339,7 @@ impl Sampler {
             .ok_or_else(|| SinkError::Invalid("throttle: no connection".into()))
     }
 
-    /// Take one sample; returns whether it saw a production backend active.
+    /// Take one sample; returns whether production is there now ([`Sampler::production_now`]).
     pub(super) async fn sample(&mut self) -> Result<bool> {
         let probe_sql = self.probe_sql.clone();
         let activity = self.activity.clone();
@@ -384,7 +384,14 @@ impl Sampler {
         {
             self.history.pop_front();
         }
-        Ok(active > 0)
+        Ok(self.production_now())
+    }
+
+    /// Whether the last two samples (100 ms apart by default) both saw a production backend active:
+    /// production there now, before it moves a window's mean. One sample alone may be one short
+    /// statement (an operator's query).
+    fn production_now(&self) -> bool {
+        self.history.len() >= 2 && self.history.iter().rev().take(2).all(|s| s.active > 0)
     }
 
     /// Production's commits per second over the trailing samples of one kind (all beside
@@ -489,9 +496,6 @@ impl Sampler {
         let waiting = samples.iter().map(|s| s.waiting as f64).sum::<f64>() / n;
         let (production_tps, tps_seconds, tps_beside_writes) = self.production_tps();
         let seen_tps = self.production_seen();
-        // Production arriving late in a window shows in its last samples before it moves the
-        // window's mean: two samples in a row with a backend active is production there now.
-        let active_now = samples.len() >= 2 && samples.iter().rev().take(2).all(|s| s.active > 0);
         Ok(Figures {
             samples: samples.len(),
             probe_ms,
@@ -503,7 +507,8 @@ impl Sampler {
             waiting,
             production_active: seen_tps.max(production_tps) >= self.min_production_tps
                 || active >= 0.1
-                || active_now,
+                // Production arriving late in a window is there before it moves the mean.
+                || self.production_now(),
             max_connections,
             replica_lag_seconds,
             load_query: load_value,
