@@ -462,3 +462,109 @@ async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settin
 
     stop(&mut run);
 }
+
+/// A Prometheus counter's or gauge's value (0 before it is first set).
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_under_way_when_writes_are_held_is_stopped_there_and_written_again_once() {
+    // The writer waiting on a lock is a wait the throttle sees on the server: the other tests'
+    // throttles must not see it.
+    let _alone = SERVER.write().await;
+    let db = fresh_database("throttle_cut_short").await;
+    let kafka = Kafka::start(2);
+    let mut history = history(15_000, 37);
+    append(&kafka.settings, &mut history, 10_000);
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    let pool = engine.catalog.pool().clone();
+    rebuild_all(&engine).await.expect("builds");
+    set(&pool, "CREATE TABLE test_load (value float8 NOT NULL)").await;
+    set(&pool, "INSERT INTO test_load VALUES (0)").await;
+    append(&kafka.settings, &mut history, 5_000);
+
+    // Production holds a lock on one of the build's tables: the follower's batch gets as far as
+    // writing its rows back, and waits there, in the middle of its transaction.
+    let schema: String =
+        sqlx::query_scalar("SELECT schema_name FROM reproject.builds WHERE build_id = 1")
+            .fetch_one(&pool)
+            .await
+            .expect("build 1");
+    let mut holder = pool.acquire().await.expect("a connection").detach();
+    set_on(&mut holder, "BEGIN").await;
+    set_on(
+        &mut holder,
+        &format!("LOCK TABLE \"{schema}\".order_summary IN SHARE MODE"),
+    )
+    .await;
+
+    let metrics_addr = free_local_addr();
+    let mut run = spawn_run(
+        &db,
+        &kafka,
+        &[
+            "--no-backfill",
+            "--throttle-check-every",
+            "0.2",
+            "--throttle-load-query",
+            "SELECT value FROM test_load",
+            "--throttle-load-limit",
+            "1",
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+    );
+    wait_until(
+        "the follower's batch to wait on the lock",
+        30,
+        || scalar::<i64>(&pool, "SELECT count(*) FROM pg_locks WHERE NOT granted"),
+        |waiting| waiting.is_some_and(|n| n > 0),
+    )
+    .await;
+
+    // The operator's load query says the database is overloaded: writes are held, and the batch
+    // under way is stopped where it stands rather than finished.
+    set(&pool, "UPDATE test_load SET value = 5").await;
+    let (_, metrics) = wait_until(
+        "the batch under way to be cut short",
+        30,
+        || async { try_http_get(&metrics_addr, "/metrics").unwrap_or_default() },
+        |(_, metrics)| counter(metrics, "reproject_batches_cut_short_total") >= 1.0,
+    )
+    .await;
+    assert_eq!(
+        counter(&metrics, "reproject_throttle_state"),
+        2.0,
+        "paused:\n{metrics}"
+    );
+    assert_eq!(
+        scalar::<i64>(&pool, "SELECT count(*) FROM pg_locks WHERE NOT granted").await,
+        Some(0),
+        "the stopped batch no longer waits"
+    );
+    assert_eq!(applied(&pool, 1).await, 10_000, "nothing of it committed");
+
+    // The lock goes, the load falls: the batch is written again, once.
+    set_on(&mut holder, "COMMIT").await;
+    set(&pool, "UPDATE test_load SET value = 0").await;
+    assert_eq!(wait_for_applied(&pool, 1, 15_000, 60).await, 15_000);
+    stop(&mut run);
+    let expected = history.expected();
+    let actual = reproject::domain::shop::totals::actual_totals(&pool, "public")
+        .await
+        .expect("totals");
+    assert_eq!(
+        reproject::domain::shop::totals::differences(&expected, &actual),
+        Vec::<String>::new()
+    );
+}
+
+async fn set_on(conn: &mut sqlx::PgConnection, sql: &str) {
+    sqlx::query(sql).execute(conn).await.expect(sql);
+}

@@ -17,7 +17,7 @@ use super::controls::{Controls, CONTROLS_CHECK_EVERY};
 use super::progress::{lag, Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
 use super::{holder_name, Engine, EngineError, Result};
-use crate::projection::DynProjection;
+use crate::projection::{ChangeLog, DynProjection};
 use crate::sink::catalog::Positions;
 use crate::sink::lock::{writer_lock_subject, AdvisoryLock, LockKind};
 use crate::sink::writer::{self, BatchWriter, BuildBatch, BuildTables};
@@ -231,6 +231,8 @@ async fn apply_batches<E: Send + Sync + 'static>(
     let mut last_controls_check = Instant::now() - Duration::from_secs(60);
     let writer_name = holder_name(label);
     let names: Vec<&str> = targets.iter().map(|t| t.projection.name()).collect();
+    // The size of a slice: the batch size the throttle's rate allows now (see `limit_batches`).
+    let slice_limit = batch_size.clone();
     let mut controls = Controls::new(&names, batch_size, &engine.tuning);
     loop {
         // `reproject pause` and `reproject tune` take effect here, between batches: nothing is
@@ -240,28 +242,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
             wait_while_paused(engine, &mut controls, targets, &writer_name, cancel).await?;
             last_controls_check = Instant::now();
         }
-        if let Some(governor) = engine.governor.as_deref() {
-            governor.set_live(controls.live());
-            while governor.holds_writes() && !cancel.is_cancelled() {
-                let snap = serde_json::json!({
-                    "phase": "throttled",
-                    "throttle": governor.last().map(|d| d.summary()),
-                });
-                for target in targets.iter() {
-                    engine
-                        .catalog
-                        .write_progress(target.build.build_id, &writer_name, &snap)
-                        .await;
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = governor.next_decision() => {}
-                }
-                controls.refresh(&engine.catalog).await?;
-                governor.set_live(controls.live());
-            }
-            controls.limit_batches(governor.rate());
-        }
+        wait_while_throttled(engine, &mut controls, targets, &writer_name, cancel).await?;
         let batch = tokio::select! {
             _ = cancel.cancelled() => {
                 progress.finish();
@@ -312,62 +293,64 @@ async fn apply_batches<E: Send + Sync + 'static>(
             .iter()
             .map(|list| list.iter().map(|l| l.stored()).collect())
             .collect();
-        if batch.events > 0 {
-            let mut attempt = 0;
-            loop {
-                let build_batches: Vec<BuildBatch<'_>> = targets
-                    .iter()
-                    .zip(&nexts)
-                    .zip(&batch.changes)
-                    .zip(&stored)
-                    .map(|(((t, next), changes), dead_letters)| BuildBatch {
-                        tables: BuildTables {
-                            build_id: t.build.build_id,
-                            projection: t.projection.name(),
-                            version: t.projection.version(),
-                            schema: &t.build.schema_name,
-                            specs: t.projection.tables(),
-                        },
-                        changes,
-                        dead_letters,
-                        expected: &t.positions,
-                        next,
-                        log_end: &log_end,
-                    })
-                    .collect();
-                let started = Instant::now();
-                match writer.apply(&build_batches).await {
-                    Ok(rows) => {
-                        super::metrics::batch_duration("follow", started.elapsed().as_secs_f64());
-                        rows_written += rows;
-                        for t in targets.iter() {
-                            super::metrics::events_applied(
-                                t.projection.name(),
-                                "follow",
-                                batch.events,
-                            );
-                        }
-                        break;
+        let no_letters: Vec<Vec<_>> = targets.iter().map(|_| Vec::new()).collect();
+        // The batch goes in slices of what the throttle allows now: a batch read at full speed
+        // just before production arrived is not written in one burst beside it. Each slice
+        // commits with the positions of its last events; the dead letters go with the first
+        // (stored once however often it is written).
+        let mut unwritten = Unwritten::new(batch.changes, batch.events);
+        let mut last_slice_events = 0;
+        let mut letters_stored = false;
+        loop {
+            let from: Vec<&Positions> = targets.iter().map(|t| &t.positions).collect();
+            let limit = slice_limit.load(Ordering::Relaxed) as u64;
+            let Some(slice) = unwritten.take(limit, &from, &nexts) else {
+                break;
+            };
+            let with = if letters_stored { &no_letters } else { &stored };
+            match write_slice(engine, &mut writer, targets, &slice, with, &log_end).await? {
+                Some(rows) => {
+                    rows_written += rows;
+                    events += slice.events;
+                    for t in targets.iter() {
+                        super::metrics::events_applied(t.projection.name(), "follow", slice.events);
                     }
-                    Err(e) if e.is_retriable() && attempt < MAX_RETRIES => {
-                        super::metrics::error("database_retry");
-                        attempt += 1;
-                        let delay = crate::sink::backoff(attempt);
-                        tracing::warn!(message = "batch failed; retrying on a new connection", error = %e, attempt, delay_ms = delay.as_millis() as u64);
-                        tokio::time::sleep(delay).await;
-                        match crate::sink::writer::BatchWriter::connect(&engine.database_url).await
-                        {
-                            Ok(w) => writer = w,
-                            Err(e) => tracing::warn!(message = "reconnecting failed", error = %e),
+                    if !letters_stored {
+                        dead_letters += stored.iter().map(|l| l.len() as u64).sum::<u64>();
+                        letters_stored = true;
+                    }
+                    for (t, next) in targets.iter_mut().zip(slice.next) {
+                        t.positions = next;
+                    }
+                    if let Some(governor) = engine.governor.as_deref() {
+                        if !unwritten.is_empty() {
+                            governor.pace(slice.events).await;
+                        } else {
+                            // The last slice is paced once positions, lag and progress are out.
+                            last_slice_events = slice.events;
                         }
                     }
-                    Err(e) => return Err(e.into()),
                 }
+                // Cut short by the throttle and rolled back: written again once writes may go on.
+                None => unwritten.put_back(slice),
             }
-            events += batch.events;
-            dead_letters += stored.iter().map(|l| l.len() as u64).sum::<u64>();
+            if unwritten.is_empty() {
+                break;
+            }
+            wait_while_throttled(engine, &mut controls, targets, &writer_name, cancel).await?;
+            if cancel.is_cancelled() {
+                progress.finish();
+                return Ok(FollowOutcome {
+                    positions: targets.iter().map(|t| t.positions.clone()).collect(),
+                    events,
+                    rows_written,
+                    lag: last_lag,
+                    dead_letters,
+                });
+            }
         }
         for (t, next) in targets.iter_mut().zip(nexts) {
+            // Positions past the last slice's events: records that emitted nothing.
             t.positions = next;
         }
         if !log_end.is_empty() {
@@ -415,7 +398,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
         // once, however long the throttle or the cap holds the next batch.
         if batch.events > 0 {
             if let Some(governor) = engine.governor.as_deref() {
-                governor.pace(batch.events).await;
+                governor.pace(last_slice_events).await;
             } else if let Some(rate) = controls
                 .live()
                 .max_rate
@@ -464,6 +447,209 @@ async fn apply_batches<E: Send + Sync + 'static>(
     }
 }
 
+/// While the throttle holds writes, wait, recording it in the builds' progress; then size the
+/// batches (and slices) to the rate it allows.
+async fn wait_while_throttled<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    controls: &mut Controls,
+    targets: &[FollowTarget<E>],
+    writer_name: &str,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let Some(governor) = engine.governor.as_deref() else {
+        return Ok(());
+    };
+    governor.set_live(controls.live());
+    while governor.holds_writes() && !cancel.is_cancelled() {
+        let snap = serde_json::json!({
+            "phase": "throttled",
+            "throttle": governor.last().map(|d| d.summary()),
+        });
+        for target in targets {
+            engine
+                .catalog
+                .write_progress(target.build.build_id, writer_name, &snap)
+                .await;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = governor.next_decision() => {}
+        }
+        controls.refresh(&engine.catalog).await?;
+        governor.set_live(controls.live());
+    }
+    controls.limit_batches(governor.rate());
+    Ok(())
+}
+
+/// What is left to write of a batch: per target, the changes of the events not yet written.
+struct Unwritten {
+    changes: Vec<ChangeLog>,
+    events: u64,
+}
+
+/// A run of a batch's events written in one transaction: per target its changes and where its
+/// positions stand once they are in.
+struct Slice {
+    changes: Vec<ChangeLog>,
+    next: Vec<Positions>,
+    events: u64,
+}
+
+impl Unwritten {
+    fn new(changes: Vec<ChangeLog>, events: u64) -> Unwritten {
+        Unwritten { changes, events }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    /// The next slice of at most `limit` of the batch's events (the rest, when that is all there
+    /// is): of each target, the same share of the events it recorded, its positions (`from`)
+    /// moved past them. `whole` is where each target's positions stand after the whole batch.
+    fn take(&mut self, limit: u64, from: &[&Positions], whole: &[Positions]) -> Option<Slice> {
+        if self.events == 0 {
+            return None;
+        }
+        let nothing_recorded = self.changes.iter().all(|log| log.event_count() == 0);
+        if self.events <= limit.max(1) || nothing_recorded {
+            return Some(Slice {
+                changes: self.changes.iter_mut().map(std::mem::take).collect(),
+                next: whole.to_vec(),
+                events: std::mem::take(&mut self.events),
+            });
+        }
+        let share = limit as f64 / self.events as f64;
+        let changes: Vec<ChangeLog> = self
+            .changes
+            .iter_mut()
+            .map(|log| {
+                let first = (log.event_count() as f64 * share).ceil() as usize;
+                let rest = log.split_off_events(first);
+                std::mem::replace(log, rest)
+            })
+            .collect();
+        let next = from
+            .iter()
+            .zip(&changes)
+            .map(|(from, log)| {
+                let mut next = (*from).clone();
+                for at in log.times() {
+                    let entry = next.entry(at.partition).or_insert(at.offset + 1);
+                    *entry = (*entry).max(at.offset + 1);
+                }
+                next
+            })
+            .collect();
+        self.events -= limit;
+        Some(Slice {
+            changes,
+            next,
+            events: limit,
+        })
+    }
+
+    /// A slice that was not written goes back in front of the rest.
+    fn put_back(&mut self, slice: Slice) {
+        for (log, mut earlier) in self.changes.iter_mut().zip(slice.changes) {
+            earlier.append(std::mem::take(log));
+            *log = earlier;
+        }
+        self.events += slice.events;
+    }
+}
+
+/// Write a slice in one transaction that also moves the positions, retrying transient errors on a
+/// new connection. Returns the rows written, or None when the throttle held writes before it
+/// committed: the transaction is stopped there and rolled back (production does not wait for the
+/// end of a batch begun at full speed), to be written again once writes may go on.
+async fn write_slice<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    writer: &mut BatchWriter,
+    targets: &[FollowTarget<E>],
+    slice: &Slice,
+    dead_letters: &[Vec<crate::sink::dead_letters::NewDeadLetter<'_>>],
+    log_end: &Positions,
+) -> Result<Option<u64>> {
+    let mut attempt = 0;
+    loop {
+        let build_batches: Vec<BuildBatch<'_>> = targets
+            .iter()
+            .zip(&slice.next)
+            .zip(&slice.changes)
+            .zip(dead_letters)
+            .map(|(((t, next), changes), dead_letters)| BuildBatch {
+                tables: BuildTables {
+                    build_id: t.build.build_id,
+                    projection: t.projection.name(),
+                    version: t.projection.version(),
+                    schema: &t.build.schema_name,
+                    specs: t.projection.tables(),
+                },
+                changes,
+                dead_letters,
+                expected: &t.positions,
+                next,
+                log_end,
+            })
+            .collect();
+        let started = Instant::now();
+        let backend = writer.backend_pid();
+        let applied = match engine.governor.as_deref() {
+            Some(governor) => {
+                let apply = writer.apply(&build_batches);
+                tokio::pin!(apply);
+                tokio::select! {
+                    biased;
+                    applied = &mut apply => Some(applied),
+                    _ = governor.until_held() => None,
+                }
+            }
+            None => Some(writer.apply(&build_batches).await),
+        };
+        match applied {
+            Some(Ok(rows)) => {
+                super::metrics::batch_duration("follow", started.elapsed().as_secs_f64());
+                return Ok(Some(rows));
+            }
+            None => {
+                writer::stop_backend(engine.catalog.pool(), backend).await?;
+                // The commit may have gone through just before the stop: the positions say.
+                let mut moved = false;
+                let mut committed = true;
+                for (t, next) in targets.iter().zip(&slice.next) {
+                    moved |= *next != t.positions;
+                    let stored = engine.catalog.positions(t.build.build_id).await?;
+                    committed &= next.iter().all(|(p, o)| stored.get(p) == Some(o));
+                }
+                let committed = moved && committed;
+                super::metrics::batch_cut_short();
+                tracing::info!(
+                    message = "throttle: writes held in the middle of a batch; stopped it there",
+                    events = slice.events,
+                    committed,
+                    held_after_ms = started.elapsed().as_millis() as u64
+                );
+                *writer = BatchWriter::connect(&engine.database_url).await?;
+                return Ok(committed.then_some(0));
+            }
+            Some(Err(e)) if e.is_retriable() && attempt < MAX_RETRIES => {
+                super::metrics::error("database_retry");
+                attempt += 1;
+                let delay = crate::sink::backoff(attempt);
+                tracing::warn!(message = "batch failed; retrying on a new connection", error = %e, attempt, delay_ms = delay.as_millis() as u64);
+                tokio::time::sleep(delay).await;
+                match BatchWriter::connect(&engine.database_url).await {
+                    Ok(w) => *writer = w,
+                    Err(e) => tracing::warn!(message = "reconnecting failed", error = %e),
+                }
+            }
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
 /// While any of the projections is paused (as `controls` last read), wait, recording it in the
 /// builds' progress, until none is or until cancelled.
 async fn wait_while_paused<E: Send + Sync + 'static>(
@@ -505,4 +691,90 @@ fn furthest_behind<E>(targets: &[FollowTarget<E>], log_end: &Positions) -> i64 {
 
 async fn fresh_log_end<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<Positions> {
     Ok(engine.log_bounds("reproject-lag").await?.end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::{Changes, LogicalTime, Value};
+
+    /// A target's changes: one per event at `offsets` of partition `offset % 2`.
+    fn recorded(offsets: impl IntoIterator<Item = i64>) -> ChangeLog {
+        let mut log = ChangeLog::default();
+        let mut changes = Changes::default();
+        for offset in offsets {
+            changes.add(0, crate::key![Value::text("k")], 1, offset);
+            let at = LogicalTime {
+                occurred_at_micros: offset,
+                partition: (offset % 2) as i32,
+                offset: offset / 2,
+            };
+            assert!(log.record(at, &mut changes));
+        }
+        log
+    }
+
+    #[test]
+    fn a_batch_in_slices_moves_each_target_s_positions_exactly_past_the_events_written() {
+        // Twenty events over two partitions; one target records every event, the other every
+        // third (the rest emit nothing for it).
+        let logs = vec![recorded(0..20), recorded((0..20).step_by(3))];
+        let start: Positions = [(0, 0), (1, 0)].into();
+        let whole: Positions = [(0, 10), (1, 10)].into();
+        let mut unwritten = Unwritten::new(logs.clone(), 20);
+        let mut at = vec![start.clone(), start.clone()];
+        let mut written: Vec<ChangeLog> = vec![ChangeLog::default(), ChangeLog::default()];
+        let mut sizes = Vec::new();
+        let mut later = logs.clone();
+        while let Some(slice) = {
+            let from: Vec<&Positions> = at.iter().collect();
+            unwritten.take(6, &from, &[whole.clone(), whole.clone()])
+        } {
+            sizes.push(slice.events);
+            for (target, (log, next)) in slice.changes.into_iter().zip(slice.next).enumerate() {
+                // Every event of this slice and before lies below the positions; every later one
+                // at or above them: a restart from them reads each event exactly once.
+                let rest = later[target].split_off_events(log.event_count());
+                later[target] = rest;
+                for t in log.times().chain(written[target].times()) {
+                    assert!(t.offset < next[&t.partition], "{t:?} is before {next:?}");
+                }
+                for t in later[target].times() {
+                    assert!(t.offset >= next[&t.partition], "{t:?} is after {next:?}");
+                }
+                written[target].append(log);
+                at[target] = next;
+            }
+        }
+        assert_eq!(sizes, [6, 6, 6, 2]);
+        assert_eq!(written, logs, "the slices are the batch, in order");
+        assert_eq!(
+            at,
+            [whole.clone(), whole],
+            "the last slice ends at the batch's end"
+        );
+    }
+
+    #[test]
+    fn a_slice_cut_short_goes_back_in_front_of_the_rest() {
+        let logs = vec![recorded(0..10)];
+        let start: Positions = [(0, 0), (1, 0)].into();
+        let whole: Positions = [(0, 5), (1, 5)].into();
+        let mut unwritten = Unwritten::new(logs.clone(), 10);
+        let first = unwritten
+            .take(4, &[&start], std::slice::from_ref(&whole))
+            .expect("a slice");
+        unwritten.put_back(first);
+        // Written again at a smaller size, it is the same batch from its first event.
+        let mut again = Vec::new();
+        while let Some(slice) = unwritten.take(3, &[&start], std::slice::from_ref(&whole)) {
+            again.push(slice.changes.into_iter().next().expect("one target"));
+        }
+        let mut joined = ChangeLog::default();
+        for log in again {
+            joined.append(log);
+        }
+        assert_eq!(vec![joined], logs);
+        assert!(unwritten.is_empty());
+    }
 }

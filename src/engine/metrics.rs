@@ -15,6 +15,7 @@
 //! | `reproject_paused` | gauge, 1 while paused | projection |
 //! | `reproject_max_rate_events_per_second` | gauge, the `--max-rate` cap, 0 when none | |
 //! | `reproject_errors_total` | counter | kind (database_retry, kafka, bad_record) |
+//! | `reproject_batches_cut_short_total` | counter: batches stopped mid-transaction because the throttle held writes (rolled back, written again later) | |
 //! | `reproject_throttle_state` | gauge: 0 running, 1 slowed, 2 paused, 3 measuring production alone | |
 //! | `reproject_throttle_load_ratio` | gauge: the highest signal as a share of its limit | |
 //! | `reproject_throttle_signal_load_ratio` | gauge: each signal as a share of its limit | signal |
@@ -135,6 +136,10 @@ pub fn paused(projection: &str, paused: bool) {
 
 pub fn max_rate(rate: Option<u64>) {
     metrics::gauge!("reproject_max_rate_events_per_second").set(rate.unwrap_or(0) as f64);
+}
+
+pub fn batch_cut_short() {
+    metrics::counter!("reproject_batches_cut_short_total").increment(1);
 }
 
 pub fn error(kind: &'static str) {

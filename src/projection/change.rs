@@ -232,6 +232,47 @@ impl ChangeLog {
     pub fn changes(&self) -> &[Change] {
         &self.changes
     }
+
+    /// How many events emitted the changes.
+    pub fn event_count(&self) -> usize {
+        self.events.len()
+    }
+
+    /// The times of the events that emitted the changes, in the order they were read.
+    pub fn times(&self) -> impl Iterator<Item = LogicalTime> + '_ {
+        self.events.iter().map(|&(at, _)| at)
+    }
+
+    /// Split the log at its `at`-th event, as `Vec::split_off`: this log keeps the events before
+    /// it and their changes, the one returned has the rest (a batch written in slices).
+    pub fn split_off_events(&mut self, at: usize) -> ChangeLog {
+        let at = at.min(self.events.len());
+        let start = at
+            .checked_sub(1)
+            .and_then(|last| self.events.get(last))
+            .map_or(0, |&(_, end)| end);
+        let changes = self.changes.split_off(start);
+        let events = self
+            .events
+            .split_off(at)
+            .into_iter()
+            .map(|(time, end)| (time, end - start))
+            .collect();
+        ChangeLog { changes, events }
+    }
+
+    /// Put the events of `later` (read after this log's) at its end: the inverse of
+    /// [`ChangeLog::split_off_events`].
+    pub fn append(&mut self, later: ChangeLog) {
+        let base = self.changes.len();
+        self.changes.extend(later.changes);
+        self.events.extend(
+            later
+                .events
+                .into_iter()
+                .map(|(time, end)| (time, end + base)),
+        );
+    }
 }
 
 impl IntoIterator for ChangeLog {
@@ -275,6 +316,40 @@ impl Iterator for ChangeLogIntoIter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_split_at_an_event_and_put_back_together_is_the_log_it_was() {
+        let at = |offset| LogicalTime {
+            occurred_at_micros: 0,
+            partition: 0,
+            offset,
+        };
+        let mut log = ChangeLog::default();
+        let mut changes = Changes::default();
+        for offset in 0..4 {
+            // Events emit different numbers of changes: the split is by event, not by change.
+            for n in 0..=offset {
+                changes.add(0, crate::key![Value::text(format!("k{offset}"))], 1, n);
+            }
+            assert!(log.record(at(offset), &mut changes));
+        }
+        let whole = log.clone();
+        let rest = log.split_off_events(2);
+        assert_eq!(log.event_count(), 2);
+        assert_eq!(log.changes().len(), 1 + 2);
+        assert_eq!(rest.event_count(), 2);
+        assert_eq!(rest.changes().len(), 3 + 4);
+        let offsets: Vec<i64> = rest.times().map(|t| t.offset).collect();
+        assert_eq!(offsets, [2, 3]);
+        let firsts: Vec<i64> = rest.iter().map(|(t, _)| t.offset).collect();
+        assert_eq!(firsts, [2, 2, 2, 3, 3, 3, 3]);
+        log.append(rest);
+        assert_eq!(log, whole);
+        // At either end: nothing, or everything, is split off.
+        assert_eq!(log.split_off_events(9).event_count(), 0);
+        let all = log.split_off_events(0);
+        assert_eq!((log.event_count(), all), (0, whole));
+    }
 
     #[test]
     fn popping_an_event_drops_its_changes_and_keeps_the_ones_before() {

@@ -367,17 +367,28 @@ pub struct BuildBatch<'a> {
 pub struct BatchWriter {
     conn: PgConnection,
     staging: HashSet<String>,
+    backend_pid: i32,
 }
 
 impl BatchWriter {
     pub async fn connect(database_url: &str) -> Result<BatchWriter> {
-        let conn = PgConnection::connect(database_url)
+        let mut conn = PgConnection::connect(database_url)
             .await
             .context(|| "connecting the batch writer".into())?;
+        let backend_pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .context(|| "reading the batch writer's backend".into())?;
         Ok(BatchWriter {
             conn,
             staging: HashSet::new(),
+            backend_pid,
         })
+    }
+
+    /// The server process behind the writer's connection: what [`stop_backend`] stops.
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
     }
 
     pub async fn dead_letter_count(&mut self, build_id: i64) -> Result<u64> {
@@ -437,6 +448,45 @@ impl BatchWriter {
         }
         tx.commit().await.context(|| "committing a batch".into())?;
         Ok(written)
+    }
+}
+
+/// How long [`stop_backend`] waits for a stopped writer's server process to be gone.
+const BACKEND_GONE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Stop a writer's transaction where it stands, from another connection, and return once its
+/// server process is gone: whatever the transaction did is then either committed (its commit was
+/// under way) or rolled back, and the catalog's positions tell which. Used to cut a batch short
+/// when the throttle holds writes in the middle of it (a statement cannot be interrupted from the
+/// connection that runs it, and between statements a cancel request would be ignored).
+pub async fn stop_backend(pool: &sqlx::PgPool, pid: i32) -> Result<()> {
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(pool)
+        .await
+        .context(|| format!("stopping the batch writer's server process {pid}"))?;
+    let started = std::time::Instant::now();
+    loop {
+        let there: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+                .bind(pid)
+                .fetch_one(pool)
+                .await
+                .context(|| {
+                    format!("waiting for the batch writer's server process {pid} to end")
+                })?;
+        if !there {
+            return Ok(());
+        }
+        if started.elapsed() >= BACKEND_GONE_WITHIN {
+            return Err(SinkError::Invalid(format!(
+                "the batch writer's server process {pid} was told to stop and is still there after {} s: \
+                 whether its last batch committed cannot be told yet; stopping here (the positions in the catalog \
+                 say where a restart reads from)",
+                BACKEND_GONE_WITHIN.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -184,6 +184,14 @@ impl Governor {
         let _ = tokio::time::timeout(self.check_every * 2, decisions.changed()).await;
     }
 
+    /// Return once writes are held (at once if they are now): a writer in the middle of a batch
+    /// stops it then, rather than finish it beside the production the hold is for.
+    pub async fn until_held(&self) {
+        while !self.holds_writes() {
+            self.next_decision().await;
+        }
+    }
+
     /// Wait while writes are held; logs once what `what` waits for.
     pub async fn wait_while_held(&self, what: &str, cancel: &CancellationToken) {
         if !self.holds_writes() {
