@@ -8,7 +8,9 @@
 //! duration, default 15), `THROTTLE_BENCH_BACKLOG` (events appended before each catch-up, default
 //! 3,000,000), `THROTTLE_BENCH_ROUNDS` (default 3), `THROTTLE_BENCH_WORKLOADS` (`select-only`,
 //! `TPC-B-like` or both, comma-separated; default both), `THROTTLE_BENCH_LOGS` (a folder: each
-//! `run`'s log goes there, with the throttle's every check, to see what it decided and why).
+//! `run`'s log goes there, with the throttle's every check, to see what it decided and why),
+//! `THROTTLE_BENCH_BINARY` (the `reproject` to run instead of this build's: an earlier commit's,
+//! to compare the two on the same day).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -95,7 +97,9 @@ struct Measured {
 }
 
 fn spawn_run(db: &str, kafka: &Kafka, throttle: bool, log: Option<std::path::PathBuf>) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_reproject"));
+    let binary = std::env::var_os("THROTTLE_BENCH_BINARY")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_reproject").into());
+    let mut command = Command::new(binary);
     if let Some(path) = log {
         let file = std::fs::File::create(&path).expect("a log file in THROTTLE_BENCH_LOGS");
         command
@@ -212,9 +216,11 @@ fn main() {
             let lat_alone = median(&mut alone.iter().map(|p| p.latency_ms).collect::<Vec<_>>());
             let p99_alone = median(&mut alone.iter().map(|p| p.p99_ms).collect::<Vec<_>>());
             println!("\n{name}: medians of {rounds}");
-            println!("| production | tps | latency avg | latency p99 | catch-up events/s |");
-            println!("|---|---|---|---|---|");
-            println!("| alone | {tps_alone:.0} | {lat_alone:.3} ms | {p99_alone:.3} ms | - |");
+            // Beside the medians, each round against its own solo run (the solo figures drift
+            // from round to round by as much as the effect measured).
+            println!("| production | tps | latency avg | latency p99 | catch-up events/s | tps kept per round (median) |");
+            println!("|---|---|---|---|---|---|");
+            println!("| alone | {tps_alone:.0} | {lat_alone:.3} ms | {p99_alone:.3} ms | - | - |");
             for (i, mode) in ["beside run, throttle (defaults)", "beside run, --no-throttle"]
                 .iter()
                 .enumerate()
@@ -224,11 +230,22 @@ fn main() {
                 let lat = median(&mut m.iter().map(|x| x.production.latency_ms).collect::<Vec<_>>());
                 let p99 = median(&mut m.iter().map(|x| x.production.p99_ms).collect::<Vec<_>>());
                 let rate = median(&mut m.iter().map(|x| x.catch_up_rate).collect::<Vec<_>>());
+                let mut kept: Vec<f64> = m
+                    .iter()
+                    .zip(&alone)
+                    .map(|(x, solo)| x.production.tps / solo.tps * 100.0)
+                    .collect();
+                let rounds_kept = kept
+                    .iter()
+                    .map(|k| format!("{k:.0}%"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 println!(
-                    "| {mode} | {tps:.0} ({:+.0}%) | {lat:.3} ms ({:+.0}%) | {p99:.3} ms ({:+.0}%) | {rate:.0} |",
+                    "| {mode} | {tps:.0} ({:+.0}%) | {lat:.3} ms ({:+.0}%) | {p99:.3} ms ({:+.0}%) | {rate:.0} | {rounds_kept} ({:.0}%) |",
                     (tps / tps_alone - 1.0) * 100.0,
                     (lat / lat_alone - 1.0) * 100.0,
-                    (p99 / p99_alone - 1.0) * 100.0
+                    (p99 / p99_alone - 1.0) * 100.0,
+                    median(&mut kept)
                 );
             }
             println!();
