@@ -8,7 +8,8 @@
 //! duration, default 15), `THROTTLE_BENCH_BACKLOG` (events appended before each catch-up, default
 //! 3,000,000), `THROTTLE_BENCH_ROUNDS` (default 3), `THROTTLE_BENCH_WORKLOADS` (`select-only`,
 //! `TPC-B-like` or both, comma-separated; default both), `THROTTLE_BENCH_LOGS` (a folder: each
-//! `run`'s log goes there, with the throttle's every check, to see what it decided and why),
+//! `run`'s log goes there, with the throttle's every check, to see what it decided and why, and
+//! pgbench's tps per second beside it),
 //! `THROTTLE_BENCH_BINARY` (the `reproject` to run instead of this build's: an earlier commit's,
 //! to compare the two on the same day).
 
@@ -39,18 +40,29 @@ struct Production {
 }
 
 /// Run pgbench for `seconds` and read its tps, average latency and (from its per-transaction log)
-/// the 99th percentile latency.
-fn pgbench(db: &str, workload: &[&str], seconds: u64, logs: &Path) -> Production {
+/// the 99th percentile latency. With `progress`, pgbench's tps per second goes to that file.
+fn pgbench(
+    db: &str,
+    workload: &[&str],
+    seconds: u64,
+    logs: &Path,
+    progress: Option<std::path::PathBuf>,
+) -> Production {
     let _ = std::fs::remove_dir_all(logs);
     std::fs::create_dir_all(logs).expect("log dir");
     let prefix = logs.join("tx");
-    let out = Command::new("pgbench")
+    let mut command = Command::new("pgbench");
+    command
         .args(workload)
         .args(["-c", "4", "-j", "2", "-T", &seconds.to_string(), "-l"])
-        .arg(format!("--log-prefix={}", prefix.display()))
-        .arg(db)
-        .output()
-        .expect("pgbench is installed");
+        .arg(format!("--log-prefix={}", prefix.display()));
+    if progress.is_some() {
+        command.args(["-P", "1", "--progress-timestamp"]);
+    }
+    let out = command.arg(db).output().expect("pgbench is installed");
+    if let Some(path) = progress {
+        let _ = std::fs::write(path, &out.stderr);
+    }
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -161,7 +173,12 @@ fn main() {
             let mut alone = Vec::new();
             let mut beside: [Vec<Measured>; 2] = [Vec::new(), Vec::new()];
             for round in 1..=rounds {
-                let solo = pgbench(&db, &workload, seconds, &logs);
+                let progress = |mode: &str| {
+                    std::env::var_os("THROTTLE_BENCH_LOGS").map(|dir| {
+                        std::path::Path::new(&dir).join(format!("{name}-{round}-{mode}.pgbench"))
+                    })
+                };
+                let solo = pgbench(&db, &workload, seconds, &logs, progress("alone"));
                 println!(
                     "{name} round {round} alone: {:.0} tps, {:.3} ms avg, {:.3} ms p99",
                     solo.tps, solo.latency_ms, solo.p99_ms
@@ -186,7 +203,8 @@ fn main() {
                             chrono::Utc::now().format("%H:%M:%S%.3f")
                         );
                     }
-                    let production = pgbench(&db, &workload, seconds, &logs);
+                    let mode = if throttle { "throttle" } else { "no-throttle" };
+                    let production = pgbench(&db, &workload, seconds, &logs, progress(mode));
                     let events = applied(&pool, 1).await - from;
                     let rate = events as f64 / started.elapsed().as_secs_f64();
                     // Whatever is left goes in at full speed once production has stopped.
