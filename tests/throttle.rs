@@ -349,19 +349,38 @@ async fn a_probe_that_is_slow_alone_too_is_not_reproject_s_doing() {
     production.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settings_live() {
-    let _shared = SERVER.read().await;
-    let db = fresh_database("throttle_follower").await;
+/// Builds of the first 10,000 events of a history of `events`, a table `test_load` holding `load`
+/// for `--throttle-load-query`, and `backlog` more events in the log for a follower.
+async fn built_with_a_backlog(
+    name: &str,
+    events: u64,
+    seed: u64,
+    backlog: u64,
+    load: f64,
+) -> (
+    String,
+    Kafka,
+    reproject::domain::shop::generator::History,
+    sqlx::PgPool,
+) {
+    let db = fresh_database(name).await;
     let kafka = Kafka::start(2);
-    let mut history = history(16_000, 31);
+    let mut history = history(events, seed);
     append(&kafka.settings, &mut history, 10_000);
     let engine = engine(&db, &kafka.settings, tuning()).await;
     let pool = engine.catalog.pool().clone();
     rebuild_all(&engine).await.expect("builds");
     set(&pool, "CREATE TABLE test_load (value float8 NOT NULL)").await;
-    set(&pool, "INSERT INTO test_load VALUES (5)").await;
-    append(&kafka.settings, &mut history, 3_000);
+    set(&pool, &format!("INSERT INTO test_load VALUES ({load})")).await;
+    append(&kafka.settings, &mut history, backlog);
+    (db, kafka, history, pool)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settings_live() {
+    let _shared = SERVER.read().await;
+    let (db, kafka, mut history, pool) =
+        built_with_a_backlog("throttle_follower", 16_000, 31, 3_000, 5.0).await;
 
     let mut run = spawn_run(
         &db,
@@ -478,16 +497,8 @@ async fn a_batch_under_way_when_writes_are_held_is_stopped_there_and_written_aga
     // The writer waiting on a lock is a wait the throttle sees on the server: the other tests'
     // throttles must not see it.
     let _alone = SERVER.write().await;
-    let db = fresh_database("throttle_cut_short").await;
-    let kafka = Kafka::start(2);
-    let mut history = history(15_000, 37);
-    append(&kafka.settings, &mut history, 10_000);
-    let engine = engine(&db, &kafka.settings, tuning()).await;
-    let pool = engine.catalog.pool().clone();
-    rebuild_all(&engine).await.expect("builds");
-    set(&pool, "CREATE TABLE test_load (value float8 NOT NULL)").await;
-    set(&pool, "INSERT INTO test_load VALUES (0)").await;
-    append(&kafka.settings, &mut history, 5_000);
+    let (db, kafka, history, pool) =
+        built_with_a_backlog("throttle_cut_short", 15_000, 37, 5_000, 0.0).await;
 
     // Production holds a lock on one of the build's tables: the follower's batch gets as far as
     // writing its rows back, and waits there, in the middle of its transaction.

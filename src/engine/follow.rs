@@ -137,13 +137,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
     if let Until::CaughtUp { .. } = until {
         let behind = furthest_behind(targets, &fresh_log_end(engine).await?);
         if behind == 0 {
-            return Ok(FollowOutcome {
-                positions: targets.iter().map(|t| t.positions.clone()).collect(),
-                events: 0,
-                rows_written: 0,
-                lag: Some(behind),
-                dead_letters: 0,
-            });
+            return Ok(finished(targets, 0, 0, Some(behind), 0));
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -246,7 +240,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
         let batch = tokio::select! {
             _ = cancel.cancelled() => {
                 progress.finish();
-                return Ok(FollowOutcome { positions: targets.iter().map(|t| t.positions.clone()).collect(), events, rows_written, lag: last_lag, dead_letters });
+                return Ok(finished(targets, events, rows_written, last_lag, dead_letters));
             }
             next = batches.recv() => match next {
                 Some(batch) => batch?,
@@ -340,13 +334,13 @@ async fn apply_batches<E: Send + Sync + 'static>(
             wait_while_throttled(engine, &mut controls, targets, &writer_name, cancel).await?;
             if cancel.is_cancelled() {
                 progress.finish();
-                return Ok(FollowOutcome {
-                    positions: targets.iter().map(|t| t.positions.clone()).collect(),
+                return Ok(finished(
+                    targets,
                     events,
                     rows_written,
-                    lag: last_lag,
+                    last_lag,
                     dead_letters,
-                });
+                ));
             }
         }
         for (t, next) in targets.iter_mut().zip(nexts) {
@@ -436,14 +430,31 @@ async fn apply_batches<E: Send + Sync + 'static>(
         };
         if reached || caught_up {
             progress.finish();
-            return Ok(FollowOutcome {
-                positions: targets.iter().map(|t| t.positions.clone()).collect(),
+            return Ok(finished(
+                targets,
                 events,
                 rows_written,
-                lag: last_lag,
+                last_lag,
                 dead_letters,
-            });
+            ));
         }
+    }
+}
+
+/// Where a follow ended: the targets' positions and what it did.
+fn finished<E>(
+    targets: &[FollowTarget<E>],
+    events: u64,
+    rows_written: u64,
+    lag: Option<i64>,
+    dead_letters: u64,
+) -> FollowOutcome {
+    FollowOutcome {
+        positions: targets.iter().map(|t| t.positions.clone()).collect(),
+        events,
+        rows_written,
+        lag,
+        dead_letters,
     }
 }
 

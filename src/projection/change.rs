@@ -317,13 +317,17 @@ impl Iterator for ChangeLogIntoIter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_log_split_at_an_event_and_put_back_together_is_the_log_it_was() {
-        let at = |offset| LogicalTime {
+    /// Offset `offset` of partition 0, at time zero.
+    fn at(offset: i64) -> LogicalTime {
+        LogicalTime {
             occurred_at_micros: 0,
             partition: 0,
             offset,
-        };
+        }
+    }
+
+    #[test]
+    fn a_log_split_at_an_event_and_put_back_together_is_the_log_it_was() {
         let mut log = ChangeLog::default();
         let mut changes = Changes::default();
         for offset in 0..4 {
@@ -353,11 +357,6 @@ mod tests {
 
     #[test]
     fn popping_an_event_drops_its_changes_and_keeps_the_ones_before() {
-        let at = |offset| LogicalTime {
-            occurred_at_micros: 0,
-            partition: 0,
-            offset,
-        };
         let mut log = ChangeLog::default();
         let mut changes = Changes::default();
         changes.add(0, crate::key![Value::text("a")], 1, 1);
