@@ -349,6 +349,17 @@ async fn a_probe_that_is_slow_alone_too_is_not_reproject_s_doing() {
     production.stop().await;
 }
 
+/// `run`, checking its throttle five times a second against `test_load` (loaded at 1).
+const THROTTLED_BY_TEST_LOAD: [&str; 7] = [
+    "--no-backfill",
+    "--throttle-check-every",
+    "0.2",
+    "--throttle-load-query",
+    "SELECT value FROM test_load",
+    "--throttle-load-limit",
+    "1",
+];
+
 /// Builds of the first 10,000 events of a history of `events`, a table `test_load` holding `load`
 /// for `--throttle-load-query`, and `backlog` more events in the log for a follower.
 async fn built_with_a_backlog(
@@ -382,19 +393,7 @@ async fn a_running_follower_stops_writing_while_throttled_and_takes_tuned_settin
     let (db, kafka, mut history, pool) =
         built_with_a_backlog("throttle_follower", 16_000, 31, 3_000, 5.0).await;
 
-    let mut run = spawn_run(
-        &db,
-        &kafka,
-        &[
-            "--no-backfill",
-            "--throttle-check-every",
-            "0.2",
-            "--throttle-load-query",
-            "SELECT value FROM test_load",
-            "--throttle-load-limit",
-            "1",
-        ],
-    );
+    let mut run = spawn_run(&db, &kafka, &THROTTLED_BY_TEST_LOAD);
 
     // Load 500% of the limit: the follower waits, and status says why.
     wait_until(
@@ -520,16 +519,10 @@ async fn a_batch_under_way_when_writes_are_held_is_stopped_there_and_written_aga
         &db,
         &kafka,
         &[
-            "--no-backfill",
-            "--throttle-check-every",
-            "0.2",
-            "--throttle-load-query",
-            "SELECT value FROM test_load",
-            "--throttle-load-limit",
-            "1",
-            "--metrics-addr",
-            &metrics_addr,
-        ],
+            &THROTTLED_BY_TEST_LOAD[..],
+            &["--metrics-addr", &metrics_addr],
+        ]
+        .concat(),
     );
     wait_until(
         "the follower's batch to wait on the lock",
