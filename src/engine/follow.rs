@@ -104,17 +104,7 @@ pub async fn follow<E: Send + Sync + 'static>(
         }
     })?;
     for t in &targets {
-        writer::verify_tables(
-            &mut conn,
-            BuildTables {
-                build_id: t.build.build_id,
-                projection: t.projection.name(),
-                version: t.projection.version(),
-                schema: &t.build.schema_name,
-                specs: t.projection.tables(),
-            },
-        )
-        .await?;
+        writer::verify_tables(&mut conn, BuildTables::of(&t.build, &t.projection)).await?;
     }
     drop(conn);
     let result = follow_locked(engine, &mut targets, until, cancel, label).await;
@@ -591,13 +581,7 @@ async fn write_slice<E: Send + Sync + 'static>(
             .zip(&slice.changes)
             .zip(dead_letters)
             .map(|(((t, next), changes), dead_letters)| BuildBatch {
-                tables: BuildTables {
-                    build_id: t.build.build_id,
-                    projection: t.projection.name(),
-                    version: t.projection.version(),
-                    schema: &t.build.schema_name,
-                    specs: t.projection.tables(),
-                },
+                tables: BuildTables::of(&t.build, &t.projection),
                 changes,
                 dead_letters,
                 expected: &t.positions,

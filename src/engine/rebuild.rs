@@ -539,13 +539,7 @@ async fn prepare_build<E: Send + Sync + 'static>(
 }
 
 fn tables<'a, E>(job: &'a Job<E>) -> BuildTables<'a> {
-    BuildTables {
-        build_id: job.build.build_id,
-        projection: job.projection.name(),
-        version: job.projection.version(),
-        schema: &job.build.schema_name,
-        specs: job.projection.tables(),
-    }
+    BuildTables::of(&job.build, &job.projection)
 }
 
 async fn replay_and_load<E: Send + Sync + 'static>(

@@ -35,7 +35,21 @@ pub struct BuildTables<'a> {
     pub specs: &'a [TableSpec],
 }
 
-impl BuildTables<'_> {
+impl<'a> BuildTables<'a> {
+    /// The tables of `build`, made by `projection`.
+    pub fn of<E>(
+        build: &'a super::Build,
+        projection: &'a crate::projection::DynProjection<E>,
+    ) -> BuildTables<'a> {
+        BuildTables {
+            build_id: build.build_id,
+            projection: projection.name(),
+            version: projection.version(),
+            schema: &build.schema_name,
+            specs: projection.tables(),
+        }
+    }
+
     fn mismatch(&self, table: &str, detail: String) -> SinkError {
         SinkError::SchemaMismatch {
             projection: self.projection.to_string(),
