@@ -115,6 +115,10 @@ pub struct TuningArgs {
     /// Events per batch: per transaction while catching up and following, per fold step while replaying
     #[arg(long, default_value_t = Tuning::default().batch_events)]
     pub batch_events: usize,
+    /// Rows the writer keeps in memory, as committed, for the next batches of a catch-up or follow
+    /// instead of reading them back from the database (0: read every row a batch touches)
+    #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size, default_value = "256MiB")]
+    pub writer_memory: usize,
     /// Swap once the new build lags the log end by at most this many events
     #[arg(long, default_value_t = Tuning::default().lag_threshold)]
     pub lag_threshold: i64,
@@ -236,6 +240,7 @@ impl TuningArgs {
             replay_readers: self
                 .replay_readers
                 .map_or_else(crate::engine::default_replay_readers, usize::from),
+            known_rows_bytes: self.writer_memory,
         }
     }
 }

@@ -51,6 +51,9 @@ pub struct FollowOutcome {
     pub lag: Option<i64>,
     /// Bad records stored in the dead letters.
     pub dead_letters: u64,
+    /// How long the writer waited for the next batch to be read: what reading costs the follow
+    /// beyond what it overlaps with writing.
+    pub read_wait: Duration,
 }
 
 const MAX_RETRIES: u32 = 8;
@@ -127,7 +130,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
     if let Until::CaughtUp { .. } = until {
         let behind = furthest_behind(targets, &fresh_log_end(engine).await?);
         if behind == 0 {
-            return Ok(finished(targets, 0, 0, Some(behind), 0));
+            return Ok(finished(targets, 0, 0, Some(behind), 0, Duration::ZERO));
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -204,11 +207,12 @@ async fn apply_batches<E: Send + Sync + 'static>(
     >,
     batch_size: Arc<AtomicUsize>,
 ) -> Result<FollowOutcome> {
-    let mut writer = BatchWriter::connect(&engine.database_url).await?;
+    let mut writer = connect_writer(engine).await?;
     let mut progress = Progress::new(label.to_string(), None, false);
     let mut events = 0u64;
     let mut rows_written = 0u64;
     let mut dead_letters = 0u64;
+    let mut read_wait = Duration::ZERO;
     let mut last_lag: Option<i64> = None;
     let mut log_end = Positions::new();
     let mut last_snapshot = Instant::now() - Duration::from_secs(60);
@@ -227,16 +231,18 @@ async fn apply_batches<E: Send + Sync + 'static>(
             last_controls_check = Instant::now();
         }
         wait_while_throttled(engine, &mut controls, targets, &writer_name, cancel).await?;
+        let waiting = Instant::now();
         let batch = tokio::select! {
             _ = cancel.cancelled() => {
                 progress.finish();
-                return Ok(finished(targets, events, rows_written, last_lag, dead_letters));
+                return Ok(finished(targets, events, rows_written, last_lag, dead_letters, read_wait));
             }
             next = batches.recv() => match next {
                 Some(batch) => batch?,
                 None => return Err(EngineError::Interrupted),
             },
         };
+        read_wait += waiting.elapsed();
         let last = batch.done;
         if let Some(end) = &batch.log_end {
             log_end = end.clone();
@@ -330,6 +336,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     rows_written,
                     last_lag,
                     dead_letters,
+                    read_wait,
                 ));
             }
         }
@@ -426,6 +433,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 rows_written,
                 last_lag,
                 dead_letters,
+                read_wait,
             ));
         }
     }
@@ -438,8 +446,10 @@ fn finished<E>(
     rows_written: u64,
     lag: Option<i64>,
     dead_letters: u64,
+    read_wait: Duration,
 ) -> FollowOutcome {
     FollowOutcome {
+        read_wait,
         positions: targets.iter().map(|t| t.positions.clone()).collect(),
         events,
         rows_written,
@@ -561,6 +571,13 @@ impl Unwritten {
     }
 }
 
+/// A new writer for the follow, keeping as much of what it commits as the tuning says.
+async fn connect_writer<E>(engine: &Engine<E>) -> Result<BatchWriter> {
+    Ok(BatchWriter::connect(&engine.database_url)
+        .await?
+        .keeping_known_rows(engine.tuning.known_rows_bytes))
+}
+
 /// Write a slice in one transaction that also moves the positions, retrying transient errors on a
 /// new connection. Returns the rows written, or None when the throttle held writes before it
 /// committed: the transaction is stopped there and rolled back (production does not wait for the
@@ -626,7 +643,7 @@ async fn write_slice<E: Send + Sync + 'static>(
                     committed,
                     held_after_ms = started.elapsed().as_millis() as u64
                 );
-                *writer = BatchWriter::connect(&engine.database_url).await?;
+                *writer = connect_writer(engine).await?;
                 return Ok(committed.then_some(0));
             }
             Some(Err(e)) if e.is_retriable() && attempt < MAX_RETRIES => {
@@ -635,7 +652,7 @@ async fn write_slice<E: Send + Sync + 'static>(
                 let delay = crate::sink::backoff(attempt);
                 tracing::warn!(message = "batch failed; retrying on a new connection", error = %e, attempt, delay_ms = delay.as_millis() as u64);
                 tokio::time::sleep(delay).await;
-                match BatchWriter::connect(&engine.database_url).await {
+                match connect_writer(engine).await {
                     Ok(w) => *writer = w,
                     Err(e) => tracing::warn!(message = "reconnecting failed", error = %e),
                 }

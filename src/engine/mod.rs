@@ -197,6 +197,9 @@ pub struct Tuning {
     pub throttle: Option<throttle::ThrottleConfig>,
     /// Reader threads a replay shares the partitions out to (see [`reader::spawn_split`]).
     pub replay_readers: usize,
+    /// Committed rows a follow's writer keeps for its next batches instead of reading them back
+    /// (see [`crate::sink::known`]), in bytes; 0 reads every row a batch touches.
+    pub known_rows_bytes: usize,
 }
 
 /// One replay reader per core, up to 8: on two cores, two readers took the replay from one core
@@ -227,6 +230,7 @@ impl Default for Tuning {
             bad_records: BadRecordPolicy::Fail,
             throttle: None,
             replay_readers: default_replay_readers(),
+            known_rows_bytes: crate::sink::known::DEFAULT_KNOWN_ROWS_BYTES,
         }
     }
 }

@@ -101,6 +101,16 @@ impl TableRows {
         self.clocks.len()
     }
 
+    /// Every key seen, with its row (None: no row) and, for a table that gathers several
+    /// partitions, its clock.
+    pub fn into_entries(self) -> impl Iterator<Item = (Key, Option<Vec<Value>>, Option<RowClock>)> {
+        let mut clocks = self.clocks;
+        self.rows.into_iter().map(move |(key, row)| {
+            let clock = clocks.remove(&key);
+            (key, row, clock)
+        })
+    }
+
     /// The clocks, ordered by key, as the bulk load writes them.
     pub fn clocks_in_key_order(&self) -> Vec<(&Key, &RowClock)> {
         sort_on_prefix(
@@ -112,9 +122,10 @@ impl TableRows {
 }
 
 /// Rough heap bytes of a row clock with a few set columns.
-const CLOCK_BYTES: usize = 96;
+pub const CLOCK_BYTES: usize = 96;
 
-fn approx_size(values: &[Value]) -> usize {
+/// Rough heap bytes of a key or row, as the memory budget counts them.
+pub fn approx_size(values: &[Value]) -> usize {
     values
         .iter()
         .map(|v| match v {
@@ -147,6 +158,10 @@ impl RowStore {
 
     pub fn tables(&self) -> &[TableRows] {
         &self.tables
+    }
+
+    pub fn into_tables(self) -> Vec<TableRows> {
+        self.tables
     }
 
     pub fn approx_bytes(&self) -> usize {

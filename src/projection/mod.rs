@@ -39,7 +39,7 @@ mod value;
 
 pub use change::{Change, ChangeLog, ChangeLogIntoIter, Changes, Key};
 pub use clock::{ClockConflict, LogicalTime, RowClock};
-pub use fold::{FoldError, RowStore, TableRows};
+pub use fold::{approx_size, FoldError, RowStore, TableRows, CLOCK_BYTES};
 pub use table::{Column, TableSpec};
 pub use value::{
     sort_on_prefix, ColumnType, Decimal, Double, Uuid, Value, PG_EPOCH_OFFSET_DAYS,

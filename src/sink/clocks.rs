@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 use sqlx::PgConnection;
 
 use super::copy::decode_rows;
-use super::writer::{copy_into, key_list, key_match};
+use super::writer::{copy_into, key_list};
 use super::{qualified, quote_ident, Context, Result, SinkError};
 use crate::projection::{ColumnType, Key, RowClock, TableRows, TableSpec, Value};
 
@@ -122,21 +122,21 @@ pub async fn bulk_load(
     .await
 }
 
-/// Seed `rows` with the stored clocks of the keys in `keys_table` (a temp table of `spec`'s key
-/// columns, already filled in this transaction). Keys without a stored clock keep a fresh one.
+/// Seed `rows` with the stored clocks of the keys in `keys_table` (a temp table of `spec`'s `keys`
+/// key columns, already filled in this transaction). Keys without a stored clock keep a fresh one.
 pub async fn read(
     conn: &mut PgConnection,
     schema: &str,
     spec: &TableSpec,
     keys_table: &str,
+    keys: usize,
     rows: &mut TableRows,
 ) -> Result<()> {
     let clock_table = qualified(schema, &table_name(spec.name));
+    let from = super::writer::rows_of_keys(conn, &clock_table, "c", keys_table, spec, keys).await?;
     let statement = format!(
-        "COPY (SELECT {keys}, c.{CLOCK_COLUMN} FROM {clock_table} c JOIN {keys_table} k ON {on}) TO STDOUT (FORMAT binary)",
+        "COPY (SELECT {keys}, c.{CLOCK_COLUMN} FROM {from}) TO STDOUT (FORMAT binary)",
         keys = key_list(spec, Some("c")),
-        keys_table = quote_ident(keys_table),
-        on = key_match(spec, "c", "k"),
     );
     let chunks: Vec<bytes::Bytes> = conn
         .copy_out_raw(&statement)

@@ -7,6 +7,7 @@ pub mod clocks;
 pub mod copy;
 pub mod database;
 pub mod dead_letters;
+pub mod known;
 pub mod lock;
 pub mod spill;
 pub mod writer;

@@ -19,7 +19,7 @@ use sqlx::{Connection, PgConnection};
 use super::clocks;
 use super::writer::{self, BuildTables, StagingNames};
 use super::{qualified, quote_ident, Context, Result};
-use crate::projection::{Change, Key, RowStore, Value};
+use crate::projection::{Change, RowStore, Value};
 
 /// What one build's fold has flushed so far.
 #[derive(Debug, Default)]
@@ -176,21 +176,6 @@ impl SpillState {
                     continue;
                 }
                 let names = StagingNames::new(tables.build_id, index);
-                let removed: Vec<&Key> = rows
-                    .entries()
-                    .filter(|(_, row)| row.is_none())
-                    .map(|(key, _)| key)
-                    .collect();
-                if !removed.is_empty() {
-                    writer::copy_into(
-                        conn,
-                        &quote_ident(&names.keys),
-                        spec.key_len,
-                        removed.into_iter(),
-                        |k| k.as_slice(),
-                    )
-                    .await?;
-                }
                 written +=
                     writer::write_back(conn, tables.schema, spec, &names, store, index).await?;
             }

@@ -19,6 +19,7 @@ use sqlx::{Connection, PgConnection};
 use super::catalog::{self, Positions};
 use super::clocks;
 use super::copy::{decode_rows, CopyEncoder};
+use super::known::{KnownRows, DEFAULT_KNOWN_ROWS_BYTES};
 use super::{qualified, quote_ident, Context, Result, SinkError, SliceGate};
 use crate::projection::{ChangeLog, RowStore, SchemaSql, TableSpec, Value};
 
@@ -382,6 +383,8 @@ pub struct BatchWriter {
     conn: PgConnection,
     staging: HashSet<String>,
     backend_pid: i32,
+    /// What its last transactions committed (see [`KnownRows`]).
+    known: KnownRows,
 }
 
 impl BatchWriter {
@@ -397,7 +400,15 @@ impl BatchWriter {
             conn,
             staging: HashSet::new(),
             backend_pid,
+            known: KnownRows::new(DEFAULT_KNOWN_ROWS_BYTES),
         })
+    }
+
+    /// Keep about `bytes` of committed rows for the next batches instead of the default (0: read
+    /// every row a batch touches from the database).
+    pub fn keeping_known_rows(mut self, bytes: usize) -> BatchWriter {
+        self.known = KnownRows::new(bytes);
+        self
     }
 
     /// The server process behind the writer's connection: what [`stop_backend`] stops.
@@ -422,11 +433,13 @@ impl BatchWriter {
             .begin()
             .await
             .context(|| format!("starting the retry of dead letter {dead_letter_id}"))?;
-        let written = write_changes(&mut tx, &mut self.staging, tables, changes).await?;
+        let (written, store) =
+            write_changes(&mut tx, &mut self.staging, tables, changes, &mut self.known).await?;
         super::dead_letters::mark_retried(&mut tx, dead_letter_id, None).await?;
-        tx.commit()
-            .await
-            .context(|| format!("committing the retry of dead letter {dead_letter_id}"))?;
+        commit(tx, &mut self.known, vec![(tables.build_id, store)], || {
+            format!("committing the retry of dead letter {dead_letter_id}")
+        })
+        .await?;
         Ok(written)
     }
 
@@ -439,9 +452,18 @@ impl BatchWriter {
             .await
             .context(|| "starting a batch".into())?;
         let mut written = 0;
+        let mut stores = Vec::with_capacity(batches.len());
         for batch in batches {
-            written +=
-                write_changes(&mut tx, &mut self.staging, batch.tables, batch.changes).await?;
+            let (rows, store) = write_changes(
+                &mut tx,
+                &mut self.staging,
+                batch.tables,
+                batch.changes,
+                &mut self.known,
+            )
+            .await?;
+            written += rows;
+            stores.push((batch.tables.build_id, store));
             if !batch.dead_letters.is_empty() {
                 super::dead_letters::insert(
                     &mut tx,
@@ -460,9 +482,27 @@ impl BatchWriter {
             )
             .await?;
         }
-        tx.commit().await.context(|| "committing a batch".into())?;
+        commit(tx, &mut self.known, stores, || "committing a batch".into()).await?;
         Ok(written)
     }
+}
+
+/// Commit a batch writer's transaction, then keep what it wrote as known. A commit that fails may
+/// still have gone through: then nothing is known any more.
+async fn commit(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    known: &mut KnownRows,
+    written: Vec<(i64, RowStore)>,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    if let Err(e) = tx.commit().await {
+        known.clear();
+        return Err(e).context(what);
+    }
+    for (build_id, store) in written {
+        known.remember(build_id, store);
+    }
+    Ok(())
 }
 
 /// How long [`stop_backend`] waits for a stopped writer's server process to be gone.
@@ -505,13 +545,16 @@ pub async fn stop_backend(pool: &sqlx::PgPool, pid: i32) -> Result<()> {
 }
 
 /// Fold `changes` into the current rows of the keys they touch and write the results back, in the
-/// caller's transaction. `staging` is which staging tables the connection has created.
+/// caller's transaction. `staging` is which staging tables the connection has created. Rows in
+/// `known` are taken from there instead of read; the folded rows are returned, for `known` once the
+/// transaction has committed.
 async fn write_changes(
     tx: &mut PgConnection,
     staging: &mut HashSet<String>,
     tables: BuildTables<'_>,
     changes: &ChangeLog,
-) -> Result<u64> {
+    known: &mut KnownRows,
+) -> Result<(u64, RowStore)> {
     let mut store = RowStore::new(tables.specs.len());
     let mut touched = vec![false; tables.specs.len()];
     for (index, spec) in tables.specs.iter().enumerate() {
@@ -525,15 +568,22 @@ async fn write_changes(
             create_staging(tx, tables.schema, spec, &names).await?;
             staging.insert(names.keys.clone());
         }
-        load_current_rows(
-            tx,
-            tables.schema,
-            spec,
-            &names,
-            &keys,
-            store.table_mut(index),
-        )
-        .await?;
+        let rows = store.table_mut(index);
+        let mut unknown = Vec::new();
+        for key in keys {
+            match known.take(tables.build_id, index, &key) {
+                Some(row) => {
+                    if let Some(clock) = row.clock {
+                        rows.seed_clock(key.as_slice(), clock);
+                    }
+                    rows.seed(key, row.row);
+                }
+                None => unknown.push(key),
+            }
+        }
+        if !unknown.is_empty() {
+            load_current_rows(tx, tables.schema, spec, &names, &unknown, rows).await?;
+        }
     }
     // In log order across tables, each change at its event's logical time.
     for (at, change) in changes.iter() {
@@ -551,7 +601,7 @@ async fn write_changes(
             written += write_back(tx, tables.schema, spec, &names, &store, index).await?;
         }
     }
-    Ok(written)
+    Ok((written, store))
 }
 
 pub(super) struct StagingNames {
@@ -648,7 +698,7 @@ pub(super) async fn load_current_rows(
         rows.seed(key, Some(row));
     }
     if spec.gathers_partitions() {
-        clocks::read(conn, schema, spec, &names.keys, rows).await?;
+        clocks::read(conn, schema, spec, &names.keys, keys.len(), rows).await?;
     }
     Ok(())
 }
@@ -656,6 +706,41 @@ pub(super) async fn load_current_rows(
 /// Key tables of at most this many keys are analyzed before they are joined (above it the planner's
 /// guess of a large table is right enough, and ANALYZE's cost grows: 60 ms for 30k keys).
 const ANALYZE_KEYS_UP_TO: usize = 5_000;
+
+/// Keys are looked up one by one in the table's key index when they are at most this share of its
+/// rows; more, and one pass over the table costs less.
+const LOOK_UP_KEYS_BELOW_SHARE: f64 = 1.0 / 8.0;
+
+/// Where a batch's rows (or clocks) are read from: `target` (alias `alias`) joined with the temp
+/// table `keys_table` of `keys` keys. When the keys are few against the table, one index look-up
+/// per key, whatever the planner thinks: with its default costs (random_page_cost 4) it reads a
+/// whole table of 300k rows to find 2,500 keys (105 ms, where 2,500 look-ups take ~20 ms), and the
+/// gap grows with the table while the batch stays the same.
+pub(super) async fn rows_of_keys(
+    conn: &mut PgConnection,
+    target: &str,
+    alias: &str,
+    keys_table: &str,
+    spec: &TableSpec,
+    keys: usize,
+) -> Result<String> {
+    let rows: Option<f32> =
+        sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)")
+            .bind(target)
+            .fetch_optional(&mut *conn)
+            .await
+            .context(|| format!("reading the size of {target}"))?;
+    let keys_table = quote_ident(keys_table);
+    let on = key_match(spec, alias, "k");
+    // reltuples is -1 before the first ANALYZE, 0 for a view: then the planner decides.
+    Ok(match rows {
+        Some(rows) if rows > 0.0 && (keys as f64) < rows as f64 * LOOK_UP_KEYS_BELOW_SHARE => {
+            // LIMIT 1 (a key has one row) keeps the planner from flattening the look-up into a join.
+            format!("{keys_table} k CROSS JOIN LATERAL (SELECT * FROM {target} {alias} WHERE {on} LIMIT 1) {alias}")
+        }
+        _ => format!("{target} {alias} JOIN {keys_table} k ON {on}"),
+    })
+}
 
 /// The rows of `target` (a quoted table or view with `spec`'s columns) whose keys are in `keys`, read
 /// with binary COPY through `keys_table`, a temp table of the key columns that is emptied on commit.
@@ -690,11 +775,8 @@ pub async fn rows_by_key(
         .map(|c| format!("t.{}", quote_ident(c.name)))
         .collect::<Vec<_>>()
         .join(", ");
-    let statement = format!(
-        "COPY (SELECT {columns} FROM {target} t JOIN {keys} k ON {on}) TO STDOUT (FORMAT binary)",
-        keys = quote_ident(keys_table),
-        on = key_match(spec, "t", "k"),
-    );
+    let from = rows_of_keys(conn, target, "t", keys_table, spec, keys.len()).await?;
+    let statement = format!("COPY (SELECT {columns} FROM {from}) TO STDOUT (FORMAT binary)");
     let chunks: Vec<bytes::Bytes> = conn
         .copy_out_raw(&statement)
         .await
@@ -737,23 +819,34 @@ pub(super) async fn write_back(
     if spec.gathers_partitions() {
         clocks::write_back(conn, schema, spec, &names.clocks, rows).await?;
     }
-    let live: Vec<&Vec<Value>> = rows.live_rows().collect();
     let mut written = 0;
-    if live.len() < rows.len() {
-        // The fold removed some rows: delete touched keys that have nothing staged.
+    let removed: Vec<&crate::projection::Key> = rows
+        .entries()
+        .filter(|(_, row)| row.is_none())
+        .map(|(key, _)| key)
+        .collect();
+    if !removed.is_empty() {
+        // The fold removed these rows (or found none). The keys table may hold the keys this batch
+        // read: only the removed ones go in it now.
+        let keys = quote_ident(&names.keys);
+        sqlx::query(&format!("DELETE FROM {keys}"))
+            .execute(&mut *conn)
+            .await
+            .context(|| format!("emptying {keys}"))?;
+        copy_into(conn, &keys, spec.key_len, removed.into_iter(), |k| {
+            k.as_slice()
+        })
+        .await?;
         let deleted = sqlx::query(&format!(
-            "DELETE FROM {target} t USING {keys} k WHERE {on}
-             AND NOT EXISTS (SELECT 1 FROM {staged} s WHERE {staged_on})",
-            keys = quote_ident(&names.keys),
-            staged = quote_ident(&names.rows),
+            "DELETE FROM {target} t USING {keys} k WHERE {on}",
             on = key_match(spec, "t", "k"),
-            staged_on = key_match(spec, "s", "k"),
         ))
         .execute(&mut *conn)
         .await
         .context(|| format!("deleting rows from {target}"))?;
         written += deleted.rows_affected();
     }
+    let live: Vec<&Vec<Value>> = rows.live_rows().collect();
     if live.is_empty() {
         return Ok(written);
     }

@@ -19,6 +19,7 @@ mod crash;
 mod estimate;
 mod faults;
 mod file_views;
+mod follow;
 mod framings;
 mod health;
 mod lifecycle;

@@ -6,7 +6,9 @@
 //!   the domain's first projection is rebuilt and swapped again.
 //!
 //! - the limits, on the same log and server (see [`limits`]): a raw read of the log, and a raw COPY
-//!   and index build of the rows the rebuild wrote, each phase reported as a ratio to its limit.
+//!   and index build of the rows the rebuild wrote, each phase reported as a ratio to its limit;
+//! - the follow: the history's next events appended as a backlog, then every active build caught
+//!   up to the log's head as `run` does it (no throttle), timed.
 //!
 //! Prints the figures and, with `--json FILE`, writes them for scripts to compare runs.
 
@@ -63,6 +65,10 @@ pub struct BenchArgs {
     /// Events the per-event baseline writes (at least 100,000 for a fair rate)
     #[arg(long, default_value_t = 100_000)]
     pub baseline_events: u64,
+    /// Events of the history's continuation appended after the rebuild, as a backlog the follow
+    /// catches up (0: no follow phase)
+    #[arg(long, default_value_t = 1_000_000)]
+    pub follow_events: u64,
     /// Readers querying the stable name while the swap happens
     #[arg(long, default_value_t = 8)]
     pub readers: usize,
@@ -75,6 +81,12 @@ pub struct BenchArgs {
     /// Reader threads the replay shares the partitions out to. Default: one per core, up to 8
     #[arg(long, value_name = "THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub replay_readers: Option<u16>,
+    /// Events per batch: per transaction of the follow phase, per fold step of the replays
+    #[arg(long, default_value_t = Tuning::default().batch_events)]
+    pub batch_events: usize,
+    /// Committed rows the follow's writer keeps for its next batches (0: reads every row back)
+    #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size, default_value = "256MiB")]
+    pub writer_memory: usize,
     #[command(flatten)]
     pub memory: super::args::MemoryArgs,
 }
@@ -117,6 +129,21 @@ pub struct BenchFigures {
     pub write_limit: limits::WriteLimit,
     /// The rebuild's bulk load and index builds over the write limit's COPY and index builds.
     pub load_and_indexes_over_write_limit: f64,
+    /// The backlog appended after the rebuild, and every active build caught up with it.
+    pub follow: FollowFigures,
+}
+
+/// The follow phase: a backlog caught up as `run` does it, every active build at once.
+#[derive(Debug, Default, Serialize)]
+pub struct FollowFigures {
+    pub backlog_events: u64,
+    pub builds: usize,
+    /// From the follow's start (locks, checks, reader) until every build reached the log's head.
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub rows_written: u64,
+    /// Of `seconds`, how long the writer waited for the log to be read.
+    pub read_wait_seconds: f64,
 }
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outcome> {
@@ -150,13 +177,9 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
         .history(&crate::domain::HistorySize::new(args.events, 42));
     let (kafka, topics, events) = (settings.kafka.clone(), settings.topics.clone(), args.events);
     let started = Instant::now();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut writer = LogWriter::bulk(&kafka, &topics[0], "consistent_random")?;
-        for record in history.by_ref().take(events as usize) {
-            super::seed::append(&mut writer, &topics, &record)?;
-        }
-        writer.finish()?;
-        Ok(())
+    let history = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        append_history(&kafka, &topics, &mut history, events)?;
+        Ok(history)
     })
     .await??;
     figures.seed_seconds = started.elapsed().as_secs_f64();
@@ -167,6 +190,8 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
         replay_readers: args
             .replay_readers
             .map_or_else(crate::engine::default_replay_readers, usize::from),
+        batch_events: args.batch_events.max(1),
+        known_rows_bytes: args.writer_memory,
         ..Tuning::default()
     };
     let engine = Arc::new(cx.engine(&settings, tuning).await?);
@@ -321,6 +346,18 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
     figures.reader_longest_ms = latencies.last().copied().unwrap_or(0.0);
     figures.reader_median_ms = latencies.get(latencies.len() / 2).copied().unwrap_or(0.0);
 
+    // The follow: the history goes on while the views serve; `run` catches them up.
+    if args.follow_events > 0 {
+        figures.follow = follow_backlog(
+            &engine,
+            history,
+            settings.topics.clone(),
+            args.follow_events,
+            &cancel,
+        )
+        .await?;
+    }
+
     print_figures(&figures);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&figures)?)
@@ -400,6 +437,84 @@ fn print_figures(f: &BenchFigures) {
     for (phase, (count, longest)) in &f.slow_reader_queries_by_phase {
         outln!("  reader queries over 100 ms during {phase}: {count}, longest {longest:.0} ms");
     }
+    let follow = &f.follow;
+    if follow.backlog_events > 0 {
+        outln!(
+            "follow: a backlog of {} events caught up by {} builds in {:.2}s = {:.0} events/s ({} rows written; the writer waited {:.2}s for reads)",
+            follow.backlog_events,
+            follow.builds,
+            follow.seconds,
+            follow.events_per_second,
+            follow.rows_written,
+            follow.read_wait_seconds
+        );
+    }
+}
+
+/// Append the next `events` records of `history` to the log, as `seed` does.
+fn append_history(
+    kafka: &crate::source::KafkaSettings,
+    topics: &[String],
+    history: &mut Box<dyn crate::domain::History>,
+    events: u64,
+) -> anyhow::Result<()> {
+    let mut writer = LogWriter::bulk(kafka, &topics[0], "consistent_random")?;
+    for record in history.by_ref().take(events as usize) {
+        super::seed::append(&mut writer, topics, &record)?;
+    }
+    writer.finish()?;
+    Ok(())
+}
+
+/// Append `events` more of `history` while every build is active, then catch every active build up
+/// to the log's head as `run`'s follow does (one follower for all of them), timed from its start.
+async fn follow_backlog<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    mut history: Box<dyn crate::domain::History>,
+    topics: Vec<String>,
+    events: u64,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<FollowFigures> {
+    let kafka = engine.kafka.clone();
+    tokio::task::spawn_blocking(move || append_history(&kafka, &topics, &mut history, events))
+        .await??;
+    let mut targets = Vec::new();
+    for projection in &engine.projections {
+        let Some(build) = engine.catalog.active_build(projection.name()).await? else {
+            continue;
+        };
+        let positions = engine.catalog.positions(build.build_id).await?;
+        targets.push(crate::engine::follow::FollowTarget {
+            build,
+            projection: projection.clone(),
+            positions,
+        });
+    }
+    let builds = targets.len();
+    let started = Instant::now();
+    let outcome = crate::engine::follow::follow(
+        engine,
+        targets,
+        crate::engine::follow::Until::CaughtUp { lag_below: 0 },
+        cancel,
+        "bench follow",
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    if outcome.events != events {
+        anyhow::bail!(
+            "the follow applied {} events of a backlog of {events}",
+            outcome.events
+        );
+    }
+    Ok(FollowFigures {
+        backlog_events: events,
+        builds,
+        seconds,
+        events_per_second: events as f64 / seconds,
+        rows_written: outcome.rows_written,
+        read_wait_seconds: outcome.read_wait.as_secs_f64(),
+    })
 }
 
 /// The broker the bench seeds and reads, in this process or in one of its own; dropped at the end.

@@ -1,0 +1,100 @@
+//! `run`'s follow keeps the rows it committed for its next batches instead of reading them back:
+//! the tables it leaves must be those a rebuild of the same log gives, byte for byte, as when it
+//! reads every row back.
+
+use crate::common;
+
+use std::sync::Arc;
+
+use common::*;
+use reproject::engine::Tuning;
+use sqlx::PgPool;
+
+/// Index look-ups and heap fetches through them on the build's tables, once the statistics of the
+/// ended follow have settled (a backend reports them when it ends).
+async fn rows_fetched_by_index(pool: &PgPool) -> i64 {
+    let read = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce(sum(idx_tup_fetch), 0)::int8 FROM pg_stat_user_tables
+             WHERE schemaname LIKE 'rp\\_%' AND relname IN ('order_summary', 'customer_stats', 'daily_sales')",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("read the table statistics")
+    };
+    let mut last = read().await;
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = read().await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_that_keeps_its_rows_leaves_the_tables_a_rebuild_of_the_same_log_leaves() {
+    let kafka = Kafka::start(4);
+    let mut history = history(40_000, 11);
+    append(&kafka.settings, &mut history, 10_000);
+    // Small batches: an order's events, and each customer's and day's, fall in many of them.
+    let small_batches = Tuning {
+        batch_events: 400,
+        ..tuning()
+    };
+    let kept_db = fresh_database("follow_kept").await;
+    let kept = Arc::new(engine(&kept_db, &kafka.settings, small_batches.clone()).await);
+    let read_db = fresh_database("follow_read_back").await;
+    let read_back = Arc::new(
+        engine(
+            &read_db,
+            &kafka.settings,
+            Tuning {
+                known_rows_bytes: 0,
+                ..small_batches
+            },
+        )
+        .await,
+    );
+    for engine in [&kept, &read_back] {
+        rebuild_all(engine).await.expect("rebuild the first events");
+    }
+
+    append(&kafka.settings, &mut history, 30_000);
+    drain(kept.clone()).await;
+    drain(read_back.clone()).await;
+
+    let whole_db = fresh_database("follow_whole").await;
+    let whole = engine(&whole_db, &kafka.settings, tuning()).await;
+    rebuild_all(&whole).await.expect("rebuild the whole log");
+    let (kept_pool, read_pool) = (kept.catalog.pool(), read_back.catalog.pool());
+    for (table, key) in [
+        ("order_summary", "order_id"),
+        ("customer_stats", "customer_id"),
+        ("daily_sales", "day, currency"),
+    ] {
+        let expected = checksum(whole.catalog.pool(), "public", table, key).await;
+        assert_eq!(
+            checksum(kept_pool, "public", table, key).await,
+            expected,
+            "{table}, rows kept by the writer"
+        );
+        assert_eq!(
+            checksum(read_pool, "public", table, key).await,
+            expected,
+            "{table}, rows read back"
+        );
+    }
+
+    // The rows kept were used: the follow that kept them looked fewer up.
+    let (kept_fetched, read_fetched) = (
+        rows_fetched_by_index(kept_pool).await,
+        rows_fetched_by_index(read_pool).await,
+    );
+    assert!(
+        kept_fetched < read_fetched,
+        "rows fetched by index: {kept_fetched} keeping rows, {read_fetched} reading them back"
+    );
+}
