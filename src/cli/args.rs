@@ -117,7 +117,7 @@ pub struct TuningArgs {
     pub batch_events: usize,
     /// Rows the writer keeps in memory, as committed, for the next batches of a catch-up or follow
     /// instead of reading them back from the database (0: read every row a batch touches)
-    #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size, default_value = "256MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size_or_zero, default_value = "256MiB")]
     pub writer_memory: usize,
     /// Swap once the new build lags the log end by at most this many events
     #[arg(long, default_value_t = Tuning::default().lag_threshold)]

@@ -208,6 +208,14 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     Ok(bytes as usize)
 }
 
+/// [`parse_size`], where `0` means none.
+pub fn parse_size_or_zero(text: &str) -> Result<usize, String> {
+    if text.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

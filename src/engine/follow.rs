@@ -207,7 +207,12 @@ async fn apply_batches<E: Send + Sync + 'static>(
     >,
     batch_size: Arc<AtomicUsize>,
 ) -> Result<FollowOutcome> {
-    let mut writer = connect_writer(engine).await?;
+    // A writer (a connection, a transaction per slice) per build: the builds' writes run side by
+    // side on the server, and beside the fold of the next build's share.
+    let mut writers = Vec::with_capacity(targets.len());
+    for _ in targets.iter() {
+        writers.push(connect_writer(engine, targets.len()).await?);
+    }
     let mut progress = Progress::new(label.to_string(), None, false);
     let mut events = 0u64;
     let mut rows_written = 0u64;
@@ -267,7 +272,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 }
             }
         }
-        for (t, new) in targets.iter().zip(&letters) {
+        for ((t, new), writer) in targets.iter().zip(&letters).zip(&mut writers) {
             if !new.is_empty() {
                 let held = writer.dead_letter_count(t.build.build_id).await?;
                 reader::check_dead_letter_budget(
@@ -283,46 +288,54 @@ async fn apply_batches<E: Send + Sync + 'static>(
             .iter()
             .map(|list| list.iter().map(|l| l.stored()).collect())
             .collect();
-        let no_letters: Vec<Vec<_>> = targets.iter().map(|_| Vec::new()).collect();
         // The batch goes in slices of what the throttle allows now: a batch read at full speed
         // just before production arrived is not written in one burst beside it. Each slice
         // commits with the positions of its last events; the dead letters go with the first
         // (stored once however often it is written).
         let mut unwritten = Unwritten::new(batch.changes, batch.events);
         let mut last_slice_events = 0;
-        let mut letters_stored = false;
+        let mut letters_stored = vec![false; targets.len()];
         loop {
             let from: Vec<&Positions> = targets.iter().map(|t| &t.positions).collect();
             let limit = slice_limit.load(Ordering::Relaxed) as u64;
             let Some(slice) = unwritten.take(limit, &from, &nexts) else {
                 break;
             };
-            let with = if letters_stored { &no_letters } else { &stored };
-            match write_slice(engine, &mut writer, targets, &slice, with, &log_end).await? {
-                Some(rows) => {
+            let with: Vec<&[_]> = stored
+                .iter()
+                .zip(&letters_stored)
+                .map(|(letters, done)| if *done { &[][..] } else { &letters[..] })
+                .collect();
+            let written =
+                write_slice(engine, &mut writers, targets, &slice, &with, &log_end).await?;
+            for (i, (t, rows)) in targets.iter_mut().zip(&written).enumerate() {
+                if let Some(rows) = rows {
                     rows_written += rows;
-                    events += slice.events;
-                    for t in targets.iter() {
-                        super::metrics::events_applied(t.projection.name(), "follow", slice.events);
-                    }
-                    if !letters_stored {
-                        dead_letters += stored.iter().map(|l| l.len() as u64).sum::<u64>();
-                        letters_stored = true;
-                    }
-                    for (t, next) in targets.iter_mut().zip(slice.next) {
-                        t.positions = next;
-                    }
-                    if let Some(governor) = engine.governor.as_deref() {
-                        if !unwritten.is_empty() {
-                            governor.pace(slice.events).await;
-                        } else {
-                            // The last slice is paced once positions, lag and progress are out.
-                            last_slice_events = slice.events;
-                        }
+                    t.positions = slice.next[i].clone();
+                    if !letters_stored[i] {
+                        dead_letters += stored[i].len() as u64;
+                        letters_stored[i] = true;
                     }
                 }
-                // Cut short by the throttle and rolled back: written again once writes may go on.
-                None => unwritten.put_back(slice),
+            }
+            if written.iter().all(Option::is_some) {
+                events += slice.events;
+                for t in targets.iter() {
+                    super::metrics::events_applied(t.projection.name(), "follow", slice.events);
+                }
+                if let Some(governor) = engine.governor.as_deref() {
+                    if !unwritten.is_empty() {
+                        governor.pace(slice.events).await;
+                    } else {
+                        // The last slice is paced once positions, lag and progress are out.
+                        last_slice_events = slice.events;
+                    }
+                }
+            } else {
+                // Cut short by the throttle and rolled back, for some builds at least: their
+                // shares are written again once writes may go on.
+                let committed: Vec<bool> = written.iter().map(Option::is_some).collect();
+                unwritten.put_back(slice, &committed);
             }
             if unwritten.is_empty() {
                 break;
@@ -561,56 +574,78 @@ impl Unwritten {
         })
     }
 
-    /// A slice that was not written goes back in front of the rest.
-    fn put_back(&mut self, slice: Slice) {
-        for (log, mut earlier) in self.changes.iter_mut().zip(slice.changes) {
-            earlier.append(std::mem::take(log));
-            *log = earlier;
+    /// A slice that was not written goes back in front of the rest, but for the targets whose
+    /// share of it `committed`.
+    fn put_back(&mut self, slice: Slice, committed: &[bool]) {
+        for ((log, mut earlier), committed) in
+            self.changes.iter_mut().zip(slice.changes).zip(committed)
+        {
+            if !committed {
+                earlier.append(std::mem::take(log));
+                *log = earlier;
+            }
         }
         self.events += slice.events;
     }
 }
 
-/// A new writer for the follow, keeping as much of what it commits as the tuning says.
-async fn connect_writer<E>(engine: &Engine<E>) -> Result<BatchWriter> {
+/// A new writer for one of a follow's `writers` builds, keeping its share of what the tuning says
+/// the follow may keep of what it commits.
+async fn connect_writer<E>(engine: &Engine<E>, writers: usize) -> Result<BatchWriter> {
     Ok(BatchWriter::connect(&engine.database_url)
         .await?
-        .keeping_known_rows(engine.tuning.known_rows_bytes))
+        .keeping_known_rows(engine.tuning.known_rows_bytes / writers.max(1)))
 }
 
-/// Write a slice in one transaction that also moves the positions, retrying transient errors on a
-/// new connection. Returns the rows written, or None when the throttle held writes before it
-/// committed: the transaction is stopped there and rolled back (production does not wait for the
+/// Write a slice, each build's share in a transaction of its own (on its own writer, side by side)
+/// that also moves that build's positions, retrying transient errors on a new connection. Returns
+/// per build the rows written, or None when the throttle held writes before that build's share
+/// committed: its transaction is stopped there and rolled back (production does not wait for the
 /// end of a batch begun at full speed), to be written again once writes may go on.
 async fn write_slice<E: Send + Sync + 'static>(
     engine: &Engine<E>,
-    writer: &mut BatchWriter,
+    writers: &mut [BatchWriter],
     targets: &[FollowTarget<E>],
     slice: &Slice,
-    dead_letters: &[Vec<crate::sink::dead_letters::NewDeadLetter<'_>>],
+    dead_letters: &[&[crate::sink::dead_letters::NewDeadLetter<'_>]],
     log_end: &Positions,
-) -> Result<Option<u64>> {
-    let mut attempt = 0;
-    loop {
-        let build_batches: Vec<BuildBatch<'_>> = targets
-            .iter()
-            .zip(&slice.next)
-            .zip(&slice.changes)
-            .zip(dead_letters)
-            .map(|(((t, next), changes), dead_letters)| BuildBatch {
+) -> Result<Vec<Option<u64>>> {
+    let shares = writers
+        .iter_mut()
+        .zip(targets)
+        .zip(&slice.next)
+        .zip(&slice.changes)
+        .zip(dead_letters)
+        .map(|((((writer, t), next), changes), dead_letters)| {
+            let share = BuildBatch {
                 tables: BuildTables::of(&t.build, &t.projection),
                 changes,
                 dead_letters,
                 expected: &t.positions,
                 next,
                 log_end,
-            })
-            .collect();
+            };
+            write_share(engine, writer, share, slice.events, targets.len())
+        });
+    futures::future::try_join_all(shares).await
+}
+
+/// One build's share of a slice: see [`write_slice`].
+async fn write_share<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    writer: &mut BatchWriter,
+    share: BuildBatch<'_>,
+    events: u64,
+    builds: usize,
+) -> Result<Option<u64>> {
+    let mut attempt = 0;
+    let batches = std::slice::from_ref(&share);
+    loop {
         let started = Instant::now();
         let backend = writer.backend_pid();
         let applied = match engine.governor.as_deref() {
             Some(governor) => {
-                let apply = writer.apply(&build_batches);
+                let apply = writer.apply(batches);
                 tokio::pin!(apply);
                 tokio::select! {
                     biased;
@@ -618,7 +653,7 @@ async fn write_slice<E: Send + Sync + 'static>(
                     _ = governor.until_held() => None,
                 }
             }
-            None => Some(writer.apply(&build_batches).await),
+            None => Some(writer.apply(batches).await),
         };
         match applied {
             Some(Ok(rows)) => {
@@ -628,31 +663,27 @@ async fn write_slice<E: Send + Sync + 'static>(
             None => {
                 writer::stop_backend(engine.catalog.pool(), backend).await?;
                 // The commit may have gone through just before the stop: the positions say.
-                let mut moved = false;
-                let mut committed = true;
-                for (t, next) in targets.iter().zip(&slice.next) {
-                    moved |= *next != t.positions;
-                    let stored = engine.catalog.positions(t.build.build_id).await?;
-                    committed &= next.iter().all(|(p, o)| stored.get(p) == Some(o));
-                }
-                let committed = moved && committed;
+                let moved = *share.next != *share.expected;
+                let stored = engine.catalog.positions(share.tables.build_id).await?;
+                let committed = moved && share.next.iter().all(|(p, o)| stored.get(p) == Some(o));
                 super::metrics::batch_cut_short();
                 tracing::info!(
                     message = "throttle: writes held in the middle of a batch; stopped it there",
-                    events = slice.events,
+                    projection = share.tables.projection,
+                    events,
                     committed,
                     held_after_ms = started.elapsed().as_millis() as u64
                 );
-                *writer = connect_writer(engine).await?;
+                *writer = connect_writer(engine, builds).await?;
                 return Ok(committed.then_some(0));
             }
             Some(Err(e)) if e.is_retriable() && attempt < MAX_RETRIES => {
                 super::metrics::error("database_retry");
                 attempt += 1;
                 let delay = crate::sink::backoff(attempt);
-                tracing::warn!(message = "batch failed; retrying on a new connection", error = %e, attempt, delay_ms = delay.as_millis() as u64);
+                tracing::warn!(message = "batch failed; retrying on a new connection", projection = share.tables.projection, error = %e, attempt, delay_ms = delay.as_millis() as u64);
                 tokio::time::sleep(delay).await;
-                match connect_writer(engine).await {
+                match connect_writer(engine, builds).await {
                     Ok(w) => *writer = w,
                     Err(e) => tracing::warn!(message = "reconnecting failed", error = %e),
                 }
@@ -776,7 +807,7 @@ mod tests {
         let first = unwritten
             .take(4, &[&start], std::slice::from_ref(&whole))
             .expect("a slice");
-        unwritten.put_back(first);
+        unwritten.put_back(first, &[false]);
         // Written again at a smaller size, it is the same batch from its first event.
         let mut again = Vec::new();
         while let Some(slice) = unwritten.take(3, &[&start], std::slice::from_ref(&whole)) {
@@ -787,6 +818,42 @@ mod tests {
             joined.append(log);
         }
         assert_eq!(vec![joined], logs);
+        assert!(unwritten.is_empty());
+    }
+
+    #[test]
+    fn a_slice_cut_short_for_one_build_goes_back_for_that_build_only() {
+        let logs = vec![recorded(0..10), recorded(0..10)];
+        let start: Positions = [(0, 0), (1, 0)].into();
+        let whole: Positions = [(0, 5), (1, 5)].into();
+        let mut unwritten = Unwritten::new(logs.clone(), 10);
+        let first = unwritten
+            .take(4, &[&start, &start], &[whole.clone(), whole.clone()])
+            .expect("a slice");
+        let committed_first = first.changes[0].clone();
+        let after_first = first.next[0].clone();
+        // The first build's share committed; the second's was stopped and rolled back.
+        unwritten.put_back(first, &[true, false]);
+        let mut again = [ChangeLog::default(), ChangeLog::default()];
+        while let Some(slice) = unwritten.take(
+            100,
+            &[&after_first, &start],
+            &[whole.clone(), whole.clone()],
+        ) {
+            for (log, share) in again.iter_mut().zip(slice.changes) {
+                log.append(share);
+            }
+        }
+        let mut first_build = committed_first;
+        first_build.append(std::mem::take(&mut again[0]));
+        assert_eq!(
+            first_build, logs[0],
+            "the committed share is not written twice"
+        );
+        assert_eq!(
+            again[1], logs[1],
+            "the stopped share is written again, whole"
+        );
         assert!(unwritten.is_empty());
     }
 }

@@ -85,7 +85,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = Tuning::default().batch_events)]
     pub batch_events: usize,
     /// Committed rows the follow's writer keeps for its next batches (0: reads every row back)
-    #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size, default_value = "256MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size_or_zero, default_value = "256MiB")]
     pub writer_memory: usize,
     #[command(flatten)]
     pub memory: super::args::MemoryArgs,
