@@ -66,9 +66,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100_000)]
     pub baseline_events: u64,
     /// Events of the history's continuation appended after the rebuild, as a backlog the follow
-    /// catches up (0: no follow phase)
-    #[arg(long, default_value_t = 1_000_000)]
-    pub follow_events: u64,
+    /// catches up (0: no follow phase). Default: half the history, at most 1,000,000, so that the
+    /// log still fits the mock cluster's 5 MiB per partition
+    #[arg(long)]
+    pub follow_events: Option<u64>,
     /// Readers querying the stable name while the swap happens
     #[arg(long, default_value_t = 8)]
     pub readers: usize,
@@ -347,12 +348,15 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
     figures.reader_median_ms = latencies.get(latencies.len() / 2).copied().unwrap_or(0.0);
 
     // The follow: the history goes on while the views serve; `run` catches them up.
-    if args.follow_events > 0 {
+    let follow_events = args
+        .follow_events
+        .unwrap_or_else(|| (args.events / 2).min(1_000_000));
+    if follow_events > 0 {
         figures.follow = follow_backlog(
             &engine,
             history,
             settings.topics.clone(),
-            args.follow_events,
+            follow_events,
             &cancel,
         )
         .await?;
