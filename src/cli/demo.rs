@@ -78,11 +78,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: DemoArgs) -> anyhow::Result<Outcom
     let (kafka, topics, events) = (settings.kafka.clone(), settings.topics.clone(), args.events);
     let started = Instant::now();
     let (history, versions) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut writer = LogWriter::bulk(&kafka, &topics[0], "consistent_random")?;
-        for record in history.by_ref().take(events as usize) {
-            super::seed::append(&mut writer, &topics, &record)?;
-        }
-        writer.finish()?;
+        super::seed::append_records(&kafka, &topics, "consistent_random", &mut history, events)?;
         let versions = history.expected().events_by_version;
         Ok((history, versions))
     })

@@ -100,14 +100,16 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: SeedArgs) -> anyhow::Result<Outcom
     let (skip, events) = (args.skip, args.events);
     let started = Instant::now();
     let (written, expected) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let mut writer = LogWriter::bulk(&kafka, &topics[0], partitioner.librdkafka_name())?;
         for record in history.by_ref().take(skip as usize) {
             let _ = record;
         }
-        for record in history.by_ref().take(events as usize) {
-            append(&mut writer, &topics, &record)?;
-        }
-        let written = writer.finish()?;
+        let written = append_records(
+            &kafka,
+            &topics,
+            partitioner.librdkafka_name(),
+            &mut history,
+            events,
+        )?;
         Ok((written, history.expected()))
     })
     .await??;
@@ -129,6 +131,23 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: SeedArgs) -> anyhow::Result<Outcom
         );
     }
     Ok(Outcome::Success)
+}
+
+/// Append the next `events` records of `history` to the topics they name, through one bulk
+/// producer that partitions keys as `partitioner` (librdkafka's name) does. Returns the records
+/// delivered.
+pub(super) fn append_records(
+    kafka: &crate::source::KafkaSettings,
+    topics: &[String],
+    partitioner: &str,
+    history: &mut impl Iterator<Item = crate::domain::Record>,
+    events: u64,
+) -> anyhow::Result<u64> {
+    let mut writer = LogWriter::bulk(kafka, &topics[0], partitioner)?;
+    for record in history.take(events as usize) {
+        append(&mut writer, topics, &record)?;
+    }
+    Ok(writer.finish()?)
 }
 
 /// Append one record of an example history to the topic it names: its index into `topics` (the

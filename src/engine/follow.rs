@@ -639,13 +639,12 @@ async fn write_share<E: Send + Sync + 'static>(
     builds: usize,
 ) -> Result<Option<u64>> {
     let mut attempt = 0;
-    let batches = std::slice::from_ref(&share);
     loop {
         let started = Instant::now();
         let backend = writer.backend_pid();
         let applied = match engine.governor.as_deref() {
             Some(governor) => {
-                let apply = writer.apply(batches);
+                let apply = writer.apply(&share);
                 tokio::pin!(apply);
                 tokio::select! {
                     biased;
@@ -653,7 +652,7 @@ async fn write_share<E: Send + Sync + 'static>(
                     _ = governor.until_held() => None,
                 }
             }
-            None => Some(writer.apply(batches).await),
+            None => Some(writer.apply(&share).await),
         };
         match applied {
             Some(Ok(rows)) => {

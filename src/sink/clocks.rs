@@ -133,7 +133,9 @@ pub async fn read(
     rows: &mut TableRows,
 ) -> Result<()> {
     let clock_table = qualified(schema, &table_name(spec.name));
-    let from = super::writer::rows_of_keys(conn, &clock_table, "c", keys_table, spec, keys).await?;
+    let from = super::writer::rows_of_keys(conn, &clock_table, "c", keys_table, spec, keys)
+        .await?
+        .sql;
     let statement = format!(
         "COPY (SELECT {keys}, c.{CLOCK_COLUMN} FROM {from}) TO STDOUT (FORMAT binary)",
         keys = key_list(spec, Some("c")),

@@ -436,53 +436,50 @@ impl BatchWriter {
         let (written, store) =
             write_changes(&mut tx, &mut self.staging, tables, changes, &mut self.known).await?;
         super::dead_letters::mark_retried(&mut tx, dead_letter_id, None).await?;
-        commit(tx, &mut self.known, vec![(tables.build_id, store)], || {
+        commit(tx, &mut self.known, tables.build_id, store, || {
             format!("committing the retry of dead letter {dead_letter_id}")
         })
         .await?;
         Ok(written)
     }
 
-    /// Apply every build's changes and advance its positions, all in one transaction. Returns the
-    /// rows written (upserted or deleted). On error nothing is applied and the batch may be retried.
-    pub async fn apply(&mut self, batches: &[BuildBatch<'_>]) -> Result<u64> {
+    /// Apply one build's changes and advance its positions, in one transaction. Returns the rows
+    /// written (upserted or deleted). On error nothing is applied and the batch may be retried.
+    pub async fn apply(&mut self, batch: &BuildBatch<'_>) -> Result<u64> {
         let mut tx = self
             .conn
             .begin()
             .await
             .context(|| "starting a batch".into())?;
-        let mut written = 0;
-        let mut stores = Vec::with_capacity(batches.len());
-        for batch in batches {
-            let (rows, store) = write_changes(
-                &mut tx,
-                &mut self.staging,
-                batch.tables,
-                batch.changes,
-                &mut self.known,
-            )
-            .await?;
-            written += rows;
-            stores.push((batch.tables.build_id, store));
-            if !batch.dead_letters.is_empty() {
-                super::dead_letters::insert(
-                    &mut tx,
-                    batch.tables.build_id,
-                    batch.tables.projection,
-                    batch.dead_letters,
-                )
-                .await?;
-            }
-            catalog::advance_positions(
+        let (written, store) = write_changes(
+            &mut tx,
+            &mut self.staging,
+            batch.tables,
+            batch.changes,
+            &mut self.known,
+        )
+        .await?;
+        if !batch.dead_letters.is_empty() {
+            super::dead_letters::insert(
                 &mut tx,
                 batch.tables.build_id,
-                batch.expected,
-                batch.next,
-                batch.log_end,
+                batch.tables.projection,
+                batch.dead_letters,
             )
             .await?;
         }
-        commit(tx, &mut self.known, stores, || "committing a batch".into()).await?;
+        catalog::advance_positions(
+            &mut tx,
+            batch.tables.build_id,
+            batch.expected,
+            batch.next,
+            batch.log_end,
+        )
+        .await?;
+        commit(tx, &mut self.known, batch.tables.build_id, store, || {
+            "committing a batch".into()
+        })
+        .await?;
         Ok(written)
     }
 }
@@ -492,16 +489,15 @@ impl BatchWriter {
 async fn commit(
     tx: sqlx::Transaction<'_, sqlx::Postgres>,
     known: &mut KnownRows,
-    written: Vec<(i64, RowStore)>,
+    build_id: i64,
+    written: RowStore,
     what: impl FnOnce() -> String,
 ) -> Result<()> {
     if let Err(e) = tx.commit().await {
         known.clear();
         return Err(e).context(what);
     }
-    for (build_id, store) in written {
-        known.remember(build_id, store);
-    }
+    known.remember(build_id, written);
     Ok(())
 }
 
@@ -723,7 +719,7 @@ pub(super) async fn rows_of_keys(
     keys_table: &str,
     spec: &TableSpec,
     keys: usize,
-) -> Result<String> {
+) -> Result<RowsOfKeys> {
     let rows: Option<f32> =
         sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)")
             .bind(target)
@@ -735,11 +731,24 @@ pub(super) async fn rows_of_keys(
     // reltuples is -1 before the first ANALYZE, 0 for a view: then the planner decides.
     Ok(match rows {
         Some(rows) if rows > 0.0 && (keys as f64) < rows as f64 * LOOK_UP_KEYS_BELOW_SHARE => {
-            // LIMIT 1 (a key has one row) keeps the planner from flattening the look-up into a join.
-            format!("{keys_table} k CROSS JOIN LATERAL (SELECT * FROM {target} {alias} WHERE {on} LIMIT 1) {alias}")
+            RowsOfKeys {
+                // LIMIT 1 (a key has one row) keeps the planner from flattening the look-up into
+                // a join.
+                sql: format!("{keys_table} k CROSS JOIN LATERAL (SELECT * FROM {target} {alias} WHERE {on} LIMIT 1) {alias}"),
+                joined: false,
+            }
         }
-        _ => format!("{target} {alias} JOIN {keys_table} k ON {on}"),
+        _ => RowsOfKeys {
+            sql: format!("{target} {alias} JOIN {keys_table} k ON {on}"),
+            joined: true,
+        },
     })
+}
+
+/// The FROM clause [`rows_of_keys`] chose, and whether it leaves the plan to the planner.
+pub(super) struct RowsOfKeys {
+    pub(super) sql: String,
+    pub(super) joined: bool,
 }
 
 /// The rows of `target` (a quoted table or view with `spec`'s columns) whose keys are in `keys`, read
@@ -759,11 +768,12 @@ pub async fn rows_by_key(
         |k| k.as_slice(),
     )
     .await?;
-    if keys.len() <= ANALYZE_KEYS_UP_TO {
+    let from = rows_of_keys(conn, target, "t", keys_table, spec, keys.len()).await?;
+    if from.joined && keys.len() <= ANALYZE_KEYS_UP_TO {
         // A temp table has no statistics: the planner guesses ~1,400 keys and, against a table of
         // 100k rows, reads all of it in key order (a merge join: 170 ms for 300 keys, where 300
         // index look-ups take 9 ms). With its statistics (ANALYZE of 300 keys: ~1 ms) it looks the
-        // few keys up, and still scans for many.
+        // few keys up, and still scans for many. Keys looked up one by one need no plan.
         sqlx::query(&format!("ANALYZE {}", quote_ident(keys_table)))
             .execute(&mut *conn)
             .await
@@ -775,7 +785,7 @@ pub async fn rows_by_key(
         .map(|c| format!("t.{}", quote_ident(c.name)))
         .collect::<Vec<_>>()
         .join(", ");
-    let from = rows_of_keys(conn, target, "t", keys_table, spec, keys.len()).await?;
+    let from = from.sql;
     let statement = format!("COPY (SELECT {columns} FROM {from}) TO STDOUT (FORMAT binary)");
     let chunks: Vec<bytes::Bytes> = conn
         .copy_out_raw(&statement)

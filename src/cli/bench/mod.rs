@@ -27,6 +27,7 @@ use serde::Serialize;
 use sqlx::Connection;
 
 use super::report::print_report;
+use super::seed::append_records;
 use super::{Cx, Outcome};
 use crate::domain::Domain;
 use crate::engine::rebuild::{self, RebuildOptions, RebuildReport};
@@ -35,8 +36,10 @@ use crate::envelope;
 use crate::projection::{Changes, Event, RowStore, Value};
 use crate::sink::database::recreate_database;
 use crate::source::dev_broker::{DevBroker, DevBrokerProcess};
-use crate::source::producer::LogWriter;
 use crate::swap::SwapOptions;
+
+/// How the bench's producer partitions keys: librdkafka's default, as most producers do.
+const HISTORY_PARTITIONER: &str = "consistent_random";
 
 /// Where the bench's broker runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -179,7 +182,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
     let (kafka, topics, events) = (settings.kafka.clone(), settings.topics.clone(), args.events);
     let started = Instant::now();
     let history = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        append_history(&kafka, &topics, &mut history, events)?;
+        append_records(&kafka, &topics, HISTORY_PARTITIONER, &mut history, events)?;
         Ok(history)
     })
     .await??;
@@ -455,21 +458,6 @@ fn print_figures(f: &BenchFigures) {
     }
 }
 
-/// Append the next `events` records of `history` to the log, as `seed` does.
-fn append_history(
-    kafka: &crate::source::KafkaSettings,
-    topics: &[String],
-    history: &mut Box<dyn crate::domain::History>,
-    events: u64,
-) -> anyhow::Result<()> {
-    let mut writer = LogWriter::bulk(kafka, &topics[0], "consistent_random")?;
-    for record in history.by_ref().take(events as usize) {
-        super::seed::append(&mut writer, topics, &record)?;
-    }
-    writer.finish()?;
-    Ok(())
-}
-
 /// Append `events` more of `history` while every build is active, then catch every active build up
 /// to the log's head as `run`'s follow does (one follower for all of them), timed from its start.
 async fn follow_backlog<E: Send + Sync + 'static>(
@@ -480,8 +468,10 @@ async fn follow_backlog<E: Send + Sync + 'static>(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<FollowFigures> {
     let kafka = engine.kafka.clone();
-    tokio::task::spawn_blocking(move || append_history(&kafka, &topics, &mut history, events))
-        .await??;
+    tokio::task::spawn_blocking(move || {
+        append_records(&kafka, &topics, HISTORY_PARTITIONER, &mut history, events)
+    })
+    .await??;
     let mut targets = Vec::new();
     for projection in &engine.projections {
         let Some(build) = engine.catalog.active_build(projection.name()).await? else {
