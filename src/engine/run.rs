@@ -33,6 +33,10 @@ pub struct RunOptions {
 
 const REPLAN_EVERY: Duration = Duration::from_secs(2);
 const RETRY_BACKFILL_AFTER: Duration = Duration::from_secs(30);
+/// How long `run` rides out a database or broker that fails every round (a failover, a restarted
+/// proxy) before it gives up and exits with the error: long enough for a managed PostgreSQL to fail
+/// over, short enough that an orchestrator hears of an outage that is not going away.
+const RIDE_OUT: Duration = Duration::from_secs(300);
 
 pub async fn run<E: Send + Sync + 'static>(
     engine: Arc<Engine<E>>,
@@ -45,10 +49,12 @@ pub async fn run<E: Send + Sync + 'static>(
     let mut running: BTreeSet<String> = BTreeSet::new();
     let mut failed_at: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
     let mut attempt = 0u32;
+    let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         if cancel.is_cancelled() {
             return Ok(());
         }
+        let outcome = async {
         // Start backfills for projections whose code version is not active.
         let mut pending = false;
         for projection in &engine.projections {
@@ -83,9 +89,9 @@ pub async fn run<E: Send + Sync + 'static>(
         }
 
         // Follow the active builds, and the ready ones (`rebuild --no-swap`) so that they stay caught
-        // up until `reproject swap`, until something changes. Both are followed by one reader and
-        // written in one transaction per batch, so a ready build and the live one stay at the same
-        // positions (what verification compares).
+        // up until `reproject swap`, until something changes. Both are followed by one reader, each
+        // build's share of a slice in its own transaction with its positions (verification lines
+        // builds up by positions).
         let active: Vec<_> = engine
             .catalog
             .builds(None)
@@ -170,14 +176,28 @@ pub async fn run<E: Send + Sync + 'static>(
         };
         round.cancel();
         let _ = watcher.await;
+        outcome.map(|followed| followed.is_some() && exits_when_caught_up)
+        }
+        .await;
         match outcome {
-            Ok(Some(_)) if exits_when_caught_up && !cancel.is_cancelled() => return Ok(()),
-            Ok(_) => attempt = 0,
-            Err(e) if (e.is_retriable() || matches!(e, EngineError::Read(_))) && attempt < 5 => {
+            Ok(true) if !cancel.is_cancelled() => return Ok(()),
+            Ok(_) => {
+                attempt = 0;
+                failing_since = None;
+            }
+            Err(e) if e.is_retriable() || matches!(e, EngineError::Read(_)) => {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= RIDE_OUT {
+                    tracing::error!(message = "giving up: every round failed", seconds = since.elapsed().as_secs(), error = %e);
+                    return Err(e);
+                }
                 attempt += 1;
                 let delay = crate::sink::backoff(attempt);
                 tracing::warn!(message = "following failed; resuming from the stored positions", error = %e, attempt, delay_ms = delay.as_millis() as u64);
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
             Err(e) => return Err(e),
         }

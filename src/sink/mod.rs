@@ -63,10 +63,19 @@ impl SinkError {
     /// Transient failures worth retrying from the stored position: the connection dropped or timed
     /// out, a serialization failure or deadlock, the server shutting down. Everything else is a bug
     /// or bad data and retrying would only repeat it.
+    ///
+    /// A connection cut while it is being set up (a proxy or load balancer restarting, a failover)
+    /// shows as a TLS error or as a garbled handshake, which sqlx reports as a protocol error; those
+    /// are retried too. A retry is harmless even where the cause is not transient: writes are
+    /// guarded by their positions, and the retries are bounded.
     pub fn is_retriable(&self) -> bool {
         match self {
             SinkError::Database { source, .. } => match source {
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed => true,
                 sqlx::Error::Database(db) => matches!(
                     db.code().as_deref(),
                     Some(
@@ -184,5 +193,26 @@ mod tests {
             assert!(check_identifier("projection", bad).is_err(), "{bad:?}");
         }
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+
+    fn failed(source: sqlx::Error) -> SinkError {
+        Err::<(), _>(source)
+            .context(|| "reading the pause flags".into())
+            .expect_err("an error")
+    }
+
+    #[test]
+    fn a_connection_lost_or_garbled_while_it_is_set_up_is_retried_and_bad_sql_is_not() {
+        let lost = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "peer closed");
+        assert!(failed(sqlx::Error::Io(lost)).is_retriable());
+        assert!(failed(sqlx::Error::Tls("no close_notify".into())).is_retriable());
+        assert!(failed(sqlx::Error::Protocol(
+            "unexpected response from SSLRequest: 0x00".into()
+        ))
+        .is_retriable());
+        assert!(failed(sqlx::Error::PoolTimedOut).is_retriable());
+        assert!(!failed(sqlx::Error::RowNotFound).is_retriable());
+        assert!(!failed(sqlx::Error::ColumnNotFound("total".into())).is_retriable());
+        assert!(!SinkError::Invalid("bad name".into()).is_retriable());
     }
 }

@@ -8,19 +8,22 @@ use crate::common;
 
 use common::*;
 
-/// `/readyz` as status and parsed body; status 0 while nothing listens yet.
+/// `/readyz` as status and parsed body (a body that is not JSON as a string saying so); status 0
+/// while nothing listens yet.
 fn readyz(addr: &str) -> (u16, serde_json::Value) {
     match try_http_get(addr, "/readyz") {
-        Ok((status, body)) => {
-            let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
-            (status, json)
-        }
+        Ok((status, body)) => match serde_json::from_str(&body) {
+            Ok(json) => (status, json),
+            Err(e) => (status, format!("not JSON ({e}): {body:?}").into()),
+        },
         Err(e) => (0, serde_json::Value::String(e.to_string())),
     }
 }
 
-/// Poll `/readyz` until `wanted` holds for it (at most `seconds`); the last answer.
+/// Poll `/readyz` of the `run` process until `wanted` holds for it (at most `seconds`); the last
+/// answer. The process exiting meanwhile fails the test at once, with its exit status.
 async fn wait_for_readyz(
+    run: &mut std::process::Child,
     addr: &str,
     what: &str,
     seconds: u64,
@@ -28,6 +31,9 @@ async fn wait_for_readyz(
 ) -> serde_json::Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     loop {
+        if let Ok(Some(status)) = run.try_wait() {
+            panic!("waiting for {what}: run exited ({status}); its stderr is above");
+        }
         let (status, body) = readyz(addr);
         if wanted(status, &body) {
             return body;
@@ -65,9 +71,13 @@ async fn readyz_follows_catching_up_pausing_and_losing_the_database_while_health
     );
 
     // Up and catching up: alive, not ready, saying how far behind it is.
-    let behind = wait_for_readyz(&addr, "readyz to say the views lag", 30, |status, body| {
-        status == 503 && failed(body, "caught_up")
-    })
+    let behind = wait_for_readyz(
+        &mut run,
+        &addr,
+        "readyz to say the views lag",
+        30,
+        |status, body| status == 503 && failed(body, "caught_up"),
+    )
     .await;
     let lag = behind["checks"]["caught_up"]["detail"]
         .as_str()
@@ -78,7 +88,10 @@ async fn readyz_follows_catching_up_pausing_and_losing_the_database_while_health
     assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".to_string()));
 
     // Caught up: ready, every check passed.
-    let ready = wait_for_readyz(&addr, "readyz to say ready", 60, |status, _| status == 200).await;
+    let ready = wait_for_readyz(&mut run, &addr, "readyz to say ready", 60, |status, _| {
+        status == 200
+    })
+    .await;
     for check in ["database", "brokers", "not_paused", "caught_up"] {
         assert_eq!(ready["checks"][check]["ok"], true, "{check}: {ready:#}");
     }
@@ -87,9 +100,13 @@ async fn readyz_follows_catching_up_pausing_and_losing_the_database_while_health
     // Paused from another process: not ready, naming the projection.
     let paused = reproject(&db, &kafka, &["pause", "customer_stats"]);
     assert!(paused.status.success(), "{}", text(&paused.stderr));
-    let body = wait_for_readyz(&addr, "readyz to report the pause", 10, |status, body| {
-        status == 503 && failed(body, "not_paused")
-    })
+    let body = wait_for_readyz(
+        &mut run,
+        &addr,
+        "readyz to report the pause",
+        10,
+        |status, body| status == 503 && failed(body, "not_paused"),
+    )
     .await;
     let detail = body["checks"]["not_paused"]["detail"]
         .as_str()
@@ -98,6 +115,7 @@ async fn readyz_follows_catching_up_pausing_and_losing_the_database_while_health
     let resumed = reproject(&db, &kafka, &["resume", "customer_stats"]);
     assert!(resumed.status.success(), "{}", text(&resumed.stderr));
     wait_for_readyz(
+        &mut run,
         &addr,
         "readyz to recover from the pause",
         30,
@@ -108,6 +126,7 @@ async fn readyz_follows_catching_up_pausing_and_losing_the_database_while_health
     // The database lost: not ready, naming it, while healthz still answers; found again: ready.
     proxy.cut();
     let lost = wait_for_readyz(
+        &mut run,
         &addr,
         "readyz to report the lost database",
         10,
@@ -121,8 +140,16 @@ async fn readyz_follows_catching_up_pausing_and_losing_the_database_while_health
         "{lost:#}"
     );
     assert_eq!(http_get(&addr, "/healthz").0, 200);
+    // An outage longer than a handful of retries (a failover takes this long): `run` rides it out
+    // instead of exiting after its first few failed rounds.
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    assert!(
+        matches!(run.try_wait(), Ok(None)),
+        "run exited during a 12 s database outage; its stderr is above"
+    );
     proxy.restore();
     wait_for_readyz(
+        &mut run,
         &addr,
         "readyz to recover with the database",
         30,
