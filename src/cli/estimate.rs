@@ -1,5 +1,5 @@
 //! `reproject estimate <projection>...`: how long a rebuild will take, how many rows and how much
-//! disk and memory, from a pilot over about 1% of the log. Writes nothing.
+//! disk and memory, from a pilot over about 2% of the log. Writes nothing.
 
 use super::output::{out, outln};
 use clap::Args;
@@ -18,7 +18,7 @@ pub struct EstimateArgs {
     #[arg(long)]
     pub all: bool,
     /// The share of the log the pilot reads
-    #[arg(long, default_value_t = 0.01, value_name = "FRACTION")]
+    #[arg(long, default_value_t = estimate::DEFAULT_SAMPLE, value_name = "FRACTION")]
     pub sample: f64,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -29,7 +29,7 @@ pub struct EstimateArgs {
 pub async fn run<D: Domain>(cx: &Cx<D>, args: EstimateArgs) -> anyhow::Result<Outcome> {
     if !(args.sample > 0.0 && args.sample <= 1.0) {
         anyhow::bail!(
-            "--sample {}: expected a fraction of the log above 0 and at most 1 (0.01 is 1%)",
+            "--sample {}: expected a fraction of the log above 0 and at most 1 (0.02 is 2%)",
             args.sample
         );
     }

@@ -433,5 +433,28 @@ fn bench_reports_every_figure_as_json_with_its_limits_measured_in_the_same_run()
     assert!(figures["write_limit"]["index_seconds"]
         .as_f64()
         .is_some_and(|s| s > 0.0));
+    // The estimate made before the rebuild, set against it.
+    let estimate = &figures["estimate"];
+    for field in [
+        "seconds",
+        "share_of_rebuild",
+        "events_per_second",
+        "predicted_seconds",
+        "measured_seconds",
+        "predicted_over_measured",
+    ] {
+        assert!(
+            estimate[field]
+                .as_f64()
+                .is_some_and(|v| v > 0.0 && v.is_finite()),
+            "estimate.{field}: {figures}"
+        );
+    }
+    assert!(
+        estimate["sample_share"]
+            .as_f64()
+            .is_some_and(|share| share > 0.0 && share < 0.1),
+        "{figures}"
+    );
     let _ = std::fs::remove_file(&json);
 }

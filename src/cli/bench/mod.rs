@@ -1,5 +1,6 @@
 //! `reproject bench`: the end-to-end benchmark. Seeds a history into the in-process mock cluster,
-//! rebuilds every projection and swaps, then, on the same log and database:
+//! estimates a rebuild of every projection (`reproject estimate --all`), rebuilds every projection
+//! and swaps, then, on the same log and database:
 //! - a baseline that does what a hand-written backfill script does: the same decoding and upcasters,
 //!   then one `INSERT .. ON CONFLICT DO UPDATE` per event in transactions of 1,000;
 //! - the swap's effect on readers: 8 connections query the stable name in a loop while
@@ -135,6 +136,25 @@ pub struct BenchFigures {
     pub load_and_indexes_over_write_limit: f64,
     /// The backlog appended after the rebuild, and every active build caught up with it.
     pub follow: FollowFigures,
+    /// `estimate --all` before the rebuild, against what the rebuild then took.
+    pub estimate: EstimateFigures,
+}
+
+/// The estimate's prediction against the rebuild it predicted, on the same log, in the same run.
+#[derive(Debug, Default, Serialize)]
+pub struct EstimateFigures {
+    pub sample_share: f64,
+    /// The whole estimate (pilot and scratch load), and that over the rebuild's time.
+    pub seconds: f64,
+    pub share_of_rebuild: f64,
+    /// The pilot's pace against the replay's.
+    pub events_per_second: f64,
+    pub replay_events_per_second: f64,
+    /// Replay, load and indexes as predicted, before the margin, and as the rebuild took them.
+    pub predicted_seconds: f64,
+    pub measured_seconds: f64,
+    pub predicted_over_measured: f64,
+    pub margin: f64,
 }
 
 /// The follow phase: a backlog caught up as `run` does it, every active build at once.
@@ -217,12 +237,16 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
         verify: None,
     };
     let cancel = super::shutdown_token();
+    let estimate =
+        crate::engine::estimate::estimate(&engine, &names, crate::engine::estimate::DEFAULT_SAMPLE)
+            .await?;
     let started = Instant::now();
     let report = rebuild::rebuild(&engine, &names, &options, &cancel).await?;
     figures.rebuild_seconds = started.elapsed().as_secs_f64();
     figures.events_per_second = report.events_replayed as f64 / figures.rebuild_seconds;
     figures.peak_rss_bytes = peak_rss_bytes();
     print_report(&report);
+    figures.estimate = estimate_against(&estimate, &report, figures.rebuild_seconds);
     figures.rebuild = report;
 
     // The limits, on the same log and the rows just written.
@@ -379,6 +403,28 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
     })
 }
 
+/// What the estimate predicted for replay, load and indexes (before its margin), against what the
+/// rebuild took for them.
+fn estimate_against(
+    estimate: &crate::engine::estimate::Estimate,
+    rebuild: &RebuildReport,
+    rebuild_seconds: f64,
+) -> EstimateFigures {
+    let predicted_seconds = estimate.total_seconds / estimate.margin;
+    let measured_seconds = rebuild.replay_seconds + rebuild.load_seconds + rebuild.index_seconds;
+    EstimateFigures {
+        sample_share: estimate.sample_share,
+        seconds: estimate.seconds,
+        share_of_rebuild: estimate.seconds / rebuild_seconds,
+        events_per_second: estimate.events_per_second,
+        replay_events_per_second: rebuild.events_replayed as f64 / rebuild.replay_seconds,
+        predicted_seconds,
+        measured_seconds,
+        predicted_over_measured: predicted_seconds / measured_seconds,
+        margin: estimate.margin,
+    }
+}
+
 fn print_figures(f: &BenchFigures) {
     let r = &f.rebuild;
     outln!("\n== figures");
@@ -397,6 +443,19 @@ fn print_figures(f: &BenchFigures) {
         r.aggregate_index_seconds,
         r.catch_up_seconds,
         r.swap_seconds
+    );
+    let e = &f.estimate;
+    outln!(
+        "estimate before it ({:.0}% pilot): {:.2}s = {:.1}% of the rebuild; replay, load and indexes predicted {:.2}s before its {:.0}% margin, took {:.2}s: {:.2}x (pace {:.0} against the replay's {:.0} events/s)",
+        e.sample_share * 100.0,
+        e.seconds,
+        e.share_of_rebuild * 100.0,
+        e.predicted_seconds,
+        (e.margin - 1.0) * 100.0,
+        e.measured_seconds,
+        e.predicted_over_measured,
+        e.events_per_second,
+        e.replay_events_per_second
     );
     outln!(
         "  peak RSS {:.0} MB{}",

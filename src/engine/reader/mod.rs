@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::BaseConsumer;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaErrorCode;
@@ -300,6 +300,8 @@ fn read<E: 'static>(
         return Ok(());
     }
     settings.assign(&consumer, &config.topics, &reading.next)?;
+    // Partitions a bounded read has read to their end, no longer fetched.
+    let mut finished = std::collections::BTreeSet::new();
     let wants_headers = !matches!(*config.framing, envelope::Framing::Envelope);
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -332,10 +334,13 @@ fn read<E: 'static>(
                 } else {
                     Default::default()
                 };
-                reading.on_message(
-                    reading.partition_id(message.topic(), message.partition()),
-                    &crate::source::raw_record(&message, &headers),
-                )?
+                let id = reading.partition_id(message.topic(), message.partition());
+                let last =
+                    reading.on_message(id, &crate::source::raw_record(&message, &headers))?;
+                if last && finished.insert(id) {
+                    stop_fetching(&consumer, message.topic(), message.partition());
+                }
+                last
             }
         };
         reading.check_stalled()?;
@@ -350,6 +355,20 @@ fn read<E: 'static>(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Stop fetching a partition a bounded read has read to its end. librdkafka prefetches up to
+/// `queued.max.messages.kbytes` per partition, so without this a read that ends early in a
+/// partition (the estimate's windows, a partition reaching its end before the others) goes on
+/// fetching and decompressing the rest of it only to drop it: the estimate's pilot read most of
+/// the log that way. Pausing is an optimisation; if it fails the records past the end are dropped
+/// as before.
+fn stop_fetching(consumer: &BaseConsumer, topic: &str, partition: i32) {
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    if let Err(error) = consumer.pause(&list) {
+        tracing::debug!(message = "could not pause a partition read to its end", topic, partition, %error);
     }
 }
 
