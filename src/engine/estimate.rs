@@ -29,7 +29,7 @@ use crate::projection::{DynProjection, RowStore, Value};
 use crate::sink::catalog::Positions;
 use crate::sink::writer::{self, BuildTables};
 use crate::sink::Context;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 /// Points in time the pilot wants its windows at, at least: with one window per partition and
 /// many partitions, one pass covers them; with few partitions each gets several (one per pass).
@@ -37,10 +37,11 @@ const POINTS_IN_TIME: i64 = 128;
 /// Windows per partition, at most: each pass waits once for the brokers' first answer.
 const MAX_PASSES: i64 = 10;
 /// The share of the log the pilot reads unless told otherwise. On the 10M-event bench log (128
-/// partitions) 2% took 0.4 s of reading where the rebuild replays for 16 s, and its pace came
-/// within 5% of the replay's in three runs of four; at 1% the pace ranged 260k-550k events/s
-/// where the replay ran at 610k-640k (a pass of 0.15 s is too short to show it), and the
-/// per-day table's rows were overestimated 5x (its windows were too short to meet a day twice).
+/// partitions) 2% took 0.5-0.8 s of reading (the whole estimate 0.7-1.1 s) where the rebuild takes
+/// 20 s. Its pace, like the replay's, is its fold thread's (busy 95% of a pass), and varied from
+/// 290k to 590k events/s in runs minutes apart where the replay ran at 610k-645k; 1% varied as
+/// much and overestimated the per-day table's rows 5x (its windows were too short to meet a day
+/// in more than one).
 pub const DEFAULT_SAMPLE: f64 = 0.02;
 /// The margin added for periods denser than the sample.
 pub const MARGIN: f64 = 1.2;
@@ -308,8 +309,22 @@ fn pilot_passes(partitions: i64) -> i64 {
 struct KeyCounts {
     /// Windows per key, by the key's [`key_hash`].
     windows: FxHashMap<u64, u32>,
-    /// The keys met in the current pass's windows, by partition (a pass reads a window of each).
-    in_this_pass: FxHashSet<(i32, u64)>,
+    /// The keys the current pass met, with the partition (a pass reads a window of each), counted
+    /// once the pass is over: the pilot's fold, where they are met, is what sets its pace (busy
+    /// 95% of a pass on the bench's log), so it does no more there than keep them.
+    met: Vec<(i32, u64)>,
+}
+
+impl KeyCounts {
+    /// Count the keys the pass met, once per window.
+    fn end_pass(&mut self) {
+        let mut met = std::mem::take(&mut self.met);
+        met.sort_unstable();
+        met.dedup();
+        for (_, key) in met {
+            *self.windows.entry(key).or_insert(0) += 1;
+        }
+    }
 }
 
 /// A key as the pilot counts it: a 64-bit hash stands for it, so that counting allocates nothing
@@ -365,10 +380,6 @@ async fn read_window<E: Send + Sync + 'static>(
     to: Positions,
 ) -> Result<(u64, SourceChecks)> {
     let stores = &mut sample.stores;
-    // A key counts once per window: a pass reads one window per partition.
-    for counts in sample.key_counts.iter_mut().flatten() {
-        counts.in_this_pass.clear();
-    }
     let targets = projections
         .iter()
         .map(|p| Target {
@@ -408,6 +419,7 @@ async fn read_window<E: Send + Sync + 'static>(
     let mut checks = SourceChecks::default();
     let mut aggregates: Option<u64> = None;
     let mut arrivals: Vec<(Instant, u64)> = Vec::new();
+
     let outcome = loop {
         let Some(batch) = batches.recv().await else {
             break Err(EngineError::Interrupted);
@@ -418,6 +430,7 @@ async fn read_window<E: Send + Sync + 'static>(
         };
         events += batch.events;
         arrivals.push((Instant::now(), events));
+
         for (((store, projection), changes), keys) in stores
             .iter_mut()
             .zip(projections)
@@ -430,9 +443,7 @@ async fn read_window<E: Send + Sync + 'static>(
                     projection.tables().get(change.table()),
                 ) {
                     let key = key_hash(change.key(spec.key_len));
-                    if counts.in_this_pass.insert((at.partition, key)) {
-                        *counts.windows.entry(key).or_insert(0) += 1;
-                    }
+                    counts.met.push((at.partition, key));
                 }
                 if let Err(e) = store.apply(projection.tables(), change, at) {
                     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -462,6 +473,9 @@ async fn read_window<E: Send + Sync + 'static>(
     if let Some((events, took)) = streaming_stretch(&arrivals) {
         sample.streaming_events += events;
         sample.streaming += took;
+    }
+    for counts in sample.key_counts.iter_mut().flatten() {
+        counts.end_pass();
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(batches);
