@@ -119,11 +119,14 @@ impl From<SourceError> for EngineError {
 }
 
 impl EngineError {
-    /// Worth retrying from the stored positions: a dropped database connection and the like.
+    /// Worth retrying from the stored positions: a dropped database connection and the like, or a
+    /// read the brokers failed. A bad record or an offset the log no longer has is not: reading
+    /// it again gives the same answer.
     pub fn is_retriable(&self) -> bool {
         match self {
             EngineError::Sink(e) => e.is_retriable(),
             EngineError::Swap(SwapError::Sink(e)) => e.is_retriable(),
+            EngineError::Read(e) => e.is_transient(),
             _ => false,
         }
     }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::follow::{self, FollowTarget, Until};
 use super::rebuild::{self, RebuildOptions};
-use super::{Engine, EngineError, Result};
+use super::{Engine, Result};
 use crate::sink::Phase;
 
 #[derive(Clone, Debug)]
@@ -185,7 +185,7 @@ pub async fn run<E: Send + Sync + 'static>(
                 attempt = 0;
                 failing_since = None;
             }
-            Err(e) if e.is_retriable() || matches!(e, EngineError::Read(_)) => {
+            Err(e) if e.is_retriable() => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= RIDE_OUT {
                     tracing::error!(message = "giving up: every round failed", seconds = since.elapsed().as_secs(), error = %e);

@@ -57,6 +57,13 @@ pub enum ReadError {
     },
 }
 
+impl ReadError {
+    /// The brokers failed or stopped answering: the same read may work later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ReadError::Source(_) | ReadError::Stalled { .. })
+    }
+}
+
 impl From<BadRecord> for ReadError {
     fn from(record: BadRecord) -> Self {
         ReadError::BadRecord(Box::new(record))
@@ -809,6 +816,24 @@ impl<'a, E: 'static> Reading<'a, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_brokers_failing_is_worth_reading_again() {
+        let stalled = ReadError::Stalled {
+            topic: "shop.orders".into(),
+            seconds: 30,
+            last_error: "broker transport failure".into(),
+        };
+        let gone = ReadError::OffsetGone {
+            topic: "shop.orders".into(),
+            partition: 3,
+            offset: 17,
+        };
+        assert!(stalled.is_transient());
+        assert!(!gone.is_transient());
+        assert!(crate::engine::EngineError::from(stalled).is_retriable());
+        assert!(!crate::engine::EngineError::from(gone).is_retriable());
+    }
 
     fn id(n: u8) -> [u8; 16] {
         let mut id = [0u8; 16];
