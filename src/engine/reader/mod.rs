@@ -820,12 +820,12 @@ mod tests {
     #[test]
     fn only_the_brokers_failing_is_worth_reading_again() {
         let stalled = ReadError::Stalled {
-            topic: "shop.orders".into(),
+            topic: "events".into(),
             seconds: 30,
             last_error: "broker transport failure".into(),
         };
         let gone = ReadError::OffsetGone {
-            topic: "shop.orders".into(),
+            topic: "events".into(),
             partition: 3,
             offset: 17,
         };
