@@ -307,8 +307,6 @@ fn read<E: 'static>(
         return Ok(());
     }
     settings.assign(&consumer, &config.topics, &reading.next)?;
-    // Partitions a bounded read has read to their end, no longer fetched.
-    let mut finished = std::collections::BTreeSet::new();
     let wants_headers = !matches!(*config.framing, envelope::Framing::Envelope);
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -344,7 +342,7 @@ fn read<E: 'static>(
                 let id = reading.partition_id(message.topic(), message.partition());
                 let last =
                     reading.on_message(id, &crate::source::raw_record(&message, &headers))?;
-                if last && finished.insert(id) {
+                if last && reading.finished.insert(id) {
                     stop_fetching(&consumer, message.topic(), message.partition());
                 }
                 last
@@ -441,6 +439,8 @@ struct Reading<'a, E> {
     last_error: Option<String>,
     /// Partitions whose ListOffsets answer was found below their fetches' (warned once each).
     warned_log_end: std::collections::BTreeSet<i32>,
+    /// Partitions a bounded read has read to their end, no longer fetched (see [`stop_fetching`]).
+    finished: std::collections::BTreeSet<i32>,
 }
 
 impl<'a, E: 'static> Reading<'a, E> {
@@ -486,6 +486,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             progressed: false,
             last_error: None,
             warned_log_end: Default::default(),
+            finished: Default::default(),
         }
     }
 
