@@ -92,6 +92,11 @@ impl TableRows {
         self.clocks.insert(key, clock);
     }
 
+    /// Whether the fold holds a clock for `key`.
+    pub fn has_clock(&self, key: &[Value]) -> bool {
+        self.clocks.contains_key(key)
+    }
+
     /// The clocks of the keys seen, in no particular order (empty for per-aggregate tables).
     pub fn clocks(&self) -> impl Iterator<Item = (&Key, &RowClock)> {
         self.clocks.iter()

@@ -10,6 +10,7 @@
 //! transaction.
 
 use futures::TryStreamExt;
+use rustc_hash::FxHashSet;
 use sqlx::PgConnection;
 
 use super::copy::decode_rows;
@@ -190,28 +191,37 @@ pub async fn create_staging(
     Ok(())
 }
 
-/// Upsert every clock the fold holds for `spec`'s table (tombstones included), in the caller's
-/// transaction, through `staging` (see [`create_staging`]).
+/// Write every clock the fold holds for `spec`'s table (tombstones included), in the caller's
+/// transaction: COPY those of the keys in `absent` (the clock table holds none for them), upsert the
+/// others through `staging` (see [`create_staging`]).
 pub async fn write_back(
     conn: &mut PgConnection,
     schema: &str,
     spec: &TableSpec,
     staging: &str,
     rows: &TableRows,
+    absent: &FxHashSet<Key>,
 ) -> Result<()> {
     if rows.clock_count() == 0 {
         return Ok(());
     }
     let clock = qualified(schema, &table_name(spec.name));
-    let clocks: Vec<Vec<Value>> = rows
+    let (new, changed): (Vec<Vec<Value>>, Vec<Vec<Value>>) = rows
         .clocks()
         .map(|(key, clock)| clock_row(key, clock))
-        .collect();
+        .partition(|row| absent.contains(&row[..spec.key_len]));
+    let columns = spec.key_len + 1;
+    if !new.is_empty() {
+        copy_into(conn, &clock, columns, new.iter(), |row| row.as_slice()).await?;
+    }
+    if changed.is_empty() {
+        return Ok(());
+    }
     copy_into(
         conn,
         &quote_ident(staging),
-        spec.key_len + 1,
-        clocks.iter(),
+        columns,
+        changed.iter(),
         |row| row.as_slice(),
     )
     .await?;

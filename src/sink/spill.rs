@@ -176,8 +176,18 @@ impl SpillState {
                     continue;
                 }
                 let names = StagingNames::new(tables.build_id, index);
-                written +=
-                    writer::write_back(conn, tables.schema, spec, &names, store, index).await?;
+                // Keys never flushed are not in the tables either, but the flushed set holds
+                // hashes: every row is upserted, which is right either way.
+                written += writer::write_back(
+                    conn,
+                    tables.schema,
+                    spec,
+                    &names,
+                    store,
+                    index,
+                    &writer::Absent::default(),
+                )
+                .await?;
             }
         }
         for (index, flushed) in self.flushed.iter_mut().enumerate() {

@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use rustc_hash::FxHashSet;
 
 use sqlx::{Connection, PgConnection};
 
@@ -21,7 +22,7 @@ use super::clocks;
 use super::copy::{decode_rows, CopyEncoder};
 use super::known::{KnownRows, DEFAULT_KNOWN_ROWS_BYTES};
 use super::{qualified, quote_ident, Context, Result, SinkError, SliceGate};
-use crate::projection::{ChangeLog, RowStore, SchemaSql, TableSpec, Value};
+use crate::projection::{ChangeLog, Key, RowStore, SchemaSql, TableSpec, Value};
 
 /// Bytes of COPY data sent to the server at a time.
 pub const COPY_CHUNK: usize = 4 << 20;
@@ -552,25 +553,28 @@ async fn write_changes(
     known: &mut KnownRows,
 ) -> Result<(u64, RowStore)> {
     let mut store = RowStore::new(tables.specs.len());
-    let mut touched = vec![false; tables.specs.len()];
+    let mut absent: Vec<Option<Absent>> = (0..tables.specs.len()).map(|_| None).collect();
     for (index, spec) in tables.specs.iter().enumerate() {
         let keys = touched_keys(spec, index, changes);
         if keys.is_empty() {
             continue;
         }
-        touched[index] = true;
         let names = StagingNames::new(tables.build_id, index);
         if !staging.contains(&names.keys) {
             create_staging(tx, tables.schema, spec, &names).await?;
             staging.insert(names.keys.clone());
         }
         let rows = store.table_mut(index);
+        let mut table_absent = Absent::default();
         let mut unknown = Vec::new();
         for key in keys {
             match known.take(tables.build_id, index, &key) {
                 Some(row) => {
                     if let Some(clock) = row.clock {
                         rows.seed_clock(key.as_slice(), clock);
+                    }
+                    if row.row.is_none() {
+                        table_absent.rows.insert(Key::from(key.as_slice()));
                     }
                     rows.seed(key, row.row);
                 }
@@ -579,7 +583,18 @@ async fn write_changes(
         }
         if !unknown.is_empty() {
             load_current_rows(tx, tables.schema, spec, &names, &unknown, rows).await?;
+            // Read in this transaction, under the writer lock: what is not there now is not there
+            // when the batch writes.
+            for key in &unknown {
+                if matches!(rows.get(key), Some(None)) {
+                    table_absent.rows.insert(Key::from(key.as_slice()));
+                }
+                if spec.gathers_partitions() && !rows.has_clock(key) {
+                    table_absent.clocks.insert(Key::from(key.as_slice()));
+                }
+            }
         }
+        absent[index] = Some(table_absent);
     }
     // In log order across tables, each change at its event's logical time.
     for (at, change) in changes.iter() {
@@ -592,12 +607,23 @@ async fn write_changes(
     }
     let mut written = 0;
     for (index, spec) in tables.specs.iter().enumerate() {
-        if touched[index] {
+        if let Some(absent) = &absent[index] {
             let names = StagingNames::new(tables.build_id, index);
-            written += write_back(tx, tables.schema, spec, &names, &store, index).await?;
+            written += write_back(tx, tables.schema, spec, &names, &store, index, absent).await?;
         }
     }
     Ok((written, store))
+}
+
+/// Keys a batch knows its table does not hold, from the rows it read in its own transaction or
+/// knew from its writer's last commits: their rows (and, for a table that gathers partitions,
+/// their clocks) go in with a plain COPY instead of through staging and an upsert, and a row the
+/// fold removed that was never there is not deleted. A key not listed is upserted, which is right
+/// whether or not the table holds it.
+#[derive(Default)]
+pub(super) struct Absent {
+    pub(super) rows: FxHashSet<Key>,
+    pub(super) clocks: FxHashSet<Key>,
 }
 
 pub(super) struct StagingNames {
@@ -663,11 +689,11 @@ pub(super) fn key_match(spec: &TableSpec, left: &str, right: &str) -> String {
 
 /// The keys of table `index` that `changes` touch, each once.
 fn touched_keys(spec: &TableSpec, index: usize, changes: &ChangeLog) -> Vec<Vec<Value>> {
-    let mut seen = HashSet::new();
+    let mut seen: FxHashSet<&[Value]> = FxHashSet::default();
     let mut keys = Vec::new();
     for change in changes.changes().iter().filter(|c| c.table() == index) {
         let key = change.key(spec.key_len);
-        if seen.insert(key.to_vec()) {
+        if seen.insert(key) {
             keys.push(key.to_vec());
         }
     }
@@ -816,6 +842,9 @@ pub async fn create_key_table(
     Ok(())
 }
 
+/// Write table `index`'s rows of `store` back, in the caller's transaction: delete what the fold
+/// removed, COPY the rows of keys `absent` says the table does not hold, upsert the others.
+/// Returns the rows written.
 pub(super) async fn write_back(
     conn: &mut PgConnection,
     schema: &str,
@@ -823,21 +852,29 @@ pub(super) async fn write_back(
     names: &StagingNames,
     store: &RowStore,
     index: usize,
+    absent: &Absent,
 ) -> Result<u64> {
     let target = qualified(schema, spec.name);
     let rows = store.table(index);
     if spec.gathers_partitions() {
-        clocks::write_back(conn, schema, spec, &names.clocks, rows).await?;
+        clocks::write_back(conn, schema, spec, &names.clocks, rows, &absent.clocks).await?;
     }
     let mut written = 0;
-    let removed: Vec<&crate::projection::Key> = rows
-        .entries()
-        .filter(|(_, row)| row.is_none())
-        .map(|(key, _)| key)
-        .collect();
+    let mut removed: Vec<&Key> = Vec::new();
+    let mut new: Vec<&Vec<Value>> = Vec::new();
+    let mut changed: Vec<&Vec<Value>> = Vec::new();
+    for (key, row) in rows.entries() {
+        let was_absent = absent.rows.contains(key.as_slice());
+        match row {
+            // The fold removed it, or found none: only a row that is there needs deleting.
+            None if !was_absent => removed.push(key),
+            None => {}
+            Some(row) if was_absent => new.push(row),
+            Some(row) => changed.push(row),
+        }
+    }
     if !removed.is_empty() {
-        // The fold removed these rows (or found none). The keys table may hold the keys this batch
-        // read: only the removed ones go in it now.
+        // The keys table may hold the keys this batch read: only the removed ones go in it now.
         let keys = quote_ident(&names.keys);
         sqlx::query(&format!("DELETE FROM {keys}"))
             .execute(&mut *conn)
@@ -856,15 +893,20 @@ pub(super) async fn write_back(
         .context(|| format!("deleting rows from {target}"))?;
         written += deleted.rows_affected();
     }
-    let live: Vec<&Vec<Value>> = rows.live_rows().collect();
-    if live.is_empty() {
+    if !new.is_empty() {
+        written += copy_into(conn, &target, spec.columns.len(), new.into_iter(), |r| {
+            r.as_slice()
+        })
+        .await?;
+    }
+    if changed.is_empty() {
         return Ok(written);
     }
     copy_into(
         conn,
         &quote_ident(&names.rows),
         spec.columns.len(),
-        live.into_iter(),
+        changed.into_iter(),
         |r| r.as_slice(),
     )
     .await?;
