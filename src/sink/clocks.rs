@@ -14,7 +14,7 @@ use rustc_hash::FxHashSet;
 use sqlx::PgConnection;
 
 use super::copy::decode_rows;
-use super::writer::{copy_into, key_list};
+use super::writer::{copy_into, copy_or_upsert, key_list, UpsertThrough};
 use super::{qualified, quote_ident, Context, Result, SinkError};
 use crate::projection::{ColumnType, Key, RowClock, TableRows, TableSpec, Value};
 
@@ -210,28 +210,12 @@ pub async fn write_back(
         .clocks()
         .map(|(key, clock)| clock_row(key, clock))
         .partition(|row| absent.contains(&row[..spec.key_len]));
-    let columns = spec.key_len + 1;
-    if !new.is_empty() {
-        copy_into(conn, &clock, columns, new.iter(), |row| row.as_slice()).await?;
-    }
-    if changed.is_empty() {
-        return Ok(());
-    }
-    copy_into(
-        conn,
-        &quote_ident(staging),
-        columns,
-        changed.iter(),
-        |row| row.as_slice(),
-    )
-    .await?;
-    sqlx::query(&format!(
-        "INSERT INTO {clock} SELECT * FROM {staged} ON CONFLICT ({keys}) DO UPDATE SET {CLOCK_COLUMN} = EXCLUDED.{CLOCK_COLUMN}",
-        staged = quote_ident(staging),
-        keys = key_list(spec, None),
-    ))
-    .execute(conn)
-    .await
-    .context(|| format!("upserting row clocks into {clock}"))?;
+    let staged = UpsertThrough {
+        staging,
+        keys: &key_list(spec, None),
+        updated: &[CLOCK_COLUMN],
+        what: "row clocks",
+    };
+    copy_or_upsert(conn, &clock, spec.key_len + 1, &new, &changed, staged).await?;
     Ok(())
 }

@@ -893,39 +893,65 @@ pub(super) async fn write_back(
         .context(|| format!("deleting rows from {target}"))?;
         written += deleted.rows_affected();
     }
+    let updated: Vec<&str> = spec.columns[spec.key_len..]
+        .iter()
+        .map(|c| c.name)
+        .collect();
+    let staged = UpsertThrough {
+        staging: &names.rows,
+        keys: &key_list(spec, None),
+        updated: &updated,
+        what: "rows",
+    };
+    Ok(written + copy_or_upsert(conn, &target, spec.columns.len(), &new, &changed, staged).await?)
+}
+
+/// How [`copy_or_upsert`] upserts: through which staging table, on which key columns (a
+/// [`key_list`]), replacing which columns (none: an existing row is kept), and what the rows are,
+/// for errors.
+pub(super) struct UpsertThrough<'a> {
+    pub(super) staging: &'a str,
+    pub(super) keys: &'a str,
+    pub(super) updated: &'a [&'a str],
+    pub(super) what: &'a str,
+}
+
+/// Write rows of `columns` columns into `target` (qualified): `new` ones, of keys the table is
+/// known not to hold, with a plain COPY; `changed` ones COPYed into the staging table and then
+/// upserted. Returns the rows written.
+pub(super) async fn copy_or_upsert<R: AsRef<[Value]>>(
+    conn: &mut PgConnection,
+    target: &str,
+    columns: usize,
+    new: &[R],
+    changed: &[R],
+    through: UpsertThrough<'_>,
+) -> Result<u64> {
+    let mut written = 0;
     if !new.is_empty() {
-        written += copy_into(conn, &target, spec.columns.len(), new.into_iter(), |r| {
-            r.as_slice()
-        })
-        .await?;
+        written += copy_into(conn, target, columns, new.iter(), |r| r.as_ref()).await?;
     }
     if changed.is_empty() {
         return Ok(written);
     }
-    copy_into(
-        conn,
-        &quote_ident(&names.rows),
-        spec.columns.len(),
-        changed.into_iter(),
-        |r| r.as_slice(),
-    )
-    .await?;
-    let updates: Vec<String> = spec.columns[spec.key_len..]
-        .iter()
-        .map(|c| format!("{col} = EXCLUDED.{col}", col = quote_ident(c.name)))
-        .collect();
-    let on_conflict = if updates.is_empty() {
+    let staged = quote_ident(through.staging);
+    copy_into(conn, &staged, columns, changed.iter(), |r| r.as_ref()).await?;
+    let on_conflict = if through.updated.is_empty() {
         "DO NOTHING".to_string()
     } else {
+        let updates: Vec<String> = through
+            .updated
+            .iter()
+            .map(|c| format!("{col} = EXCLUDED.{col}", col = quote_ident(c)))
+            .collect();
         format!("DO UPDATE SET {}", updates.join(", "))
     };
     let upserted = sqlx::query(&format!(
         "INSERT INTO {target} SELECT * FROM {staged} ON CONFLICT ({keys}) {on_conflict}",
-        staged = quote_ident(&names.rows),
-        keys = key_list(spec, None),
+        keys = through.keys,
     ))
     .execute(&mut *conn)
     .await
-    .context(|| format!("upserting rows into {target}"))?;
+    .context(|| format!("upserting {} into {target}", through.what))?;
     Ok(written + upserted.rows_affected())
 }
