@@ -15,10 +15,16 @@
 //! set column was last written, when the row was last deleted, and which columns accumulate. It is
 //! stored beside the row (see `sink::writer`), never in the projection's own table.
 //!
-//! Two mixtures have no answer that is the same for every read order, and are refused with a
+//! Three mixtures have no answer that is the same for every read order, and are refused with a
 //! [`ClockConflict`], whatever order the events arrive in: a column that is both set and accumulated,
-//! and a row that both accumulates and is deleted (after a delete, a counter restarts from the events
-//! that follow it in time; which contributions those are cannot be told apart once summed).
+//! a column accumulated two ways (an add and a max do not commute), and a row that both accumulates
+//! and is deleted (after a delete, a counter restarts from the events that follow it in time; which
+//! contributions those are cannot be told apart once summed).
+//!
+//! Because a clock says how every column of its row was written, two partial folds of the same row
+//! from disjoint sets of partitions can be joined into the fold of all of them
+//! ([`RowClock::merge`], and `TableRows::merge` for the row's values): what lets several processes
+//! replay different partitions into one build.
 
 use std::fmt;
 
@@ -93,6 +99,66 @@ pub enum ClockConflict {
     SetAndAccumulated { column: String },
     #[error("the row both accumulates (add, min or max into {column}) and is deleted; in a table whose rows gather several partitions the contributions before and after a delete cannot be told apart once summed. Keep deletable rows to set columns, or make the key include what distinguishes one life of the row from the next")]
     DeletedAndAccumulated { column: String },
+    #[error("column {column} is accumulated two ways ({first} and {then}); in a table whose rows gather several partitions an add, a min and a max do not commute with one another. Keep each column to one of them")]
+    AccumulatedTwoWays {
+        column: String,
+        first: Accumulation,
+        then: Accumulation,
+    },
+}
+
+/// How a column of a row that gathers partitions accumulates: what merging two partial folds of
+/// it means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulation {
+    Add,
+    Min,
+    Max,
+    /// Read from a clock stored before the kind was recorded (format 1): taken to be whatever the
+    /// next change says.
+    Unrecorded,
+}
+
+impl Accumulation {
+    fn code(self) -> u8 {
+        match self {
+            Accumulation::Unrecorded => 0,
+            Accumulation::Add => 1,
+            Accumulation::Min => 2,
+            Accumulation::Max => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Result<Accumulation, String> {
+        Ok(match code {
+            0 => Accumulation::Unrecorded,
+            1 => Accumulation::Add,
+            2 => Accumulation::Min,
+            3 => Accumulation::Max,
+            other => return Err(format!("accumulation kind {other}")),
+        })
+    }
+
+    /// The kind two records of one column agree on, if they do.
+    fn agree(self, other: Accumulation) -> Option<Accumulation> {
+        match (self, other) {
+            (a, b) if a == b => Some(a),
+            (Accumulation::Unrecorded, b) => Some(b),
+            (a, Accumulation::Unrecorded) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Accumulation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accumulation::Add => "add",
+            Accumulation::Min => "min",
+            Accumulation::Max => "max",
+            Accumulation::Unrecorded => "unrecorded",
+        })
+    }
 }
 
 /// What a row of a table fed by several partitions remembers of the logical times that wrote it.
@@ -102,8 +168,8 @@ pub struct RowClock {
     deleted_at: Option<LogicalTime>,
     /// The latest change other than a delete that was applied (not ignored as older).
     touched_at: Option<LogicalTime>,
-    /// Columns written by add, min or max, in ascending order.
-    accumulated: SmallVec<[u16; 4]>,
+    /// Columns written by add, min or max, in ascending column order, each with how.
+    accumulated: SmallVec<[(u16, Accumulation); 4]>,
     /// Per set column, the logical time of the value it holds, in ascending column order.
     set_at: SmallVec<[(u16, LogicalTime); 2]>,
 }
@@ -139,8 +205,110 @@ impl RowClock {
         column: usize,
         name: impl Fn() -> String,
     ) -> Result<(), ClockConflict> {
-        if self.accumulated.binary_search(&column_id(column)).is_ok() {
+        if self.accumulation(column).is_some() {
             return Err(ClockConflict::SetAndAccumulated { column: name() });
+        }
+        Ok(())
+    }
+
+    /// How `column` accumulates, if it does.
+    pub fn accumulation(&self, column: usize) -> Option<Accumulation> {
+        let column = column_id(column);
+        self.accumulated
+            .binary_search_by_key(&column, |(c, _)| *c)
+            .ok()
+            .map(|i| self.accumulated[i].1)
+    }
+
+    /// The latest change other than a delete that the row took.
+    pub fn written_at(&self) -> Option<LogicalTime> {
+        self.touched_at
+    }
+
+    /// The logical time of the value set column `column` holds, if it holds a set value.
+    pub fn set_at(&self, column: usize) -> Option<LogicalTime> {
+        let column = column_id(column);
+        self.set_at
+            .binary_search_by_key(&column, |(c, _)| *c)
+            .ok()
+            .map(|i| self.set_at[i].1)
+    }
+
+    /// The set columns with the logical time of the value each holds, in column order.
+    pub fn set_columns(&self) -> impl Iterator<Item = (usize, LogicalTime)> + '_ {
+        self.set_at.iter().map(|(c, at)| (usize::from(*c), *at))
+    }
+
+    /// The accumulated columns with how each accumulates, in column order.
+    pub fn accumulated_columns(&self) -> impl Iterator<Item = (usize, Accumulation)> + '_ {
+        self.accumulated
+            .iter()
+            .map(|(c, how)| (usize::from(*c), *how))
+    }
+
+    /// Whether the row exists as of this clock, when its existence is decided by the clock alone:
+    /// Some(true) when written after its latest delete, Some(false) when never written after it.
+    /// None when its latest write and delete are the same event: then the order of that event's
+    /// changes decided, and only the row itself knows.
+    pub fn exists(&self) -> Option<bool> {
+        match (self.touched_at, self.deleted_at) {
+            (None, _) => Some(false),
+            (Some(_), None) => Some(true),
+            (Some(t), Some(d)) if t == d => None,
+            (Some(t), Some(d)) => Some(t > d),
+        }
+    }
+
+    /// Join this clock with `other`'s, the clock of the same row folded from other partitions:
+    /// the clock a fold of both partitions' events would have. Refuses what the fold would refuse
+    /// in either order. Set columns written before the joined delete are dropped, as a delete clears
+    /// them.
+    pub fn merge(
+        &mut self,
+        other: &RowClock,
+        name: impl Fn(usize) -> String,
+    ) -> Result<(), ClockConflict> {
+        self.deleted_at = self.deleted_at.max(other.deleted_at);
+        self.touched_at = self.touched_at.max(other.touched_at);
+        for &(column, how) in &other.accumulated {
+            match self.accumulated.binary_search_by_key(&column, |(c, _)| *c) {
+                Ok(i) => {
+                    let mine = self.accumulated[i].1;
+                    self.accumulated[i].1 =
+                        mine.agree(how)
+                            .ok_or_else(|| ClockConflict::AccumulatedTwoWays {
+                                column: name(usize::from(column)),
+                                first: mine,
+                                then: how,
+                            })?;
+                }
+                Err(i) => self.accumulated.insert(i, (column, how)),
+            }
+        }
+        for &(column, at) in &other.set_at {
+            match self.set_at.binary_search_by_key(&column, |(c, _)| *c) {
+                Ok(i) => self.set_at[i].1 = self.set_at[i].1.max(at),
+                Err(i) => self.set_at.insert(i, (column, at)),
+            }
+        }
+        if let Some(&(column, _)) = self.set_at.iter().find(|(c, _)| {
+            self.accumulated
+                .binary_search_by_key(c, |(a, _)| *a)
+                .is_ok()
+        }) {
+            return Err(ClockConflict::SetAndAccumulated {
+                column: name(usize::from(column)),
+            });
+        }
+        if let Some(deleted) = self.deleted_at {
+            if let Some(&(column, _)) = self.accumulated.first() {
+                return Err(ClockConflict::DeletedAndAccumulated {
+                    column: name(usize::from(column)),
+                });
+            }
+            // Written at the delete's own time: the same event set the column after deleting
+            // the row (a set before it in that event was cleared by that fold already).
+            self.set_at.retain(|(_, written)| *written >= deleted);
         }
         Ok(())
     }
@@ -177,6 +345,7 @@ impl RowClock {
     pub fn accumulate(
         &mut self,
         column: usize,
+        how: Accumulation,
         at: LogicalTime,
         name: impl Fn() -> String,
     ) -> Result<(), ClockConflict> {
@@ -191,8 +360,19 @@ impl RowClock {
         {
             return Err(ClockConflict::SetAndAccumulated { column: name() });
         }
-        if let Err(i) = self.accumulated.binary_search(&column) {
-            self.accumulated.insert(i, column);
+        match self.accumulated.binary_search_by_key(&column, |(c, _)| *c) {
+            Ok(i) => {
+                let first = self.accumulated[i].1;
+                self.accumulated[i].1 =
+                    first
+                        .agree(how)
+                        .ok_or_else(|| ClockConflict::AccumulatedTwoWays {
+                            column: name(),
+                            first,
+                            then: how,
+                        })?;
+            }
+            Err(i) => self.accumulated.insert(i, (column, how)),
         }
         self.touched_at = self.touched_at.max(Some(at));
         Ok(())
@@ -205,7 +385,7 @@ impl RowClock {
         at: LogicalTime,
         name: impl Fn(usize) -> String,
     ) -> Result<Option<Deleted>, ClockConflict> {
-        if let Some(&column) = self.accumulated.first() {
+        if let Some(&(column, _)) = self.accumulated.first() {
             return Err(ClockConflict::DeletedAndAccumulated {
                 column: name(usize::from(column)),
             });
@@ -233,7 +413,7 @@ impl RowClock {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             4 + 2 * LogicalTime::ENCODED_LEN
-                + 2 * self.accumulated.len()
+                + 3 * self.accumulated.len()
                 + (2 + LogicalTime::ENCODED_LEN) * self.set_at.len(),
         );
         out.push(CLOCK_FORMAT);
@@ -242,8 +422,9 @@ impl RowClock {
             time.encode(&mut out);
         }
         out.extend_from_slice(&(self.accumulated.len() as u16).to_be_bytes());
-        for column in &self.accumulated {
+        for (column, how) in &self.accumulated {
             out.extend_from_slice(&column.to_be_bytes());
+            out.push(how.code());
         }
         out.extend_from_slice(&(self.set_at.len() as u16).to_be_bytes());
         for (column, at) in &self.set_at {
@@ -263,9 +444,10 @@ impl RowClock {
         let ([format, flags], rest) = b.split_first_chunk::<2>().ok_or("truncated header")?;
         let (format, flags) = (*format, *flags);
         *b = rest;
-        if format != CLOCK_FORMAT {
+        // Format 1 did not record how a column accumulates.
+        if format != CLOCK_FORMAT && format != 1 {
             return Err(format!(
-                "clock format {format}, this binary reads {CLOCK_FORMAT}"
+                "clock format {format}, this binary reads 1 and {CLOCK_FORMAT}"
             ));
         }
         let mut clock = RowClock::default();
@@ -277,7 +459,14 @@ impl RowClock {
         }
         for _ in 0..take_u16(b)? {
             let column = take_u16(b)?;
-            clock.accumulated.push(column);
+            let how = if format == 1 {
+                Accumulation::Unrecorded
+            } else {
+                let (code, rest) = b.split_first().ok_or("truncated accumulation")?;
+                *b = rest;
+                Accumulation::from_code(*code)?
+            };
+            clock.accumulated.push((column, how));
         }
         for _ in 0..take_u16(b)? {
             let column = take_u16(b)?;
@@ -288,7 +477,7 @@ impl RowClock {
         }
         // Lookups binary-search both lists: bytes from the database that are out of order are a
         // broken clock, not one to act on.
-        if !ascending(clock.accumulated.iter().copied())
+        if !ascending(clock.accumulated.iter().map(|(c, _)| *c))
             || !ascending(clock.set_at.iter().map(|(c, _)| *c))
         {
             return Err("columns out of order".into());
@@ -297,7 +486,8 @@ impl RowClock {
     }
 }
 
-const CLOCK_FORMAT: u8 = 1;
+/// Format 2 records how each accumulated column accumulates (format 1 did not).
+const CLOCK_FORMAT: u8 = 2;
 
 fn ascending(mut columns: impl Iterator<Item = u16>) -> bool {
     let Some(mut previous) = columns.next() else {
@@ -342,8 +532,12 @@ mod tests {
         assert!(clock.set_column(3, at(5, 1, 7)));
         assert!(clock.set_column(1, at(-5, 0, 0)));
         let mut other = RowClock::default();
-        other.accumulate(2, at(4, 0, 1), name).expect("accumulates");
-        other.accumulate(0, at(3, 0, 1), name).expect("accumulates");
+        other
+            .accumulate(2, Accumulation::Add, at(4, 0, 1), name)
+            .expect("accumulates");
+        other
+            .accumulate(0, Accumulation::Max, at(3, 0, 1), name)
+            .expect("accumulates");
         let mut deleted = RowClock::default();
         deleted.touch(at(1, 0, 0));
         deleted.set_column(1, at(1, 0, 0));
@@ -384,19 +578,25 @@ mod tests {
         let mut set_first = RowClock::default();
         set_first.touch(at(1, 0, 0));
         set_first.set_column(2, at(1, 0, 0));
-        assert!(set_first.accumulate(2, at(2, 1, 0), name).is_err());
+        assert!(set_first
+            .accumulate(2, Accumulation::Add, at(2, 1, 0), name)
+            .is_err());
         let mut added_first = RowClock::default();
-        added_first.accumulate(2, at(2, 1, 0), name).expect("adds");
+        added_first
+            .accumulate(2, Accumulation::Add, at(2, 1, 0), name)
+            .expect("adds");
         assert!(added_first.check_settable(2, name).is_err());
 
         let mut deleted_first = RowClock::default();
         deleted_first
             .delete(at(1, 0, 0), |_| "n".into())
             .expect("deletes");
-        assert!(deleted_first.accumulate(2, at(2, 1, 0), name).is_err());
+        assert!(deleted_first
+            .accumulate(2, Accumulation::Add, at(2, 1, 0), name)
+            .is_err());
         let mut added_then_deleted = RowClock::default();
         added_then_deleted
-            .accumulate(2, at(2, 1, 0), name)
+            .accumulate(2, Accumulation::Add, at(2, 1, 0), name)
             .expect("adds");
         assert!(added_then_deleted
             .delete(at(1, 0, 0), |_| "n".into())

@@ -12,7 +12,7 @@
 use rustc_hash::FxHashMap;
 
 use super::change::{Change, Key};
-use super::clock::{Deleted, LogicalTime, RowClock, Verdict};
+use super::clock::{Accumulation, Deleted, LogicalTime, RowClock, Verdict};
 use super::table::TableSpec;
 use super::value::{sort_on_prefix, ColumnType, Value};
 
@@ -29,12 +29,12 @@ pub struct FoldError {
 /// deleted, or the database had none when the batch started).
 #[derive(Default)]
 pub struct TableRows {
-    rows: FxHashMap<Key, Option<Vec<Value>>>,
+    pub(super) rows: FxHashMap<Key, Option<Vec<Value>>>,
     /// For a table that gathers several partitions: per key the fold has seen, its clock (a deleted
     /// row keeps one too, so that an older change arriving later cannot bring it back).
-    clocks: FxHashMap<Key, RowClock>,
+    pub(super) clocks: FxHashMap<Key, RowClock>,
     /// Rough heap bytes held, for the memory budget.
-    approx_bytes: usize,
+    pub(super) approx_bytes: usize,
 }
 
 impl TableRows {
@@ -143,7 +143,7 @@ pub fn approx_size(values: &[Value]) -> usize {
 
 /// All tables of one projection, folded.
 pub struct RowStore {
-    tables: Vec<TableRows>,
+    pub(super) tables: Vec<TableRows>,
 }
 
 impl RowStore {
@@ -296,9 +296,14 @@ fn apply_by_logical_time(
             };
             check_key(spec, key)?;
             let column = *column;
+            let how = match &change {
+                Change::Min { .. } => Accumulation::Min,
+                Change::Max { .. } => Accumulation::Max,
+                _ => Accumulation::Add,
+            };
             let clock = clock_for(rows, key);
             clock
-                .accumulate(column, at, || column_name(column))
+                .accumulate(column, how, at, || column_name(column))
                 .map_err(|e| conflict(key, e))?;
             accumulate(rows, spec, change)
         }
@@ -745,7 +750,7 @@ mod tests {
         }
 
         fn mixed_change() -> impl Strategy<Value = Change> {
-            (0u8..2, 0i64..3, 0u8..3).prop_map(|(k, v, kind)| match kind {
+            (0u8..2, 0i64..3, 0u8..4).prop_map(|(k, v, kind)| match kind {
                 0 => Change::Add {
                     table: 2,
                     key: key(k),
@@ -756,6 +761,12 @@ mod tests {
                     table: 2,
                     key: key(k),
                     columns: vec![(1, Value::BigInt(v))],
+                },
+                2 => Change::Max {
+                    table: 2,
+                    key: key(k),
+                    column: 1,
+                    value: Value::BigInt(v),
                 },
                 _ => Change::Delete {
                     table: 2,
@@ -880,6 +891,68 @@ mod tests {
             all
         }
 
+        /// A store seeded with what `stored` holds, as the writer reads a build's rows back.
+        fn seeded(specs: &[TableSpec], stored: &Stored) -> Result<RowStore, String> {
+            let mut store = RowStore::new(specs.len());
+            for ((table, key), (row, clock)) in stored {
+                store.table_mut(*table).seed(key.clone(), row.clone());
+                if let Some(bytes) = clock {
+                    let clock = RowClock::decode(bytes).map_err(|e| e.to_string())?;
+                    store.table_mut(*table).seed_clock(key.clone(), clock);
+                }
+            }
+            Ok(store)
+        }
+
+        /// Fold each group of partitions apart (`groups[p]` is partition p's), each in its own
+        /// interleaving and batches, then merge the groups' folds in `order`.
+        fn fold_apart_and_merge(
+            specs: &[TableSpec],
+            partitions: &[Vec<Event>],
+            groups: &[usize],
+            picks: &[usize],
+            cut: usize,
+            order: &[usize],
+        ) -> Result<Stored, String> {
+            let mut folds = Vec::new();
+            for group in 0..3 {
+                let mine: Vec<Vec<Event>> = partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(p, events)| {
+                        if groups.get(p).copied().unwrap_or(0) % 3 == group {
+                            events.clone()
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect();
+                let folded = fold_in_batches(specs, &interleave(&mine, picks), cut)?;
+                folds.push(Some(seeded(specs, &folded)?));
+            }
+            let mut merged: Option<RowStore> = None;
+            for &i in order.iter().chain(&[0, 1, 2]) {
+                let Some(fold) = folds[i % 3].take() else {
+                    continue;
+                };
+                match &mut merged {
+                    None => merged = Some(fold),
+                    Some(into) => into.merge(specs, fold).map_err(|e| e.to_string())?,
+                }
+            }
+            let merged = merged.ok_or("no folds")?;
+            let mut stored = Stored::new();
+            for (table, _) in specs.iter().enumerate() {
+                for (key, row) in merged.table(table).entries() {
+                    stored.entry((table, key.clone())).or_default().0 = row.clone();
+                }
+                for (key, clock) in merged.table(table).clocks() {
+                    stored.entry((table, key.clone())).or_default().1 = Some(clock.encode());
+                }
+            }
+            Ok(stored)
+        }
+
         fn cases() -> u32 {
             std::env::var("REPROJECT_FUZZ_CASES")
                 .ok()
@@ -906,6 +979,40 @@ mod tests {
                     .map_err(TestCaseError::fail)?;
                 prop_assert_eq!(live_rows(&whole), live_rows(&reference));
                 prop_assert_eq!(live_rows(&batched), live_rows(&reference));
+            }
+
+            #[test]
+            fn folds_of_partitions_read_apart_merge_into_the_fold_of_all(
+                partitions in partitions(prop_oneof![register_change(), tally_change()].boxed()),
+                groups in proptest::collection::vec(0usize..3, 4),
+                picks in proptest::collection::vec(0usize..8, 1..40),
+                cut in 1usize..6,
+                order in proptest::collection::vec(0usize..3, 0..3),
+            ) {
+                let specs = specs();
+                let reference = fold_in_batches(&specs, &sorted(&partitions), usize::MAX)
+                    .map_err(TestCaseError::fail)?;
+                let merged = fold_apart_and_merge(&specs, &partitions, &groups, &picks, cut, &order)
+                    .map_err(TestCaseError::fail)?;
+                prop_assert_eq!(live_rows(&merged), live_rows(&reference));
+            }
+
+            #[test]
+            fn merging_refuses_what_the_fold_of_all_refuses(
+                partitions in partitions(mixed_change().boxed()),
+                groups in proptest::collection::vec(0usize..3, 4),
+                picks in proptest::collection::vec(0usize..8, 1..40),
+                cut in 1usize..6,
+                order in proptest::collection::vec(0usize..3, 0..3),
+            ) {
+                let specs = specs();
+                let reference = fold_in_batches(&specs, &sorted(&partitions), usize::MAX);
+                let merged = fold_apart_and_merge(&specs, &partitions, &groups, &picks, cut, &order);
+                match (&reference, &merged) {
+                    (Ok(a), Ok(b)) => prop_assert_eq!(live_rows(a), live_rows(b)),
+                    (Err(_), Err(_)) => {}
+                    _ => prop_assert!(false, "all: {:?}, merged: {:?}", reference, merged),
+                }
             }
 
             #[test]

@@ -19,9 +19,11 @@
 //!   that order wins, per column; a delete clears the columns set before it and hides the row until
 //!   a later change writes it again. Each such row keeps a [`RowClock`] beside it, so the same holds
 //!   across batches, spills, restarts, catch-up, `run`, dead-letter retries and `replay`.
-//! - Two mixtures have no order-independent answer and stop the build with an error naming the
+//! - Three mixtures have no order-independent answer and stop the build with an error naming the
 //!   table, row and column, whichever order the events come in: a column both set and accumulated,
-//!   and a row both accumulated and deleted.
+//!   a column accumulated two ways (add and max, say), and a row both accumulated and deleted.
+//! - So folds of disjoint sets of partitions join into the fold of all of them
+//!   ([`RowStore::merge`]): what several processes replaying one build need.
 //!
 //! Clock skew: logical time trusts `occurred_at`. If a partition's producer clock runs backwards, a
 //! set written later in that partition but stamped earlier loses to the earlier-written one, even
@@ -34,11 +36,12 @@
 mod change;
 mod clock;
 mod fold;
+mod merge;
 mod table;
 mod value;
 
 pub use change::{Change, ChangeLog, ChangeLogIntoIter, Changes, Key};
-pub use clock::{ClockConflict, LogicalTime, RowClock};
+pub use clock::{Accumulation, ClockConflict, LogicalTime, RowClock};
 pub use fold::{approx_size, FoldError, RowStore, TableRows, CLOCK_BYTES};
 pub use table::{Column, TableSpec};
 pub use value::{

@@ -187,6 +187,32 @@ impl Value {
         }
     }
 
+    /// `self - delta`, the inverse of [`plus`](Self::plus) (NULL counts as zero): what joining two
+    /// sums that each started from a column's default takes off one of them.
+    pub fn minus(&self, delta: &Value) -> Result<Value, String> {
+        let overflow = || format!("overflows: {self} - {delta}");
+        match (self, delta) {
+            (_, Value::Null) => Ok(self.clone()),
+            (Value::BigInt(a), Value::BigInt(b)) => {
+                a.checked_sub(*b).map(Value::BigInt).ok_or_else(overflow)
+            }
+            (Value::Integer(a), Value::Integer(b)) => {
+                a.checked_sub(*b).map(Value::Integer).ok_or_else(overflow)
+            }
+            (Value::Numeric(a), Value::Numeric(b)) => {
+                a.checked_sub(*b).map(Value::Numeric).ok_or_else(overflow)
+            }
+            (Value::Null, Value::BigInt(b)) => {
+                b.checked_neg().map(Value::BigInt).ok_or_else(overflow)
+            }
+            (Value::Null, Value::Integer(b)) => {
+                b.checked_neg().map(Value::Integer).ok_or_else(overflow)
+            }
+            (Value::Null, Value::Numeric(b)) => Ok(Value::Numeric(-*b)),
+            _ => Err(format!("cannot subtract {delta} from {self}")),
+        }
+    }
+
     /// Whether this value may be stored in a column of type `ty`.
     pub fn fits(&self, ty: ColumnType) -> bool {
         matches!(
