@@ -21,6 +21,11 @@ pub struct RebuildArgs {
     /// Build and catch up, but leave the current view live until `reproject swap`
     #[arg(long)]
     pub no_swap: bool,
+    /// Share one build with every other process started with --shared on the same projections,
+    /// here or on other machines: Kafka's consumer group shares the partitions out, each process
+    /// loads what it replayed, and one of them finishes the build (indexes, catch-up, swap)
+    #[arg(long)]
+    pub shared: bool,
     #[command(flatten)]
     pub memory: MemoryArgs,
     #[command(flatten)]
@@ -44,7 +49,11 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: RebuildArgs) -> anyhow::Result<Out
         disk_budget: args.memory.disk_budget.map(|b| b as u64),
         verify: args.verify.policy(),
     };
-    let report = rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?;
+    let report = if args.shared {
+        crate::engine::shared::rebuild_shared(&engine, &names, &options, &shutdown_token()).await?
+    } else {
+        rebuild::rebuild(&engine, &names, &options, &shutdown_token()).await?
+    };
     super::report::print_report(&report);
     Ok(Outcome::Success)
 }

@@ -20,6 +20,7 @@ pub mod progress;
 pub mod reader;
 pub mod rebuild;
 pub mod run;
+pub mod shared;
 pub mod status;
 pub mod throttle;
 pub mod timeline;

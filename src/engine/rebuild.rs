@@ -107,9 +107,9 @@ impl MemoryShares {
     }
 }
 
-struct Job<E> {
-    projection: DynProjection<E>,
-    build: Build,
+pub(super) struct Job<E> {
+    pub(super) projection: DynProjection<E>,
+    pub(super) build: Build,
 }
 
 pub async fn rebuild<E: Send + Sync + 'static>(
@@ -201,6 +201,21 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     }
     let mut jobs = to_replay;
     jobs.extend(to_resume);
+    finish_builds(engine, jobs, aggregate_index, options, cancel, &mut report).await?;
+    Ok(report)
+}
+
+/// From loaded builds to swapped ones: keys and indexes of the builds in phase `indexing` (all at
+/// once), the aggregate index being written beside them if there is one, the catch-up with what
+/// arrived since the replay, verification and the swap (or phase `ready`).
+pub(super) async fn finish_builds<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    mut jobs: Vec<Job<E>>,
+    aggregate_index: Option<AggregateIndexTask>,
+    options: &RebuildOptions,
+    cancel: &CancellationToken,
+    report: &mut RebuildReport,
+) -> Result<()> {
     // Every build's keys and indexes at once: each CREATE INDEX is one backend on one core.
     let started = Instant::now();
     let indexing = jobs
@@ -309,7 +324,7 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
         }
     }
     report.swap_seconds = started.elapsed().as_secs_f64();
-    Ok(report)
+    Ok(())
 }
 
 /// Verify `build` against the live build; under `strict`, a failed verification stops here with
@@ -771,7 +786,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
 }
 
 /// The aggregate index being written alongside the load: aggregates written and seconds taken.
-type AggregateIndexTask = tokio::task::JoinHandle<Result<(u64, f64)>>;
+pub(super) type AggregateIndexTask = tokio::task::JoinHandle<Result<(u64, f64)>>;
 
 /// What every build's bulk load records besides its rows.
 struct Loaded<'a> {

@@ -591,6 +591,54 @@ pub async fn read_positions<'c>(
         .collect()
 }
 
+/// Per partition id, the log end a build's replay reads up to (`rebuild --shared` records it when
+/// it creates the build, so that every worker replays to the same end).
+pub async fn read_targets<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    build_id: i64,
+) -> Result<Positions> {
+    let rows: Vec<(Option<i32>, Option<i64>)> = sqlx::query_as(&format!(
+        "SELECT {ID_OF_POSITION_SQL}, p.log_end_offset
+         FROM reproject.positions p JOIN reproject.builds b USING (build_id) WHERE build_id = $1"
+    ))
+    .bind(build_id)
+    .fetch_all(executor)
+    .await
+    .context(|| format!("reading the replay targets of build {build_id}"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, end)| Some((id?, end?)))
+        .collect())
+}
+
+/// Count `events` more as replayed into a build, in the loading worker's transaction.
+pub async fn add_replayed(conn: &mut PgConnection, build_id: i64, events: u64) -> Result<()> {
+    sqlx::query(
+        "UPDATE reproject.builds SET events_replayed = events_replayed + $2 WHERE build_id = $1",
+    )
+    .bind(build_id)
+    .bind(events as i64)
+    .execute(conn)
+    .await
+    .context(|| format!("counting the events replayed into build {build_id}"))?;
+    Ok(())
+}
+
+/// Move a build from `loading` to `indexing` if it still is in `loading`, recording its rows: true
+/// for the one process that did (it finishes the build), false for every other.
+pub async fn claim_loaded(conn: &mut PgConnection, build_id: i64, rows: u64) -> Result<bool> {
+    let claimed: Option<i64> = sqlx::query_scalar(
+        "UPDATE reproject.builds SET phase = 'indexing', loaded_at = now(), rows_loaded = $2
+         WHERE build_id = $1 AND phase = 'loading' RETURNING build_id",
+    )
+    .bind(build_id)
+    .bind(rows as i64)
+    .fetch_optional(conn)
+    .await
+    .context(|| format!("claiming the indexing of build {build_id}"))?;
+    Ok(claimed.is_some())
+}
+
 pub async fn set_phase(conn: &mut PgConnection, build_id: i64, phase: Phase) -> Result<()> {
     let stamp = match phase {
         Phase::Indexing => ", loaded_at = now()",

@@ -16,6 +16,7 @@ use super::{stable_hash, Context, SinkError};
 /// application's own advisory locks that use the single-bigint form.
 const REBUILD_LOCK: i32 = 0x5250_0001;
 const WRITER_LOCK: i32 = 0x5250_0002;
+const SHARED_BUILD_LOCK: i32 = 0x5250_0004;
 
 #[derive(Debug, Clone, Copy)]
 pub enum LockKind {
@@ -23,6 +24,8 @@ pub enum LockKind {
     Rebuild,
     /// Writing one build's tables.
     Writer,
+    /// Finding or creating the build that `rebuild --shared` processes work on, one at a time.
+    SharedBuild,
 }
 
 /// What the writer lock of a build is taken on: whoever writes a build's tables (`run`, a rebuild's
@@ -61,6 +64,11 @@ fn keys(kind: LockKind, subject: &str) -> (i32, i32, String) {
             stable_hash(subject),
             format!("writing {subject}"),
         ),
+        LockKind::SharedBuild => (
+            SHARED_BUILD_LOCK,
+            stable_hash(subject),
+            format!("preparing the shared build of {subject}"),
+        ),
     }
 }
 
@@ -85,6 +93,16 @@ pub async fn is_held_by_anyone<'c>(
     .context(|| format!("looking for the lock on {what}"))
 }
 
+/// How a lock is taken: alone, or shared with others who take it shared (the processes of one
+/// `rebuild --shared`), which keeps out whoever wants it alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    Exclusive,
+    Shared,
+    /// Exclusive, waiting for it as long as it takes.
+    ExclusiveWaiting,
+}
+
 impl AdvisoryLock {
     /// Take the lock or fail at once, naming whoever holds it.
     pub async fn try_acquire(
@@ -92,6 +110,18 @@ impl AdvisoryLock {
         kind: LockKind,
         subject: &str,
         holder: &str,
+    ) -> std::result::Result<AdvisoryLock, LockError> {
+        Self::acquire(database_url, kind, subject, holder, LockMode::Exclusive).await
+    }
+
+    /// Take the lock as `mode` says; a mode that does not wait fails at once, naming whoever holds
+    /// the lock.
+    pub async fn acquire(
+        database_url: &str,
+        kind: LockKind,
+        subject: &str,
+        holder: &str,
+        mode: LockMode,
     ) -> std::result::Result<AdvisoryLock, LockError> {
         let (class, object, what) = keys(kind, subject);
         let mut conn = PgConnection::connect(database_url)
@@ -103,7 +133,12 @@ impl AdvisoryLock {
             .execute(&mut conn)
             .await
             .context(|| "naming the lock connection".into())?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        let take = match mode {
+            LockMode::Exclusive => "SELECT pg_try_advisory_lock($1, $2)",
+            LockMode::Shared => "SELECT pg_try_advisory_lock_shared($1, $2)",
+            LockMode::ExclusiveWaiting => "SELECT pg_advisory_lock($1, $2) IS NOT NULL",
+        };
+        let got: bool = sqlx::query_scalar(take)
             .bind(class)
             .bind(object)
             .fetch_one(&mut conn)

@@ -9,6 +9,7 @@ pub mod database;
 pub mod dead_letters;
 pub mod known;
 pub mod lock;
+pub mod merge;
 pub mod spill;
 pub mod writer;
 

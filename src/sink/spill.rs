@@ -44,6 +44,30 @@ pub fn spill_index_name(table: &str) -> String {
     format!("rp_spill_{table}")
 }
 
+/// Index the keys of a build's tables (and clock tables) during its load, so that rows can be read
+/// back and upserted by key: what spills and workers sharing a build need before `indexes.sql`.
+pub async fn index_keys(conn: &mut PgConnection, tables: BuildTables<'_>) -> Result<()> {
+    for spec in tables.specs {
+        let key_columns = spec
+            .key_columns()
+            .iter()
+            .map(|c| quote_ident(c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        for table in clocks::keyed_tables(spec) {
+            let target = qualified(tables.schema, &table);
+            sqlx::query(&format!(
+                "CREATE UNIQUE INDEX {} ON {target} ({key_columns})",
+                quote_ident(&spill_index_name(&table))
+            ))
+            .execute(&mut *conn)
+            .await
+            .context(|| format!("indexing the keys of {target} for the load"))?;
+        }
+    }
+    Ok(())
+}
+
 impl SpillState {
     pub fn new(tables: usize) -> SpillState {
         SpillState {
@@ -150,24 +174,7 @@ impl SpillState {
         let mut written = 0;
         if self.spills == 0 {
             written += writer::bulk_load(conn, tables, store, gate).await?;
-            for spec in tables.specs {
-                let key_columns = spec
-                    .key_columns()
-                    .iter()
-                    .map(|c| quote_ident(c.name))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                for table in clocks::keyed_tables(spec) {
-                    let target = qualified(tables.schema, &table);
-                    sqlx::query(&format!(
-                        "CREATE UNIQUE INDEX {} ON {target} ({key_columns})",
-                        quote_ident(&spill_index_name(&table))
-                    ))
-                    .execute(&mut *conn)
-                    .await
-                    .context(|| format!("indexing the keys of {target} for later spills"))?;
-                }
-            }
+            index_keys(conn, tables).await?;
         } else {
             self.ensure_staging(conn, tables).await?;
             for (index, spec) in tables.specs.iter().enumerate() {

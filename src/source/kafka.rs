@@ -45,6 +45,9 @@ pub enum SourceError {
     TopicMissing { topic: String, brokers: String },
     #[error("invalid Kafka setting {0}")]
     BadSetting(String),
+    /// Something on this machine, not the broker (a thread that could not start).
+    #[error("{0}")]
+    Local(String),
 }
 
 /// How to reach the brokers: bootstrap servers plus any librdkafka property (`-X key=value`), which
@@ -149,6 +152,29 @@ impl KafkaSettings {
             ],
         );
         capped.consumer(group)
+    }
+
+    /// A member of consumer group `group` for sharing partitions out (see `source::group`): it
+    /// never commits, and fetches nothing (its partitions are paused). A member that stops
+    /// heartbeating for `session.timeout.ms` (10 s here unless set with `-X`) loses its partitions
+    /// to the others.
+    pub fn group_member<C: rdkafka::consumer::ConsumerContext>(
+        &self,
+        group: &str,
+        context: C,
+    ) -> Result<BaseConsumer<C>, SourceError> {
+        let mut config = self.base();
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("queued.max.messages.kbytes", "1024");
+        self.with_user_properties(config)
+            .create_with_context(context)
+            .map_err(self.error(format!("joining consumer group {group}")))
     }
 
     /// A producer for `seed`: compressed (the broker keeps compressed bytes) and batched.

@@ -7,6 +7,7 @@
 //! log start is 0.
 
 pub mod dev_broker;
+pub mod group;
 mod kafka;
 pub mod partitioner;
 pub mod producer;

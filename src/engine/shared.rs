@@ -1,0 +1,515 @@
+//! `rebuild --shared`: one build of each projection, replayed by every process started on it, on
+//! this machine or many.
+//!
+//! 1. One process at a time (an advisory lock), each finds the shared build of each projection, a
+//!    build in phase `loading` whose positions are recorded, or creates it: its tables with their
+//!    keys indexed for merging, and per partition a position at the log's start and a target at
+//!    the log's end of that moment, which every process replays to.
+//! 2. A Kafka consumer group over the build's topics shares the partitions out among the processes
+//!    (`source::group`): membership, failure detection and rebalancing are Kafka's. The group's
+//!    offsets are never used; positions live in PostgreSQL with the rows.
+//! 3. Rounds: a process replays the partitions it is given that are not loaded yet, from their
+//!    positions to their targets, folds them in memory, and loads the fold (`sink::merge`: rows
+//!    that gather partitions are joined with what other processes loaded) with the positions moved
+//!    compare-and-set, one transaction per build. A round whose partitions the group moved
+//!    meanwhile is dropped and redone; one whose positions another process moved first is dropped
+//!    (that work is in already). A process that dies loses only its open round: the group gives its
+//!    partitions to the others after its session timeout, and they replay them from their stored
+//!    positions, so nothing is applied twice and nothing is lost.
+//! 4. Once every partition of a build has reached its target, the first process to move the build
+//!    to `indexing` (compare-and-set in the catalog) finishes it as `rebuild` does: keys and
+//!    indexes, catch-up, verification, swap. The others leave it to that process.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+use super::fold::{Fold, FoldBuild};
+use super::reader::{self, ReaderConfig, Target};
+use super::rebuild::{finish_builds, Job, RebuildOptions, RebuildReport};
+use super::{holder_name, Engine, EngineError, Result};
+use crate::sink::catalog::{self, Phase, Positions};
+use crate::sink::lock::{AdvisoryLock, LockKind, LockMode};
+use crate::sink::merge;
+use crate::sink::spill::{self, SpillState};
+use crate::sink::writer::{self, BuildTables};
+use crate::sink::{dead_letters, Context};
+use crate::source::group::GroupMember;
+
+/// How long the group's assignment must stay put before a round starts: processes started together
+/// join one after another, and every join moves partitions.
+const SETTLE: Duration = Duration::from_secs(3);
+
+pub async fn rebuild_shared<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    names: &[String],
+    options: &RebuildOptions,
+    cancel: &CancellationToken,
+) -> Result<RebuildReport> {
+    if options.memory_budget.is_some() {
+        return Err(EngineError::Projection {
+            projection: names.join(", "),
+            reason: "--memory-budget is not supported with --shared yet: each process folds its partitions whole in memory (start more processes to fold less each)".into(),
+        });
+    }
+    let projections = names
+        .iter()
+        .map(|n| engine.projection(n))
+        .collect::<Result<Vec<_>>>()?;
+    for p in &projections {
+        engine.schemas.load(p.name(), p.version())?;
+    }
+    let holder = holder_name("rebuild --shared");
+    // Shared among the processes of this rebuild; keeps out a plain `rebuild` of the same projection.
+    let mut locks = Vec::new();
+    for p in &projections {
+        locks.push(
+            AdvisoryLock::acquire(
+                &engine.database_url,
+                LockKind::Rebuild,
+                p.name(),
+                &holder,
+                LockMode::Shared,
+            )
+            .await?,
+        );
+    }
+    let result = rebuild_shared_locked(engine, projections, options, cancel, &holder).await;
+    for lock in locks {
+        lock.release().await;
+    }
+    result
+}
+
+async fn rebuild_shared_locked<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    projections: Vec<crate::projection::DynProjection<E>>,
+    options: &RebuildOptions,
+    cancel: &CancellationToken,
+    holder: &str,
+) -> Result<RebuildReport> {
+    let mut report = RebuildReport {
+        projections: projections.iter().map(|p| p.name().to_string()).collect(),
+        ..Default::default()
+    };
+    let bounds = engine.log_bounds("reproject").await?;
+    let truncated = bounds.truncated();
+    if !truncated.is_empty() && !options.allow_truncated_history {
+        let partitions = truncated
+            .iter()
+            .map(|(p, s)| format!("partition {} starts at {s}", engine.topics.label(*p)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(EngineError::TruncatedHistory {
+            topic: engine.topics.to_string(),
+            partitions,
+        });
+    }
+    let mut jobs = Vec::new();
+    for projection in projections {
+        let job = join_or_create(engine, projection, &bounds, holder).await?;
+        report.builds.push(job.build.build_id);
+        jobs.push(job);
+    }
+    let ids: Vec<String> = jobs.iter().map(|j| j.build.build_id.to_string()).collect();
+    let group = format!("reproject-shared-{}", ids.join("-"));
+    let member = {
+        let (kafka, topics, name) = (engine.kafka.clone(), engine.topics.clone(), group.clone());
+        tokio::task::spawn_blocking(move || GroupMember::join(&kafka, &name, &topics))
+            .await
+            .map_err(|e| EngineError::Projection {
+                projection: "-".into(),
+                reason: format!("joining consumer group {group} failed: {e}"),
+            })?
+            .map_err(|e| EngineError::Source(Box::new(e)))?
+    };
+    tracing::info!(message = "sharing the replay", %group, builds = ?report.builds);
+
+    let started = Instant::now();
+    let mut last_generation = (0, Instant::now());
+    loop {
+        if cancel.is_cancelled() {
+            return Err(EngineError::Interrupted);
+        }
+        let mut remaining = Vec::new();
+        for job in &jobs {
+            let (positions, targets) = positions_and_targets(engine, job.build.build_id).await?;
+            let open: Positions = positions
+                .into_iter()
+                .filter(|(p, next)| targets.get(p).is_some_and(|end| next < end))
+                .collect();
+            remaining.push((open, targets));
+        }
+        if remaining.iter().all(|(open, _)| open.is_empty()) {
+            break;
+        }
+        let assignment = member.assignment();
+        if assignment.generation != last_generation.0 {
+            last_generation = (assignment.generation, Instant::now());
+        }
+        let mine: BTreeSet<i32> = assignment
+            .partitions
+            .iter()
+            .copied()
+            .filter(|p| remaining.iter().any(|(open, _)| open.contains_key(p)))
+            .collect();
+        if mine.is_empty() || last_generation.1.elapsed() < SETTLE {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = cancel.cancelled() => return Err(EngineError::Interrupted),
+            }
+            continue;
+        }
+        let round = Round {
+            starts: remaining
+                .iter()
+                .map(|(open, _)| {
+                    open.iter()
+                        .filter(|(p, _)| mine.contains(p))
+                        .map(|(p, o)| (*p, *o))
+                        .collect()
+                })
+                .collect(),
+            targets: remaining.into_iter().map(|(_, targets)| targets).collect(),
+            generation: assignment.generation,
+        };
+        tracing::info!(message = "replaying a round", partitions = ?mine, generation = round.generation);
+        match replay_round(engine, &jobs, &round, &member, cancel).await? {
+            Some((events, seconds)) => {
+                report.events_replayed += events;
+                report.load_seconds += seconds;
+            }
+            None => continue,
+        }
+    }
+    report.replay_seconds = started.elapsed().as_secs_f64() - report.load_seconds;
+    drop(member);
+
+    // Every partition is in: the first process to claim a build finishes it.
+    let mut mine = Vec::new();
+    let mut conn = engine.catalog.conn().await?;
+    for mut job in jobs {
+        let rows =
+            SpillState::row_count(&mut conn, BuildTables::of(&job.build, &job.projection)).await?;
+        if catalog::claim_loaded(&mut conn, job.build.build_id, rows).await? {
+            tracing::info!(
+                message = "every partition loaded; finishing the build here",
+                projection = job.projection.name(),
+                build_id = job.build.build_id,
+                rows
+            );
+            report.rows_loaded += rows;
+            job.build.phase = Phase::Indexing;
+            mine.push(job);
+        } else {
+            tracing::info!(
+                message = "every partition loaded; another process finishes the build",
+                projection = job.projection.name(),
+                build_id = job.build.build_id
+            );
+        }
+    }
+    drop(conn);
+    if !mine.is_empty() {
+        finish_builds(engine, mine, None, options, cancel, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// Per build in job order: where this round starts each of its partitions, and where they end.
+struct Round {
+    starts: Vec<Positions>,
+    targets: Vec<Positions>,
+    generation: u64,
+}
+
+async fn positions_and_targets<E>(
+    engine: &Engine<E>,
+    build_id: i64,
+) -> Result<(Positions, Positions)> {
+    let positions = catalog::read_positions(engine.catalog.pool(), build_id).await?;
+    let targets = catalog::read_targets(engine.catalog.pool(), build_id).await?;
+    Ok((positions, targets))
+}
+
+/// The shared build of `projection` in phase `loading`, or a new one, one process at a time.
+async fn join_or_create<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    projection: crate::projection::DynProjection<E>,
+    bounds: &crate::source::LogBounds,
+    holder: &str,
+) -> Result<Job<E>> {
+    let lock = AdvisoryLock::acquire(
+        &engine.database_url,
+        LockKind::SharedBuild,
+        projection.name(),
+        holder,
+        LockMode::ExclusiveWaiting,
+    )
+    .await?;
+    let result = async {
+        let mut conn = engine.catalog.conn().await?;
+        for build in engine
+            .catalog
+            .builds(Some(projection.name()))
+            .await?
+            .into_iter()
+            .filter(|b| b.phase.in_progress())
+        {
+            let same =
+                build.version == projection.version() && build.topics == engine.topics.names();
+            if same && build.phase == Phase::Loading {
+                // A plain rebuild's load records its positions only as it commits.
+                if !catalog::read_positions(&mut *conn, build.build_id)
+                    .await?
+                    .is_empty()
+                {
+                    tracing::info!(
+                        message = "joining the shared build",
+                        projection = projection.name(),
+                        build_id = build.build_id
+                    );
+                    return Ok(Job { projection, build });
+                }
+            } else if same {
+                return Err(EngineError::Projection {
+                    projection: projection.name().to_string(),
+                    reason: format!(
+                        "build {} is already loaded (phase {}); `reproject rebuild {}` resumes it",
+                        build.build_id,
+                        build.phase.as_str(),
+                        projection.name()
+                    ),
+                });
+            }
+            tracing::info!(
+                message = "abandoning an unfinished build",
+                projection = projection.name(),
+                build_id = build.build_id,
+                version = build.version
+            );
+            writer::drop_schema(&mut conn, &build.schema_name).await?;
+            catalog::set_phase(&mut conn, build.build_id, Phase::Dropped).await?;
+        }
+        let build = engine
+            .catalog
+            .create_build(
+                projection.name(),
+                projection.version(),
+                &engine.topics,
+                !bounds.truncated().is_empty(),
+                engine.definition(projection.name(), projection.version()),
+            )
+            .await?;
+        let sql = engine
+            .schemas
+            .load(projection.name(), projection.version())?;
+        let mut tx = conn
+            .begin()
+            .await
+            .context(|| "starting to create a shared build".into())?;
+        let tables = BuildTables::of(&build, &projection);
+        writer::create_tables(&mut tx, tables, &sql).await?;
+        spill::index_keys(&mut tx, tables).await?;
+        catalog::insert_positions(&mut tx, build.build_id, &bounds.start, &bounds.end).await?;
+        tx.commit()
+            .await
+            .context(|| format!("committing the shared build {}", build.schema_name))?;
+        tracing::info!(
+            message = "created the shared build",
+            projection = projection.name(),
+            build_id = build.build_id
+        );
+        Ok(Job { projection, build })
+    }
+    .await;
+    lock.release().await;
+    result
+}
+
+/// Replay this round's partitions to their targets and load them. None when the group moved
+/// partitions during the round, or another process loaded them first: nothing of it was kept.
+/// Otherwise the events replayed and the seconds the loads took.
+async fn replay_round<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    jobs: &[Job<E>],
+    round: &Round,
+    member: &GroupMember,
+    cancel: &CancellationToken,
+) -> Result<Option<(u64, f64)>> {
+    let busy: Vec<usize> = (0..jobs.len())
+        .filter(|&i| !round.starts[i].is_empty())
+        .collect();
+    let mut start = Positions::new();
+    let mut stop_at = Positions::new();
+    for &i in &busy {
+        for (p, o) in &round.starts[i] {
+            let first = start.entry(*p).or_insert(*o);
+            *first = (*first).min(*o);
+            if let Some(end) = round.targets[i].get(p) {
+                stop_at.insert(*p, *end);
+            }
+        }
+    }
+    let targets = busy
+        .iter()
+        .map(|&i| Target {
+            projection: jobs[i].projection.clone(),
+            positions: round.starts[i].clone(),
+        })
+        .collect();
+    let config = ReaderConfig {
+        topics: engine.topics.clone(),
+        framing: engine.framing.clone(),
+        stop_at: Some(stop_at),
+        // Every process replays to the targets recorded with the build, whatever came since.
+        stop_exactly: true,
+        max_batch_events: Arc::new(std::sync::atomic::AtomicUsize::new(
+            engine.tuning.batch_events,
+        )),
+        max_batch_wait: Duration::from_millis(100),
+        log_end_every: None,
+        stall_timeout: engine.tuning.stall_timeout,
+        index_aggregates: false,
+        aggregate_index_max_bytes: None,
+        measure_processing: false,
+        prefetch_max_bytes: None,
+        dead_letters: matches!(
+            engine.tuning.bad_records,
+            super::BadRecordPolicy::DeadLetter { .. }
+        ),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mut batches, readers) = reader::spawn_split(
+        engine.kafka.clone(),
+        engine.registry.clone(),
+        targets,
+        config,
+        stop.clone(),
+        8,
+        engine.tuning.replay_readers,
+    );
+    let reader_count = readers.len();
+    let builds: Vec<FoldBuild<E>> = busy
+        .iter()
+        .map(|&i| FoldBuild {
+            projection: jobs[i].projection.clone(),
+            build_id: jobs[i].build.build_id,
+            schema: jobs[i].build.schema_name.clone(),
+        })
+        .collect();
+    let (policy, database_url) = (engine.tuning.bad_records, engine.database_url.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let fold = tokio::task::spawn_blocking(move || {
+        let mut fold = Fold::new(
+            builds,
+            start,
+            reader_count,
+            None,
+            policy,
+            &database_url,
+            runtime,
+        )?;
+        while let Some(batch) = batches.blocking_recv() {
+            if fold.apply(batch?)? {
+                return Ok(fold.finish());
+            }
+        }
+        Err(EngineError::Interrupted)
+    });
+    tokio::pin!(fold);
+    let folded = loop {
+        tokio::select! {
+            result = &mut fold => break result.map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("fold task failed: {e}") })?,
+            _ = cancel.cancelled() => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err(EngineError::Interrupted);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if member.assignment().generation != round.generation {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(message = "the group moved partitions during the round; dropping it and starting again");
+                    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
+                    return Ok(None);
+                }
+            }
+        }
+    };
+    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
+    let folded = folded?;
+    if member.assignment().generation != round.generation {
+        tracing::info!(
+            message =
+                "the group moved partitions as the round ended; dropping it and starting again"
+        );
+        return Ok(None);
+    }
+
+    let started = Instant::now();
+    let mut conn = sqlx::PgConnection::connect(&engine.database_url)
+        .await
+        .context(|| "connecting to load a round".into())?;
+    let mut letters: BTreeMap<usize, Vec<reader::DeadLetter>> = BTreeMap::new();
+    for (slot, list) in folded.dead_letters.into_iter().enumerate() {
+        letters.insert(slot, list);
+    }
+    for (slot, (store, &i)) in folded.stores.into_iter().zip(&busy).enumerate() {
+        let job = &jobs[i];
+        let tables = BuildTables::of(&job.build, &job.projection);
+        let next: Positions = round.starts[i]
+            .keys()
+            .filter_map(|p| round.targets[i].get(p).map(|end| (*p, *end)))
+            .collect();
+        let events: i64 = next
+            .iter()
+            .map(|(p, end)| end - round.starts[i].get(p).copied().unwrap_or(*end))
+            .sum();
+        let mut tx = conn
+            .begin()
+            .await
+            .context(|| format!("starting to load a round into {}", tables.schema))?;
+        match catalog::advance_positions(
+            &mut tx,
+            job.build.build_id,
+            &round.starts[i],
+            &next,
+            &next,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(crate::sink::SinkError::PositionConflict { .. }) => {
+                tracing::info!(
+                    message =
+                        "another process loaded these partitions first; dropping this round's rows",
+                    projection = job.projection.name(),
+                    build_id = job.build.build_id
+                );
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let rows = merge::merge_into(&mut tx, tables, store).await?;
+        let stored: Vec<_> = letters
+            .get(&slot)
+            .map(|l| l.iter().map(|l| l.stored()).collect())
+            .unwrap_or_default();
+        dead_letters::insert(&mut tx, job.build.build_id, job.projection.name(), &stored).await?;
+        catalog::add_replayed(&mut tx, job.build.build_id, events.max(0) as u64).await?;
+        tx.commit()
+            .await
+            .context(|| format!("committing a round into {}", tables.schema))?;
+        tracing::info!(
+            message = "loaded a round",
+            projection = job.projection.name(),
+            build_id = job.build.build_id,
+            partitions = next.len(),
+            rows
+        );
+    }
+    Ok(Some((folded.events, started.elapsed().as_secs_f64())))
+}

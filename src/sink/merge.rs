@@ -1,0 +1,98 @@
+//! Loading one worker's fold into a build that other workers load too (`rebuild --shared`).
+//!
+//! Each worker folds only its partitions, so its rows are partial wherever a row gathers
+//! partitions. A worker's load reads back what the table already holds for each of its keys (rows
+//! and clocks), joins its fold into it (`RowStore::merge`: sums added, minimums and maximums kept,
+//! sets by logical time) and writes the result, all in the caller's transaction, which also moves
+//! the worker's positions (compare-and-set). Loads of one build take turns on a transaction-level
+//! advisory lock: two joins of the same key must not both read the old row. Rows of per-aggregate
+//! tables come from one partition, hence one worker: they go in with a plain COPY, and a key that
+//! is already there is a broken `per_aggregate` promise, refused by the table's unique index.
+
+use sqlx::PgConnection;
+
+use super::writer::{self, Absent, BuildTables, StagingNames};
+use super::{qualified, stable_hash, Context, Result, SinkError};
+use crate::projection::{Key, RowStore, Value};
+
+/// The first key of the transaction advisory lock that serialises one build's merges.
+const MERGE_LOCK: i32 = 0x5250_0003;
+
+/// Join `store` into the build's tables, in the caller's transaction. Returns the rows written.
+pub async fn merge_into(
+    conn: &mut PgConnection,
+    tables: BuildTables<'_>,
+    store: RowStore,
+) -> Result<u64> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(MERGE_LOCK)
+        .bind(stable_hash(&tables.build_id.to_string()))
+        .execute(&mut *conn)
+        .await
+        .context(|| {
+            format!(
+                "waiting for the other workers' loads into {}",
+                tables.schema
+            )
+        })?;
+    let mut written = 0;
+    for (index, (spec, theirs)) in tables.specs.iter().zip(store.into_tables()).enumerate() {
+        if theirs.is_empty() && theirs.clock_count() == 0 {
+            continue;
+        }
+        let target = qualified(tables.schema, spec.name);
+        if !spec.gathers_partitions() {
+            let rows = theirs.live_rows_in_key_order(spec.key_len);
+            written +=
+                writer::copy_into(conn, &target, spec.columns.len(), rows.into_iter(), |r| {
+                    r.as_slice()
+                })
+                .await
+                .map_err(|e| per_aggregate_clash(e, &target))?;
+            continue;
+        }
+        let names = StagingNames::new(tables.build_id, index);
+        writer::create_staging(conn, tables.schema, spec, &names).await?;
+        let keys: Vec<Vec<Value>> = theirs
+            .keys()
+            .chain(theirs.clocks().map(|(k, _)| k))
+            .map(|k| k.to_vec())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut joined = RowStore::new(tables.specs.len());
+        let rows = joined.table_mut(index);
+        writer::load_current_rows(conn, tables.schema, spec, &names, &keys, rows).await?;
+        let mut absent = Absent::default();
+        for key in &keys {
+            if matches!(rows.get(key), Some(None)) {
+                absent.rows.insert(Key::from(key.as_slice()));
+            }
+            if !rows.has_clock(key) {
+                absent.clocks.insert(Key::from(key.as_slice()));
+            }
+        }
+        rows.merge(spec, theirs).map_err(|reason| {
+            SinkError::Invalid(format!(
+                "projection {} v{}, table {}: {reason}",
+                tables.projection, tables.version, spec.name
+            ))
+        })?;
+        written +=
+            writer::write_back(conn, tables.schema, spec, &names, &joined, index, &absent).await?;
+    }
+    Ok(written)
+}
+
+/// A unique-key violation while loading a per-aggregate table means two workers' partitions wrote
+/// one row: say so, rather than only what PostgreSQL says.
+fn per_aggregate_clash(error: SinkError, target: &str) -> SinkError {
+    let text = error.to_string();
+    if text.contains("23505") || text.contains("duplicate key") {
+        SinkError::Invalid(format!(
+            "{target} is declared per_aggregate, but a row of it was written by events of partitions that different workers read: each of its rows must come from one aggregate, hence one partition (are the aggregate's events keyed by its id?); {text}"
+        ))
+    } else {
+        error
+    }
+}
