@@ -28,5 +28,6 @@ mod outages;
 mod privileges;
 mod rebuild;
 mod replay;
+mod scale_out;
 mod swap;
 mod verify;
