@@ -32,7 +32,7 @@ use crate::projection::{DynProjection, RowStore};
 use crate::sink::aggregate_index;
 use crate::sink::catalog::{self, Phase, Positions};
 use crate::sink::dead_letters;
-use crate::sink::lock::{AdvisoryLock, LockKind};
+use crate::sink::lock::{AdvisoryLock, LockKind, LockMode};
 use crate::sink::spill::SpillState;
 use crate::sink::writer::{self, BuildTables};
 use crate::sink::{Build, Context, SliceGate};
@@ -118,6 +118,24 @@ pub async fn rebuild<E: Send + Sync + 'static>(
     options: &RebuildOptions,
     cancel: &CancellationToken,
 ) -> Result<RebuildReport> {
+    let holder = holder_name("rebuild");
+    let (projections, locks) =
+        lock_projections(engine, names, &holder, LockMode::Exclusive).await?;
+    let result = rebuild_locked(engine, projections, options, cancel).await;
+    for lock in locks {
+        lock.release().await;
+    }
+    result
+}
+
+/// The projections named, each checked for its schema files and locked for rebuilding as `mode`
+/// says (shared among the processes of one `rebuild --shared`, which keeps out a plain rebuild).
+pub(super) async fn lock_projections<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    names: &[String],
+    holder: &str,
+    mode: LockMode,
+) -> Result<(Vec<DynProjection<E>>, Vec<AdvisoryLock>)> {
     let projections = names
         .iter()
         .map(|n| engine.projection(n))
@@ -126,19 +144,27 @@ pub async fn rebuild<E: Send + Sync + 'static>(
     for p in &projections {
         engine.schemas.load(p.name(), p.version())?;
     }
-    let holder = holder_name("rebuild");
     let mut locks = Vec::new();
     for p in &projections {
-        locks.push(
-            AdvisoryLock::try_acquire(&engine.database_url, LockKind::Rebuild, p.name(), &holder)
-                .await?,
-        );
+        let lock = AdvisoryLock::acquire(
+            &engine.database_url,
+            LockKind::Rebuild,
+            p.name(),
+            holder,
+            mode,
+        )
+        .await;
+        match lock {
+            Ok(lock) => locks.push(lock),
+            Err(e) => {
+                for lock in locks {
+                    lock.release().await;
+                }
+                return Err(e.into());
+            }
+        }
     }
-    let result = rebuild_locked(engine, projections, options, cancel).await;
-    for lock in locks {
-        lock.release().await;
-    }
-    result
+    Ok((projections, locks))
 }
 
 /// A build whose replay failed (not interrupted) would be started over by the next rebuild anyway:

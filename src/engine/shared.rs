@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fold::{Fold, FoldBuild};
 use super::reader::{self, ReaderConfig, Target};
-use super::rebuild::{finish_builds, Job, RebuildOptions, RebuildReport};
+use super::rebuild::{finish_builds, lock_projections, Job, RebuildOptions, RebuildReport};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::sink::catalog::{self, Phase, Positions};
 use crate::sink::lock::{AdvisoryLock, LockKind, LockMode};
@@ -56,28 +56,8 @@ pub async fn rebuild_shared<E: Send + Sync + 'static>(
             reason: "--memory-budget is not supported with --shared yet: each process folds its partitions whole in memory (start more processes to fold less each)".into(),
         });
     }
-    let projections = names
-        .iter()
-        .map(|n| engine.projection(n))
-        .collect::<Result<Vec<_>>>()?;
-    for p in &projections {
-        engine.schemas.load(p.name(), p.version())?;
-    }
     let holder = holder_name("rebuild --shared");
-    // Shared among the processes of this rebuild; keeps out a plain `rebuild` of the same projection.
-    let mut locks = Vec::new();
-    for p in &projections {
-        locks.push(
-            AdvisoryLock::acquire(
-                &engine.database_url,
-                LockKind::Rebuild,
-                p.name(),
-                &holder,
-                LockMode::Shared,
-            )
-            .await?,
-        );
-    }
+    let (projections, locks) = lock_projections(engine, names, &holder, LockMode::Shared).await?;
     let result = rebuild_shared_locked(engine, projections, options, cancel, &holder).await;
     for lock in locks {
         lock.release().await;
