@@ -145,3 +145,15 @@ CREATE TABLE IF NOT EXISTS reproject.verifications (
 -- Settings changed while a command runs (`reproject tune`): max_rate, batch_events, slow_at,
 -- pause_at. Read by catch-ups and followers at every pause check.
 ALTER TABLE reproject.controls ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}';
+
+-- The processes of a `rebuild --shared`, one row each per build, refreshed as they work: the
+-- partitions the consumer group gives them (ids, see `topics` above), what they replayed, how fast.
+CREATE TABLE IF NOT EXISTS reproject.workers (
+    build_id           bigint      NOT NULL REFERENCES reproject.builds ON DELETE CASCADE,
+    worker             text        NOT NULL,
+    partitions         integer[]   NOT NULL,
+    events_replayed    bigint      NOT NULL,
+    events_per_second  float8      NOT NULL,
+    seen_at            timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (build_id, worker)
+);

@@ -146,6 +146,17 @@ fn line(out: &mut String, label: &str, b: &BuildStatus) {
             b.dead_letters, b.build.projection
         ));
     }
+    for w in &b.workers {
+        let partitions: Vec<String> = w.partitions.iter().map(i32::to_string).collect();
+        out.push_str(&format!(
+            "            worker {}: partitions [{}], {} events replayed at {:.0} events/s, seen {:.0}s ago\n",
+            w.worker,
+            partitions.join(" "),
+            w.events_replayed,
+            w.events_per_second,
+            w.seen_seconds_ago
+        ));
+    }
     if label != "retired" {
         for (topic, positions) in &b.positions {
             let parts: Vec<String> = positions.iter().map(|(p, o)| format!("{p}:{o}")).collect();

@@ -44,6 +44,9 @@ use crate::source::group::GroupMember;
 /// join one after another, and every join moves partitions.
 const SETTLE: Duration = Duration::from_secs(3);
 
+/// How often a process records itself in `reproject.workers` for `status` while it waits.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
+
 pub async fn rebuild_shared<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     names: &[String],
@@ -111,9 +114,27 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
 
     let started = Instant::now();
     let mut last_generation = (0, Instant::now());
+    let mut reported = None::<Instant>;
     loop {
         if cancel.is_cancelled() {
             return Err(EngineError::Interrupted);
+        }
+        if reported.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+            let replaying = started.elapsed().as_secs_f64() - report.load_seconds;
+            let rate = report.events_replayed as f64 / replaying.max(1e-3);
+            let partitions: Vec<i32> = member.assignment().partitions.into_iter().collect();
+            for job in &jobs {
+                catalog::record_worker(
+                    engine.catalog.pool(),
+                    job.build.build_id,
+                    holder,
+                    &partitions,
+                    report.events_replayed,
+                    rate,
+                )
+                .await?;
+            }
+            reported = Some(Instant::now());
         }
         let mut remaining = Vec::new();
         for job in &jobs {
@@ -162,6 +183,7 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             Some((events, seconds)) => {
                 report.events_replayed += events;
                 report.load_seconds += seconds;
+                reported = None;
             }
             None => continue,
         }

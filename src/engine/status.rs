@@ -55,6 +55,9 @@ pub struct BuildStatus {
     pub last_error: Option<String>,
     /// Bad records this build passed over and that are not resolved yet.
     pub dead_letters: i64,
+    /// The processes of a `rebuild --shared` that worked on it, with their partitions and rates.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<crate::sink::catalog::Worker>,
 }
 
 pub async fn collect<E: Send + Sync + 'static>(engine: &Engine<E>) -> Result<StatusReport> {
@@ -162,6 +165,7 @@ async fn build_status<E: Send + Sync + 'static>(
     .fetch_one(engine.catalog.pool())
     .await
     .context(|| format!("counting dead letters of build {}", build.build_id))?;
+    let workers = crate::sink::catalog::workers(engine.catalog.pool(), build.build_id).await?;
     Ok(BuildStatus {
         build,
         positions,
@@ -173,5 +177,6 @@ async fn build_status<E: Send + Sync + 'static>(
         progress_age_seconds: reported.age_seconds,
         last_error: reported.last_error,
         dead_letters,
+        workers,
     })
 }

@@ -611,6 +611,73 @@ pub async fn read_targets<'c>(
         .collect())
 }
 
+/// One process of a shared build, as it last reported itself (see [`record_worker`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Worker {
+    pub worker: String,
+    /// Partition ids (see [`crate::source::Topics`]) the consumer group gave it.
+    pub partitions: Vec<i32>,
+    pub events_replayed: i64,
+    pub events_per_second: f64,
+    pub seen_seconds_ago: f64,
+}
+
+/// Record what a process of a shared build is doing: its partitions now, the events it replayed
+/// and at what rate.
+pub async fn record_worker<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    build_id: i64,
+    worker: &str,
+    partitions: &[i32],
+    events: u64,
+    events_per_second: f64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO reproject.workers (build_id, worker, partitions, events_replayed, events_per_second)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (build_id, worker) DO UPDATE SET partitions = excluded.partitions,
+             events_replayed = excluded.events_replayed, events_per_second = excluded.events_per_second,
+             seen_at = now()",
+    )
+    .bind(build_id)
+    .bind(worker)
+    .bind(partitions)
+    .bind(events as i64)
+    .bind(events_per_second)
+    .execute(executor)
+    .await
+    .context(|| format!("recording worker {worker} of build {build_id}"))?;
+    Ok(())
+}
+
+/// The processes that worked on a shared build, most recently seen first.
+pub async fn workers<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    build_id: i64,
+) -> Result<Vec<Worker>> {
+    let rows: Vec<(String, Vec<i32>, i64, f64, f64)> = sqlx::query_as(
+        "SELECT worker, partitions, events_replayed, events_per_second,
+                extract(epoch FROM now() - seen_at)::float8
+         FROM reproject.workers WHERE build_id = $1 ORDER BY seen_at DESC, worker",
+    )
+    .bind(build_id)
+    .fetch_all(executor)
+    .await
+    .context(|| format!("reading the workers of build {build_id}"))?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(worker, partitions, events_replayed, events_per_second, seen_seconds_ago)| Worker {
+                worker,
+                partitions,
+                events_replayed,
+                events_per_second,
+                seen_seconds_ago,
+            },
+        )
+        .collect())
+}
+
 /// Count `events` more as replayed into a build, in the loading worker's transaction.
 pub async fn add_replayed(conn: &mut PgConnection, build_id: i64, events: u64) -> Result<()> {
     sqlx::query(

@@ -104,6 +104,16 @@ async fn three_processes_sharing_one_rebuild_make_the_tables_one_process_makes()
         "the group shared the partitions out: {loading} of 3 processes loaded rows\n{}",
         logs.join("\n")
     );
+    // `status` names each process of each build with the partitions the group gave it.
+    let status = reproject(&db, &kafka, &["status"]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let shown = text(&status.stdout);
+    let workers = shown.matches("worker reproject rebuild --shared").count();
+    assert_eq!(
+        workers, 9,
+        "three processes for each of three builds:\n{shown}"
+    );
+    assert!(shown.contains("events replayed at"), "{shown}");
     let finishing: usize = logs
         .iter()
         .map(|l| l.matches("finishing the build here").count())
