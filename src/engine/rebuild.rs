@@ -522,27 +522,8 @@ async fn prepare_build<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projection: DynProjection<E>,
 ) -> Result<Job<E>> {
-    let builds = engine.catalog.builds(Some(projection.name())).await?;
-    let mut current: Option<Build> = None;
     let mut conn = engine.catalog.conn().await?;
-    for build in builds.into_iter().filter(|b| b.phase.in_progress()) {
-        if build.version == projection.version()
-            && current.is_none()
-            && build.topics == engine.topics.names()
-        {
-            current = Some(build);
-        } else {
-            tracing::info!(
-                message = "abandoning an unfinished build of another version",
-                projection = projection.name(),
-                build_id = build.build_id,
-                version = build.version
-            );
-            writer::drop_schema(&mut conn, &build.schema_name).await?;
-            catalog::set_phase(&mut conn, build.build_id, Phase::Dropped).await?;
-        }
-    }
-    let build = match current {
+    let build = match unfinished_build(engine, &projection, &mut conn).await? {
         Some(build) if build.phase == Phase::Loading => {
             // Nothing of an interrupted load was committed but its empty tables: start it over.
             tracing::info!(
@@ -563,20 +544,72 @@ async fn prepare_build<E: Send + Sync + 'static>(
             );
             build
         }
-        None => {
-            engine
-                .catalog
-                .create_build(
-                    projection.name(),
-                    projection.version(),
-                    &engine.topics,
-                    false,
-                    engine.definition(projection.name(), projection.version()),
-                )
-                .await?
-        }
+        None => new_build(engine, &projection, false).await?,
     };
     Ok(Job { projection, build })
+}
+
+/// The build of `projection` still in progress at this code's version and topics, if there is one;
+/// every other unfinished build of the projection is dropped (its code is not this binary's).
+pub(super) async fn unfinished_build<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    projection: &DynProjection<E>,
+    conn: &mut sqlx::PgConnection,
+) -> Result<Option<Build>> {
+    let builds = engine.catalog.builds(Some(projection.name())).await?;
+    let mut current: Option<Build> = None;
+    for build in builds.into_iter().filter(|b| b.phase.in_progress()) {
+        if build.version == projection.version()
+            && current.is_none()
+            && build.topics == engine.topics.names()
+        {
+            current = Some(build);
+        } else {
+            tracing::info!(
+                message = "abandoning an unfinished build of another version",
+                projection = projection.name(),
+                build_id = build.build_id,
+                version = build.version
+            );
+            writer::drop_schema(conn, &build.schema_name).await?;
+            catalog::set_phase(conn, build.build_id, Phase::Dropped).await?;
+        }
+    }
+    Ok(current)
+}
+
+/// Register a new build of `projection` (phase `loading`) over the engine's topics.
+pub(super) async fn new_build<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    projection: &DynProjection<E>,
+    history_truncated: bool,
+) -> Result<Build> {
+    Ok(engine
+        .catalog
+        .create_build(
+            projection.name(),
+            projection.version(),
+            &engine.topics,
+            history_truncated,
+            engine.definition(projection.name(), projection.version()),
+        )
+        .await?)
+}
+
+/// The partitions whose log no longer starts at offset 0, said for a person; None when history is
+/// complete.
+pub(super) fn truncation<E>(
+    engine: &Engine<E>,
+    bounds: &crate::source::LogBounds,
+) -> Option<String> {
+    let truncated = bounds.truncated();
+    (!truncated.is_empty()).then(|| {
+        truncated
+            .iter()
+            .map(|(p, s)| format!("partition {} starts at {s}", engine.topics.label(*p)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 fn tables<'a, E>(job: &'a Job<E>) -> BuildTables<'a> {
@@ -591,13 +624,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     report: &mut RebuildReport,
 ) -> Result<Option<AggregateIndexTask>> {
     let bounds = engine.log_bounds("reproject").await?;
-    let truncated = bounds.truncated();
-    if !truncated.is_empty() {
-        let partitions = truncated
-            .iter()
-            .map(|(p, s)| format!("partition {} starts at {s}", engine.topics.label(*p)))
-            .collect::<Vec<_>>()
-            .join(", ");
+    if let Some(partitions) = truncation(engine, &bounds) {
         if !options.allow_truncated_history {
             for job in jobs.iter() {
                 engine

@@ -20,7 +20,7 @@
 //!    to `indexing` (compare-and-set in the catalog) finishes it as `rebuild` does: keys and
 //!    indexes, catch-up, verification, swap. The others leave it to that process.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +30,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::fold::{Fold, FoldBuild};
 use super::reader::{self, ReaderConfig, Target};
-use super::rebuild::{finish_builds, lock_projections, Job, RebuildOptions, RebuildReport};
+use super::rebuild::{
+    finish_builds, lock_projections, new_build, truncation, unfinished_build, Job, RebuildOptions,
+    RebuildReport,
+};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::sink::catalog::{self, Phase, Positions};
 use crate::sink::lock::{AdvisoryLock, LockKind, LockMode};
@@ -80,23 +83,23 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
         ..Default::default()
     };
     let bounds = engine.log_bounds("reproject").await?;
-    let truncated = bounds.truncated();
-    if !truncated.is_empty() && !options.allow_truncated_history {
-        let partitions = truncated
-            .iter()
-            .map(|(p, s)| format!("partition {} starts at {s}", engine.topics.label(*p)))
-            .collect::<Vec<_>>()
-            .join(", ");
+    let truncated = truncation(engine, &bounds);
+    if let (Some(partitions), false) = (&truncated, options.allow_truncated_history) {
         return Err(EngineError::TruncatedHistory {
             topic: engine.topics.to_string(),
-            partitions,
+            partitions: partitions.clone(),
         });
     }
     let mut jobs = Vec::new();
     for projection in projections {
-        let job = join_or_create(engine, projection, &bounds, holder).await?;
+        let job = join_or_create(engine, projection, &bounds, truncated.is_some(), holder).await?;
         report.builds.push(job.build.build_id);
         jobs.push(job);
+    }
+    // Fixed when each build was created: where every process replays its partitions to.
+    let mut targets = Vec::new();
+    for job in &jobs {
+        targets.push(catalog::read_targets(engine.catalog.pool(), job.build.build_id).await?);
     }
     let ids: Vec<String> = jobs.iter().map(|j| j.build.build_id.to_string()).collect();
     let group = format!("reproject-shared-{}", ids.join("-"));
@@ -136,16 +139,18 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             }
             reported = Some(Instant::now());
         }
-        let mut remaining = Vec::new();
-        for job in &jobs {
-            let (positions, targets) = positions_and_targets(engine, job.build.build_id).await?;
-            let open: Positions = positions
-                .into_iter()
-                .filter(|(p, next)| targets.get(p).is_some_and(|end| next < end))
-                .collect();
-            remaining.push((open, targets));
+        // Per build, the partitions not at their targets yet, at their positions.
+        let mut remaining: Vec<Positions> = Vec::new();
+        for (job, ends) in jobs.iter().zip(&targets) {
+            let positions = engine.catalog.positions(job.build.build_id).await?;
+            remaining.push(
+                positions
+                    .into_iter()
+                    .filter(|(p, next)| ends.get(p).is_some_and(|end| next < end))
+                    .collect(),
+            );
         }
-        if remaining.iter().all(|(open, _)| open.is_empty()) {
+        if remaining.iter().all(Positions::is_empty) {
             break;
         }
         let assignment = member.assignment();
@@ -156,7 +161,7 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             .partitions
             .iter()
             .copied()
-            .filter(|p| remaining.iter().any(|(open, _)| open.contains_key(p)))
+            .filter(|p| remaining.iter().any(|open| open.contains_key(p)))
             .collect();
         if mine.is_empty() || last_generation.1.elapsed() < SETTLE {
             tokio::select! {
@@ -167,15 +172,13 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
         }
         let round = Round {
             starts: remaining
-                .iter()
-                .map(|(open, _)| {
-                    open.iter()
-                        .filter(|(p, _)| mine.contains(p))
-                        .map(|(p, o)| (*p, *o))
-                        .collect()
+                .into_iter()
+                .map(|mut open| {
+                    open.retain(|p, _| mine.contains(p));
+                    open
                 })
                 .collect(),
-            targets: remaining.into_iter().map(|(_, targets)| targets).collect(),
+            targets: &targets,
             generation: assignment.generation,
         };
         tracing::info!(message = "replaying a round", partitions = ?mine, generation = round.generation);
@@ -222,20 +225,12 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
     Ok(report)
 }
 
-/// Per build in job order: where this round starts each of its partitions, and where they end.
-struct Round {
+/// Per build in job order: where this round starts each of its partitions, and where every
+/// partition ends; the assignment it was planned under.
+struct Round<'a> {
     starts: Vec<Positions>,
-    targets: Vec<Positions>,
+    targets: &'a [Positions],
     generation: u64,
-}
-
-async fn positions_and_targets<E>(
-    engine: &Engine<E>,
-    build_id: i64,
-) -> Result<(Positions, Positions)> {
-    let positions = catalog::read_positions(engine.catalog.pool(), build_id).await?;
-    let targets = catalog::read_targets(engine.catalog.pool(), build_id).await?;
-    Ok((positions, targets))
 }
 
 /// The shared build of `projection` in phase `loading`, or a new one, one process at a time.
@@ -243,6 +238,7 @@ async fn join_or_create<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projection: crate::projection::DynProjection<E>,
     bounds: &crate::source::LogBounds,
+    truncated: bool,
     holder: &str,
 ) -> Result<Job<E>> {
     let lock = AdvisoryLock::acquire(
@@ -255,29 +251,31 @@ async fn join_or_create<E: Send + Sync + 'static>(
     .await?;
     let result = async {
         let mut conn = engine.catalog.conn().await?;
-        for build in engine
-            .catalog
-            .builds(Some(projection.name()))
-            .await?
-            .into_iter()
-            .filter(|b| b.phase.in_progress())
-        {
-            let same =
-                build.version == projection.version() && build.topics == engine.topics.names();
-            if same && build.phase == Phase::Loading {
-                // A plain rebuild's load records its positions only as it commits.
-                if !catalog::read_positions(&mut *conn, build.build_id)
-                    .await?
-                    .is_empty()
-                {
-                    tracing::info!(
-                        message = "joining the shared build",
-                        projection = projection.name(),
-                        build_id = build.build_id
-                    );
-                    return Ok(Job { projection, build });
-                }
-            } else if same {
+        match unfinished_build(engine, &projection, &mut conn).await? {
+            // A plain rebuild's load records its positions only as it commits.
+            Some(build)
+                if build.phase == Phase::Loading
+                    && !catalog::read_positions(&mut *conn, build.build_id)
+                        .await?
+                        .is_empty() =>
+            {
+                tracing::info!(
+                    message = "joining the shared build",
+                    projection = projection.name(),
+                    build_id = build.build_id
+                );
+                return Ok(Job { projection, build });
+            }
+            Some(build) if build.phase == Phase::Loading => {
+                tracing::info!(
+                    message = "abandoning an interrupted bulk load for a shared build",
+                    projection = projection.name(),
+                    build_id = build.build_id
+                );
+                writer::drop_schema(&mut conn, &build.schema_name).await?;
+                catalog::set_phase(&mut conn, build.build_id, Phase::Dropped).await?;
+            }
+            Some(build) => {
                 return Err(EngineError::Projection {
                     projection: projection.name().to_string(),
                     reason: format!(
@@ -288,25 +286,9 @@ async fn join_or_create<E: Send + Sync + 'static>(
                     ),
                 });
             }
-            tracing::info!(
-                message = "abandoning an unfinished build",
-                projection = projection.name(),
-                build_id = build.build_id,
-                version = build.version
-            );
-            writer::drop_schema(&mut conn, &build.schema_name).await?;
-            catalog::set_phase(&mut conn, build.build_id, Phase::Dropped).await?;
+            None => {}
         }
-        let build = engine
-            .catalog
-            .create_build(
-                projection.name(),
-                projection.version(),
-                &engine.topics,
-                !bounds.truncated().is_empty(),
-                engine.definition(projection.name(), projection.version()),
-            )
-            .await?;
+        let build = new_build(engine, &projection, truncated).await?;
         let sql = engine
             .schemas
             .load(projection.name(), projection.version())?;
@@ -339,7 +321,7 @@ async fn join_or_create<E: Send + Sync + 'static>(
 async fn replay_round<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     jobs: &[Job<E>],
-    round: &Round,
+    round: &Round<'_>,
     member: &GroupMember,
     cancel: &CancellationToken,
 ) -> Result<Option<(u64, f64)>> {
@@ -455,11 +437,12 @@ async fn replay_round<E: Send + Sync + 'static>(
     let mut conn = sqlx::PgConnection::connect(&engine.database_url)
         .await
         .context(|| "connecting to load a round".into())?;
-    let mut letters: BTreeMap<usize, Vec<reader::DeadLetter>> = BTreeMap::new();
-    for (slot, list) in folded.dead_letters.into_iter().enumerate() {
-        letters.insert(slot, list);
-    }
-    for (slot, (store, &i)) in folded.stores.into_iter().zip(&busy).enumerate() {
+    let loads = folded
+        .stores
+        .into_iter()
+        .zip(&folded.dead_letters)
+        .zip(&busy);
+    for ((store, letters), &i) in loads {
         let job = &jobs[i];
         let tables = BuildTables::of(&job.build, &job.projection);
         let next: Positions = round.starts[i]
@@ -496,10 +479,7 @@ async fn replay_round<E: Send + Sync + 'static>(
             Err(e) => return Err(e.into()),
         }
         let rows = merge::merge_into(&mut tx, tables, store).await?;
-        let stored: Vec<_> = letters
-            .get(&slot)
-            .map(|l| l.iter().map(|l| l.stored()).collect())
-            .unwrap_or_default();
+        let stored: Vec<_> = letters.iter().map(|l| l.stored()).collect();
         dead_letters::insert(&mut tx, job.build.build_id, job.projection.name(), &stored).await?;
         catalog::add_replayed(&mut tx, job.build.build_id, events.max(0) as u64).await?;
         tx.commit()

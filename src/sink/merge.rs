@@ -9,6 +9,7 @@
 //! tables come from one partition, hence one worker: they go in with a plain COPY, and a key that
 //! is already there is a broken `per_aggregate` promise, refused by the table's unique index.
 
+use rustc_hash::FxHashSet;
 use sqlx::PgConnection;
 
 use super::writer::{self, Absent, BuildTables, StagingNames};
@@ -53,13 +54,15 @@ pub async fn merge_into(
         }
         let names = StagingNames::new(tables.build_id, index);
         writer::create_staging(conn, tables.schema, spec, &names).await?;
+        // Every key with a row or a clock (a tombstone, or a change its row's clock ignored).
+        let mut seen: FxHashSet<&[Value]> = FxHashSet::default();
         let keys: Vec<Vec<Value>> = theirs
             .keys()
             .chain(theirs.clocks().map(|(k, _)| k))
+            .filter(|k| seen.insert(k.as_slice()))
             .map(|k| k.to_vec())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
             .collect();
+        drop(seen);
         let mut joined = RowStore::new(tables.specs.len());
         let rows = joined.table_mut(index);
         writer::load_current_rows(conn, tables.schema, spec, &names, &keys, rows).await?;
@@ -87,10 +90,13 @@ pub async fn merge_into(
 /// A unique-key violation while loading a per-aggregate table means two workers' partitions wrote
 /// one row: say so, rather than only what PostgreSQL says.
 fn per_aggregate_clash(error: SinkError, target: &str) -> SinkError {
-    let text = error.to_string();
-    if text.contains("23505") || text.contains("duplicate key") {
+    let unique_violation = matches!(
+        &error,
+        SinkError::Database { source: sqlx::Error::Database(db), .. } if db.code().as_deref() == Some("23505")
+    );
+    if unique_violation {
         SinkError::Invalid(format!(
-            "{target} is declared per_aggregate, but a row of it was written by events of partitions that different workers read: each of its rows must come from one aggregate, hence one partition (are the aggregate's events keyed by its id?); {text}"
+            "{target} is declared per_aggregate, but a row of it was written by events of partitions that different workers read: each of its rows must come from one aggregate, hence one partition (are the aggregate's events keyed by its id?); {error}"
         ))
     } else {
         error
