@@ -135,6 +135,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: DemoArgs) -> anyhow::Result<Outcom
         backfill: false,
         rebuild: rebuild_options(&settings),
         exit_when_caught_up: Some(0),
+        shared: false,
     };
     tokio::time::timeout(
         Duration::from_secs(300),

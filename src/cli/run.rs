@@ -22,6 +22,11 @@ pub struct RunArgs {
     /// Rebuild even though the log no longer starts at offset 0
     #[arg(long)]
     pub allow_truncated_history: bool,
+    /// Share the follow, and the backfills, with every other `run --shared` process of the same
+    /// projections and database, here or on other machines: Kafka's consumer group gives each its
+    /// partitions, and the others take over a process's partitions when it stops
+    #[arg(long)]
+    pub shared: bool,
     #[command(flatten)]
     pub memory: MemoryArgs,
     #[command(flatten)]
@@ -58,6 +63,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: RunArgs) -> anyhow::Result<Outcome
                 verify: args.verify.policy(),
             },
             exit_when_caught_up: args.exit_when_caught_up,
+            shared: args.shared,
         };
         let round = shutdown.child_token();
         let watcher = tokio::spawn(watch_definitions(

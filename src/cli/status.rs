@@ -149,7 +149,7 @@ fn line(out: &mut String, label: &str, b: &BuildStatus) {
     for w in &b.workers {
         let partitions: Vec<String> = w.partitions.iter().map(i32::to_string).collect();
         out.push_str(&format!(
-            "            worker {}: partitions [{}], {} events replayed at {:.0} events/s, seen {:.0}s ago\n",
+            "            worker {}: partitions [{}], {} events at {:.0} events/s, seen {:.0}s ago\n",
             w.worker,
             partitions.join(" "),
             w.events_replayed,

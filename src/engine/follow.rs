@@ -3,10 +3,13 @@
 //! swapped in, and by `run` to keep active builds current.
 //!
 //! Every build followed is locked for writing (an advisory lock per build), so `run` and `rebuild`
-//! never both write one build. A transient database error rolls the batch back; the same batch is
+//! never both write one build. `run --shared` processes hold that lock together, each following the
+//! partitions its consumer group gave it: positions move compare-and-set per partition, and rows
+//! that gather partitions are read and written one process at a time (see `sink::writer`). A transient database error rolls the batch back; the same batch is
 //! retried on a new connection with exponential backoff and jitter, so nothing is lost or applied
 //! twice.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +22,7 @@ use super::reader::{self, ReaderConfig, Target};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::{ChangeLog, DynProjection};
 use crate::sink::catalog::Positions;
-use crate::sink::lock::{writer_lock_subject, AdvisoryLock, LockKind};
+use crate::sink::lock::{writer_lock_subject, AdvisoryLock, LockKind, LockMode};
 use crate::sink::writer::{self, BatchWriter, BuildBatch, BuildTables};
 use crate::sink::Build;
 
@@ -58,6 +61,39 @@ pub struct FollowOutcome {
 
 const MAX_RETRIES: u32 = 8;
 
+/// Whether this process writes its builds alone, or shares them with other processes, each
+/// following the partitions a consumer group gave it (`run --shared`).
+#[derive(Clone, Debug, Default)]
+pub enum Sharing {
+    #[default]
+    Alone,
+    /// The partitions (ids, see [`crate::source::Topics`]) this process follows.
+    Partitions(BTreeSet<i32>),
+}
+
+impl Sharing {
+    /// Sharing processes hold a build's writer lock together, which still keeps out whoever
+    /// writes it alone (a rebuild's catch-up, `swap`, `dead-letters retry`).
+    fn lock_mode(&self) -> LockMode {
+        match self {
+            Sharing::Alone => LockMode::Exclusive,
+            Sharing::Partitions(_) => LockMode::Shared,
+        }
+    }
+
+    /// The part of `positions` (or of a log end) that this process follows.
+    fn restrict(&self, mut positions: Positions) -> Positions {
+        if let Sharing::Partitions(mine) = self {
+            positions.retain(|p, _| mine.contains(p));
+        }
+        positions
+    }
+
+    fn is_shared(&self) -> bool {
+        matches!(self, Sharing::Partitions(_))
+    }
+}
+
 /// A build's positions name partitions of the topics it was created with: following it while
 /// reading other topics would misread them, and silently leave a new topic's history out.
 fn check_same_topics<E>(engine: &Engine<E>, build: &crate::sink::Build) -> Result<()> {
@@ -75,12 +111,26 @@ fn check_same_topics<E>(engine: &Engine<E>, build: &crate::sink::Build) -> Resul
     })
 }
 
+/// Follow `targets` alone: see [`follow_sharing`].
 pub async fn follow<E: Send + Sync + 'static>(
+    engine: &Engine<E>,
+    targets: Vec<FollowTarget<E>>,
+    until: Until,
+    cancel: &CancellationToken,
+    label: &str,
+) -> Result<FollowOutcome> {
+    follow_sharing(engine, targets, until, cancel, label, &Sharing::Alone).await
+}
+
+/// Keep `targets` current until `until`, alone or, as `sharing` says, following only this
+/// process's partitions beside other processes that follow the rest.
+pub async fn follow_sharing<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     mut targets: Vec<FollowTarget<E>>,
     until: Until,
     cancel: &CancellationToken,
     label: &str,
+    sharing: &Sharing,
 ) -> Result<FollowOutcome> {
     for t in &targets {
         check_same_topics(engine, &t.build)?;
@@ -90,13 +140,19 @@ pub async fn follow<E: Send + Sync + 'static>(
     for t in &targets {
         let subject = writer_lock_subject(&t.build);
         locks.push(
-            AdvisoryLock::try_acquire(&engine.database_url, LockKind::Writer, &subject, &holder)
-                .await?,
+            AdvisoryLock::acquire(
+                &engine.database_url,
+                LockKind::Writer,
+                &subject,
+                &holder,
+                sharing.lock_mode(),
+            )
+            .await?,
         );
     }
     // Positions may have moved while we waited for the locks: read them again under the locks.
     for t in &mut targets {
-        t.positions = engine.catalog.positions(t.build.build_id).await?;
+        t.positions = sharing.restrict(engine.catalog.positions(t.build.build_id).await?);
     }
     // The code may have changed since the build was made (a column retyped without a new
     // version): refuse before writing a row that the table would misread.
@@ -110,7 +166,7 @@ pub async fn follow<E: Send + Sync + 'static>(
         writer::verify_tables(&mut conn, BuildTables::of(&t.build, &t.projection)).await?;
     }
     drop(conn);
-    let result = follow_locked(engine, &mut targets, until, cancel, label).await;
+    let result = follow_locked(engine, &mut targets, until, cancel, label, sharing).await;
     for lock in locks {
         lock.release().await;
     }
@@ -123,12 +179,13 @@ async fn follow_locked<E: Send + Sync + 'static>(
     until: Until,
     cancel: &CancellationToken,
     label: &str,
+    sharing: &Sharing,
 ) -> Result<FollowOutcome> {
     // Nothing to catch up with (the usual case right after a replay): no reader to start, no first
     // batch to wait for. Only when nothing at all is new: a small lag within `lag_below` is still
     // read, as it was before this shortcut.
     if let Until::CaughtUp { .. } = until {
-        let behind = furthest_behind(targets, &fresh_log_end(engine).await?);
+        let behind = furthest_behind(targets, &sharing.restrict(fresh_log_end(engine).await?));
         if behind == 0 {
             return Ok(finished(targets, 0, 0, Some(behind), 0, Duration::ZERO));
         }
@@ -186,8 +243,11 @@ async fn follow_locked<E: Send + Sync + 'static>(
         until,
         cancel,
         label,
-        &mut batches,
-        batch_size,
+        Feed {
+            batches: &mut batches,
+            batch_size,
+        },
+        sharing,
     )
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -196,22 +256,33 @@ async fn follow_locked<E: Send + Sync + 'static>(
     outcome
 }
 
+/// What a follow's reader hands its writer: the batches, and the size the reader builds them at
+/// (which the throttle and `reproject tune` change).
+struct Feed<'a> {
+    batches:
+        &'a mut tokio::sync::mpsc::Receiver<std::result::Result<reader::Batch, reader::ReadError>>,
+    batch_size: Arc<AtomicUsize>,
+}
+
 async fn apply_batches<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     targets: &mut [FollowTarget<E>],
     until: Until,
     cancel: &CancellationToken,
     label: &str,
-    batches: &mut tokio::sync::mpsc::Receiver<
-        std::result::Result<reader::Batch, reader::ReadError>,
-    >,
-    batch_size: Arc<AtomicUsize>,
+    feed: Feed<'_>,
+    sharing: &Sharing,
 ) -> Result<FollowOutcome> {
+    let Feed {
+        batches,
+        batch_size,
+    } = feed;
     // A writer (a connection, a transaction per slice) per build: the builds' writes run side by
     // side on the server, and beside the fold of the next build's share.
+    let shared = sharing.is_shared();
     let mut writers = Vec::with_capacity(targets.len());
     for _ in targets.iter() {
-        writers.push(connect_writer(engine, targets.len()).await?);
+        writers.push(connect_writer(engine, targets.len(), shared).await?);
     }
     let mut progress = Progress::new(label.to_string(), None, false);
     let mut events = 0u64;
@@ -250,7 +321,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
         read_wait += waiting.elapsed();
         let last = batch.done;
         if let Some(end) = &batch.log_end {
-            log_end = end.clone();
+            log_end = sharing.restrict(end.clone());
         }
         let nexts: Vec<Positions> = targets
             .iter()
@@ -306,8 +377,16 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 .zip(&letters_stored)
                 .map(|(letters, done)| if *done { &[][..] } else { &letters[..] })
                 .collect();
-            let written =
-                write_slice(engine, &mut writers, targets, &slice, &with, &log_end).await?;
+            let written = write_slice(
+                engine,
+                &mut writers,
+                targets,
+                &slice,
+                &with,
+                &log_end,
+                shared,
+            )
+            .await?;
             for (i, (t, rows)) in targets.iter_mut().zip(&written).enumerate() {
                 if let Some(rows) = rows {
                     rows_written += rows;
@@ -396,6 +475,20 @@ async fn apply_batches<E: Send + Sync + 'static>(
                     .catalog
                     .write_progress(t.build.build_id, &writer_name, &json)
                     .await;
+                if let Sharing::Partitions(mine) = sharing {
+                    // One line per process in `status`: the build's progress is the last writer's.
+                    let partitions: Vec<i32> = mine.iter().copied().collect();
+                    let rate = events as f64 / progress.elapsed().as_secs_f64().max(1e-3);
+                    crate::sink::catalog::record_worker(
+                        engine.catalog.pool(),
+                        t.build.build_id,
+                        &writer_name,
+                        &partitions,
+                        events,
+                        rate,
+                    )
+                    .await?;
+                }
             }
         }
         // Paced after the batch's positions, lag and progress are out: what is committed shows at
@@ -424,7 +517,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
             let confirmed = l <= lag_below && !log_end.is_empty() && {
                 // ListOffsets now, but never below what the reader's fetches last reported (kept in
                 // `log_end`): a broker whose two answers disagree must not make this short.
-                let mut fresh = fresh_log_end(engine).await?;
+                let mut fresh = sharing.restrict(fresh_log_end(engine).await?);
                 for (p, seen) in &log_end {
                     let end = fresh.entry(*p).or_insert(*seen);
                     *end = (*end).max(*seen);
@@ -590,11 +683,20 @@ impl Unwritten {
 }
 
 /// A new writer for one of a follow's `writers` builds, keeping its share of what the tuning says
-/// the follow may keep of what it commits.
-async fn connect_writer<E>(engine: &Engine<E>, writers: usize) -> Result<BatchWriter> {
-    Ok(BatchWriter::connect(&engine.database_url)
+/// the follow may keep of what it commits; `shared` when other processes write the builds too.
+async fn connect_writer<E>(
+    engine: &Engine<E>,
+    writers: usize,
+    shared: bool,
+) -> Result<BatchWriter> {
+    let writer = BatchWriter::connect(&engine.database_url)
         .await?
-        .keeping_known_rows(engine.tuning.known_rows_bytes / writers.max(1)))
+        .keeping_known_rows(engine.tuning.known_rows_bytes / writers.max(1));
+    Ok(if shared {
+        writer.shared_with_other_processes()
+    } else {
+        writer
+    })
 }
 
 /// Write a slice, each build's share in a transaction of its own (on its own writer, side by side)
@@ -609,6 +711,7 @@ async fn write_slice<E: Send + Sync + 'static>(
     slice: &Slice,
     dead_letters: &[&[crate::sink::dead_letters::NewDeadLetter<'_>]],
     log_end: &Positions,
+    shared: bool,
 ) -> Result<Vec<Option<u64>>> {
     let shares = writers
         .iter_mut()
@@ -625,7 +728,7 @@ async fn write_slice<E: Send + Sync + 'static>(
                 next,
                 log_end,
             };
-            write_share(engine, writer, share, slice.events, targets.len())
+            write_share(engine, writer, share, slice.events, targets.len(), shared)
         });
     futures::future::try_join_all(shares).await
 }
@@ -637,6 +740,7 @@ async fn write_share<E: Send + Sync + 'static>(
     share: BuildBatch<'_>,
     events: u64,
     builds: usize,
+    shared: bool,
 ) -> Result<Option<u64>> {
     let mut attempt = 0;
     loop {
@@ -673,7 +777,7 @@ async fn write_share<E: Send + Sync + 'static>(
                     committed,
                     held_after_ms = started.elapsed().as_millis() as u64
                 );
-                *writer = connect_writer(engine, builds).await?;
+                *writer = connect_writer(engine, builds, shared).await?;
                 return Ok(committed.then_some(0));
             }
             Some(Err(e)) if e.is_retriable() && attempt < MAX_RETRIES => {
@@ -682,7 +786,7 @@ async fn write_share<E: Send + Sync + 'static>(
                 let delay = crate::sink::backoff(attempt);
                 tracing::warn!(message = "batch failed; retrying on a new connection", projection = share.tables.projection, error = %e, attempt, delay_ms = delay.as_millis() as u64);
                 tokio::time::sleep(delay).await;
-                match connect_writer(engine, builds).await {
+                match connect_writer(engine, builds, shared).await {
                     Ok(w) => *writer = w,
                     Err(e) => tracing::warn!(message = "reconnecting failed", error = %e),
                 }

@@ -103,16 +103,7 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
     }
     let ids: Vec<String> = jobs.iter().map(|j| j.build.build_id.to_string()).collect();
     let group = format!("reproject-shared-{}", ids.join("-"));
-    let member = {
-        let (kafka, topics, name) = (engine.kafka.clone(), engine.topics.clone(), group.clone());
-        tokio::task::spawn_blocking(move || GroupMember::join(&kafka, &name, &topics))
-            .await
-            .map_err(|e| EngineError::Projection {
-                projection: "-".into(),
-                reason: format!("joining consumer group {group} failed: {e}"),
-            })?
-            .map_err(|e| EngineError::Source(Box::new(e)))?
-    };
+    let member = join_group(engine, &group).await?;
     tracing::info!(message = "sharing the replay", %group, builds = ?report.builds);
 
     let started = Instant::now();
@@ -223,6 +214,22 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
         finish_builds(engine, mine, None, options, cancel, &mut report).await?;
     }
     Ok(report)
+}
+
+/// Join consumer group `group` over the engine's topics (see [`GroupMember`]).
+pub(super) async fn join_group<E>(engine: &Engine<E>, group: &str) -> Result<GroupMember> {
+    let (kafka, topics, name) = (
+        engine.kafka.clone(),
+        engine.topics.clone(),
+        group.to_string(),
+    );
+    tokio::task::spawn_blocking(move || GroupMember::join(&kafka, &name, &topics))
+        .await
+        .map_err(|e| EngineError::Projection {
+            projection: "-".into(),
+            reason: format!("joining consumer group {group} failed: {e}"),
+        })?
+        .map_err(|e| EngineError::Source(Box::new(e)))
 }
 
 /// Per build in job order: where this round starts each of its partitions, and where every

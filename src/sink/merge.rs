@@ -19,23 +19,26 @@ use crate::projection::{Key, RowStore, Value};
 /// The first key of the transaction advisory lock that serialises one build's merges.
 const MERGE_LOCK: i32 = 0x5250_0003;
 
+/// Wait for the build's merge lock, held until the caller's transaction ends: whoever reads and
+/// writes rows that gather partitions while other processes write them too (loads of
+/// `rebuild --shared`, batches of `run --shared`) takes it first.
+pub(super) async fn take_turn(conn: &mut PgConnection, build_id: i64, schema: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind(MERGE_LOCK)
+        .bind(stable_hash(&build_id.to_string()))
+        .execute(&mut *conn)
+        .await
+        .context(|| format!("waiting for the other processes' writes into {schema}"))?;
+    Ok(())
+}
+
 /// Join `store` into the build's tables, in the caller's transaction. Returns the rows written.
 pub async fn merge_into(
     conn: &mut PgConnection,
     tables: BuildTables<'_>,
     store: RowStore,
 ) -> Result<u64> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-        .bind(MERGE_LOCK)
-        .bind(stable_hash(&tables.build_id.to_string()))
-        .execute(&mut *conn)
-        .await
-        .context(|| {
-            format!(
-                "waiting for the other workers' loads into {}",
-                tables.schema
-            )
-        })?;
+    take_turn(conn, tables.build_id, tables.schema).await?;
     let mut written = 0;
     for (index, (spec, theirs)) in tables.specs.iter().zip(store.into_tables()).enumerate() {
         if theirs.is_empty() && theirs.clock_count() == 0 {

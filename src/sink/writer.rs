@@ -386,6 +386,8 @@ pub struct BatchWriter {
     backend_pid: i32,
     /// What its last transactions committed (see [`KnownRows`]).
     known: KnownRows,
+    /// Other processes write the same builds, each its own partitions (`run --shared`).
+    shared: bool,
 }
 
 impl BatchWriter {
@@ -402,7 +404,17 @@ impl BatchWriter {
             staging: HashSet::new(),
             backend_pid,
             known: KnownRows::new(DEFAULT_KNOWN_ROWS_BYTES),
+            shared: false,
         })
+    }
+
+    /// Write builds that other processes write too, each following its own partitions: rows of
+    /// per-aggregate tables are still this writer's alone (one partition feeds each), but a row
+    /// that gathers partitions may have changed since this writer last wrote it, so it is read
+    /// again every batch, under the build's merge lock, which the other writers take too.
+    pub fn shared_with_other_processes(mut self) -> BatchWriter {
+        self.shared = true;
+        self
     }
 
     /// Keep about `bytes` of committed rows for the next batches instead of the default (0: read
@@ -434,8 +446,15 @@ impl BatchWriter {
             .begin()
             .await
             .context(|| format!("starting the retry of dead letter {dead_letter_id}"))?;
-        let (written, store) =
-            write_changes(&mut tx, &mut self.staging, tables, changes, &mut self.known).await?;
+        let (written, store) = write_changes(
+            &mut tx,
+            &mut self.staging,
+            tables,
+            changes,
+            &mut self.known,
+            self.shared,
+        )
+        .await?;
         super::dead_letters::mark_retried(&mut tx, dead_letter_id, None).await?;
         commit(tx, &mut self.known, tables.build_id, store, || {
             format!("committing the retry of dead letter {dead_letter_id}")
@@ -458,6 +477,7 @@ impl BatchWriter {
             batch.tables,
             batch.changes,
             &mut self.known,
+            self.shared,
         )
         .await?;
         if !batch.dead_letters.is_empty() {
@@ -544,21 +564,39 @@ pub async fn stop_backend(pool: &sqlx::PgPool, pid: i32) -> Result<()> {
 /// Fold `changes` into the current rows of the keys they touch and write the results back, in the
 /// caller's transaction. `staging` is which staging tables the connection has created. Rows in
 /// `known` are taken from there instead of read; the folded rows are returned, for `known` once the
-/// transaction has committed.
+/// transaction has committed. `shared`: other processes write these tables too (see
+/// [`BatchWriter::shared_with_other_processes`]).
 async fn write_changes(
     tx: &mut PgConnection,
     staging: &mut HashSet<String>,
     tables: BuildTables<'_>,
     changes: &ChangeLog,
     known: &mut KnownRows,
+    shared: bool,
 ) -> Result<(u64, RowStore)> {
     let mut store = RowStore::new(tables.specs.len());
     let mut absent: Vec<Option<Absent>> = (0..tables.specs.len()).map(|_| None).collect();
-    for (index, spec) in tables.specs.iter().enumerate() {
-        let keys = touched_keys(spec, index, changes);
+    let touched: Vec<Vec<Vec<Value>>> = tables
+        .specs
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| touched_keys(spec, index, changes))
+        .collect();
+    let gathers = tables
+        .specs
+        .iter()
+        .zip(&touched)
+        .any(|(spec, keys)| spec.gathers_partitions() && !keys.is_empty());
+    if shared && gathers {
+        // Before anything is read or written: a writer holding a row lock never waits for this.
+        super::merge::take_turn(tx, tables.build_id, tables.schema).await?;
+    }
+    for ((index, spec), keys) in tables.specs.iter().enumerate().zip(touched) {
         if keys.is_empty() {
             continue;
         }
+        // Another process may have written a row that gathers partitions since this one did.
+        let trust_known = !(shared && spec.gathers_partitions());
         let names = StagingNames::new(tables.build_id, index);
         if !staging.contains(&names.keys) {
             create_staging(tx, tables.schema, spec, &names).await?;
@@ -568,7 +606,10 @@ async fn write_changes(
         let mut table_absent = Absent::default();
         let mut unknown = Vec::new();
         for key in keys {
-            match known.take(tables.build_id, index, &key) {
+            match known
+                .take(tables.build_id, index, &key)
+                .filter(|_| trust_known)
+            {
                 Some(row) => {
                     if let Some(clock) = row.clock {
                         rows.seed_clock(key.as_slice(), clock);

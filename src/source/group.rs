@@ -26,6 +26,7 @@ pub struct Assignment {
 }
 
 struct Membership {
+    group: String,
     topics: Topics,
     assignment: Mutex<Assignment>,
 }
@@ -56,7 +57,7 @@ impl ConsumerContext for Membership {
                 assignment.partitions.clear();
             }
         }
-        tracing::info!(message = "group assignment", partitions = ?assignment.partitions, generation = assignment.generation);
+        tracing::info!(message = "group assignment", group = %self.group, partitions = ?assignment.partitions, generation = assignment.generation);
     }
 }
 
@@ -75,6 +76,7 @@ impl GroupMember {
         topics: &Topics,
     ) -> Result<GroupMember, SourceError> {
         let context = Membership {
+            group: group.to_string(),
             topics: topics.clone(),
             assignment: Mutex::new(Assignment::default()),
         };

@@ -217,6 +217,7 @@ pub async fn drain(engine: Arc<Engine<ShopEvent>>) {
         backfill: false,
         rebuild: rebuild_options(),
         exit_when_caught_up: Some(0),
+        shared: false,
     };
     tokio::time::timeout(
         Duration::from_secs(120),

@@ -333,6 +333,7 @@ async fn under_the_fail_policy_a_follower_stops_at_the_bad_record_and_resumes_th
         backfill: false,
         rebuild: rebuild_options(),
         exit_when_caught_up: Some(0),
+        shared: false,
     };
     let err = reproject::engine::run::run(strict.clone(), options.clone(), Default::default())
         .await

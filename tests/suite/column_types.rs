@@ -505,6 +505,7 @@ CREATE TABLE typed_customers (
             backfill: false,
             rebuild: rebuild_options(),
             exit_when_caught_up: Some(0),
+            shared: false,
         },
         Default::default(),
     )

@@ -152,6 +152,7 @@ async fn run_and_rebuild_never_write_the_same_build_at_once() {
         backfill: false,
         rebuild: rebuild_options(),
         exit_when_caught_up: Some(0),
+        shared: false,
     };
     let err = reproject::engine::run::run(engine.clone(), options, CancellationToken::new())
         .await

@@ -1,5 +1,7 @@
 //! `rebuild --shared`: several processes share one build through a Kafka consumer group, and the
 //! tables come out as one process would have made them, even when one of them is killed mid-replay.
+//! `run --shared`: several processes share the backfill and the follow; killing one hands its
+//! partitions to the other, and nothing is lost or applied twice.
 
 use crate::common;
 
@@ -7,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use common::*;
+use reproject::domain::shop::totals::{actual_totals, differences};
 use sqlx::PgPool;
 
 const TABLES: [(&str, &str); 3] = [
@@ -27,6 +30,31 @@ fn spawn_shared(db: &str, kafka: &Kafka, log: &PathBuf, extra: &[&str]) -> Child
         .stderr(file)
         .spawn()
         .expect("start a shared rebuild")
+}
+
+/// A `run --shared` process logging to a file of its own.
+fn spawn_shared_run(db: &str, kafka: &Kafka, log: &PathBuf) -> Child {
+    let file = std::fs::File::create(log).expect("create the process's log");
+    Command::new(env!("CARGO_BIN_EXE_reproject"))
+        .args(["run", "--shared"])
+        .args(["--brokers", &kafka.settings.brokers, "--database-url", db])
+        .args(["--topic", TOPIC, "--batch-events", "500"])
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("start a shared run")
+}
+
+/// Processes that are killed when the test ends, whether it passed or not.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 fn log_path(test: &str, worker: usize) -> PathBuf {
@@ -113,7 +141,7 @@ async fn three_processes_sharing_one_rebuild_make_the_tables_one_process_makes()
         workers, 9,
         "three processes for each of three builds:\n{shown}"
     );
-    assert!(shown.contains("events replayed at"), "{shown}");
+    assert!(shown.contains("events at"), "{shown}");
     let finishing: usize = logs
         .iter()
         .map(|l| l.matches("finishing the build here").count())
@@ -167,4 +195,121 @@ async fn a_process_killed_mid_replay_hands_its_partitions_to_the_others() {
     let pool = pool(&db).await;
     assert_eq!(active_checksums(&pool).await, reference);
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
+}
+
+/// The worker rows of the active builds written by the `run --shared` process `pid`: its
+/// partitions and the events it applied, per build.
+async fn follower_rows(pool: &PgPool, pid: u32) -> Vec<(Vec<i32>, i64)> {
+    sqlx::query_as(
+        "SELECT w.partitions, w.events_replayed FROM reproject.workers w JOIN reproject.builds b USING (build_id)
+         WHERE b.phase = 'active' AND w.worker LIKE $1 ORDER BY b.build_id",
+    )
+    .bind(format!("reproject following pid={pid} %"))
+    .fetch_all(pool)
+    .await
+    .expect("workers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_the_follow_and_the_survivor_takes_over_a_killed_one_s_partitions() {
+    let kafka = Kafka::start(8);
+    let db = fresh_database("sharedrun").await;
+    let total = 90_000u64;
+    let mut history = history(total, 31);
+    append(&kafka.settings, &mut history, 30_000);
+    let logs: Vec<PathBuf> = (0..2).map(|i| log_path("sharedrun", i)).collect();
+    let mut runs = Processes(
+        logs.iter()
+            .map(|log| spawn_shared_run(&db, &kafka, log))
+            .collect(),
+    );
+    let pids: Vec<u32> = runs.0.iter().map(Child::id).collect();
+    let pool = pool(&db).await;
+    let read_logs = || logs.iter().map(read_log).collect::<Vec<_>>().join("\n");
+
+    // The two backfill the three projections together, one finishes and swaps each, then both
+    // follow.
+    wait_until(
+        "the shared backfills to swap the three projections in",
+        180,
+        || {
+            scalar::<i64>(
+                &pool,
+                "SELECT count(*) FROM reproject.builds WHERE phase = 'active'",
+            )
+        },
+        |n| *n == Some(3),
+    )
+    .await;
+    let producer = append_in_background(&kafka.settings, history, total - 30_000, 6_000);
+    for pid in &pids {
+        wait_until(
+            &format!("process {pid} to follow its share of the three builds"),
+            90,
+            || follower_rows(&pool, *pid),
+            |rows| {
+                rows.len() == 3
+                    && rows
+                        .iter()
+                        .all(|(partitions, events)| !partitions.is_empty() && *events > 0)
+            },
+        )
+        .await;
+    }
+    let shares: Vec<Vec<i32>> = {
+        let mut shares = Vec::new();
+        for pid in &pids {
+            shares.push(follower_rows(&pool, *pid).await[0].0.clone());
+        }
+        shares
+    };
+    assert!(
+        shares[0].iter().all(|p| !shares[1].contains(p)),
+        "the two follow different partitions: {shares:?}"
+    );
+
+    // SIGKILL: no goodbye to the group; its partitions move once its session times out.
+    let mut victim = runs.0.remove(0);
+    victim.kill().expect("SIGKILL one run");
+    let _ = victim.wait();
+    let history = tokio::task::spawn_blocking(move || producer.join().expect("producer"))
+        .await
+        .expect("join the producer");
+
+    // Lag back to zero: every build's positions at the log's end, by the survivor alone.
+    wait_until(
+        "the survivor to apply the whole log to the three builds",
+        120,
+        || {
+            scalar::<i64>(
+                &pool,
+                "SELECT min(applied)::bigint FROM (SELECT sum(next_offset) AS applied
+                 FROM reproject.positions JOIN reproject.builds USING (build_id)
+                 WHERE phase = 'active' GROUP BY build_id) a",
+            )
+        },
+        |n| *n == Some(total as i64),
+    )
+    .await;
+    let survivor = follower_rows(&pool, pids[1]).await;
+    assert!(
+        survivor.iter().all(|(partitions, _)| partitions.len() == 8),
+        "the survivor follows every partition: {survivor:?}\n{}",
+        read_logs()
+    );
+    stop(&mut runs.0[0]);
+
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new(),
+        "{}",
+        read_logs()
+    );
+    let sequences: i64 =
+        sqlx::query_scalar("SELECT sum(last_sequence)::bigint FROM public.order_summary")
+            .fetch_one(&pool)
+            .await
+            .expect("sum of sequences");
+    assert_eq!(sequences, total as i64, "every event applied exactly once");
 }

@@ -75,6 +75,7 @@ async fn readers_never_see_an_error_an_empty_view_or_fewer_orders_during_rebuild
         backfill: false,
         rebuild: rebuild_options(),
         exit_when_caught_up: None,
+        shared: false,
     };
     let follower = run(engine.clone(), options, follower_cancel.clone());
     let producer = append_in_background(&kafka.settings, history, 40_000, 8_000);
