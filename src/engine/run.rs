@@ -223,9 +223,12 @@ impl<E: Send + Sync + 'static> Rounds<E> {
                 Ok(None)
             }
         };
+        // A follow cut short (the builds or the group's partitions changed) has not caught up,
+        // whatever it had reached: only one that ended by itself has.
+        let ended_by_itself = !round.is_cancelled();
         round.cancel();
         let _ = watcher.await;
-        outcome.map(|followed| followed.is_some() && exits_when_caught_up)
+        outcome.map(|followed| followed.is_some() && exits_when_caught_up && ended_by_itself)
     }
 
     /// Start a backfill for each projection whose code version is not active (unless one runs, or

@@ -32,13 +32,14 @@ fn spawn_shared(db: &str, kafka: &Kafka, log: &PathBuf, extra: &[&str]) -> Child
         .expect("start a shared rebuild")
 }
 
-/// A `run --shared` process logging to a file of its own.
-fn spawn_shared_run(db: &str, kafka: &Kafka, log: &PathBuf) -> Child {
+/// A `run --shared` process logging to a file of its own; `extra` are more flags.
+fn spawn_shared_run(db: &str, kafka: &Kafka, log: &PathBuf, extra: &[&str]) -> Child {
     let file = std::fs::File::create(log).expect("create the process's log");
     Command::new(env!("CARGO_BIN_EXE_reproject"))
         .args(["run", "--shared"])
         .args(["--brokers", &kafka.settings.brokers, "--database-url", db])
         .args(["--topic", TOPIC, "--batch-events", "500"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
@@ -220,7 +221,7 @@ async fn two_processes_share_the_follow_and_the_survivor_takes_over_a_killed_one
     let logs: Vec<PathBuf> = (0..2).map(|i| log_path("sharedrun", i)).collect();
     let mut runs = Processes(
         logs.iter()
-            .map(|log| spawn_shared_run(&db, &kafka, log))
+            .map(|log| spawn_shared_run(&db, &kafka, log, &[]))
             .collect(),
     );
     let pids: Vec<u32> = runs.0.iter().map(Child::id).collect();
@@ -312,4 +313,54 @@ async fn two_processes_share_the_follow_and_the_survivor_takes_over_a_killed_one
             .await
             .expect("sum of sequences");
     assert_eq!(sequences, total as i64, "every event applied exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_sharing_a_follow_exit_when_caught_up_only_once_every_partition_is() {
+    let kafka = Kafka::start(8);
+    let db = fresh_database("sharedexit").await;
+    let total = 60_000u64;
+    let mut history = history(total, 37);
+    append(&kafka.settings, &mut history, 20_000);
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    rebuild_all(&engine).await.expect("rebuild");
+    append(&kafka.settings, &mut history, total - 20_000);
+
+    // One process fast, one held to a slow rate: the fast one catches its share up and leaves
+    // while the slow one is still behind, and the group hands the slow one its partitions.
+    let logs: Vec<PathBuf> = (0..2).map(|i| log_path("sharedexit", i)).collect();
+    let flags = ["--no-backfill", "--exit-when-caught-up", "0"];
+    let mut runs = Processes(vec![
+        spawn_shared_run(&db, &kafka, &logs[0], &flags),
+        spawn_shared_run(
+            &db,
+            &kafka,
+            &logs[1],
+            &[&flags[..], &["--max-rate", "4000"]].concat(),
+        ),
+    ]);
+    for (i, run) in runs.0.iter_mut().enumerate() {
+        let status = wait_for_exit(run, "a shared run to catch up and exit", 120);
+        assert!(status.success(), "run {i}: {}", read_log(&logs[i]));
+    }
+    let pool = pool(&db).await;
+    let applied: Vec<i64> = sqlx::query_scalar(
+        "SELECT sum(next_offset)::bigint FROM reproject.positions JOIN reproject.builds USING (build_id)
+         WHERE phase = 'active' GROUP BY build_id ORDER BY build_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("positions");
+    assert_eq!(
+        applied,
+        vec![total as i64; 3],
+        "both exited with every build at the log's end\n{}\n{}",
+        read_log(&logs[0]),
+        read_log(&logs[1])
+    );
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    assert_eq!(
+        differences(&history.expected(), &actual),
+        Vec::<String>::new()
+    );
 }

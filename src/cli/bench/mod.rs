@@ -14,6 +14,7 @@
 //! Prints the figures and, with `--json FILE`, writes them for scripts to compare runs.
 
 mod limits;
+mod workers;
 
 use super::output::outln;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,6 +93,10 @@ pub struct BenchArgs {
     /// Committed rows the follow's writer keeps for its next batches (0: reads every row back)
     #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size_or_zero, default_value = "256MiB")]
     pub writer_memory: usize,
+    /// Also rebuild the same log with this many processes of this program sharing one build
+    /// (`rebuild --all --shared`), and with one process on that path, for the ratio (0: not)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub workers: usize,
     #[command(flatten)]
     pub memory: super::args::MemoryArgs,
 }
@@ -138,6 +143,8 @@ pub struct BenchFigures {
     pub follow: FollowFigures,
     /// `estimate --all` before the rebuild, against what the rebuild then took.
     pub estimate: EstimateFigures,
+    /// With `--workers N`: the same log rebuilt by 1 and by N processes sharing one build.
+    pub shared_rebuilds: Vec<workers::SharedRebuild>,
 }
 
 /// The estimate's prediction against the rebuild it predicted, on the same log, in the same run.
@@ -374,6 +381,20 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
     figures.reader_longest_ms = latencies.last().copied().unwrap_or(0.0);
     figures.reader_median_ms = latencies.get(latencies.len() / 2).copied().unwrap_or(0.0);
 
+    // Several processes sharing one rebuild of the same log, before the follow phase adds to it.
+    if args.workers > 0 {
+        let common = workers::child_args(cx, &settings);
+        let mut counts = vec![1];
+        if args.workers > 1 {
+            counts.push(args.workers);
+        }
+        for count in counts {
+            figures
+                .shared_rebuilds
+                .push(workers::shared_rebuild(&common, count, args.events).await?);
+        }
+    }
+
     // The follow: the history goes on while the views serve; `run` catches them up.
     let follow_events = args
         .follow_events
@@ -502,6 +523,15 @@ fn print_figures(f: &BenchFigures) {
     );
     for (phase, (count, longest)) in &f.slow_reader_queries_by_phase {
         outln!("  reader queries over 100 ms during {phase}: {count}, longest {longest:.0} ms");
+    }
+    for shared in &f.shared_rebuilds {
+        outln!(
+            "{} process(es) sharing one rebuild (`rebuild --all --shared`, start to last exit): {:.2}s = {:.0} events/s, {:.2}x the plain rebuild's time",
+            shared.workers,
+            shared.seconds,
+            shared.events_per_second,
+            shared.seconds / f.rebuild_seconds
+        );
     }
     let follow = &f.follow;
     if follow.backlog_events > 0 {
