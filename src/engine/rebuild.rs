@@ -522,8 +522,7 @@ async fn prepare_build<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projection: DynProjection<E>,
 ) -> Result<Job<E>> {
-    let mut conn = engine.catalog.conn().await?;
-    let build = match unfinished_build(engine, &projection, &mut conn).await? {
+    let build = match unfinished_build(engine, &projection).await? {
         Some(build) if build.phase == Phase::Loading => {
             // Nothing of an interrupted load was committed but its empty tables: start it over.
             tracing::info!(
@@ -531,6 +530,7 @@ async fn prepare_build<E: Send + Sync + 'static>(
                 projection = projection.name(),
                 build_id = build.build_id
             );
+            let mut conn = engine.catalog.conn().await?;
             writer::drop_schema(&mut conn, &build.schema_name).await?;
             catalog::clear_positions(&mut conn, build.build_id).await?;
             build
@@ -554,7 +554,6 @@ async fn prepare_build<E: Send + Sync + 'static>(
 pub(super) async fn unfinished_build<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projection: &DynProjection<E>,
-    conn: &mut sqlx::PgConnection,
 ) -> Result<Option<Build>> {
     let builds = engine.catalog.builds(Some(projection.name())).await?;
     let mut current: Option<Build> = None;
@@ -571,8 +570,7 @@ pub(super) async fn unfinished_build<E: Send + Sync + 'static>(
                 build_id = build.build_id,
                 version = build.version
             );
-            writer::drop_schema(conn, &build.schema_name).await?;
-            catalog::set_phase(conn, build.build_id, Phase::Dropped).await?;
+            super::gc::drop_build(engine, &build).await?;
         }
     }
     Ok(current)

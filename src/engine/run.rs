@@ -76,7 +76,7 @@ pub async fn run<E: Send + Sync + 'static>(
         running: BTreeSet::new(),
         failed_at: HashMap::new(),
         group,
-        settled: (0, Instant::now()),
+        planned_generation: 0,
     };
     let mut attempt = 0u32;
     let mut failing_since: Option<Instant> = None;
@@ -130,8 +130,8 @@ struct Rounds<E> {
     failed_at: HashMap<String, Instant>,
     /// With `shared`: this process's membership in the group that shares the partitions out.
     group: Option<Arc<GroupMember>>,
-    /// The group's last generation seen, and since when.
-    settled: (u64, Instant),
+    /// The group's generation the current round was planned under.
+    planned_generation: u64,
 }
 
 impl<E: Send + Sync + 'static> Rounds<E> {
@@ -144,7 +144,7 @@ impl<E: Send + Sync + 'static> Rounds<E> {
             return false;
         };
         matches!(error, EngineError::Sink(SinkError::PositionConflict { .. }))
-            || group.assignment().generation != self.settled.0
+            || group.assignment().generation != self.planned_generation
     }
 
     /// This process's share of the partitions, once the group's assignment has stayed put for
@@ -154,10 +154,10 @@ impl<E: Send + Sync + 'static> Rounds<E> {
             return Some(Sharing::Alone);
         };
         let assignment = group.assignment();
-        if assignment.generation != self.settled.0 {
-            self.settled = (assignment.generation, Instant::now());
-        }
-        (self.settled.1.elapsed() >= SETTLE).then_some(Sharing::Partitions(assignment.partitions))
+        self.planned_generation = assignment.generation;
+        assignment
+            .still_for(SETTLE)
+            .then_some(Sharing::Partitions(assignment.partitions))
     }
 
     /// One round: start the backfills that are missing, then follow the active builds until the set
@@ -172,7 +172,7 @@ impl<E: Send + Sync + 'static> Rounds<E> {
         let watcher = tokio::spawn(cancel_when_builds_change(
             self.engine.clone(),
             followed,
-            self.group.clone().map(|g| (g, self.settled.0)),
+            self.group.clone().map(|g| (g, self.planned_generation)),
             round.clone(),
         ));
         let until = match self.options.exit_when_caught_up {
@@ -289,13 +289,16 @@ impl<E: Send + Sync + 'static> Rounds<E> {
         &self,
         projection: &crate::projection::DynProjection<E>,
     ) -> Result<Option<bool>> {
-        let mut conn = self.engine.catalog.conn().await?;
-        let unfinished = rebuild::unfinished_build(&self.engine, projection, &mut conn).await?;
+        let unfinished = rebuild::unfinished_build(&self.engine, projection).await?;
         let Some(build) = unfinished.filter(|b| b.phase != Phase::Loading) else {
             return Ok(Some(true));
         };
-        let finishing =
-            lock::is_held_by_anyone(&mut *conn, LockKind::Rebuild, projection.name()).await?;
+        let finishing = lock::is_held_by_anyone(
+            self.engine.catalog.pool(),
+            LockKind::Rebuild,
+            projection.name(),
+        )
+        .await?;
         if finishing {
             tracing::debug!(
                 message = "another process finishes the backfill",

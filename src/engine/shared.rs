@@ -107,7 +107,6 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
     tracing::info!(message = "sharing the replay", %group, builds = ?report.builds);
 
     let started = Instant::now();
-    let mut last_generation = (0, Instant::now());
     let mut reported = None::<Instant>;
     loop {
         if cancel.is_cancelled() {
@@ -145,16 +144,13 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             break;
         }
         let assignment = member.assignment();
-        if assignment.generation != last_generation.0 {
-            last_generation = (assignment.generation, Instant::now());
-        }
         let mine: BTreeSet<i32> = assignment
             .partitions
             .iter()
             .copied()
             .filter(|p| remaining.iter().any(|open| open.contains_key(p)))
             .collect();
-        if mine.is_empty() || last_generation.1.elapsed() < SETTLE {
+        if mine.is_empty() || !assignment.still_for(SETTLE) {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = cancel.cancelled() => return Err(EngineError::Interrupted),
@@ -258,7 +254,7 @@ async fn join_or_create<E: Send + Sync + 'static>(
     .await?;
     let result = async {
         let mut conn = engine.catalog.conn().await?;
-        match unfinished_build(engine, &projection, &mut conn).await? {
+        match unfinished_build(engine, &projection).await? {
             // A plain rebuild's load records its positions only as it commits.
             Some(build)
                 if build.phase == Phase::Loading
@@ -279,8 +275,7 @@ async fn join_or_create<E: Send + Sync + 'static>(
                     projection = projection.name(),
                     build_id = build.build_id
                 );
-                writer::drop_schema(&mut conn, &build.schema_name).await?;
-                catalog::set_phase(&mut conn, build.build_id, Phase::Dropped).await?;
+                super::gc::drop_build(engine, &build).await?;
             }
             Some(build) => {
                 return Err(EngineError::Projection {

@@ -606,10 +606,12 @@ async fn write_changes(
         let mut table_absent = Absent::default();
         let mut unknown = Vec::new();
         for key in keys {
-            match known
-                .take(tables.build_id, index, &key)
-                .filter(|_| trust_known)
-            {
+            let cached = if trust_known {
+                known.take(tables.build_id, index, &key)
+            } else {
+                None
+            };
+            match cached {
                 Some(row) => {
                     if let Some(clock) = row.clock {
                         rows.seed_clock(key.as_slice(), clock);
@@ -651,6 +653,10 @@ async fn write_changes(
         if let Some(absent) = &absent[index] {
             let names = StagingNames::new(tables.build_id, index);
             written += write_back(tx, tables.schema, spec, &names, &store, index, absent).await?;
+        }
+        if shared && spec.gathers_partitions() {
+            // Never taken from `known` (above): not worth remembering either.
+            *store.table_mut(index) = Default::default();
         }
     }
     Ok((written, store))

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::ClientContext;
@@ -18,11 +18,20 @@ use rdkafka::ClientContext;
 use super::{KafkaSettings, SourceError, Topics};
 
 /// What the group last gave this process: partition ids (see [`Topics`]) and a count of the
-/// rebalances seen, which changes whenever the assignment may have.
+/// rebalances seen, which changes whenever the assignment may have, and when the last one was.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Assignment {
     pub partitions: BTreeSet<i32>,
     pub generation: u64,
+    changed_at: Option<Instant>,
+}
+
+impl Assignment {
+    /// Whether the group has given this assignment and left it alone for at least `settle`:
+    /// processes started together join one after another, and every join moves partitions.
+    pub fn still_for(&self, settle: Duration) -> bool {
+        self.changed_at.is_some_and(|at| at.elapsed() >= settle)
+    }
 }
 
 struct Membership {
@@ -39,6 +48,7 @@ impl ConsumerContext for Membership {
             return;
         };
         assignment.generation += 1;
+        assignment.changed_at = Some(Instant::now());
         match rebalance {
             Rebalance::Assign(list) => {
                 assignment.partitions = list
