@@ -102,7 +102,8 @@ impl SwapArgs {
 #[derive(Args, Debug, Clone)]
 pub struct MemoryArgs {
     /// Memory the replay's fold may hold (for example 512MiB, 2GB); beyond it, folded rows are
-    /// flushed to the new tables and later events merged there. Default: fold all in memory
+    /// flushed to the new tables and later events merged there (with --shared: per process, which
+    /// then loads its partitions in rounds that fit). Default: fold all in memory
     #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size)]
     pub memory_budget: Option<usize>,
     /// Stop (resumably) when a build's tables take more than this on the database server

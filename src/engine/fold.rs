@@ -203,8 +203,18 @@ impl<E: Send + Sync + 'static> Fold<E> {
         self.result
     }
 
+    /// Build `index`'s tables (in the order the fold was given its builds).
+    pub fn build_tables(&self, index: usize) -> BuildTables<'_> {
+        self.builds[index].tables()
+    }
+
+    /// Build `index`'s tables and its rows so far.
+    pub fn tables_and_store(&mut self, index: usize) -> (BuildTables<'_>, &mut RowStore) {
+        (self.builds[index].tables(), &mut self.result.stores[index])
+    }
+
     /// What the rows, and the remembered keys of spilled builds, take.
-    fn held_bytes(&self) -> usize {
+    pub fn held_bytes(&self) -> usize {
         self.result
             .stores
             .iter()

@@ -91,14 +91,14 @@ pub struct RebuildReport {
 /// prefetch queue. What is not covered (batches in flight, the runtime, connections) is a fixed
 /// overhead, measured in BENCHMARKS.md.
 #[derive(Clone, Copy, Debug)]
-struct MemoryShares {
-    fold: usize,
-    aggregate_index: usize,
-    prefetch: usize,
+pub(super) struct MemoryShares {
+    pub(super) fold: usize,
+    pub(super) aggregate_index: usize,
+    pub(super) prefetch: usize,
 }
 
 impl MemoryShares {
-    fn of(budget: usize) -> MemoryShares {
+    pub(super) fn of(budget: usize) -> MemoryShares {
         MemoryShares {
             fold: budget / 8 * 5,
             aggregate_index: budget / 4,

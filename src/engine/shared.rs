@@ -16,6 +16,9 @@
 //!    (that work is in already). A process that dies loses only its open round: the group gives its
 //!    partitions to the others after its session timeout, and they replay them from their stored
 //!    positions, so nothing is applied twice and nothing is lost.
+//!    With a memory budget (per process) a round ends early where its fold outgrows the budget,
+//!    and loads what it folded up to that point of each partition; the next round goes on from
+//!    there (`sink::merge::Continued`).
 //! 4. Once every partition of a build has reached its target, the first process to move the build
 //!    to `indexing` (compare-and-set in the catalog) finishes it as `rebuild` does: keys and
 //!    indexes, catch-up, verification, swap. The others leave it to that process.
@@ -31,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use super::fold::{Fold, FoldBuild};
 use super::reader::{self, ReaderConfig, Target};
 use super::rebuild::{
-    finish_builds, lock_projections, new_build, truncation, unfinished_build, Job, RebuildOptions,
-    RebuildReport,
+    finish_builds, lock_projections, new_build, truncation, unfinished_build, Job, MemoryShares,
+    RebuildOptions, RebuildReport,
 };
 use super::{holder_name, Engine, EngineError, Result};
 use crate::sink::catalog::{self, Phase, Positions};
@@ -56,12 +59,6 @@ pub async fn rebuild_shared<E: Send + Sync + 'static>(
     options: &RebuildOptions,
     cancel: &CancellationToken,
 ) -> Result<RebuildReport> {
-    if options.memory_budget.is_some() {
-        return Err(EngineError::Projection {
-            projection: names.join(", "),
-            reason: "--memory-budget is not supported with --shared yet: each process folds its partitions whole in memory (start more processes to fold less each)".into(),
-        });
-    }
     let holder = holder_name("rebuild --shared");
     let (projections, locks) = lock_projections(engine, names, &holder, LockMode::Shared).await?;
     let result = rebuild_shared_locked(engine, projections, options, cancel, &holder).await;
@@ -166,10 +163,12 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
                 })
                 .collect(),
             targets: &targets,
+            log_start: &bounds.start,
             generation: assignment.generation,
         };
         tracing::info!(message = "replaying a round", partitions = ?mine, generation = round.generation);
-        match replay_round(engine, &jobs, &round, &member, cancel).await? {
+        let shares = options.memory_budget.map(MemoryShares::of);
+        match replay_round(engine, &jobs, &round, shares, &member, cancel).await? {
             Some((events, seconds)) => {
                 report.events_replayed += events;
                 report.load_seconds += seconds;
@@ -229,11 +228,22 @@ pub(super) async fn join_group<E>(engine: &Engine<E>, group: &str) -> Result<Gro
 }
 
 /// Per build in job order: where this round starts each of its partitions, and where every
-/// partition ends; the assignment it was planned under.
+/// partition ends; where the log started when this process began (a partition past it continues
+/// what earlier rounds loaded); the assignment it was planned under.
 struct Round<'a> {
     starts: Vec<Positions>,
     targets: &'a [Positions],
+    log_start: &'a Positions,
     generation: u64,
+}
+
+/// How a round's fold ended.
+struct Folded {
+    result: super::fold::FoldResult,
+    /// Per build the round replays, what it read back of rows earlier rounds loaded.
+    continued: Vec<merge::Continued>,
+    /// True when it reached every target; false when it was cut at the memory budget.
+    complete: bool,
 }
 
 /// The shared build of `projection` in phase `loading`, or a new one, one process at a time.
@@ -317,13 +327,15 @@ async fn join_or_create<E: Send + Sync + 'static>(
     result
 }
 
-/// Replay this round's partitions to their targets and load them. None when the group moved
-/// partitions during the round, or another process loaded them first: nothing of it was kept.
-/// Otherwise the events replayed and the seconds the loads took.
+/// Replay this round's partitions to their targets (or, under a memory budget, until the fold
+/// outgrows it) and load them. None when the group moved partitions during the round, or another
+/// process loaded them first: nothing of it was kept. Otherwise the events replayed and the
+/// seconds the loads took.
 async fn replay_round<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     jobs: &[Job<E>],
     round: &Round<'_>,
+    shares: Option<MemoryShares>,
     member: &GroupMember,
     cancel: &CancellationToken,
 ) -> Result<Option<(u64, f64)>> {
@@ -341,6 +353,17 @@ async fn replay_round<E: Send + Sync + 'static>(
             }
         }
     }
+    // Per build replayed, the partitions earlier rounds loaded part of.
+    let continuing: Vec<BTreeSet<i32>> = busy
+        .iter()
+        .map(|&i| {
+            round.starts[i]
+                .iter()
+                .filter(|(p, at)| round.log_start.get(p).is_none_or(|first| *at > first))
+                .map(|(p, _)| *p)
+                .collect()
+        })
+        .collect();
     let targets = busy
         .iter()
         .map(|&i| Target {
@@ -354,6 +377,7 @@ async fn replay_round<E: Send + Sync + 'static>(
         stop_at: Some(stop_at),
         // Every process replays to the targets recorded with the build, whatever came since.
         stop_exactly: true,
+        // The fold checks its memory budget between batches: a batch is what it may overshoot by.
         max_batch_events: Arc::new(std::sync::atomic::AtomicUsize::new(
             engine.tuning.batch_events,
         )),
@@ -363,7 +387,7 @@ async fn replay_round<E: Send + Sync + 'static>(
         index_aggregates: false,
         aggregate_index_max_bytes: None,
         measure_processing: false,
-        prefetch_max_bytes: None,
+        prefetch_max_bytes: shares.map(|s| s.prefetch),
         dead_letters: matches!(
             engine.tuning.bad_records,
             super::BadRecordPolicy::DeadLetter { .. }
@@ -376,7 +400,8 @@ async fn replay_round<E: Send + Sync + 'static>(
         targets,
         config,
         stop.clone(),
-        8,
+        // Each batch in the channel holds a batch's changes: few of them under a budget.
+        if shares.is_some() { 2 } else { 8 },
         engine.tuning.replay_readers,
     );
     let reader_count = readers.len();
@@ -388,6 +413,11 @@ async fn replay_round<E: Send + Sync + 'static>(
             schema: jobs[i].build.schema_name.clone(),
         })
         .collect();
+    let mut conn = sqlx::PgConnection::connect(&engine.database_url)
+        .await
+        .context(|| "connecting to load a round".into())?;
+    // Without an aggregate index to keep, its share of the budget goes to the fold.
+    let fold_budget = shares.map(|s| s.fold + s.aggregate_index);
     let (policy, database_url) = (engine.tuning.bad_records, engine.database_url.clone());
     let runtime = tokio::runtime::Handle::current();
     let fold = tokio::task::spawn_blocking(move || {
@@ -398,11 +428,59 @@ async fn replay_round<E: Send + Sync + 'static>(
             None,
             policy,
             &database_url,
-            runtime,
+            runtime.clone(),
         )?;
+        let mut continued: Vec<merge::Continued> = continuing
+            .iter()
+            .enumerate()
+            .map(|(b, _)| merge::Continued::new(fold.build_tables(b).specs.len()))
+            .collect();
         while let Some(batch) = batches.blocking_recv() {
-            if fold.apply(batch?)? {
-                return Ok(fold.finish());
+            let batch = batch?;
+            for (b, changes) in batch.changes.iter().enumerate() {
+                if continuing[b].is_empty() {
+                    continue;
+                }
+                let (tables, store) = fold.tables_and_store(b);
+                runtime.block_on(continued[b].read_back(
+                    &mut conn,
+                    tables,
+                    store,
+                    changes,
+                    |p| continuing[b].contains(&p),
+                ))?;
+            }
+            if fold.apply(batch)? {
+                let result = fold.finish();
+                return Ok((
+                    Folded {
+                        result,
+                        continued,
+                        complete: true,
+                    },
+                    conn,
+                ));
+            }
+            let held = fold.held_bytes()
+                + continued
+                    .iter()
+                    .map(merge::Continued::approx_bytes)
+                    .sum::<usize>();
+            if fold_budget.is_some_and(|budget| held > budget) {
+                tracing::info!(
+                    message = "fold over its memory budget: loading the round so far",
+                    fold_bytes = held,
+                    budget = fold_budget
+                );
+                let result = fold.finish();
+                return Ok((
+                    Folded {
+                        result,
+                        continued,
+                        complete: false,
+                    },
+                    conn,
+                ));
             }
         }
         Err(EngineError::Interrupted)
@@ -425,8 +503,10 @@ async fn replay_round<E: Send + Sync + 'static>(
             }
         }
     };
+    // A round cut at the budget leaves readers mid-read.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || readers.join()).await;
-    let folded = folded?;
+    let (folded, mut conn) = folded?;
     if member.assignment().generation != round.generation {
         tracing::info!(
             message =
@@ -436,20 +516,37 @@ async fn replay_round<E: Send + Sync + 'static>(
     }
 
     let started = Instant::now();
-    let mut conn = sqlx::PgConnection::connect(&engine.database_url)
-        .await
-        .context(|| "connecting to load a round".into())?;
-    let loads = folded
+    let Folded {
+        result,
+        continued,
+        complete,
+    } = folded;
+    let loads = result
         .stores
         .into_iter()
-        .zip(&folded.dead_letters)
-        .zip(&busy);
-    for ((store, letters), &i) in loads {
+        .zip(&result.dead_letters)
+        .zip(continued.iter().zip(&busy));
+    for ((store, letters), (continued, &i)) in loads {
         let job = &jobs[i];
         let tables = BuildTables::of(&job.build, &job.projection);
+        // A whole round ends every partition at its target (whatever offsets it skipped); one cut
+        // at the budget ends each where the fold got to.
         let next: Positions = round.starts[i]
-            .keys()
-            .filter_map(|p| round.targets[i].get(p).map(|end| (*p, *end)))
+            .iter()
+            .filter_map(|(p, from)| {
+                let end = *round.targets[i].get(p)?;
+                let reached = if complete {
+                    end
+                } else {
+                    result
+                        .positions
+                        .get(p)
+                        .copied()
+                        .unwrap_or(*from)
+                        .clamp(*from, end)
+                };
+                Some((*p, reached))
+            })
             .collect();
         let events: i64 = next
             .iter()
@@ -480,7 +577,7 @@ async fn replay_round<E: Send + Sync + 'static>(
             }
             Err(e) => return Err(e.into()),
         }
-        let rows = merge::merge_into(&mut tx, tables, store).await?;
+        let rows = merge::merge_into(&mut tx, tables, store, Some(continued)).await?;
         let stored: Vec<_> = letters.iter().map(|l| l.stored()).collect();
         dead_letters::insert(&mut tx, job.build.build_id, job.projection.name(), &stored).await?;
         catalog::add_replayed(&mut tx, job.build.build_id, events.max(0) as u64).await?;
@@ -492,8 +589,10 @@ async fn replay_round<E: Send + Sync + 'static>(
             projection = job.projection.name(),
             build_id = job.build.build_id,
             partitions = next.len(),
-            rows
+            rows,
+            events,
+            complete
         );
     }
-    Ok(Some((folded.events, started.elapsed().as_secs_f64())))
+    Ok(Some((result.events, started.elapsed().as_secs_f64())))
 }

@@ -8,13 +8,20 @@
 //! advisory lock: two joins of the same key must not both read the old row. Rows of per-aggregate
 //! tables come from one partition, hence one worker: they go in with a plain COPY, and a key that
 //! is already there is a broken `per_aggregate` promise, refused by the table's unique index.
+//!
+//! Under a memory budget a worker loads its partitions in several rounds, each cut where its fold
+//! outgrew the budget. A round that continues partitions earlier rounds loaded reads back, before
+//! folding a batch, the per-aggregate rows its changes touch ([`Continued`]): those rows hold
+//! exactly the earlier events of their one partition, so the fold goes on from them, and the load
+//! upserts them. Rows that gather partitions are never read back: each round folds them from
+//! nothing and joins them in like another worker's.
 
 use rustc_hash::FxHashSet;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 
 use super::writer::{self, Absent, BuildTables, StagingNames};
 use super::{qualified, stable_hash, Context, Result, SinkError};
-use crate::projection::{Key, RowStore, Value};
+use crate::projection::{ChangeLog, Key, RowStore, Value};
 
 /// The first key of the transaction advisory lock that serialises one build's merges.
 const MERGE_LOCK: i32 = 0x5250_0003;
@@ -32,11 +39,101 @@ pub(super) async fn take_turn(conn: &mut PgConnection, build_id: i64, schema: &s
     Ok(())
 }
 
-/// Join `store` into the build's tables, in the caller's transaction. Returns the rows written.
+/// What a round that continues partitions read back of its per-aggregate tables.
+#[derive(Debug)]
+pub struct Continued {
+    /// Per table, the keys read back that the table holds (their rows are upserted at the load).
+    present: Vec<FxHashSet<Key>>,
+    /// Whether this connection's staging tables exist.
+    staging_ready: bool,
+}
+
+impl Continued {
+    pub fn new(tables: usize) -> Continued {
+        Continued {
+            present: (0..tables).map(|_| FxHashSet::default()).collect(),
+            staging_ready: false,
+        }
+    }
+
+    /// Bytes the remembered keys take, roughly: a key of a few short values and its slot.
+    pub fn approx_bytes(&self) -> usize {
+        self.present.iter().map(|s| s.capacity() * 64).sum()
+    }
+
+    /// Before `changes` are folded into `store`: read back the rows of per-aggregate tables they
+    /// touch, of events of partitions `continues` says earlier rounds loaded, that the fold does not
+    /// hold yet (or that the table does not hold them).
+    pub async fn read_back(
+        &mut self,
+        conn: &mut PgConnection,
+        tables: BuildTables<'_>,
+        store: &mut RowStore,
+        changes: &ChangeLog,
+        continues: impl Fn(i32) -> bool,
+    ) -> Result<()> {
+        let mut wanted: Vec<Vec<Vec<Value>>> = vec![Vec::new(); tables.specs.len()];
+        let mut seen: Vec<FxHashSet<&[Value]>> = vec![FxHashSet::default(); tables.specs.len()];
+        for (at, change) in changes.iter() {
+            let index = change.table();
+            let Some(spec) = tables.specs.get(index) else {
+                continue;
+            };
+            if spec.gathers_partitions() || !continues(at.partition) {
+                continue;
+            }
+            let key = change.key(spec.key_len);
+            if !store.table(index).contains_key(key) && seen[index].insert(key) {
+                wanted[index].push(key.to_vec());
+            }
+        }
+        if wanted.iter().all(Vec::is_empty) {
+            return Ok(());
+        }
+        let mut tx = conn
+            .begin()
+            .await
+            .context(|| format!("starting to read back rows of {}", tables.schema))?;
+        if !self.staging_ready {
+            for (index, spec) in tables.specs.iter().enumerate() {
+                writer::create_staging(
+                    &mut tx,
+                    tables.schema,
+                    spec,
+                    &StagingNames::new(tables.build_id, index),
+                )
+                .await?;
+            }
+            self.staging_ready = true;
+        }
+        for (index, keys) in wanted.into_iter().enumerate() {
+            if keys.is_empty() {
+                continue;
+            }
+            let spec = &tables.specs[index];
+            let names = StagingNames::new(tables.build_id, index);
+            let rows = store.table_mut(index);
+            writer::load_current_rows(&mut tx, tables.schema, spec, &names, &keys, rows).await?;
+            let present = &mut self.present[index];
+            for key in keys {
+                if matches!(rows.get(&key), Some(Some(_))) {
+                    present.insert(Key::from(key.as_slice()));
+                }
+            }
+        }
+        tx.commit()
+            .await
+            .context(|| format!("finishing the read-back from {}", tables.schema))
+    }
+}
+
+/// Join `store` into the build's tables, in the caller's transaction; `continued`, what the round
+/// read back, if it continues partitions. Returns the rows written.
 pub async fn merge_into(
     conn: &mut PgConnection,
     tables: BuildTables<'_>,
     store: RowStore,
+    continued: Option<&Continued>,
 ) -> Result<u64> {
     take_turn(conn, tables.build_id, tables.schema).await?;
     let mut written = 0;
@@ -45,6 +142,36 @@ pub async fn merge_into(
             continue;
         }
         let target = qualified(tables.schema, spec.name);
+        let read_back = continued
+            .map(|c| &c.present[index])
+            .filter(|p| !p.is_empty());
+        if let (false, Some(present)) = (spec.gathers_partitions(), read_back) {
+            // Rows read back go in as upserts (or deletes), the others as for a first round.
+            let names = StagingNames::new(tables.build_id, index);
+            writer::create_staging(conn, tables.schema, spec, &names).await?;
+            let absent = Absent {
+                rows: theirs
+                    .keys()
+                    .filter(|k| !present.contains(k.as_slice()))
+                    .cloned()
+                    .collect(),
+                clocks: FxHashSet::default(),
+            };
+            let mut continued = RowStore::new(tables.specs.len());
+            *continued.table_mut(index) = theirs;
+            written += writer::write_back(
+                conn,
+                tables.schema,
+                spec,
+                &names,
+                &continued,
+                index,
+                &absent,
+            )
+            .await
+            .map_err(|e| per_aggregate_clash(e, &target))?;
+            continue;
+        }
         if !spec.gathers_partitions() {
             let rows = theirs.live_rows_in_key_order(spec.key_len);
             written +=

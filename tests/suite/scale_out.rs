@@ -198,6 +198,59 @@ async fn a_process_killed_mid_replay_hands_its_partitions_to_the_others() {
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_within_a_memory_budget_load_in_rounds_and_survivors_continue_a_killed_one_s() {
+    let kafka = Kafka::start(8);
+    let events = 150_000;
+    append(&kafka.settings, &mut history(events, 29), events);
+    let reference = single_process_checksums("sharedbudget", &kafka).await;
+
+    // A budget far below the fold of a third of the log: each process loads its partitions in
+    // many rounds, each continuing the per-aggregate rows the earlier ones loaded.
+    let db = fresh_database("sharedbudget").await;
+    let logs: Vec<PathBuf> = (0..3).map(|i| log_path("sharedbudget", i)).collect();
+    let mut workers = Processes(
+        logs.iter()
+            .map(|log| spawn_shared(&db, &kafka, log, &["--memory-budget", "300KiB"]))
+            .collect(),
+    );
+    wait_until(
+        "the victim to load a round cut at its memory budget",
+        90,
+        || async { read_log(&logs[0]) },
+        |log: &String| log.contains("complete=false"),
+    )
+    .await;
+    let mut victim = workers.0.remove(0);
+    victim.kill().expect("SIGKILL the victim");
+    let _ = victim.wait();
+    let victim_log = read_log(&logs[0]);
+    assert!(
+        !victim_log.contains("every partition loaded"),
+        "the victim was killed with partitions left half loaded: {victim_log}"
+    );
+
+    for (i, worker) in workers.0.iter_mut().enumerate() {
+        let status = wait_for_exit(worker, "a shared rebuild to finish", 180);
+        assert!(
+            status.success(),
+            "worker {}: {}",
+            i + 1,
+            read_log(&logs[i + 1])
+        );
+    }
+    let pool = pool(&db).await;
+    assert_eq!(active_checksums(&pool).await, reference);
+    assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
+    for log in &logs[1..] {
+        let cut = read_log(log).matches("complete=false").count();
+        assert!(
+            cut >= 2,
+            "each survivor loaded rounds cut at the budget ({cut})"
+        );
+    }
+}
+
 /// The worker rows of the active builds written by the `run --shared` process `pid`: its
 /// partitions and the events it applied, per build.
 async fn follower_rows(pool: &PgPool, pid: u32) -> Vec<(Vec<i32>, i64)> {
