@@ -383,7 +383,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
 
     // Several processes sharing one rebuild of the same log, before the follow phase adds to it.
     if args.workers > 0 {
-        let common = workers::child_args(cx, &settings);
+        let common = workers::child_args(cx, &settings, args.memory.memory_budget);
         let mut counts = vec![1];
         if args.workers > 1 {
             counts.push(args.workers);
@@ -526,11 +526,12 @@ fn print_figures(f: &BenchFigures) {
     }
     for shared in &f.shared_rebuilds {
         outln!(
-            "{} process(es) sharing one rebuild (`rebuild --all --shared`, start to last exit): {:.2}s = {:.0} events/s, {:.2}x the plain rebuild's time",
+            "{} process(es) sharing one rebuild (`rebuild --all --shared`, start to last exit): {:.2}s = {:.0} events/s, {:.2}x the plain rebuild's time; largest peak RSS of one process {:.0} MB",
             shared.workers,
             shared.seconds,
             shared.events_per_second,
-            shared.seconds / f.rebuild_seconds
+            shared.seconds / f.rebuild_seconds,
+            shared.largest_peak_rss_bytes as f64 / 1e6
         );
     }
     let follow = &f.follow;

@@ -20,13 +20,18 @@ pub struct SharedRebuild {
     pub workers: usize,
     pub seconds: f64,
     pub events_per_second: f64,
+    /// The largest peak resident set of one process (VmHWM, sampled every 100 ms until it
+    /// exits), 0 where /proc is not available.
+    pub largest_peak_rss_bytes: u64,
 }
 
 /// The arguments that point a child process at what this bench uses: the domain, its config and
-/// SQL, the broker, the database, the topics and the stable views' schema.
+/// SQL, the broker, the database, the topics and the stable views' schema; and the bench's memory
+/// budget, which applies per process.
 pub fn child_args<D: Domain>(
     cx: &Cx<D>,
     settings: &super::super::config::Settings,
+    memory_budget: Option<usize>,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let global = &cx.global;
@@ -56,8 +61,25 @@ pub fn child_args<D: Domain>(
         args.push(flag.into());
         args.push(value.into());
     }
+    if let Some(budget) = memory_budget {
+        args.push("--memory-budget".into());
+        args.push(budget.to_string().into());
+    }
     args.push("--quiet".into());
     args
+}
+
+/// Peak resident set of process `pid` so far (VmHWM), None once it is gone.
+fn peak_rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Rebuild every projection with `workers` processes sharing the build, and time it.
@@ -79,6 +101,25 @@ pub async fn shared_rebuild(
             .with_context(|| format!("starting {} rebuild --all --shared", program.display()))?;
         children.push(child);
     }
+    // A child's VmHWM is only readable while it runs: sample them all until the last exits.
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn({
+        let done = sampling.clone();
+        async move {
+            let mut largest = 0u64;
+            loop {
+                largest = pids
+                    .iter()
+                    .filter_map(|&p| peak_rss_of(p))
+                    .fold(largest, u64::max);
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    _ = done.cancelled() => return largest,
+                }
+            }
+        }
+    });
     for (i, mut child) in children.into_iter().enumerate() {
         let status = child
             .wait()
@@ -90,10 +131,13 @@ pub async fn shared_rebuild(
         );
     }
     let seconds = started.elapsed().as_secs_f64();
+    sampling.cancel();
+    let largest_peak_rss_bytes = sampler.await.unwrap_or(0);
     outln!("   {workers} process(es) sharing one rebuild: {seconds:.1}s");
     Ok(SharedRebuild {
         workers,
         seconds,
         events_per_second: events as f64 / seconds,
+        largest_peak_rss_bytes,
     })
 }
