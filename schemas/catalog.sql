@@ -157,3 +157,22 @@ CREATE TABLE IF NOT EXISTS reproject.workers (
     seen_at            timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (build_id, worker)
 );
+
+-- The aggregate index of a shared build (`rebuild --shared`), in pieces: each process records what
+-- its rounds read (per partition id, a range of offsets, and where each aggregate's events lie in
+-- it) under the shared set's first build. The process that finishes a build joins the pieces into
+-- `aggregate_offsets` once they cover every partition up to the build's targets.
+CREATE TABLE IF NOT EXISTS reproject.shared_aggregate_ranges (
+    lead_build   bigint  NOT NULL REFERENCES reproject.builds ON DELETE CASCADE,
+    partition    integer NOT NULL,
+    from_offset  bigint  NOT NULL,
+    to_offset    bigint  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reproject.shared_aggregate_offsets (
+    lead_build    bigint  NOT NULL REFERENCES reproject.builds ON DELETE CASCADE,
+    topic         text    NOT NULL,
+    aggregate_id  text    NOT NULL,
+    partition     bigint  NOT NULL,
+    first_offset  bigint  NOT NULL,
+    last_offset   bigint  NOT NULL
+);

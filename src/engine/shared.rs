@@ -19,9 +19,12 @@
 //!    With a memory budget (per process) a round ends early where its fold outgrows the budget,
 //!    and loads what it folded up to that point of each partition; the next round goes on from
 //!    there (`sink::merge::Continued`).
+//!    A round that reads its partitions to their targets also records its piece of the aggregate
+//!    index (`sink::aggregate_index::record_piece`).
 //! 4. Once every partition of a build has reached its target, the first process to move the build
-//!    to `indexing` (compare-and-set in the catalog) finishes it as `rebuild` does: keys and
-//!    indexes, catch-up, verification, swap. The others leave it to that process.
+//!    to `indexing` (compare-and-set in the catalog) joins the index pieces into the aggregate
+//!    index and finishes the build as `rebuild` does: keys and indexes, catch-up, verification,
+//!    swap. The others leave it to that process.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;
@@ -38,6 +41,7 @@ use super::rebuild::{
     RebuildOptions, RebuildReport,
 };
 use super::{holder_name, Engine, EngineError, Result};
+use crate::sink::aggregate_index;
 use crate::sink::catalog::{self, Phase, Positions};
 use crate::sink::lock::{AdvisoryLock, LockKind, LockMode};
 use crate::sink::merge;
@@ -101,6 +105,9 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
     let ids: Vec<String> = jobs.iter().map(|j| j.build.build_id.to_string()).collect();
     let group = format!("reproject-shared-{}", ids.join("-"));
     let member = join_group(engine, &group).await?;
+    // The aggregate index's pieces are recorded under the set's first build, the same for every
+    // process of the group.
+    let lead_build = report.builds.iter().copied().min().unwrap_or_default();
     tracing::info!(message = "sharing the replay", %group, builds = ?report.builds);
 
     let started = Instant::now();
@@ -164,6 +171,7 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
                 .collect(),
             targets: &targets,
             log_start: &bounds.start,
+            lead_build,
             generation: assignment.generation,
         };
         tracing::info!(message = "replaying a round", partitions = ?mine, generation = round.generation);
@@ -182,8 +190,10 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
 
     // Every partition is in: the first process to claim a build finishes it.
     let mut mine = Vec::new();
+    // The claimed builds' targets: the index pieces must cover the log up to the furthest.
+    let mut reach = Positions::new();
     let mut conn = engine.catalog.conn().await?;
-    for mut job in jobs {
+    for (mut job, ends) in jobs.into_iter().zip(&targets) {
         let rows =
             SpillState::row_count(&mut conn, BuildTables::of(&job.build, &job.projection)).await?;
         if catalog::claim_loaded(&mut conn, job.build.build_id, rows).await? {
@@ -196,12 +206,35 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             report.rows_loaded += rows;
             job.build.phase = Phase::Indexing;
             mine.push(job);
+            for (p, end) in ends {
+                let furthest = reach.entry(*p).or_insert(*end);
+                *furthest = (*furthest).max(*end);
+            }
         } else {
             tracing::info!(
                 message = "every partition loaded; another process finishes the build",
                 projection = job.projection.name(),
                 build_id = job.build.build_id
             );
+        }
+    }
+    if !mine.is_empty() {
+        match aggregate_index::publish_pieces(
+            &mut conn,
+            lead_build,
+            &engine.topics,
+            &bounds.start,
+            &reach,
+        )
+        .await?
+        {
+            Some(rows) => {
+                report.aggregates_indexed = rows;
+                tracing::info!(message = "joined the processes' aggregate index pieces", rows);
+            }
+            None => tracing::info!(
+                message = "the shared replay left part of the log unindexed (rounds cut at the memory budget keep no index): the aggregate index stays as it was, and `replay` reads the aggregate's partition instead"
+            ),
         }
     }
     drop(conn);
@@ -234,6 +267,7 @@ struct Round<'a> {
     starts: Vec<Positions>,
     targets: &'a [Positions],
     log_start: &'a Positions,
+    lead_build: i64,
     generation: u64,
 }
 
@@ -371,6 +405,7 @@ async fn replay_round<E: Send + Sync + 'static>(
             positions: round.starts[i].clone(),
         })
         .collect();
+    let stop_at_copy = stop_at.clone();
     let config = ReaderConfig {
         topics: engine.topics.clone(),
         framing: engine.framing.clone(),
@@ -384,8 +419,8 @@ async fn replay_round<E: Send + Sync + 'static>(
         max_batch_wait: Duration::from_millis(100),
         log_end_every: None,
         stall_timeout: engine.tuning.stall_timeout,
-        index_aggregates: false,
-        aggregate_index_max_bytes: None,
+        index_aggregates: true,
+        aggregate_index_max_bytes: shares.map(|s| s.aggregate_index),
         measure_processing: false,
         prefetch_max_bytes: shares.map(|s| s.prefetch),
         dead_letters: matches!(
@@ -416,8 +451,12 @@ async fn replay_round<E: Send + Sync + 'static>(
     let mut conn = sqlx::PgConnection::connect(&engine.database_url)
         .await
         .context(|| "connecting to load a round".into())?;
-    // Without an aggregate index to keep, its share of the budget goes to the fold.
-    let fold_budget = shares.map(|s| s.fold + s.aggregate_index);
+    let fold_budget = shares.map(|s| s.fold);
+    // What a whole round reads, for its piece of the aggregate index.
+    let read: std::collections::BTreeMap<i32, (i64, i64)> = start
+        .iter()
+        .filter_map(|(p, from)| Some((*p, (*from, *stop_at_copy.get(p)?))))
+        .collect();
     let (policy, database_url) = (engine.tuning.bad_records, engine.database_url.clone());
     let runtime = tokio::runtime::Handle::current();
     let fold = tokio::task::spawn_blocking(move || {
@@ -521,6 +560,11 @@ async fn replay_round<E: Send + Sync + 'static>(
         continued,
         complete,
     } = folded;
+    // A round cut at the budget has no index: its readers hand theirs over only at the end.
+    if let (true, Some(index)) = (complete, &result.aggregates) {
+        aggregate_index::record_piece(&mut conn, round.lead_build, &engine.topics, index, &read)
+            .await?;
+    }
     let loads = result
         .stores
         .into_iter()

@@ -165,12 +165,30 @@ pub struct Located {
     pub covered_through: BTreeMap<i32, i64>,
 }
 
+/// Where a new index's rows come from.
+enum Source<'a> {
+    /// An index a replay kept in memory.
+    Kept(&'a AggregateIndex),
+    /// The pieces processes sharing a build recorded under its lead build, each partition's up to
+    /// its coverage.
+    Pieces { lead_build: i64 },
+}
+
 /// Replace the index of `topics` with `index`, which covers each partition (id) up to
 /// `covered_through`.
 pub async fn replace(
     conn: &mut PgConnection,
     topics: &Topics,
     index: &AggregateIndex,
+    covered_through: &BTreeMap<i32, i64>,
+) -> Result<u64> {
+    replace_from(conn, topics, Source::Kept(index), covered_through).await
+}
+
+async fn replace_from(
+    conn: &mut PgConnection,
+    topics: &Topics,
+    source: Source<'_>,
     covered_through: &BTreeMap<i32, i64>,
 ) -> Result<u64> {
     let mut tx = conn
@@ -186,24 +204,56 @@ pub async fn replace(
     .execute(&mut *tx)
     .await
     .context(|| "preparing the new aggregate index".into())?;
-    // In primary-key order: the key is built afterwards, and on rows already in its order
-    // PostgreSQL's sort has little to do. Within one topic, by aggregate id first.
-    let mut rows = Vec::new();
-    for topic in 0..topics.len() {
-        rows.extend(sort_on_prefix(
-            index.rows(topics, topic),
-            |row| row[1].order_prefix(),
-            |a, b| a[1..3].cmp(&b[1..3]),
-        ));
-    }
-    let written = copy_into(
-        &mut tx,
-        "reproject.aggregate_offsets_next",
-        5,
-        rows.iter(),
-        |r| r.as_slice(),
-    )
-    .await?;
+    let written = match source {
+        Source::Kept(index) => {
+            // In primary-key order: the key is built afterwards, and on rows already in its order
+            // PostgreSQL's sort has little to do. Within one topic, by aggregate id first.
+            let mut rows = Vec::new();
+            for topic in 0..topics.len() {
+                rows.extend(sort_on_prefix(
+                    index.rows(topics, topic),
+                    |row| row[1].order_prefix(),
+                    |a, b| a[1..3].cmp(&b[1..3]),
+                ));
+            }
+            copy_into(
+                &mut tx,
+                "reproject.aggregate_offsets_next",
+                5,
+                rows.iter(),
+                |r| r.as_slice(),
+            )
+            .await?
+        }
+        Source::Pieces { lead_build } => {
+            // Pieces of rounds that were dropped repeat what others recorded: the first and last
+            // offsets over all of them are the same facts about the log.
+            let (mut names, mut partitions, mut through) = (Vec::new(), Vec::new(), Vec::new());
+            for (&id, &end) in covered_through {
+                names.push(topics.topic_of(id).to_string());
+                partitions.push(i64::from(topics.partition_of(id)));
+                through.push(end);
+            }
+            sqlx::query(
+                "INSERT INTO reproject.aggregate_offsets_next
+                 SELECT o.topic, o.aggregate_id, o.partition, min(o.first_offset), max(o.last_offset)
+                 FROM reproject.shared_aggregate_offsets o
+                 JOIN unnest($2::text[], $3::bigint[], $4::bigint[]) AS c(topic, partition, through)
+                   ON c.topic = o.topic AND c.partition = o.partition AND o.first_offset < c.through
+                 WHERE o.lead_build = $1
+                 GROUP BY o.topic, o.aggregate_id, o.partition
+                 ORDER BY o.topic, o.aggregate_id, o.partition",
+            )
+            .bind(lead_build)
+            .bind(&names)
+            .bind(&partitions)
+            .bind(&through)
+            .execute(&mut *tx)
+            .await
+            .context(|| format!("joining the aggregate index pieces of shared build {lead_build}"))?
+            .rows_affected()
+        }
+    };
     sqlx::query(
         "INSERT INTO reproject.aggregate_offsets_next SELECT * FROM reproject.aggregate_offsets WHERE topic <> ALL($1)",
     )
@@ -240,6 +290,108 @@ pub async fn replace(
         .await
         .context(|| "committing the aggregate index".into())?;
     Ok(written)
+}
+
+/// Record the piece of the aggregate index one round of a shared build read: `index`, of the
+/// offsets `ranges` gives per partition id (from, to exclusive), under the shared set's
+/// `lead_build`. Its own transaction: a piece is true of the log whether or not the round's rows
+/// are kept.
+pub async fn record_piece(
+    conn: &mut PgConnection,
+    lead_build: i64,
+    topics: &Topics,
+    index: &AggregateIndex,
+    ranges: &BTreeMap<i32, (i64, i64)>,
+) -> Result<u64> {
+    let mut tx = conn
+        .begin()
+        .await
+        .context(|| format!("starting to record an aggregate index piece of build {lead_build}"))?;
+    let lead = Value::BigInt(lead_build);
+    let mut rows = Vec::with_capacity(index.len());
+    for topic in 0..topics.len() {
+        rows.extend(
+            index
+                .rows(topics, topic)
+                .map(|[t, id, p, first, last]| [lead.clone(), t, id, p, first, last]),
+        );
+    }
+    let written = copy_into(
+        &mut tx,
+        "reproject.shared_aggregate_offsets",
+        6,
+        rows.iter(),
+        |r| r.as_slice(),
+    )
+    .await?;
+    for (&partition, &(from, to)) in ranges {
+        sqlx::query(
+            "INSERT INTO reproject.shared_aggregate_ranges (lead_build, partition, from_offset, to_offset) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(lead_build)
+        .bind(partition)
+        .bind(from)
+        .bind(to)
+        .execute(&mut *tx)
+        .await
+        .context(|| format!("recording the offsets an aggregate index piece of build {lead_build} covers"))?;
+    }
+    tx.commit()
+        .await
+        .context(|| format!("committing an aggregate index piece of build {lead_build}"))?;
+    Ok(written)
+}
+
+/// Join the pieces recorded under `lead_build` into the index of `topics`, if, from `start`, they
+/// cover every partition (id) up to `targets` without a hole; then forget them. Returns the rows
+/// written, or None when the pieces leave part of the log unindexed (rounds cut at a memory
+/// budget keep no index): the index stays as it was.
+pub async fn publish_pieces(
+    conn: &mut PgConnection,
+    lead_build: i64,
+    topics: &Topics,
+    start: &BTreeMap<i32, i64>,
+    targets: &BTreeMap<i32, i64>,
+) -> Result<Option<u64>> {
+    let ranges: Vec<(i32, i64, i64)> = sqlx::query_as(
+        "SELECT partition, from_offset, to_offset FROM reproject.shared_aggregate_ranges
+         WHERE lead_build = $1 ORDER BY partition, from_offset",
+    )
+    .bind(lead_build)
+    .fetch_all(&mut *conn)
+    .await
+    .context(|| format!("reading the aggregate index pieces of shared build {lead_build}"))?;
+    let covered = covered_through(start, &ranges);
+    let whole = targets
+        .iter()
+        .all(|(p, end)| covered.get(p).is_some_and(|c| c >= end));
+    let written = if whole {
+        Some(replace_from(conn, topics, Source::Pieces { lead_build }, &covered).await?)
+    } else {
+        None
+    };
+    sqlx::raw_sql(&format!(
+        "DELETE FROM reproject.shared_aggregate_offsets WHERE lead_build = {lead_build};
+         DELETE FROM reproject.shared_aggregate_ranges WHERE lead_build = {lead_build};"
+    ))
+    .execute(&mut *conn)
+    .await
+    .context(|| format!("forgetting the aggregate index pieces of shared build {lead_build}"))?;
+    Ok(written)
+}
+
+/// Per partition, how far from its `start` the ranges (partition, from, to), sorted, reach
+/// without a hole.
+fn covered_through(start: &BTreeMap<i32, i64>, ranges: &[(i32, i64, i64)]) -> BTreeMap<i32, i64> {
+    let mut covered = start.clone();
+    for &(partition, from, to) in ranges {
+        if let Some(reached) = covered.get_mut(&partition) {
+            if from <= *reached {
+                *reached = (*reached).max(to);
+            }
+        }
+    }
+    covered
 }
 
 /// Where `aggregate_id`'s events lie in `topics`, as far as the index knows. No coverage means no
@@ -284,6 +436,18 @@ pub async fn locate(pool: &PgPool, topics: &Topics, aggregate_id: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_cover_a_partition_only_as_far_as_they_reach_without_a_hole() {
+        let start = BTreeMap::from([(0, 0), (1, 0), (2, 5)]);
+        // Partition 0: two pieces that overlap (a round done twice), out of order; 1: a hole at
+        // 10..20; 2: nothing.
+        let ranges = [(0, 0, 10), (0, 5, 30), (0, 30, 40), (1, 0, 10), (1, 20, 30)];
+        let mut sorted = ranges.to_vec();
+        sorted.sort();
+        let covered = covered_through(&start, &sorted);
+        assert_eq!(covered, BTreeMap::from([(0, 40), (1, 10), (2, 5)]));
+    }
 
     #[test]
     fn sequence_gaps_and_repeats_are_counted_per_aggregate() {

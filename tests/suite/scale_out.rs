@@ -95,14 +95,38 @@ async fn events_replayed(pool: &PgPool) -> Vec<i64> {
     .expect("builds")
 }
 
-/// The reference: the same log rebuilt by one process, in a database of its own.
-async fn single_process_checksums(test: &str, kafka: &Kafka) -> Vec<String> {
+/// The reference: the same log rebuilt by one process, in a database of its own: its tables'
+/// checksums, and its aggregate index's.
+async fn single_process_checksums(test: &str, kafka: &Kafka) -> (Vec<String>, String) {
     let db = fresh_database(&format!("{test}_single")).await;
     let engine = engine(&db, &kafka.settings, tuning()).await;
     rebuild_all(&engine).await.expect("single-process rebuild");
     let sums = active_checksums(engine.catalog.pool()).await;
     assert!(sums.iter().all(|s| s != "empty"), "{sums:?}");
-    sums
+    (sums, aggregate_index_checksum(engine.catalog.pool()).await)
+}
+
+/// The aggregate index (every aggregate's span per partition) and its coverage, as one checksum.
+async fn aggregate_index_checksum(pool: &PgPool) -> String {
+    sqlx::query_scalar(
+        "SELECT count(*) || ' spans ' || coalesce(md5(string_agg(o::text, ',' ORDER BY topic, aggregate_id, partition)), 'none')
+              || ' covering ' || (SELECT coalesce(string_agg(partition || ':' || covered_through, ' ' ORDER BY topic, partition), 'nothing')
+                                 FROM reproject.aggregate_index_coverage)
+         FROM reproject.aggregate_offsets o",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("the aggregate index")
+}
+
+/// Index pieces of shared builds still recorded (forgotten once joined into the index).
+async fn index_pieces_left(pool: &PgPool) -> i64 {
+    scalar::<i64>(
+        pool,
+        "SELECT count(*) FROM reproject.shared_aggregate_ranges",
+    )
+    .await
+    .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +134,7 @@ async fn three_processes_sharing_one_rebuild_make_the_tables_one_process_makes()
     let kafka = Kafka::start(8);
     let events = 60_000;
     append(&kafka.settings, &mut history(events, 19), events);
-    let reference = single_process_checksums("shared3", &kafka).await;
+    let (reference, reference_index) = single_process_checksums("shared3", &kafka).await;
 
     let db = fresh_database("shared3").await;
     let logs: Vec<PathBuf> = (0..3).map(|i| log_path("shared3", i)).collect();
@@ -127,6 +151,20 @@ async fn three_processes_sharing_one_rebuild_make_the_tables_one_process_makes()
     let pool = pool(&db).await;
     assert_eq!(active_checksums(&pool).await, reference);
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
+    // The processes' pieces of the aggregate index make the index one process keeps, and `replay`
+    // finds an order through it.
+    assert_eq!(aggregate_index_checksum(&pool).await, reference_index);
+    assert_eq!(index_pieces_left(&pool).await, 0);
+    let order: String = scalar(&pool, "SELECT min(order_id) FROM public.order_summary")
+        .await
+        .expect("an order");
+    let replay = reproject(&db, &kafka, &["replay", &order]);
+    assert!(replay.status.success(), "{}", text(&replay.stderr));
+    assert!(
+        text(&replay.stdout).contains("found via aggregate index"),
+        "{}",
+        text(&replay.stdout)
+    );
     let loading = logs.iter().filter(|l| l.contains("loaded a round")).count();
     assert!(
         loading >= 2,
@@ -159,7 +197,7 @@ async fn a_process_killed_mid_replay_hands_its_partitions_to_the_others() {
     // Enough that a third of it takes the victim about a second to replay.
     let events = 150_000;
     append(&kafka.settings, &mut history(events, 23), events);
-    let reference = single_process_checksums("sharedkill", &kafka).await;
+    let (reference, reference_index) = single_process_checksums("sharedkill", &kafka).await;
 
     let db = fresh_database("sharedkill").await;
     let logs: Vec<PathBuf> = (0..3).map(|i| log_path("sharedkill", i)).collect();
@@ -196,6 +234,8 @@ async fn a_process_killed_mid_replay_hands_its_partitions_to_the_others() {
     let pool = pool(&db).await;
     assert_eq!(active_checksums(&pool).await, reference);
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
+    // The victim's partitions were read again whole by the others: the index is whole too.
+    assert_eq!(aggregate_index_checksum(&pool).await, reference_index);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +243,7 @@ async fn processes_within_a_memory_budget_load_in_rounds_and_survivors_continue_
     let kafka = Kafka::start(8);
     let events = 150_000;
     append(&kafka.settings, &mut history(events, 29), events);
-    let reference = single_process_checksums("sharedbudget", &kafka).await;
+    let (reference, _) = single_process_checksums("sharedbudget", &kafka).await;
 
     // A budget far below the fold of a third of the log: each process loads its partitions in
     // many rounds, each continuing the per-aggregate rows the earlier ones loaded.
@@ -249,6 +289,13 @@ async fn processes_within_a_memory_budget_load_in_rounds_and_survivors_continue_
             "each survivor loaded rounds cut at the budget ({cut})"
         );
     }
+    // Rounds cut at the budget keep no index: none is published from pieces with holes (the
+    // database had none), and the pieces are forgotten.
+    assert_eq!(
+        aggregate_index_checksum(&pool).await,
+        "0 spans none covering nothing"
+    );
+    assert_eq!(index_pieces_left(&pool).await, 0);
 }
 
 /// The worker rows of the active builds written by the `run --shared` process `pid`: its
