@@ -35,7 +35,7 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 use super::fold::{Fold, FoldBuild};
-use super::reader::{self, ReaderConfig, Target};
+use super::reader::{self, ReaderConfig, SourceChecks, Target};
 use super::rebuild::{
     finish_builds, lock_projections, new_build, truncation, unfinished_build, Job, MemoryShares,
     RebuildOptions, RebuildReport,
@@ -622,6 +622,19 @@ async fn replay_round<E: Send + Sync + 'static>(
             Err(e) => return Err(e.into()),
         }
         let rows = merge::merge_into(&mut tx, tables, store, Some(continued)).await?;
+        // What the readers received against the offsets they read, added up over the rounds (a
+        // round cut at the budget has none: its readers hand them over only at its end).
+        if let (true, Some(checks)) = (complete, &result.source_checks) {
+            let recorded = catalog::source_checks_for_update(&mut tx, job.build.build_id).await?;
+            let all = match recorded.and_then(|v| serde_json::from_value::<SourceChecks>(v).ok()) {
+                Some(mut all) => {
+                    all.merge(checks.clone());
+                    all
+                }
+                None => checks.clone(),
+            };
+            catalog::set_source_checks(&mut tx, job.build.build_id, &all).await?;
+        }
         let stored: Vec<_> = letters.iter().map(|l| l.stored()).collect();
         dead_letters::insert(&mut tx, job.build.build_id, job.projection.name(), &stored).await?;
         catalog::add_replayed(&mut tx, job.build.build_id, events.max(0) as u64).await?;

@@ -691,6 +691,37 @@ pub async fn add_replayed(conn: &mut PgConnection, build_id: i64, events: u64) -
     Ok(())
 }
 
+/// The source checks a build's replay recorded so far, in the caller's transaction (the build's
+/// row locked until it ends, so that processes sharing the build add theirs one at a time).
+pub async fn source_checks_for_update(
+    conn: &mut PgConnection,
+    build_id: i64,
+) -> Result<Option<serde_json::Value>> {
+    let value: Option<Option<sqlx::types::Json<serde_json::Value>>> = sqlx::query_scalar(
+        "SELECT source_checks FROM reproject.builds WHERE build_id = $1 FOR UPDATE",
+    )
+    .bind(build_id)
+    .fetch_optional(conn)
+    .await
+    .context(|| format!("reading the source checks of build {build_id}"))?;
+    Ok(value.flatten().map(|v| v.0))
+}
+
+/// Record a build's source checks, in the caller's transaction.
+pub async fn set_source_checks<T: serde::Serialize>(
+    conn: &mut PgConnection,
+    build_id: i64,
+    checks: &T,
+) -> Result<()> {
+    sqlx::query("UPDATE reproject.builds SET source_checks = $2 WHERE build_id = $1")
+        .bind(build_id)
+        .bind(sqlx::types::Json(checks))
+        .execute(conn)
+        .await
+        .context(|| format!("recording the source checks of build {build_id}"))?;
+    Ok(())
+}
+
 /// Move a build from `loading` to `indexing` if it still is in `loading`, recording its rows: true
 /// for the one process that did (it finishes the build), false for every other.
 pub async fn claim_loaded(conn: &mut PgConnection, build_id: i64, rows: u64) -> Result<bool> {

@@ -95,15 +95,41 @@ async fn events_replayed(pool: &PgPool) -> Vec<i64> {
     .expect("builds")
 }
 
-/// The reference: the same log rebuilt by one process, in a database of its own: its tables'
-/// checksums, and its aggregate index's.
-async fn single_process_checksums(test: &str, kafka: &Kafka) -> (Vec<String>, String) {
+/// What one process makes of a log: its tables' checksums, its aggregate index's, and its source
+/// checks.
+struct Reference {
+    tables: Vec<String>,
+    index: String,
+    checks: Vec<String>,
+}
+
+/// The reference: the same log rebuilt by one process, in a database of its own.
+async fn single_process_checksums(test: &str, kafka: &Kafka) -> Reference {
     let db = fresh_database(&format!("{test}_single")).await;
     let engine = engine(&db, &kafka.settings, tuning()).await;
     rebuild_all(&engine).await.expect("single-process rebuild");
-    let sums = active_checksums(engine.catalog.pool()).await;
-    assert!(sums.iter().all(|s| s != "empty"), "{sums:?}");
-    (sums, aggregate_index_checksum(engine.catalog.pool()).await)
+    let pool = engine.catalog.pool();
+    let tables = active_checksums(pool).await;
+    assert!(tables.iter().all(|s| s != "empty"), "{tables:?}");
+    Reference {
+        tables,
+        index: aggregate_index_checksum(pool).await,
+        checks: source_checks(pool).await,
+    }
+}
+
+/// Per active build, what its replay recorded of the log: partitions, records received, offsets
+/// read, offsets skipped, sequence gaps and repeats.
+async fn source_checks(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT projection || ': ' || coalesce(concat_ws(' ', source_checks->>'partitions', source_checks->>'records',
+                source_checks->>'offsets', source_checks->>'offsets_skipped', source_checks->>'sequence_gaps',
+                source_checks->>'sequence_repeats'), 'none')
+         FROM reproject.builds WHERE phase = 'active' ORDER BY projection",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("source checks")
 }
 
 /// The aggregate index (every aggregate's span per partition) and its coverage, as one checksum.
@@ -134,7 +160,7 @@ async fn three_processes_sharing_one_rebuild_make_the_tables_one_process_makes()
     let kafka = Kafka::start(8);
     let events = 60_000;
     append(&kafka.settings, &mut history(events, 19), events);
-    let (reference, reference_index) = single_process_checksums("shared3", &kafka).await;
+    let reference = single_process_checksums("shared3", &kafka).await;
 
     let db = fresh_database("shared3").await;
     let logs: Vec<PathBuf> = (0..3).map(|i| log_path("shared3", i)).collect();
@@ -149,12 +175,14 @@ async fn three_processes_sharing_one_rebuild_make_the_tables_one_process_makes()
     let logs: Vec<String> = logs.iter().map(read_log).collect();
 
     let pool = pool(&db).await;
-    assert_eq!(active_checksums(&pool).await, reference);
+    assert_eq!(active_checksums(&pool).await, reference.tables);
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
     // The processes' pieces of the aggregate index make the index one process keeps, and `replay`
     // finds an order through it.
-    assert_eq!(aggregate_index_checksum(&pool).await, reference_index);
+    assert_eq!(aggregate_index_checksum(&pool).await, reference.index);
     assert_eq!(index_pieces_left(&pool).await, 0);
+    // So do the checks of what the readers received against the offsets they read.
+    assert_eq!(source_checks(&pool).await, reference.checks);
     let order: String = scalar(&pool, "SELECT min(order_id) FROM public.order_summary")
         .await
         .expect("an order");
@@ -197,7 +225,7 @@ async fn a_process_killed_mid_replay_hands_its_partitions_to_the_others() {
     // Enough that a third of it takes the victim about a second to replay.
     let events = 150_000;
     append(&kafka.settings, &mut history(events, 23), events);
-    let (reference, reference_index) = single_process_checksums("sharedkill", &kafka).await;
+    let reference = single_process_checksums("sharedkill", &kafka).await;
 
     let db = fresh_database("sharedkill").await;
     let logs: Vec<PathBuf> = (0..3).map(|i| log_path("sharedkill", i)).collect();
@@ -232,10 +260,12 @@ async fn a_process_killed_mid_replay_hands_its_partitions_to_the_others() {
         );
     }
     let pool = pool(&db).await;
-    assert_eq!(active_checksums(&pool).await, reference);
+    assert_eq!(active_checksums(&pool).await, reference.tables);
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
-    // The victim's partitions were read again whole by the others: the index is whole too.
-    assert_eq!(aggregate_index_checksum(&pool).await, reference_index);
+    // The victim's partitions were read again whole by the others: the index and the source
+    // checks are whole too.
+    assert_eq!(aggregate_index_checksum(&pool).await, reference.index);
+    assert_eq!(source_checks(&pool).await, reference.checks);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,7 +273,7 @@ async fn processes_within_a_memory_budget_load_in_rounds_and_survivors_continue_
     let kafka = Kafka::start(8);
     let events = 150_000;
     append(&kafka.settings, &mut history(events, 29), events);
-    let (reference, _) = single_process_checksums("sharedbudget", &kafka).await;
+    let reference = single_process_checksums("sharedbudget", &kafka).await;
 
     // A budget far below the fold of a third of the log: each process loads its partitions in
     // many rounds, each continuing the per-aggregate rows the earlier ones loaded.
@@ -280,7 +310,7 @@ async fn processes_within_a_memory_budget_load_in_rounds_and_survivors_continue_
         );
     }
     let pool = pool(&db).await;
-    assert_eq!(active_checksums(&pool).await, reference);
+    assert_eq!(active_checksums(&pool).await, reference.tables);
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
     for log in &logs[1..] {
         let cut = read_log(log).matches("complete=false").count();
