@@ -932,16 +932,21 @@ mod tests {
                             .map_err(|e| e.to_string())?;
                     }
                 }
-                for (table, _) in specs.iter().enumerate() {
-                    for (key, row) in store.table(table).entries() {
-                        stored.entry((table, key.clone())).or_default().0 = row.clone();
-                    }
-                    for (key, clock) in store.table(table).clocks() {
-                        stored.entry((table, key.clone())).or_default().1 = Some(clock.encode());
-                    }
-                }
+                write_out(specs, &store, &mut stored);
             }
             Ok(stored)
+        }
+
+        /// Write every row and clock of `store` into `stored`, as a commit writes them.
+        fn write_out(specs: &[TableSpec], store: &RowStore, stored: &mut Stored) {
+            for (table, _) in specs.iter().enumerate() {
+                for (key, row) in store.table(table).entries() {
+                    stored.entry((table, key.clone())).or_default().0 = row.clone();
+                }
+                for (key, clock) in store.table(table).clocks() {
+                    stored.entry((table, key.clone())).or_default().1 = Some(clock.encode());
+                }
+            }
         }
 
         fn live_rows(stored: &Stored) -> BTreeMap<(usize, Key), Vec<Value>> {
@@ -1008,14 +1013,7 @@ mod tests {
             }
             let merged = merged.ok_or("no folds")?;
             let mut stored = Stored::new();
-            for (table, _) in specs.iter().enumerate() {
-                for (key, row) in merged.table(table).entries() {
-                    stored.entry((table, key.clone())).or_default().0 = row.clone();
-                }
-                for (key, clock) in merged.table(table).clocks() {
-                    stored.entry((table, key.clone())).or_default().1 = Some(clock.encode());
-                }
-            }
+            write_out(specs, &merged, &mut stored);
             Ok(stored)
         }
 
@@ -1092,14 +1090,7 @@ mod tests {
                     }
                 }
                 stored = Stored::new();
-                for (table, _) in specs.iter().enumerate() {
-                    for (key, row) in joined.table(table).entries() {
-                        stored.entry((table, key.clone())).or_default().0 = row.clone();
-                    }
-                    for (key, clock) in joined.table(table).clocks() {
-                        stored.entry((table, key.clone())).or_default().1 = Some(clock.encode());
-                    }
-                }
+                write_out(specs, &joined, &mut stored);
             }
         }
 

@@ -17,8 +17,9 @@
 //! nothing and joins them in like another worker's.
 
 use rustc_hash::FxHashSet;
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 
+use super::spill;
 use super::writer::{self, Absent, BuildTables, StagingNames};
 use super::{qualified, stable_hash, Context, Result, SinkError};
 use crate::projection::{ChangeLog, Key, RowStore, Value};
@@ -90,40 +91,16 @@ impl Continued {
         if wanted.iter().all(Vec::is_empty) {
             return Ok(());
         }
-        let mut tx = conn
-            .begin()
-            .await
-            .context(|| format!("starting to read back rows of {}", tables.schema))?;
-        if !self.staging_ready {
-            for (index, spec) in tables.specs.iter().enumerate() {
-                writer::create_staging(
-                    &mut tx,
-                    tables.schema,
-                    spec,
-                    &StagingNames::new(tables.build_id, index),
-                )
-                .await?;
-            }
-            self.staging_ready = true;
-        }
+        spill::read_back_keys(conn, tables, store, &wanted, &mut self.staging_ready).await?;
         for (index, keys) in wanted.into_iter().enumerate() {
-            if keys.is_empty() {
-                continue;
-            }
-            let spec = &tables.specs[index];
-            let names = StagingNames::new(tables.build_id, index);
-            let rows = store.table_mut(index);
-            writer::load_current_rows(&mut tx, tables.schema, spec, &names, &keys, rows).await?;
-            let present = &mut self.present[index];
-            for key in keys {
-                if matches!(rows.get(&key), Some(Some(_))) {
-                    present.insert(Key::from(key.as_slice()));
-                }
-            }
+            let (rows, present) = (store.table(index), &mut self.present[index]);
+            present.extend(
+                keys.into_iter()
+                    .filter(|key| matches!(rows.get(key), Some(Some(_))))
+                    .map(Key::from),
+            );
         }
-        tx.commit()
-            .await
-            .context(|| format!("finishing the read-back from {}", tables.schema))
+        Ok(())
     }
 }
 

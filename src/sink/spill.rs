@@ -83,26 +83,6 @@ impl SpillState {
         self.flushed.iter().map(|s| s.capacity() * 9).sum()
     }
 
-    async fn ensure_staging(
-        &mut self,
-        conn: &mut PgConnection,
-        tables: BuildTables<'_>,
-    ) -> Result<()> {
-        if !self.staging_ready {
-            for (index, spec) in tables.specs.iter().enumerate() {
-                writer::create_staging(
-                    conn,
-                    tables.schema,
-                    spec,
-                    &StagingNames::new(tables.build_id, index),
-                )
-                .await?;
-            }
-            self.staging_ready = true;
-        }
-        Ok(())
-    }
-
     /// Before a batch's changes are folded: read back every row they touch that was flushed and is
     /// not in the fold, so the fold continues from it.
     pub async fn read_back(
@@ -135,30 +115,7 @@ impl SpillState {
         if wanted.iter().all(Vec::is_empty) {
             return Ok(());
         }
-        let mut tx = conn
-            .begin()
-            .await
-            .context(|| format!("starting to read back spilled rows of {}", tables.schema))?;
-        self.ensure_staging(&mut tx, tables).await?;
-        for (index, keys) in wanted.into_iter().enumerate() {
-            if keys.is_empty() {
-                continue;
-            }
-            let spec = &tables.specs[index];
-            let names = StagingNames::new(tables.build_id, index);
-            writer::load_current_rows(
-                &mut tx,
-                tables.schema,
-                spec,
-                &names,
-                &keys,
-                store.table_mut(index),
-            )
-            .await?;
-        }
-        tx.commit()
-            .await
-            .context(|| format!("finishing the read-back from {}", tables.schema))
+        read_back_keys(conn, tables, store, &wanted, &mut self.staging_ready).await
     }
 
     /// Write the fold's rows to the build's tables, in the caller's transaction, and remember their
@@ -176,7 +133,7 @@ impl SpillState {
             written += writer::bulk_load(conn, tables, store, gate).await?;
             index_keys(conn, tables).await?;
         } else {
-            self.ensure_staging(conn, tables).await?;
+            ensure_staging(conn, tables, &mut self.staging_ready).await?;
             for (index, spec) in tables.specs.iter().enumerate() {
                 let rows = store.table(index);
                 if rows.is_empty() {
@@ -219,4 +176,56 @@ impl SpillState {
         }
         Ok(rows)
     }
+}
+
+/// Create this connection's staging tables for every table of the build, unless `ready` says they
+/// exist.
+async fn ensure_staging(
+    conn: &mut PgConnection,
+    tables: BuildTables<'_>,
+    ready: &mut bool,
+) -> Result<()> {
+    if !*ready {
+        for (index, spec) in tables.specs.iter().enumerate() {
+            let names = StagingNames::new(tables.build_id, index);
+            writer::create_staging(conn, tables.schema, spec, &names).await?;
+        }
+        *ready = true;
+    }
+    Ok(())
+}
+
+/// Seed `store` with what the build's tables hold for the `wanted` keys of each table (rows, and
+/// clocks of tables that gather partitions), in one transaction on `conn`, whose staging tables
+/// `staging_ready` says exist or not.
+pub(super) async fn read_back_keys(
+    conn: &mut PgConnection,
+    tables: BuildTables<'_>,
+    store: &mut RowStore,
+    wanted: &[Vec<Vec<Value>>],
+    staging_ready: &mut bool,
+) -> Result<()> {
+    let mut tx = conn
+        .begin()
+        .await
+        .context(|| format!("starting to read back rows of {}", tables.schema))?;
+    ensure_staging(&mut tx, tables, staging_ready).await?;
+    for (index, keys) in wanted.iter().enumerate() {
+        let Some(spec) = tables.specs.get(index).filter(|_| !keys.is_empty()) else {
+            continue;
+        };
+        let names = StagingNames::new(tables.build_id, index);
+        writer::load_current_rows(
+            &mut tx,
+            tables.schema,
+            spec,
+            &names,
+            keys,
+            store.table_mut(index),
+        )
+        .await?;
+    }
+    tx.commit()
+        .await
+        .context(|| format!("finishing the read-back from {}", tables.schema))
 }
