@@ -110,6 +110,7 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
     let lead_build = report.builds.iter().copied().min().unwrap_or_default();
     tracing::info!(message = "sharing the replay", %group, builds = ?report.builds);
 
+    let shares = options.memory_budget.map(MemoryShares::of);
     let started = Instant::now();
     let mut reported = None::<Instant>;
     loop {
@@ -175,7 +176,6 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             generation: assignment.generation,
         };
         tracing::info!(message = "replaying a round", partitions = ?mine, generation = round.generation);
-        let shares = options.memory_budget.map(MemoryShares::of);
         match replay_round(engine, &jobs, &round, shares, &member, cancel).await? {
             Some((events, seconds)) => {
                 report.events_replayed += events;
@@ -405,7 +405,11 @@ async fn replay_round<E: Send + Sync + 'static>(
             positions: round.starts[i].clone(),
         })
         .collect();
-    let stop_at_copy = stop_at.clone();
+    // What a whole round reads, for its piece of the aggregate index.
+    let read: std::collections::BTreeMap<i32, (i64, i64)> = start
+        .iter()
+        .filter_map(|(p, from)| Some((*p, (*from, *stop_at.get(p)?))))
+        .collect();
     let config = ReaderConfig {
         topics: engine.topics.clone(),
         framing: engine.framing.clone(),
@@ -452,11 +456,6 @@ async fn replay_round<E: Send + Sync + 'static>(
         .await
         .context(|| "connecting to load a round".into())?;
     let fold_budget = shares.map(|s| s.fold);
-    // What a whole round reads, for its piece of the aggregate index.
-    let read: std::collections::BTreeMap<i32, (i64, i64)> = start
-        .iter()
-        .filter_map(|(p, from)| Some((*p, (*from, *stop_at_copy.get(p)?))))
-        .collect();
     let (policy, database_url) = (engine.tuning.bad_records, engine.database_url.clone());
     let runtime = tokio::runtime::Handle::current();
     let fold = tokio::task::spawn_blocking(move || {
@@ -469,10 +468,8 @@ async fn replay_round<E: Send + Sync + 'static>(
             &database_url,
             runtime.clone(),
         )?;
-        let mut continued: Vec<merge::Continued> = continuing
-            .iter()
-            .enumerate()
-            .map(|(b, _)| merge::Continued::new(fold.build_tables(b).specs.len()))
+        let mut continued: Vec<merge::Continued> = (0..continuing.len())
+            .map(|b| merge::Continued::new(fold.build_tables(b).specs.len()))
             .collect();
         while let Some(batch) = batches.blocking_recv() {
             let batch = batch?;
@@ -489,37 +486,28 @@ async fn replay_round<E: Send + Sync + 'static>(
                     |p| continuing[b].contains(&p),
                 ))?;
             }
-            if fold.apply(batch)? {
-                let result = fold.finish();
-                return Ok((
-                    Folded {
-                        result,
-                        continued,
-                        complete: true,
-                    },
-                    conn,
-                ));
-            }
+            let complete = fold.apply(batch)?;
             let held = fold.held_bytes()
                 + continued
                     .iter()
                     .map(merge::Continued::approx_bytes)
                     .sum::<usize>();
-            if fold_budget.is_some_and(|budget| held > budget) {
+            let over_budget = fold_budget.is_some_and(|budget| held > budget);
+            if over_budget && !complete {
                 tracing::info!(
                     message = "fold over its memory budget: loading the round so far",
                     fold_bytes = held,
                     budget = fold_budget
                 );
+            }
+            if complete || over_budget {
                 let result = fold.finish();
-                return Ok((
-                    Folded {
-                        result,
-                        continued,
-                        complete: false,
-                    },
-                    conn,
-                ));
+                let folded = Folded {
+                    result,
+                    continued,
+                    complete,
+                };
+                return Ok((folded, conn));
             }
         }
         Err(EngineError::Interrupted)
