@@ -182,23 +182,37 @@ pub async fn replace(
     index: &AggregateIndex,
     covered_through: &BTreeMap<i32, i64>,
 ) -> Result<u64> {
-    replace_from(conn, topics, Source::Kept(index), covered_through).await
-}
-
-async fn replace_from(
-    conn: &mut PgConnection,
-    topics: &Topics,
-    source: Source<'_>,
-    covered_through: &BTreeMap<i32, i64>,
-) -> Result<u64> {
     let mut tx = conn
         .begin()
         .await
         .context(|| "starting to write the aggregate index".into())?;
-    // Two rebuilds finishing together take turns instead of racing on the rename.
+    let written = replace_within(&mut tx, topics, Source::Kept(index), covered_through).await?;
+    tx.commit()
+        .await
+        .context(|| "committing the aggregate index".into())?;
+    Ok(written)
+}
+
+/// Two rebuilds finishing together take turns on the index instead of racing on its rename; so do
+/// two processes joining a shared build's pieces.
+async fn take_turn_on_the_index(tx: &mut PgConnection) -> Result<()> {
+    sqlx::query("LOCK TABLE reproject.aggregate_index_coverage IN SHARE ROW EXCLUSIVE MODE")
+        .execute(tx)
+        .await
+        .context(|| "waiting for another process writing the aggregate index".into())?;
+    Ok(())
+}
+
+/// Replace the index as [`replace`] says, from `source`, in the caller's transaction.
+async fn replace_within(
+    tx: &mut PgConnection,
+    topics: &Topics,
+    source: Source<'_>,
+    covered_through: &BTreeMap<i32, i64>,
+) -> Result<u64> {
+    take_turn_on_the_index(&mut *tx).await?;
     sqlx::raw_sql(
-        "LOCK TABLE reproject.aggregate_index_coverage IN SHARE ROW EXCLUSIVE MODE;
-         DROP TABLE IF EXISTS reproject.aggregate_offsets_next;
+        "DROP TABLE IF EXISTS reproject.aggregate_offsets_next;
          CREATE TABLE reproject.aggregate_offsets_next (LIKE reproject.aggregate_offsets);",
     )
     .execute(&mut *tx)
@@ -217,7 +231,7 @@ async fn replace_from(
                 ));
             }
             copy_into(
-                &mut tx,
+                &mut *tx,
                 "reproject.aggregate_offsets_next",
                 5,
                 rows.iter(),
@@ -286,9 +300,6 @@ async fn replace_from(
         .await
         .context(|| "recording the aggregate index coverage".into())?;
     }
-    tx.commit()
-        .await
-        .context(|| "committing the aggregate index".into())?;
     Ok(written)
 }
 
@@ -353,12 +364,18 @@ pub async fn publish_pieces(
     start: &BTreeMap<i32, i64>,
     targets: &BTreeMap<i32, i64>,
 ) -> Result<Option<u64>> {
+    // Read, join and forget the pieces in one turn: a second process finishing another build of
+    // the set then finds none, rather than an index joined from pieces already forgotten.
+    let mut tx = conn.begin().await.context(|| {
+        format!("starting to join the aggregate index pieces of shared build {lead_build}")
+    })?;
+    take_turn_on_the_index(&mut tx).await?;
     let ranges: Vec<(i32, i64, i64)> = sqlx::query_as(
         "SELECT partition, from_offset, to_offset FROM reproject.shared_aggregate_ranges
          WHERE lead_build = $1 ORDER BY partition, from_offset",
     )
     .bind(lead_build)
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut *tx)
     .await
     .context(|| format!("reading the aggregate index pieces of shared build {lead_build}"))?;
     let covered = covered_through(start, &ranges);
@@ -366,7 +383,7 @@ pub async fn publish_pieces(
         .iter()
         .all(|(p, end)| covered.get(p).is_some_and(|c| c >= end));
     let written = if whole {
-        Some(replace_from(conn, topics, Source::Pieces { lead_build }, &covered).await?)
+        Some(replace_within(&mut tx, topics, Source::Pieces { lead_build }, &covered).await?)
     } else {
         None
     };
@@ -374,9 +391,12 @@ pub async fn publish_pieces(
         "DELETE FROM reproject.shared_aggregate_offsets WHERE lead_build = {lead_build};
          DELETE FROM reproject.shared_aggregate_ranges WHERE lead_build = {lead_build};"
     ))
-    .execute(&mut *conn)
+    .execute(&mut *tx)
     .await
     .context(|| format!("forgetting the aggregate index pieces of shared build {lead_build}"))?;
+    tx.commit()
+        .await
+        .context(|| format!("committing the aggregate index of shared build {lead_build}"))?;
     Ok(written)
 }
 
