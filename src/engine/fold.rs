@@ -149,7 +149,8 @@ impl<E: Send + Sync + 'static> Fold<E> {
                 self.result.dead_letters[i].push(letter.clone());
             }
         }
-        for (i, changes) in batch.changes.into_iter().enumerate() {
+        let mut logs = batch.changes;
+        for (i, changes) in logs.iter_mut().enumerate() {
             if let Some((conn, states)) = self.result.spill.as_mut() {
                 let tables = self.builds[i].tables();
                 self.runtime.block_on(states[i].read_back(
@@ -160,7 +161,7 @@ impl<E: Send + Sync + 'static> Fold<E> {
                 ))?;
             }
             let projection = &self.builds[i].projection;
-            for (at, change) in changes {
+            for (at, change) in changes.drain() {
                 self.result.stores[i]
                     .apply(projection.tables(), change, at)
                     .map_err(|e| EngineError::Projection {
@@ -168,6 +169,9 @@ impl<E: Send + Sync + 'static> Fold<E> {
                         reason: e.to_string(),
                     })?;
             }
+        }
+        if let Some(recycle) = batch.recycle {
+            recycle.give_back(logs);
         }
         self.result.events += batch.events;
         self.result.positions.extend(batch.next);

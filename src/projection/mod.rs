@@ -40,7 +40,7 @@ mod merge;
 mod table;
 mod value;
 
-pub use change::{Change, ChangeLog, ChangeLogIntoIter, Changes, Key};
+pub use change::{Change, ChangeLog, ChangeLogIntoIter, Changes, Key, Recycled};
 pub use clock::{Accumulation, ClockConflict, LogicalTime, RowClock};
 pub use fold::{approx_size, FoldError, RowStore, TableRows, CLOCK_BYTES};
 pub use table::{Column, TableSpec};

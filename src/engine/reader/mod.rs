@@ -19,7 +19,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
 use crate::envelope;
-use crate::projection::{ChangeLog, Changes, DynProjection, Event, LogicalTime};
+use crate::projection::{ChangeLog, Changes, DynProjection, Event, LogicalTime, Recycled};
 use crate::sink::aggregate_index::AggregateIndex;
 use crate::sink::catalog::Positions;
 use crate::source::{KafkaSettings, SourceError, Topics};
@@ -145,6 +145,8 @@ pub struct Batch {
     pub source_checks: Option<SourceChecks>,
     /// With `measure_processing`: time spent decoding, upcasting and projecting this batch.
     pub processing: Duration,
+    /// Where the fold gives `changes` back, emptied, for the reader's next batch.
+    pub recycle: Option<Arc<Recycled>>,
 }
 
 /// The threads of readers that share the partitions out; see [`spawn_split`].
@@ -429,6 +431,8 @@ struct Reading<'a, E> {
     /// Every record is decoded into this one, reusing its strings and buffers.
     decoded: envelope::Decoded,
     batch: Batch,
+    /// The change logs of batches the fold is done with.
+    recycled: Arc<Recycled>,
     batch_start: Positions,
     batch_started: Instant,
     last_log_end: Instant,
@@ -480,6 +484,7 @@ impl<'a, E: 'static> Reading<'a, E> {
                 changes: vec![ChangeLog::default(); targets.len()],
                 ..Batch::default()
             },
+            recycled: Arc::default(),
             batch_started: Instant::now(),
             last_log_end: Instant::now() - Duration::from_secs(3600),
             last_progress: Instant::now(),
@@ -795,21 +800,28 @@ impl<'a, E: 'static> Reading<'a, E> {
             ));
             self.batch.aggregates = self.aggregates.take();
         }
-        // Sized like the last batch: growing 80,000 changes by doubling cost a tenth of the
-        // reader's time in copies and fresh pages.
+        // The logs of a batch the fold is done with, or sized like the last batch: growing 80,000
+        // changes by doubling cost a tenth of the reader's time in copies and fresh pages.
+        let changes = self
+            .recycled
+            .take()
+            .filter(|logs| logs.len() == self.targets.len())
+            .unwrap_or_else(|| {
+                self.batch
+                    .changes
+                    .iter()
+                    .map(ChangeLog::sized_like)
+                    .collect()
+            });
         let fresh = Batch {
-            changes: self
-                .batch
-                .changes
-                .iter()
-                .map(ChangeLog::sized_like)
-                .collect(),
+            changes,
             ..Batch::default()
         };
         self.batch_started = Instant::now();
         let mut batch = std::mem::replace(&mut self.batch, fresh);
         batch.next = self.next.clone();
         batch.done = done;
+        batch.recycle = Some(self.recycled.clone());
         batch
     }
 }
