@@ -61,22 +61,23 @@ pub fn local_time_micros(local: &str, zone: &str) -> Result<i64, String> {
     Ok(instant.timestamp_micros())
 }
 
-/// The zone of that name. A history's events name a handful of zones, one after the other: the
-/// last one found is kept per thread, since looking a name up among chrono-tz's ~600 cost as much
-/// as the rest of the conversion.
+/// The zone of that name. A history's events name a handful of zones: those met are kept per
+/// thread (up to 16, by name), since looking a name up among chrono-tz's ~600 cost as much as the
+/// rest of the conversion.
 fn zone_named(name: &str) -> Option<Tz> {
+    const KEPT: usize = 16;
     thread_local! {
-        static LAST: std::cell::RefCell<Option<(String, Tz)>> = const { std::cell::RefCell::new(None) };
+        static MET: std::cell::RefCell<Vec<(String, Tz)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    LAST.with(|last| {
-        let mut last = last.borrow_mut();
-        if let Some((kept, tz)) = last.as_ref() {
-            if kept == name {
-                return Some(*tz);
-            }
+    MET.with(|met| {
+        let mut met = met.borrow_mut();
+        if let Some((_, tz)) = met.iter().find(|(kept, _)| kept == name) {
+            return Some(*tz);
         }
         let tz: Tz = name.parse().ok()?;
-        *last = Some((name.to_string(), tz));
+        if met.len() < KEPT {
+            met.push((name.to_string(), tz));
+        }
         Some(tz)
     })
 }
