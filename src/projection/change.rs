@@ -382,17 +382,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_log_split_at_an_event_and_put_back_together_is_the_log_it_was() {
+    /// A log of `events` events at offsets 0.., the one at offset n emitting n + 1 changes.
+    fn log_of(events: i64) -> ChangeLog {
         let mut log = ChangeLog::default();
         let mut changes = Changes::default();
-        for offset in 0..4 {
-            // Events emit different numbers of changes: the split is by event, not by change.
+        for offset in 0..events {
             for n in 0..=offset {
                 changes.add(0, crate::key![Value::text(format!("k{offset}"))], 1, n);
             }
             assert!(log.record(at(offset), &mut changes));
         }
+        log
+    }
+
+    #[test]
+    fn a_log_split_at_an_event_and_put_back_together_is_the_log_it_was() {
+        // Events emit different numbers of changes: the split is by event, not by change.
+        let mut log = log_of(4);
         let whole = log.clone();
         let rest = log.split_off_events(2);
         assert_eq!(log.event_count(), 2);
@@ -432,14 +438,8 @@ mod tests {
 
     #[test]
     fn a_drained_log_gives_what_it_held_in_order_and_comes_back_empty_with_its_room() {
-        let mut log = ChangeLog::default();
+        let mut log = log_of(3);
         let mut changes = Changes::default();
-        for offset in 0..3 {
-            for n in 0..=offset {
-                changes.add(0, crate::key![Value::text(format!("k{offset}"))], 1, n);
-            }
-            assert!(log.record(at(offset), &mut changes));
-        }
         let by_value: Vec<(i64, Change)> = log
             .clone()
             .into_iter()
