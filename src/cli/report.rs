@@ -56,6 +56,15 @@ pub fn print_report(report: &RebuildReport) {
             }
         );
     }
+    if let (Some(budget), rss) = (report.memory_budget, report.peak_rss_bytes) {
+        const MIB: f64 = (1 << 20) as f64;
+        outln!(
+            "  the process peaked at {:.0} MiB resident, {} its --memory-budget of {:.0} MiB",
+            rss as f64 / MIB,
+            if rss <= budget { "within" } else { "over" },
+            budget as f64 / MIB
+        );
+    }
     if report.dead_letters > 0 {
         outln!(
             "  {} bad record(s) passed over and kept in reproject.dead_letters (`reproject dead-letters list`)",

@@ -58,6 +58,11 @@ pub struct Fold<E> {
     builds: Vec<FoldBuild<E>>,
     /// The fold's share of the memory budget, if there is one.
     budget: Option<usize>,
+    /// Under a budget: the bytes of changes folded as one step (see [`Fold::apply`]).
+    step_bytes: Option<usize>,
+    /// The batches of the step under way, and their changes' bytes.
+    pending: Vec<Batch>,
+    pending_bytes: usize,
     policy: BadRecordPolicy,
     runtime: tokio::runtime::Handle,
     /// How many readers share the partitions out: each ends with a batch marked done.
@@ -117,7 +122,16 @@ impl<E: Send + Sync + 'static> Fold<E> {
             readers_done: 0,
             result,
             governor: None,
+            step_bytes: None,
+            pending: Vec::new(),
+            pending_bytes: 0,
         })
+    }
+
+    /// Under a budget, fold batches in steps of about `bytes` of changes (see [`Fold::apply`]).
+    pub fn in_steps_of(mut self, bytes: Option<usize>) -> Self {
+        self.step_bytes = bytes;
+        self
     }
 
     /// Spill through the process's throttle.
@@ -135,7 +149,58 @@ impl<E: Send + Sync + 'static> Fold<E> {
     }
 
     /// Fold one batch. True once every reader's last batch is in: then [`finish`](Self::finish).
+    ///
+    /// With a step set (under a memory budget, whose batches are small), batches are gathered until
+    /// their changes take a step's bytes, and folded together: rows spilled earlier are read back
+    /// once per step, since a read-back costs a few round trips however few rows it brings.
     pub fn apply(&mut self, batch: Batch) -> Result<bool> {
+        let Some(step) = self.step_bytes.filter(|_| self.result.spill.is_some()) else {
+            let finished = self.fold_step(vec![batch])?;
+            return Ok(finished);
+        };
+        self.pending_bytes += batch.change_bytes;
+        let due = batch.done || self.pending_bytes >= step;
+        self.pending.push(batch);
+        if !due {
+            return Ok(false);
+        }
+        self.pending_bytes = 0;
+        let step = std::mem::take(&mut self.pending);
+        self.fold_step(step)
+    }
+
+    /// Fold `batches` in order: read back what they touch that was spilled, fold them, and spill
+    /// if the fold is then over its budget.
+    fn fold_step(&mut self, mut batches: Vec<Batch>) -> Result<bool> {
+        if let Some((conn, states)) = self.result.spill.as_mut() {
+            for (i, state) in states.iter_mut().enumerate() {
+                let tables = self.builds[i].tables();
+                let changes = batches
+                    .iter()
+                    .filter_map(|b| b.changes.get(i))
+                    .flat_map(|log| log.changes());
+                self.runtime.block_on(state.read_back(
+                    conn,
+                    tables,
+                    &mut self.result.stores[i],
+                    changes,
+                ))?;
+            }
+        }
+        let mut finished = false;
+        for batch in batches.drain(..) {
+            finished |= self.fold_batch(batch)?;
+        }
+        let held = self.held_bytes();
+        self.result.peak_bytes = self.result.peak_bytes.max(held);
+        if !finished && self.budget.is_some_and(|budget| held > budget) {
+            self.spill(held)?;
+        }
+        Ok(finished)
+    }
+
+    /// Fold one batch whose spilled rows were read back. True once every reader's last batch is in.
+    fn fold_batch(&mut self, batch: Batch) -> Result<bool> {
         for letter in batch.dead_letters {
             for &i in &letter.targets {
                 let build = &self.builds[i];
@@ -151,15 +216,6 @@ impl<E: Send + Sync + 'static> Fold<E> {
         }
         let mut logs = batch.changes;
         for (i, changes) in logs.iter_mut().enumerate() {
-            if let Some((conn, states)) = self.result.spill.as_mut() {
-                let tables = self.builds[i].tables();
-                self.runtime.block_on(states[i].read_back(
-                    conn,
-                    tables,
-                    &mut self.result.stores[i],
-                    changes.changes(),
-                ))?;
-            }
             let projection = &self.builds[i].projection;
             for (at, change) in changes.drain() {
                 self.result.stores[i]
@@ -175,8 +231,6 @@ impl<E: Send + Sync + 'static> Fold<E> {
         }
         self.result.events += batch.events;
         self.result.positions.extend(batch.next);
-        let held = self.held_bytes();
-        self.result.peak_bytes = self.result.peak_bytes.max(held);
         if batch.done {
             self.readers_done += 1;
             // A reader that gave its index up (over its memory share) leaves it incomplete.
@@ -193,14 +247,8 @@ impl<E: Send + Sync + 'static> Fold<E> {
                     None => self.result.source_checks = Some(checks),
                 }
             }
-            if self.readers_done == self.readers {
-                return Ok(true);
-            }
         }
-        if self.budget.is_some_and(|budget| held > budget) {
-            self.spill(held)?;
-        }
-        Ok(false)
+        Ok(self.readers_done == self.readers)
     }
 
     pub fn finish(self) -> FoldResult {

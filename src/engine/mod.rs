@@ -15,6 +15,7 @@ pub mod fold;
 pub mod follow;
 pub mod gc;
 pub mod health;
+pub mod memory;
 pub mod metrics;
 pub mod progress;
 pub mod reader;

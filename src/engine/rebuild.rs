@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::controls::Controls;
 use super::fold::{Fold, FoldBuild, FoldResult};
 use super::follow::{self, FollowTarget, Until};
+use super::memory::{MemoryShares, BATCHES_QUEUED};
 use super::progress::{Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
 use super::verify::{self, Against, VerifyMode, VerifyPolicy};
@@ -80,31 +81,30 @@ pub struct RebuildReport {
     pub spills: u64,
     /// The largest the fold grew (rows and remembered keys of spilled builds), in bytes.
     pub peak_fold_bytes: u64,
+    /// The process's peak resident set by the end of the rebuild (0 where /proc is not available),
+    /// and the memory budget it was given.
+    pub peak_rss_bytes: u64,
+    pub memory_budget: Option<u64>,
     /// Bad records stored in `reproject.dead_letters` by the replay and the catch-up (all builds).
     pub dead_letters: u64,
     /// Verifications run before the swaps.
     pub verifications: Vec<verify::Verification>,
 }
 
-/// How a rebuild's memory budget is shared out: most to the fold, which spills when it is over its
-/// share; a quarter to the aggregate index, which is given up beyond it; an eighth to librdkafka's
-/// prefetch queue. What is not covered (batches in flight, the runtime, connections) is a fixed
-/// overhead, measured in BENCHMARKS.md.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct MemoryShares {
-    pub(super) fold: usize,
-    pub(super) aggregate_index: usize,
-    pub(super) prefetch: usize,
-}
-
-impl MemoryShares {
-    pub(super) fn of(budget: usize) -> MemoryShares {
-        MemoryShares {
-            fold: budget / 8 * 5,
-            aggregate_index: budget / 4,
-            prefetch: budget / 8,
-        }
+/// `budget` shared out for a replay (see [`MemoryShares`]), warning when it is below what the
+/// process takes whatever its budget.
+pub(super) fn budget_shares(budget: usize, partitions: usize, readers: usize) -> MemoryShares {
+    let smallest = MemoryShares::smallest_budget(partitions);
+    if budget < smallest {
+        tracing::warn!(
+            message = "the memory budget is below the smallest a replay of this many partitions keeps to: it spills often and the process will take more than the budget",
+            budget_mib = budget >> 20,
+            smallest_mib = smallest.div_ceil(1 << 20),
+            partitions
+        );
     }
+    super::memory::return_freed_memory_at_once();
+    MemoryShares::of(budget, partitions, readers)
 }
 
 pub(super) struct Job<E> {
@@ -228,6 +228,8 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     let mut jobs = to_replay;
     jobs.extend(to_resume);
     finish_builds(engine, jobs, aggregate_index, options, cancel, &mut report).await?;
+    report.peak_rss_bytes = super::memory::peak_rss_bytes(None).unwrap_or(0);
+    report.memory_budget = options.memory_budget.map(|b| b as u64);
     Ok(report)
 }
 
@@ -671,7 +673,11 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             positions: bounds.start.clone(),
         })
         .collect();
-    let budget = options.memory_budget.map(MemoryShares::of);
+    let partitions = bounds.end.len();
+    let readers = engine.tuning.replay_readers.clamp(1, partitions.max(1));
+    let budget = options
+        .memory_budget
+        .map(|b| budget_shares(b, partitions, readers));
     // Shared with the reader so that `reproject tune --batch-events` reaches it.
     let batch_size = Arc::new(std::sync::atomic::AtomicUsize::new(
         engine.tuning.batch_events,
@@ -681,9 +687,11 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         framing: engine.framing.clone(),
         stop_at: Some(bounds.end.clone()),
         stop_exactly: false,
-        // The fold checks its memory budget between batches: a batch is what it may overshoot by.
+        // The fold checks its memory budget between steps: a step is what it may overshoot by.
         max_batch_events: batch_size.clone(),
+        max_batch_bytes: budget.map(|b| b.batch),
         max_batch_wait: Duration::from_millis(100),
+        duplicate_window: budget.map_or(reader::DUPLICATE_WINDOW, |b| b.duplicate_window),
         log_end_every: None,
         stall_timeout: engine.tuning.stall_timeout,
         index_aggregates: true,
@@ -702,7 +710,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         config,
         stop.clone(),
         // Each batch in the channel holds a batch's changes: few of them under a budget.
-        if budget.is_some() { 2 } else { 8 },
+        if budget.is_some() { BATCHES_QUEUED } else { 8 },
         engine.tuning.replay_readers,
     );
     let reader_count = readers.len();
@@ -721,7 +729,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         })
         .collect();
     let (start, policy) = (bounds.start.clone(), engine.tuning.bad_records);
-    let budget = budget.map(|b| b.fold);
+    let (step, budget) = (budget.map(|b| b.fold_step), budget.map(|b| b.fold));
     let database_url = engine.database_url.clone();
     let runtime = tokio::runtime::Handle::current();
     let governor = engine.governor.clone();
@@ -738,6 +746,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             &database_url,
             runtime,
         )?
+        .in_steps_of(step)
         .governed_by(governor);
         while let Some(batch) = batches.blocking_recv() {
             let batch = batch?;

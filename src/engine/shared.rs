@@ -35,9 +35,10 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 use super::fold::{Fold, FoldBuild};
+use super::memory::BATCHES_QUEUED;
 use super::reader::{self, ReaderConfig, SourceChecks, Target};
 use super::rebuild::{
-    finish_builds, lock_projections, new_build, truncation, unfinished_build, Job, MemoryShares,
+    budget_shares, finish_builds, lock_projections, new_build, truncation, unfinished_build, Job,
     RebuildOptions, RebuildReport,
 };
 use super::{holder_name, Engine, EngineError, Result};
@@ -110,7 +111,6 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
     let lead_build = report.builds.iter().copied().min().unwrap_or_default();
     tracing::info!(message = "sharing the replay", %group, builds = ?report.builds);
 
-    let shares = options.memory_budget.map(MemoryShares::of);
     let started = Instant::now();
     let mut reported = None::<Instant>;
     loop {
@@ -176,7 +176,16 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             generation: assignment.generation,
         };
         tracing::info!(message = "replaying a round", partitions = ?mine, generation = round.generation);
-        match replay_round(engine, &jobs, &round, shares, &member, cancel).await? {
+        match replay_round(
+            engine,
+            &jobs,
+            &round,
+            options.memory_budget,
+            &member,
+            cancel,
+        )
+        .await?
+        {
             Some((events, seconds)) => {
                 report.events_replayed += events;
                 report.load_seconds += seconds;
@@ -369,7 +378,7 @@ async fn replay_round<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     jobs: &[Job<E>],
     round: &Round<'_>,
-    shares: Option<MemoryShares>,
+    budget: Option<usize>,
     member: &GroupMember,
     cancel: &CancellationToken,
 ) -> Result<Option<(u64, f64)>> {
@@ -410,6 +419,8 @@ async fn replay_round<E: Send + Sync + 'static>(
         .iter()
         .filter_map(|(p, from)| Some((*p, (*from, *stop_at.get(p)?))))
         .collect();
+    let readers = engine.tuning.replay_readers.clamp(1, stop_at.len().max(1));
+    let shares = budget.map(|b| budget_shares(b, stop_at.len(), readers));
     let config = ReaderConfig {
         topics: engine.topics.clone(),
         framing: engine.framing.clone(),
@@ -420,7 +431,11 @@ async fn replay_round<E: Send + Sync + 'static>(
         max_batch_events: Arc::new(std::sync::atomic::AtomicUsize::new(
             engine.tuning.batch_events,
         )),
+        // Not cut by bytes: a round reads rows back per batch (`merge::Continued`), and small
+        // batches would multiply its queries; the plain rebuild's fold folds them in steps.
+        max_batch_bytes: None,
         max_batch_wait: Duration::from_millis(100),
+        duplicate_window: shares.map_or(reader::DUPLICATE_WINDOW, |s| s.duplicate_window),
         log_end_every: None,
         stall_timeout: engine.tuning.stall_timeout,
         index_aggregates: true,
@@ -440,7 +455,7 @@ async fn replay_round<E: Send + Sync + 'static>(
         config,
         stop.clone(),
         // Each batch in the channel holds a batch's changes: few of them under a budget.
-        if shares.is_some() { 2 } else { 8 },
+        if shares.is_some() { BATCHES_QUEUED } else { 8 },
         engine.tuning.replay_readers,
     );
     let reader_count = readers.len();

@@ -66,6 +66,40 @@ impl Change {
         }
     }
 
+    /// Bytes the change takes in a batch, its values' heap included, as a memory budget counts them.
+    pub fn approx_bytes(&self) -> usize {
+        let values = |values: &[Value]| values.iter().map(Value::heap_bytes).sum::<usize>();
+        let key = |key: &Key| {
+            values(key)
+                + if key.spilled() {
+                    key.capacity() * size_of::<Value>()
+                } else {
+                    0
+                }
+        };
+        size_of::<Change>()
+            + match self {
+                Change::Upsert { row, .. } => row.capacity() * size_of::<Value>() + values(row),
+                Change::Set {
+                    key: k, columns, ..
+                } => {
+                    key(k)
+                        + columns.capacity() * size_of::<(usize, Value)>()
+                        + columns.iter().map(|(_, v)| v.heap_bytes()).sum::<usize>()
+                }
+                Change::Add {
+                    key: k, delta: v, ..
+                }
+                | Change::Min {
+                    key: k, value: v, ..
+                }
+                | Change::Max {
+                    key: k, value: v, ..
+                } => key(k) + v.heap_bytes(),
+                Change::Delete { key: k, .. } => key(k),
+            }
+    }
+
     pub fn table(&self) -> usize {
         match self {
             Change::Upsert { table, .. }
@@ -209,6 +243,19 @@ impl ChangeLog {
         self.changes.extend(changes.drain());
         self.events.push((at, self.changes.len()));
         true
+    }
+
+    /// Bytes the last event recorded takes in the log (see [`Change::approx_bytes`]).
+    pub fn last_event_bytes(&self) -> usize {
+        let start = match self.events.len() {
+            0 | 1 => 0,
+            n => self.events[n - 2].1,
+        };
+        size_of::<(LogicalTime, usize)>()
+            + self.changes[start..]
+                .iter()
+                .map(Change::approx_bytes)
+                .sum::<usize>()
     }
 
     /// Drop the last event recorded and its changes (a later projection refused that event).

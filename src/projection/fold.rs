@@ -169,8 +169,20 @@ impl RowStore {
         self.tables
     }
 
+    /// What the rows take: their values as counted on the way in, and the hash tables' slots (a
+    /// table's allocation is a power of two of them whatever it holds, so that doubling shows).
     pub fn approx_bytes(&self) -> usize {
-        self.tables.iter().map(|t| t.approx_bytes).sum()
+        const ROW_SLOT: usize = size_of::<(Key, Option<Vec<Value>>)>() + 1;
+        const CLOCK_SLOT: usize = size_of::<(Key, RowClock)>() + 1;
+        self.tables
+            .iter()
+            .map(|t| {
+                // hashbrown keeps at most 7/8 of its slots full.
+                t.approx_bytes
+                    + t.rows.capacity() * 8 / 7 * ROW_SLOT
+                    + t.clocks.capacity() * 8 / 7 * CLOCK_SLOT
+            })
+            .sum()
     }
 
     pub fn clear(&mut self) {

@@ -134,6 +134,16 @@ pub enum Value {
 }
 
 impl Value {
+    /// Heap bytes the value holds beyond its own size (texts past 24 bytes, byte strings), as a
+    /// memory budget counts them.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Value::Text(s) | Value::Json(s) if s.is_heap_allocated() => s.capacity(),
+            Value::Bytes(b) => b.capacity(),
+            _ => 0,
+        }
+    }
+
     pub fn text(s: impl Into<CompactString>) -> Value {
         Value::Text(s.into())
     }

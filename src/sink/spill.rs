@@ -3,10 +3,10 @@
 //! Without a budget the replay folds the whole history in memory and bulk-loads it once. With one,
 //! the fold is flushed into the build's (still unpublished) tables whenever it grows past the budget,
 //! and forgotten. A later change to a row that was flushed first reads that row back, for all such
-//! keys of a batch in one query, so the fold again starts from the whole truth; the next flush
-//! upserts. Flushed keys are remembered as 64-bit hashes (about 16 bytes each, counted against the
-//! budget), so a key that was never flushed costs no lookup; a hash collision only costs a lookup
-//! that finds nothing.
+//! keys of a fold step (a batch or several) in one query, so the fold again starts from the whole
+//! truth; the next flush upserts. Flushed keys are remembered as 64-bit hashes (about 16 bytes
+//! each, counted against the budget), so a key that was never flushed costs no lookup; a hash
+//! collision only costs a lookup that finds nothing.
 //!
 //! The flushes commit as they go: a build in the `loading` phase is started over from scratch after a
 //! crash anyway, and nothing reads its tables until its load, positions included, has committed.
@@ -83,20 +83,20 @@ impl SpillState {
         self.flushed.iter().map(|s| s.capacity() * 9).sum()
     }
 
-    /// Before a batch's changes are folded: read back every row they touch that was flushed and is
-    /// not in the fold, so the fold continues from it.
-    pub async fn read_back(
+    /// Before changes are folded (a step's: one batch or several): read back every row they touch
+    /// that was flushed and is not in the fold, so the fold continues from it.
+    pub async fn read_back<'c>(
         &mut self,
         conn: &mut PgConnection,
         tables: BuildTables<'_>,
         store: &mut RowStore,
-        changes: &[Change],
+        changes: impl IntoIterator<Item = &'c Change>,
     ) -> Result<()> {
         if self.spills == 0 {
             return Ok(());
         }
         let mut wanted: Vec<Vec<Vec<Value>>> = vec![Vec::new(); tables.specs.len()];
-        let mut seen: Vec<FxHashSet<&[Value]>> = vec![FxHashSet::default(); tables.specs.len()];
+        let mut seen: Vec<FxHashSet<&'c [Value]>> = vec![FxHashSet::default(); tables.specs.len()];
         for change in changes {
             let index = change.table();
             let Some(spec) = tables.specs.get(index) else {

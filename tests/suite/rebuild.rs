@@ -253,7 +253,7 @@ async fn a_fold_over_its_memory_budget_spills_to_postgres_and_gives_the_same_tab
     .expect("rebuild within a tenth of the memory");
 
     // Each of the three builds flushed several times, and the fold never held much more than the
-    // budget (it is checked between batches of at most 20,000 events).
+    // budget (it is checked between steps of a few batches).
     assert!(spilled.spills >= 3 * 3, "only {} spills", spilled.spills);
     assert!(
         (spilled.peak_fold_bytes as usize) < full_fold / 3,

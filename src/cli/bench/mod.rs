@@ -251,7 +251,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
     let report = rebuild::rebuild(&engine, &names, &options, &cancel).await?;
     figures.rebuild_seconds = started.elapsed().as_secs_f64();
     figures.events_per_second = report.events_replayed as f64 / figures.rebuild_seconds;
-    figures.peak_rss_bytes = peak_rss_bytes();
+    figures.peak_rss_bytes = crate::engine::memory::peak_rss_bytes(None).unwrap_or(0);
     print_report(&report);
     figures.estimate = estimate_against(&estimate, &report, figures.rebuild_seconds);
     figures.rebuild = report;
@@ -799,17 +799,4 @@ async fn read_in_a_loop(
         }
     }
     (times, errors)
-}
-
-/// Peak resident set size of this process (VmHWM), 0 where /proc is not available.
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }

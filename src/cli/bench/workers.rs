@@ -69,19 +69,6 @@ pub fn child_args<D: Domain>(
     args
 }
 
-/// Peak resident set of process `pid` so far (VmHWM), None once it is gone.
-fn peak_rss_of(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()?;
-    Some(kb * 1024)
-}
-
 /// Rebuild every projection with `workers` processes sharing the build, and time it.
 pub async fn shared_rebuild(
     common: &[OsString],
@@ -111,7 +98,7 @@ pub async fn shared_rebuild(
             loop {
                 largest = pids
                     .iter()
-                    .filter_map(|&p| peak_rss_of(p))
+                    .filter_map(|&p| crate::engine::memory::peak_rss_bytes(Some(p)))
                     .fold(largest, u64::max);
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}

@@ -21,8 +21,20 @@ struct Window {
     seen: rustc_hash::FxHashMap<u64, i64>,
 }
 
-/// Records per partition whose event ids are remembered: about 200 KB per partition.
+/// Records per partition whose event ids are remembered: about 340 KB per partition.
 pub const DUPLICATE_WINDOW: usize = 8_192;
+
+/// The fewest ids a memory budget shrinks a partition's window to (about 12 KB): a producer's
+/// retried write lands within a few records of the first, far inside it.
+pub const MIN_DUPLICATE_WINDOW: usize = 447;
+
+/// Bytes a window of `ids` takes: the ring of ids, and a hash table of id and offset (16 bytes and
+/// a control byte a slot) whose slots are a power of two at most 7/8 full.
+pub fn window_bytes(ids: usize) -> usize {
+    let held = ids + 1;
+    let slots = (held * 8).div_ceil(7).next_power_of_two();
+    slots * 17 + held * 8
+}
 
 fn folded_id(event_id: &[u8; 16]) -> u64 {
     let id = u128::from_le_bytes(*event_id);
@@ -30,6 +42,20 @@ fn folded_id(event_id: &[u8; 16]) -> u64 {
 }
 
 impl RecentEventIds {
+    /// The largest window, at most [`DUPLICATE_WINDOW`] and at least [`MIN_DUPLICATE_WINDOW`], whose
+    /// `partitions` copies fit in `bytes`; sizes just under 7/8 of a power of two fill their table.
+    pub fn window_for(bytes: usize, partitions: usize) -> usize {
+        let per_partition = bytes / partitions.max(1);
+        if window_bytes(DUPLICATE_WINDOW) <= per_partition {
+            return DUPLICATE_WINDOW;
+        }
+        let mut ids = DUPLICATE_WINDOW / 8 * 7 - 1;
+        while ids > MIN_DUPLICATE_WINDOW && window_bytes(ids) > per_partition {
+            ids = ids.div_ceil(2) - 1;
+        }
+        ids.max(MIN_DUPLICATE_WINDOW)
+    }
+
     pub fn new(per_partition: usize) -> RecentEventIds {
         RecentEventIds {
             partitions: rustc_hash::FxHashMap::default(),

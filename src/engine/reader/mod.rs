@@ -30,7 +30,7 @@ mod duplicates;
 mod record;
 
 pub use checks::SourceChecks;
-pub use duplicates::{RecentEventIds, DUPLICATE_WINDOW};
+pub use duplicates::{window_bytes, RecentEventIds, DUPLICATE_WINDOW};
 pub use record::{
     check_dead_letter_budget, event_id_text, BadKind, BadRecord, Coordinates, DeadLetter,
 };
@@ -103,7 +103,12 @@ pub struct ReaderConfig {
     pub stop_exactly: bool,
     /// Shared so that `reproject tune --batch-events` can change it while the reader runs.
     pub max_batch_events: Arc<std::sync::atomic::AtomicUsize>,
+    /// Under a memory budget: hand a batch over once its changes take about this many bytes.
+    pub max_batch_bytes: Option<usize>,
     pub max_batch_wait: Duration,
+    /// Event ids remembered per partition for the duplicate check: [`DUPLICATE_WINDOW`], or fewer
+    /// under a memory budget (see [`RecentEventIds::window_for`]).
+    pub duplicate_window: usize,
     /// How often to ask the brokers where the log ends (for lag). None: never.
     pub log_end_every: Option<Duration>,
     /// Give up after this long without reading anything while the brokers report errors.
@@ -133,6 +138,8 @@ pub struct Batch {
     pub next: Positions,
     pub events: u64,
     pub bytes: u64,
+    /// What `changes` take, counted only under a byte cap on batches (`max_batch_bytes`), else 0.
+    pub change_bytes: usize,
     /// The log end, when it was asked for with this batch.
     pub log_end: Option<Positions>,
     /// True on the last batch of a bounded read.
@@ -431,6 +438,8 @@ struct Reading<'a, E> {
     /// Every record is decoded into this one, reusing its strings and buffers.
     decoded: envelope::Decoded,
     batch: Batch,
+    /// What the batch's changes take, counted only under `max_batch_bytes`.
+    batch_bytes: usize,
     /// The change logs of batches the fold is done with.
     recycled: Arc<Recycled>,
     batch_start: Positions,
@@ -476,7 +485,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             received: Vec::new(),
             aggregates,
             aggregates_started: 0,
-            recent: RecentEventIds::new(DUPLICATE_WINDOW),
+            recent: RecentEventIds::new(config.duplicate_window),
             scratch: Changes::default(),
             recorded: Vec::new(),
             decoded: envelope::Decoded::default(),
@@ -484,6 +493,7 @@ impl<'a, E: 'static> Reading<'a, E> {
                 changes: vec![ChangeLog::default(); targets.len()],
                 ..Batch::default()
             },
+            batch_bytes: 0,
             recycled: Arc::default(),
             batch_started: Instant::now(),
             last_log_end: Instant::now() - Duration::from_secs(3600),
@@ -717,6 +727,9 @@ impl<'a, E: 'static> Reading<'a, E> {
             }
             if self.batch.changes[i].record(time, &mut self.scratch) {
                 self.recorded.push(i);
+                if self.config.max_batch_bytes.is_some() {
+                    self.batch_bytes += self.batch.changes[i].last_event_bytes();
+                }
             }
         }
         self.recent
@@ -730,8 +743,12 @@ impl<'a, E: 'static> Reading<'a, E> {
         // Checking every partition against its end costs as much as decoding with 128 partitions:
         // only when a record is the last one of its partition, or when idle.
         let done = self.config.stop_at.is_some() && (idle || last_of_partition) && self.reached();
-        let full =
-            self.batch.events as usize >= self.config.max_batch_events.load(Ordering::Relaxed);
+        let full = self.batch.events as usize
+            >= self.config.max_batch_events.load(Ordering::Relaxed)
+            || self
+                .config
+                .max_batch_bytes
+                .is_some_and(|max| self.batch_bytes >= max);
         // The clock again only every 1,024 records, or when idle.
         let waited = (self.batch.events % 1_024 == 0 || idle)
             && self.batch_started.elapsed() >= self.config.max_batch_wait;
@@ -819,6 +836,7 @@ impl<'a, E: 'static> Reading<'a, E> {
         };
         self.batch_started = Instant::now();
         let mut batch = std::mem::replace(&mut self.batch, fresh);
+        batch.change_bytes = std::mem::take(&mut self.batch_bytes);
         batch.next = self.next.clone();
         batch.done = done;
         batch.recycle = Some(self.recycled.clone());
@@ -876,6 +894,44 @@ mod tests {
         assert_eq!(recent.seen_at(&id(1), 7), None, "the oldest was forgotten");
         assert_eq!(recent.seen_at(&id(4), 7), Some(11));
         assert_eq!(recent.seen_at(&id(9), 8), Some(1));
+    }
+
+    #[test]
+    fn a_budget_shrinks_the_duplicate_windows_to_what_fits_and_no_further_than_the_least() {
+        use duplicates::{window_bytes, MIN_DUPLICATE_WINDOW};
+        assert_eq!(
+            RecentEventIds::window_for(usize::MAX, 128),
+            DUPLICATE_WINDOW
+        );
+        for (bytes, partitions) in [
+            (40 << 20, 128),
+            (4 << 20, 128),
+            (1 << 20, 64),
+            (300 << 10, 3),
+        ] {
+            let ids = RecentEventIds::window_for(bytes, partitions);
+            assert!(
+                (MIN_DUPLICATE_WINDOW..DUPLICATE_WINDOW).contains(&ids),
+                "{ids}"
+            );
+            assert!(
+                window_bytes(ids) * partitions <= bytes,
+                "{ids} ids in {bytes} bytes"
+            );
+            // The next size up would not have fitted, and a window fills its table.
+            assert!(window_bytes(2 * ids + 1) * partitions > bytes);
+            assert!(window_bytes(ids) < window_bytes(ids + 1));
+        }
+        assert_eq!(RecentEventIds::window_for(0, 128), MIN_DUPLICATE_WINDOW);
+    }
+
+    #[test]
+    fn a_window_takes_the_bytes_it_is_counted_at() {
+        // hashbrown's table for a capacity: a power of two at most 7/8 full.
+        let map =
+            rustc_hash::FxHashMap::<u64, i64>::with_capacity_and_hasher(7_168, Default::default());
+        assert_eq!(map.capacity(), 7_168);
+        assert_eq!(duplicates::window_bytes(7_167), 8_192 * 17 + 7_168 * 8);
     }
 
     #[test]
