@@ -60,9 +60,8 @@ pub struct Fold<E> {
     budget: Option<usize>,
     /// Under a budget: the bytes of changes folded as one step (see [`Fold::apply`]).
     step_bytes: Option<usize>,
-    /// The batches of the step under way, and their changes' bytes.
+    /// The batches of the step under way.
     pending: Vec<Batch>,
-    pending_bytes: usize,
     policy: BadRecordPolicy,
     runtime: tokio::runtime::Handle,
     /// How many readers share the partitions out: each ends with a batch marked done.
@@ -124,7 +123,6 @@ impl<E: Send + Sync + 'static> Fold<E> {
             governor: None,
             step_bytes: None,
             pending: Vec::new(),
-            pending_bytes: 0,
         })
     }
 
@@ -155,18 +153,16 @@ impl<E: Send + Sync + 'static> Fold<E> {
     /// once per step, since a read-back costs a few round trips however few rows it brings.
     pub fn apply(&mut self, batch: Batch) -> Result<bool> {
         let Some(step) = self.step_bytes.filter(|_| self.result.spill.is_some()) else {
-            let finished = self.fold_step(vec![batch])?;
-            return Ok(finished);
+            return self.fold_step(vec![batch]);
         };
-        self.pending_bytes += batch.change_bytes;
-        let due = batch.done || self.pending_bytes >= step;
+        let done = batch.done;
         self.pending.push(batch);
-        if !due {
+        let pending: usize = self.pending.iter().map(|b| b.change_bytes).sum();
+        if !done && pending < step {
             return Ok(false);
         }
-        self.pending_bytes = 0;
-        let step = std::mem::take(&mut self.pending);
-        self.fold_step(step)
+        let batches = std::mem::take(&mut self.pending);
+        self.fold_step(batches)
     }
 
     /// Fold `batches` in order: read back what they touch that was spilled, fold them, and spill

@@ -91,9 +91,11 @@ pub struct RebuildReport {
     pub verifications: Vec<verify::Verification>,
 }
 
-/// `budget` shared out for a replay (see [`MemoryShares`]), warning when it is below what the
-/// process takes whatever its budget.
+/// `budget` shared out for a replay of `partitions` by up to `readers` threads (see
+/// [`MemoryShares`]), warning when it is below what the process takes whatever its budget.
 pub(super) fn budget_shares(budget: usize, partitions: usize, readers: usize) -> MemoryShares {
+    // As many readers as `reader::spawn_split` starts: never more than there are partitions.
+    let readers = readers.clamp(1, partitions.max(1));
     let smallest = MemoryShares::smallest_budget(partitions);
     if budget < smallest {
         tracing::warn!(
@@ -673,11 +675,9 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             positions: bounds.start.clone(),
         })
         .collect();
-    let partitions = bounds.end.len();
-    let readers = engine.tuning.replay_readers.clamp(1, partitions.max(1));
     let budget = options
         .memory_budget
-        .map(|b| budget_shares(b, partitions, readers));
+        .map(|b| budget_shares(b, bounds.end.len(), engine.tuning.replay_readers));
     // Shared with the reader so that `reproject tune --batch-events` reaches it.
     let batch_size = Arc::new(std::sync::atomic::AtomicUsize::new(
         engine.tuning.batch_events,

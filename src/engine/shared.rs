@@ -419,8 +419,7 @@ async fn replay_round<E: Send + Sync + 'static>(
         .iter()
         .filter_map(|(p, from)| Some((*p, (*from, *stop_at.get(p)?))))
         .collect();
-    let readers = engine.tuning.replay_readers.clamp(1, stop_at.len().max(1));
-    let shares = budget.map(|b| budget_shares(b, stop_at.len(), readers));
+    let shares = budget.map(|b| budget_shares(b, stop_at.len(), engine.tuning.replay_readers));
     let config = ReaderConfig {
         topics: engine.topics.clone(),
         framing: engine.framing.clone(),

@@ -438,8 +438,6 @@ struct Reading<'a, E> {
     /// Every record is decoded into this one, reusing its strings and buffers.
     decoded: envelope::Decoded,
     batch: Batch,
-    /// What the batch's changes take, counted only under `max_batch_bytes`.
-    batch_bytes: usize,
     /// The change logs of batches the fold is done with.
     recycled: Arc<Recycled>,
     batch_start: Positions,
@@ -493,7 +491,6 @@ impl<'a, E: 'static> Reading<'a, E> {
                 changes: vec![ChangeLog::default(); targets.len()],
                 ..Batch::default()
             },
-            batch_bytes: 0,
             recycled: Arc::default(),
             batch_started: Instant::now(),
             last_log_end: Instant::now() - Duration::from_secs(3600),
@@ -728,7 +725,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             if self.batch.changes[i].record(time, &mut self.scratch) {
                 self.recorded.push(i);
                 if self.config.max_batch_bytes.is_some() {
-                    self.batch_bytes += self.batch.changes[i].last_event_bytes();
+                    self.batch.change_bytes += self.batch.changes[i].last_event_bytes();
                 }
             }
         }
@@ -748,7 +745,7 @@ impl<'a, E: 'static> Reading<'a, E> {
             || self
                 .config
                 .max_batch_bytes
-                .is_some_and(|max| self.batch_bytes >= max);
+                .is_some_and(|max| self.batch.change_bytes >= max);
         // The clock again only every 1,024 records, or when idle.
         let waited = (self.batch.events % 1_024 == 0 || idle)
             && self.batch_started.elapsed() >= self.config.max_batch_wait;
@@ -836,7 +833,6 @@ impl<'a, E: 'static> Reading<'a, E> {
         };
         self.batch_started = Instant::now();
         let mut batch = std::mem::replace(&mut self.batch, fresh);
-        batch.change_bytes = std::mem::take(&mut self.batch_bytes);
         batch.next = self.next.clone();
         batch.done = done;
         batch.recycle = Some(self.recycled.clone());
