@@ -140,6 +140,11 @@ pub struct TuningArgs {
     /// run on them). Default: one per core, up to 8
     #[arg(long, value_name = "THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub replay_readers: Option<u16>,
+    /// The replay's reader threads fold their own batches into rows shared by key, instead of one
+    /// fold thread folding them all: for machines with more cores than two, where that one thread
+    /// bounds the replay (slower on two cores, see BENCHMARKS.md). Ignored under --memory-budget
+    #[arg(long)]
+    pub fold_in_readers: bool,
     #[command(flatten)]
     pub throttle: ThrottleArgs,
 }
@@ -241,6 +246,7 @@ impl TuningArgs {
             replay_readers: self
                 .replay_readers
                 .map_or_else(crate::engine::default_replay_readers, usize::from),
+            fold_in_readers: self.fold_in_readers,
             known_rows_bytes: self.writer_memory,
         }
     }

@@ -404,6 +404,7 @@ async fn read_window<E: Send + Sync + 'static>(
         prefetch_max_bytes: Some(16 << 20),
         // A bad record does not stop an estimate: it is counted out of the sample.
         dead_letters: true,
+        fold_into: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let pass_started = Instant::now();

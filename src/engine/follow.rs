@@ -223,6 +223,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
             engine.tuning.bad_records,
             super::BadRecordPolicy::DeadLetter { .. }
         ),
+        fold_into: None,
     };
     let (mut batches, readers) = reader::spawn_split(
         engine.kafka.clone(),

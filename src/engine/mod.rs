@@ -202,6 +202,12 @@ pub struct Tuning {
     pub throttle: Option<throttle::ThrottleConfig>,
     /// Reader threads a replay shares the partitions out to (see [`reader::spawn_split`]).
     pub replay_readers: usize,
+    /// The replay's reader threads fold their own batches into rows split by key into shards
+    /// (`projection::ShardedStore`), instead of handing them to one fold thread. Not under a memory
+    /// budget, whose spills need one thread to own the rows. Off by default: on two cores it was
+    /// slower (BENCHMARKS.md, "One fold thread against readers folding into shards"); it is for
+    /// machines where the one fold thread, not the readers, bounds the replay.
+    pub fold_in_readers: bool,
     /// Committed rows a follow's writer keeps for its next batches instead of reading them back
     /// (see [`crate::sink::known`]), in bytes; 0 reads every row a batch touches.
     pub known_rows_bytes: usize,
@@ -235,6 +241,7 @@ impl Default for Tuning {
             bad_records: BadRecordPolicy::Fail,
             throttle: None,
             replay_readers: default_replay_readers(),
+            fold_in_readers: false,
             known_rows_bytes: crate::sink::known::DEFAULT_KNOWN_ROWS_BYTES,
         }
     }

@@ -29,7 +29,7 @@ use super::progress::{Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
 use super::verify::{self, Against, VerifyMode, VerifyPolicy};
 use super::{holder_name, Engine, EngineError, Result};
-use crate::projection::{DynProjection, RowStore};
+use crate::projection::{DynProjection, RowStore, ShardedStore};
 use crate::sink::aggregate_index;
 use crate::sink::catalog::{self, Phase, Positions};
 use crate::sink::dead_letters;
@@ -682,6 +682,18 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let batch_size = Arc::new(std::sync::atomic::AtomicUsize::new(
         engine.tuning.batch_events,
     ));
+    if engine.tuning.fold_in_readers && budget.is_some() {
+        tracing::warn!(
+            message = "folding on one thread: under a memory budget the fold spills, and a spill needs one thread to own the rows (--fold-in-readers ignored)"
+        );
+    }
+    let shared_fold = (engine.tuning.fold_in_readers && budget.is_none()).then(|| {
+        Arc::new(
+            jobs.iter()
+                .map(|j| ShardedStore::new(j.projection.tables().len(), FOLD_SHARDS))
+                .collect::<Vec<_>>(),
+        )
+    });
     let config = ReaderConfig {
         topics: engine.topics.clone(),
         framing: engine.framing.clone(),
@@ -702,6 +714,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
             engine.tuning.bad_records,
             super::BadRecordPolicy::DeadLetter { .. }
         ),
+        fold_into: shared_fold.clone(),
     };
     let (mut batches, readers) = reader::spawn_split(
         engine.kafka.clone(),
@@ -789,15 +802,31 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     progress.finish();
     let _ = tokio::task::spawn_blocking(move || readers.join()).await;
     let FoldResult {
-        stores,
+        mut stores,
         spill,
         positions,
         events,
         aggregates,
         source_checks,
-        peak_bytes,
+        mut peak_bytes,
         dead_letters,
     } = folded;
+    if let Some(shared) = shared_fold {
+        // The readers are joined: theirs were the only other handles.
+        let shards = Arc::try_unwrap(shared).map_err(|_| EngineError::Projection {
+            projection: "-".into(),
+            reason: "a reader still held the shared fold after the replay".into(),
+        })?;
+        stores = tokio::task::spawn_blocking(move || {
+            shards.into_iter().map(ShardedStore::into_store).collect()
+        })
+        .await
+        .map_err(|e| EngineError::Projection {
+            projection: "-".into(),
+            reason: format!("joining the fold's shards failed: {e}"),
+        })?;
+        peak_bytes = stores.iter().map(RowStore::approx_bytes).sum();
+    }
     report.events_replayed = events;
     report.peak_fold_bytes = peak_bytes as u64;
     report.replay_seconds = started.elapsed().as_secs_f64();
@@ -863,6 +892,9 @@ struct LoadOutcome {
     dead_letters: u64,
     spills: u64,
 }
+
+/// Shards of a fold the reader threads share: enough that two readers seldom want the same one.
+const FOLD_SHARDS: usize = 16;
 
 /// Bulk load every build from what the fold holds: builds that spilled one after another on the
 /// spill's connection (it holds their staging tables), the others each on a connection of its own,

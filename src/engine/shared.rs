@@ -445,6 +445,7 @@ async fn replay_round<E: Send + Sync + 'static>(
             engine.tuning.bad_records,
             super::BadRecordPolicy::DeadLetter { .. }
         ),
+        fold_into: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (mut batches, readers) = reader::spawn_split(

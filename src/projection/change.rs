@@ -175,6 +175,12 @@ impl Changes {
         });
     }
 
+    /// A change built elsewhere (tests that replay generated changes).
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, change: Change) {
+        self.changes.push(change);
+    }
+
     pub fn as_slice(&self) -> &[Change] {
         &self.changes
     }

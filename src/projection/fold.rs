@@ -185,6 +185,16 @@ impl RowStore {
             .sum()
     }
 
+    /// Take `other`'s rows and clocks in, `other` holding none of this store's keys (shards of one
+    /// fold, split by key).
+    pub fn absorb_disjoint(&mut self, other: RowStore) {
+        for (mine, theirs) in self.tables.iter_mut().zip(other.tables) {
+            mine.rows.extend(theirs.rows);
+            mine.clocks.extend(theirs.clocks);
+            mine.approx_bytes += theirs.approx_bytes;
+        }
+    }
+
     pub fn clear(&mut self) {
         for t in &mut self.tables {
             t.rows.clear();
@@ -1106,6 +1116,69 @@ mod tests {
             }
         }
 
+        /// Readers sharing a [`ShardedStore`] of `shards` shards: reader `r` owns the partitions
+        /// `groups` gives it and folds them in batches of `cut` events, each in its own partition
+        /// interleaving; the readers' batches go in as `picks` orders them.
+        fn fold_by_readers(
+            specs: &[TableSpec],
+            partitions: &[Vec<Event>],
+            groups: &[usize],
+            picks: &[usize],
+            cut: usize,
+            shards: usize,
+        ) -> Result<Stored, String> {
+            use crate::projection::{ChangeLog, Changes, ShardBuckets, ShardedStore};
+            let sharded = ShardedStore::new(specs.len(), shards);
+            let mut batches: Vec<std::collections::VecDeque<ChangeLog>> = (0..2)
+                .map(|reader| {
+                    let mine: Vec<Vec<Event>> = partitions
+                        .iter()
+                        .enumerate()
+                        .map(|(p, events)| {
+                            if groups.get(p).copied().unwrap_or(0) % 2 == reader {
+                                events.clone()
+                            } else {
+                                Vec::new()
+                            }
+                        })
+                        .collect();
+                    interleave(&mine, picks)
+                        .chunks(cut.max(1))
+                        .map(|events| {
+                            let mut log = ChangeLog::default();
+                            for (at, changes) in events {
+                                let mut emitted = Changes::default();
+                                for change in changes {
+                                    emitted.push(change.clone());
+                                }
+                                log.record(*at, &mut emitted);
+                            }
+                            log
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut buckets = [ShardBuckets::default(), ShardBuckets::default()];
+            let mut picks = picks.iter().cycle();
+            while batches.iter().any(|b| !b.is_empty()) {
+                let pick = picks.next().copied().unwrap_or(0) % 2;
+                let reader = if batches[pick].is_empty() {
+                    1 - pick
+                } else {
+                    pick
+                };
+                let Some(mut log) = batches[reader].pop_front() else {
+                    continue;
+                };
+                sharded
+                    .apply(specs, &mut log, &mut buckets[reader], reader * 7)
+                    .map_err(|e| e.to_string())?;
+            }
+            let mut stored = Stored::new();
+            write_out(specs, &sharded.into_store(), &mut stored);
+            Ok(stored)
+        }
+
         fn cases() -> u32 {
             std::env::var("REPROJECT_FUZZ_CASES")
                 .ok()
@@ -1166,6 +1239,24 @@ mod tests {
                 let loaded = load_in_rounds(&specs, &partitions, &steps, cut)
                     .map_err(TestCaseError::fail)?;
                 prop_assert_eq!(live_rows(&loaded), live_rows(&reference));
+            }
+
+            #[test]
+            fn readers_folding_into_shared_shards_give_the_fold_of_all(
+                partitions in partitions(
+                    prop_oneof![register_change(), tally_change(), ledger_change()].boxed()
+                ),
+                groups in proptest::collection::vec(0usize..2, 4),
+                picks in proptest::collection::vec(0usize..8, 1..40),
+                cut in 1usize..6,
+                shards in 1usize..5,
+            ) {
+                let specs = specs();
+                let reference = fold_in_batches(&specs, &interleave(&partitions, &[0]), usize::MAX)
+                    .map_err(TestCaseError::fail)?;
+                let shared = fold_by_readers(&specs, &partitions, &groups, &picks, cut, shards)
+                    .map_err(TestCaseError::fail)?;
+                prop_assert_eq!(live_rows(&shared), live_rows(&reference));
             }
 
             #[test]

@@ -37,12 +37,14 @@ mod change;
 mod clock;
 mod fold;
 mod merge;
+mod sharded;
 mod table;
 mod value;
 
 pub use change::{Change, ChangeLog, ChangeLogIntoIter, Changes, Key, Recycled};
 pub use clock::{Accumulation, ClockConflict, LogicalTime, RowClock};
 pub use fold::{approx_size, FoldError, RowStore, TableRows, CLOCK_BYTES};
+pub use sharded::{ShardBuckets, ShardedStore};
 pub use table::{Column, TableSpec};
 pub use value::{
     sort_on_prefix, ColumnType, Decimal, Double, Uuid, Value, PG_EPOCH_OFFSET_DAYS,

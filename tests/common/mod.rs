@@ -112,6 +112,7 @@ pub fn tuning() -> Tuning {
         throttle: None,
         // More than one, so that every multi-partition replay in the tests shares its partitions out.
         replay_readers: 2,
+        fold_in_readers: false,
         known_rows_bytes: reproject::sink::known::DEFAULT_KNOWN_ROWS_BYTES,
     }
 }

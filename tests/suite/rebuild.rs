@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common::*;
 use reproject::domain::shop::totals::{actual_totals, differences};
 use reproject::engine::rebuild::{rebuild, RebuildOptions};
-use reproject::engine::EngineError;
+use reproject::engine::{EngineError, Tuning};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,4 +328,62 @@ async fn a_rebuild_over_its_disk_budget_stops_saying_so_and_the_next_run_resumes
         differences(&history.expected(), &actual),
         Vec::<String>::new()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_folding_their_own_batches_build_the_tables_one_fold_thread_builds() {
+    let db = fresh_database("fold_in_readers").await;
+    let kafka = Kafka::start(8);
+    let mut history = history(40_000, 17);
+    append(&kafka.settings, &mut history, 40_000);
+    let expected = history.expected();
+    let one_thread = engine(&db, &kafka.settings, tuning()).await;
+    let pool = one_thread.catalog.pool().clone();
+    let by_thread = rebuild_all(&one_thread)
+        .await
+        .expect("rebuild, one fold thread");
+
+    // Three readers on eight partitions, in small batches: their folds into the shared shards
+    // interleave, and rows of customer_stats and daily_sales gather several readers' partitions.
+    let readers = engine(
+        &db,
+        &kafka.settings,
+        Tuning {
+            fold_in_readers: true,
+            replay_readers: 3,
+            batch_events: 700,
+            ..tuning()
+        },
+    )
+    .await;
+    let by_readers = rebuild_all(&readers).await.expect("rebuild, readers fold");
+    assert_eq!(by_readers.events_replayed, 40_000);
+    assert_eq!(by_readers.rows_loaded, by_thread.rows_loaded);
+    assert!(
+        by_readers.peak_fold_bytes > 0,
+        "the shards' size is reported"
+    );
+
+    let tables = [
+        ("order_summary", "order_id"),
+        ("customer_stats", "customer_id"),
+        ("daily_sales", "day, currency"),
+    ];
+    for ((table, key), (a, b)) in tables
+        .iter()
+        .zip(by_thread.builds.iter().zip(&by_readers.builds))
+    {
+        let (sa, sb) = (schema_of(&pool, *a).await, schema_of(&pool, *b).await);
+        let (ca, cb) = (
+            checksum(&pool, &sa, table, key).await,
+            checksum(&pool, &sb, table, key).await,
+        );
+        assert_ne!(ca, "empty", "{table} is empty");
+        assert_eq!(
+            ca, cb,
+            "{table}: build {a} (one fold thread) and build {b} (readers) differ"
+        );
+    }
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    assert_eq!(differences(&expected, &actual), Vec::<String>::new());
 }

@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// Reader threads the replay shares the partitions out to. Default: one per core, up to 8
     #[arg(long, value_name = "THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub replay_readers: Option<u16>,
+    /// The replay's readers fold their own batches into shared shards instead of one fold thread
+    /// (as `rebuild --fold-in-readers`): to compare the two on this machine
+    #[arg(long)]
+    pub fold_in_readers: bool,
     /// Events per batch: per transaction of the follow phase, per fold step of the replays
     #[arg(long, default_value_t = Tuning::default().batch_events)]
     pub batch_events: usize,
@@ -221,6 +225,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
         replay_readers: args
             .replay_readers
             .map_or_else(crate::engine::default_replay_readers, usize::from),
+        fold_in_readers: args.fold_in_readers,
         batch_events: args.batch_events.max(1),
         known_rows_bytes: args.writer_memory,
         ..Tuning::default()

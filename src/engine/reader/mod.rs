@@ -19,7 +19,10 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 
 use crate::envelope;
-use crate::projection::{ChangeLog, Changes, DynProjection, Event, LogicalTime, Recycled};
+use crate::projection::{
+    ChangeLog, Changes, DynProjection, Event, FoldError, LogicalTime, Recycled, ShardBuckets,
+    ShardedStore,
+};
 use crate::sink::aggregate_index::AggregateIndex;
 use crate::sink::catalog::Positions;
 use crate::source::{KafkaSettings, SourceError, Topics};
@@ -48,6 +51,11 @@ pub enum ReadError {
         topic: String,
         partition: i32,
         offset: i64,
+    },
+    #[error("projection {projection}: {error}")]
+    Fold {
+        projection: String,
+        error: FoldError,
     },
     #[error("no progress reading {topic} for {seconds}s: {last_error}")]
     Stalled {
@@ -127,6 +135,10 @@ pub struct ReaderConfig {
     /// Time the decoding, upcasting and projecting of every record (`estimate`: its windows are
     /// too short for wall time to mean anything). Costs a clock read per record.
     pub measure_processing: bool,
+    /// Fold each batch's changes into these stores (one per target) on the reader's own thread,
+    /// before handing the batch over without them: the replay without a memory budget, whose
+    /// readers share the fold instead of feeding one fold thread.
+    pub fold_into: Option<Arc<Vec<ShardedStore>>>,
 }
 
 /// What one batch did to each target, and where the reader stands after it.
@@ -288,7 +300,7 @@ fn spawn_into<E: Send + Sync + 'static>(
     std::thread::Builder::new()
         .name(format!("reproject-reader-{share}"))
         .spawn(move || {
-            if let Err(e) = read(&settings, &registry, &targets, &config, &stop, &tx) {
+            if let Err(e) = read(&settings, &registry, &targets, &config, &stop, &tx, share) {
                 let _ = tx.blocking_send(Err(e));
             }
         })
@@ -302,6 +314,7 @@ fn read<E: 'static>(
     config: &ReaderConfig,
     stop: &AtomicBool,
     tx: &mpsc::Sender<Result<Batch, ReadError>>,
+    share: usize,
 ) -> Result<(), ReadError> {
     let consumer: BaseConsumer =
         settings.consumer_with_prefetch("reproject", config.prefetch_max_bytes)?;
@@ -361,6 +374,9 @@ fn read<E: 'static>(
         if let Some(done) = reading.batch_due(idle, last_of_partition) {
             let want_log_end = reading.log_end_due(idle);
             let mut batch = reading.take_batch(done);
+            if let Some(stores) = &config.fold_into {
+                reading.fold(stores, &mut batch, share)?;
+            }
             if want_log_end {
                 reading.last_log_end = Instant::now();
                 batch.log_end = reading.log_end(settings, &consumer);
@@ -440,6 +456,8 @@ struct Reading<'a, E> {
     batch: Batch,
     /// The change logs of batches the fold is done with.
     recycled: Arc<Recycled>,
+    /// Where a batch's changes are split by shard, with `fold_into`.
+    buckets: ShardBuckets,
     batch_start: Positions,
     batch_started: Instant,
     last_log_end: Instant,
@@ -492,6 +510,7 @@ impl<'a, E: 'static> Reading<'a, E> {
                 ..Batch::default()
             },
             recycled: Arc::default(),
+            buckets: ShardBuckets::default(),
             batch_started: Instant::now(),
             last_log_end: Instant::now() - Duration::from_secs(3600),
             last_progress: Instant::now(),
@@ -787,6 +806,26 @@ impl<'a, E: 'static> Reading<'a, E> {
                 .config
                 .log_end_every
                 .is_some_and(|every| self.last_log_end.elapsed() >= every)
+    }
+
+    /// Fold the batch's changes into the shared stores, leaving its logs empty for the fold thread
+    /// to give back. Readers start at different shards.
+    fn fold(
+        &mut self,
+        stores: &[ShardedStore],
+        batch: &mut Batch,
+        share: usize,
+    ) -> Result<(), ReadError> {
+        for ((store, log), target) in stores.iter().zip(&mut batch.changes).zip(self.targets) {
+            let projection = &target.projection;
+            store
+                .apply(projection.tables(), log, &mut self.buckets, share * 7)
+                .map_err(|error| ReadError::Fold {
+                    projection: projection.name().to_string(),
+                    error,
+                })?;
+        }
+        Ok(())
     }
 
     /// The batch filled so far, with where the reader stands; a fresh one takes its place.
