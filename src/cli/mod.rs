@@ -314,7 +314,7 @@ pub enum Command {
     Seed(seed::SeedArgs),
     /// Rebuild projections from offset zero into fresh tables, catch up, and swap them in.
     Rebuild(rebuild::RebuildArgs),
-    /// Predict a rebuild's duration, rows, table size and memory from a pilot over ~1% of the log.
+    /// Predict a rebuild's duration, rows, table size and memory from a pilot over ~2% of the log (--sample).
     Estimate(estimate::EstimateArgs),
     /// Keep every active projection current; backfill new or outdated projection versions.
     Run(run::RunArgs),
