@@ -997,6 +997,27 @@ mod tests {
             Ok(store)
         }
 
+        /// The partitions of group `group` of `count` (`groups[p] % count` is partition p's); the
+        /// others left empty, so that partition numbers stay.
+        fn group_of(
+            partitions: &[Vec<Event>],
+            groups: &[usize],
+            count: usize,
+            group: usize,
+        ) -> Vec<Vec<Event>> {
+            partitions
+                .iter()
+                .enumerate()
+                .map(|(p, events)| {
+                    if groups.get(p).copied().unwrap_or(0) % count == group {
+                        events.clone()
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect()
+        }
+
         /// Fold each group of partitions apart (`groups[p]` is partition p's), each in its own
         /// interleaving and batches, then merge the groups' folds in `order`.
         fn fold_apart_and_merge(
@@ -1009,17 +1030,7 @@ mod tests {
         ) -> Result<Stored, String> {
             let mut folds = Vec::new();
             for group in 0..3 {
-                let mine: Vec<Vec<Event>> = partitions
-                    .iter()
-                    .enumerate()
-                    .map(|(p, events)| {
-                        if groups.get(p).copied().unwrap_or(0) % 3 == group {
-                            events.clone()
-                        } else {
-                            Vec::new()
-                        }
-                    })
-                    .collect();
+                let mine = group_of(partitions, groups, 3, group);
                 let folded = fold_in_batches(specs, &interleave(&mine, picks), cut)?;
                 folds.push(Some(seeded(specs, &folded)?));
             }
@@ -1131,18 +1142,7 @@ mod tests {
             let sharded = ShardedStore::new(specs.len(), shards);
             let mut batches: Vec<std::collections::VecDeque<ChangeLog>> = (0..2)
                 .map(|reader| {
-                    let mine: Vec<Vec<Event>> = partitions
-                        .iter()
-                        .enumerate()
-                        .map(|(p, events)| {
-                            if groups.get(p).copied().unwrap_or(0) % 2 == reader {
-                                events.clone()
-                            } else {
-                                Vec::new()
-                            }
-                        })
-                        .collect();
-                    interleave(&mine, picks)
+                    interleave(&group_of(partitions, groups, 2, reader), picks)
                         .chunks(cut.max(1))
                         .map(|events| {
                             let mut log = ChangeLog::default();
@@ -1171,7 +1171,7 @@ mod tests {
                     continue;
                 };
                 sharded
-                    .apply(specs, &mut log, &mut buckets[reader], reader * 7)
+                    .apply(specs, &mut log, &mut buckets[reader], reader)
                     .map_err(|e| e.to_string())?;
             }
             let mut stored = Stored::new();

@@ -48,15 +48,17 @@ impl ShardedStore {
     }
 
     /// Fold every change of `log` (emptied, keeping its room), each shard under its lock once.
-    /// `first` is the shard to start at: readers start at different ones so that they seldom wait.
+    /// `reader` numbers the reader folding: readers start at different shards (7 apart, which
+    /// meets every shard of a power-of-two count) so that they seldom wait on one another.
     pub fn apply(
         &self,
         specs: &[TableSpec],
         log: &mut ChangeLog,
         buckets: &mut ShardBuckets,
-        first: usize,
+        reader: usize,
     ) -> Result<(), FoldError> {
         let n = self.shards.len();
+        let first = reader.wrapping_mul(7) % n;
         buckets.0.resize_with(n, Vec::new);
         for (at, change) in log.drain() {
             let shard = self.shard_of(specs, &change);

@@ -58,20 +58,7 @@ async fn rebuilding_the_same_log_twice_gives_identical_tables() {
         "the second rebuild made new builds"
     );
 
-    let tables = [
-        ("order_summary", "order_id"),
-        ("customer_stats", "customer_id"),
-        ("daily_sales", "day, currency"),
-    ];
-    for ((table, key), (a, b)) in tables.iter().zip(first.builds.iter().zip(&second.builds)) {
-        let (sa, sb) = (schema_of(&pool, *a).await, schema_of(&pool, *b).await);
-        let (ca, cb) = (
-            checksum(&pool, &sa, table, key).await,
-            checksum(&pool, &sb, table, key).await,
-        );
-        assert_ne!(ca, "empty", "{table} is empty");
-        assert_eq!(ca, cb, "{table}: build {a} and build {b} differ");
-    }
+    assert_same_rows(&pool, &first.builds, &second.builds, "the second rebuild").await;
     // The second swap retired the first builds, which stay for rollback.
     let retired: i64 =
         sqlx::query_scalar("SELECT count(*) FROM reproject.builds WHERE phase = 'retired'")
@@ -263,21 +250,14 @@ async fn a_fold_over_its_memory_budget_spills_to_postgres_and_gives_the_same_tab
     assert_eq!(spilled.events_replayed, 60_000);
     assert_eq!(spilled.rows_loaded, in_memory.rows_loaded);
 
-    let tables = [
-        ("order_summary", "order_id"),
-        ("customer_stats", "customer_id"),
-        ("daily_sales", "day, currency"),
-    ];
-    for ((table, key), (a, b)) in tables
-        .iter()
-        .zip(in_memory.builds.iter().zip(&spilled.builds))
-    {
-        let (sa, sb) = (schema_of(&pool, *a).await, schema_of(&pool, *b).await);
-        assert_eq!(
-            checksum(&pool, &sa, table, key).await,
-            checksum(&pool, &sb, table, key).await,
-            "{table}: the spilled build {b} differs from the in-memory build {a}"
-        );
+    let schemas = assert_same_rows(
+        &pool,
+        &in_memory.builds,
+        &spilled.builds,
+        "the spilled build",
+    )
+    .await;
+    for sb in schemas {
         // The spill's own key index is gone; indexes.sql's primary key took its place.
         let spill_indexes: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND indexname LIKE 'rp_spill_%'",
@@ -364,26 +344,36 @@ async fn readers_folding_their_own_batches_build_the_tables_one_fold_thread_buil
         "the shards' size is reported"
     );
 
+    assert_same_rows(
+        &pool,
+        &by_thread.builds,
+        &by_readers.builds,
+        "the readers' fold",
+    )
+    .await;
+    let actual = actual_totals(&pool, "public").await.expect("totals");
+    assert_eq!(differences(&expected, &actual), Vec::<String>::new());
+}
+
+/// Assert that `b`'s builds hold row for row what `a`'s hold (one build per shop table each, in
+/// `rebuild_all`'s order) and that none is empty; returns `b`'s schemas.
+async fn assert_same_rows(pool: &sqlx::PgPool, a: &[i64], b: &[i64], what: &str) -> Vec<String> {
     let tables = [
         ("order_summary", "order_id"),
         ("customer_stats", "customer_id"),
         ("daily_sales", "day, currency"),
     ];
-    for ((table, key), (a, b)) in tables
-        .iter()
-        .zip(by_thread.builds.iter().zip(&by_readers.builds))
-    {
-        let (sa, sb) = (schema_of(&pool, *a).await, schema_of(&pool, *b).await);
+    assert_eq!((a.len(), b.len()), (tables.len(), tables.len()));
+    let mut schemas = Vec::new();
+    for ((table, key), (a, b)) in tables.iter().zip(a.iter().zip(b)) {
+        let (sa, sb) = (schema_of(pool, *a).await, schema_of(pool, *b).await);
         let (ca, cb) = (
-            checksum(&pool, &sa, table, key).await,
-            checksum(&pool, &sb, table, key).await,
+            checksum(pool, &sa, table, key).await,
+            checksum(pool, &sb, table, key).await,
         );
         assert_ne!(ca, "empty", "{table} is empty");
-        assert_eq!(
-            ca, cb,
-            "{table}: build {a} (one fold thread) and build {b} (readers) differ"
-        );
+        assert_eq!(ca, cb, "{table}: {what} (build {b}) differs from build {a}");
+        schemas.push(sb);
     }
-    let actual = actual_totals(&pool, "public").await.expect("totals");
-    assert_eq!(differences(&expected, &actual), Vec::<String>::new());
+    schemas
 }

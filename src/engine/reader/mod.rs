@@ -813,7 +813,7 @@ impl<'a, E: 'static> Reading<'a, E> {
     }
 
     /// Fold the batch's changes into the shared stores, leaving its logs empty for the fold thread
-    /// to give back. Readers start at different shards.
+    /// to give back.
     fn fold(
         &mut self,
         stores: &[ShardedStore],
@@ -823,7 +823,7 @@ impl<'a, E: 'static> Reading<'a, E> {
         for ((store, log), target) in stores.iter().zip(&mut batch.changes).zip(self.targets) {
             let projection = &target.projection;
             store
-                .apply(projection.tables(), log, &mut self.buckets, share * 7)
+                .apply(projection.tables(), log, &mut self.buckets, share)
                 .map_err(|error| ReadError::Fold {
                     projection: projection.name().to_string(),
                     error,
