@@ -185,16 +185,6 @@ impl RowStore {
             .sum()
     }
 
-    /// Take `other`'s rows and clocks in, `other` holding none of this store's keys (shards of one
-    /// fold, split by key).
-    pub fn absorb_disjoint(&mut self, other: RowStore) {
-        for (mine, theirs) in self.tables.iter_mut().zip(other.tables) {
-            mine.rows.extend(theirs.rows);
-            mine.clocks.extend(theirs.clocks);
-            mine.approx_bytes += theirs.approx_bytes;
-        }
-    }
-
     pub fn clear(&mut self) {
         for t in &mut self.tables {
             t.rows.clear();

@@ -81,7 +81,8 @@ impl ShardedStore {
         Ok(())
     }
 
-    /// The shards as one store (their keys are disjoint).
+    /// The shards as one store: their keys are disjoint, so each shard's rows and clocks move in
+    /// as they are.
     pub fn into_store(self) -> RowStore {
         let mut shards = self.shards.into_iter().map(|s| {
             s.into_inner()
@@ -101,7 +102,11 @@ impl ShardedStore {
                 .reserve(rest.iter().map(|s| s.tables[t].clocks.len()).sum());
         }
         for shard in rest {
-            all.absorb_disjoint(shard);
+            for (mine, theirs) in all.tables.iter_mut().zip(shard.tables) {
+                mine.rows.extend(theirs.rows);
+                mine.clocks.extend(theirs.clocks);
+                mine.approx_bytes += theirs.approx_bytes;
+            }
         }
         all
     }
