@@ -120,6 +120,10 @@ pub struct TuningArgs {
     /// instead of reading them back from the database (0: read every row a batch touches)
     #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size_or_zero, default_value = "256MiB")]
     pub writer_memory: usize,
+    /// While behind and unthrottled (--no-throttle, no --max-rate), write what was read while the
+    /// writer was busy in transactions of up to this many events (0: every batch on its own)
+    #[arg(long, default_value_t = Tuning::default().catch_up_batch_events, value_name = "EVENTS")]
+    pub catch_up_batch_events: usize,
     /// Swap once the new build lags the log end by at most this many events
     #[arg(long, default_value_t = Tuning::default().lag_threshold)]
     pub lag_threshold: i64,
@@ -248,6 +252,7 @@ impl TuningArgs {
                 .map_or_else(crate::engine::default_replay_readers, usize::from),
             fold_in_readers: self.fold_in_readers,
             known_rows_bytes: self.writer_memory,
+            catch_up_batch_events: self.catch_up_batch_events,
         }
     }
 }

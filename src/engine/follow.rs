@@ -57,6 +57,8 @@ pub struct FollowOutcome {
     /// How long the writer waited for the next batch to be read: what reading costs the follow
     /// beyond what it overlaps with writing.
     pub read_wait: Duration,
+    /// The most events written in one transaction (see [`super::Tuning::catch_up_batch_events`]).
+    pub largest_write: u64,
 }
 
 const MAX_RETRIES: u32 = 8;
@@ -187,11 +189,16 @@ async fn follow_locked<E: Send + Sync + 'static>(
     if let Until::CaughtUp { .. } = until {
         let behind = furthest_behind(targets, &sharing.restrict(fresh_log_end(engine).await?));
         if behind == 0 {
-            return Ok(finished(targets, 0, 0, Some(behind), 0, Duration::ZERO));
+            let tally = Tally {
+                last_lag: Some(behind),
+                ..Tally::default()
+            };
+            return Ok(finished(targets, &tally));
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let batch_size = Arc::new(AtomicUsize::new(engine.tuning.batch_events));
+    let catch_up = catch_up_limit(engine);
     let reader_targets = targets
         .iter()
         .map(|t| Target {
@@ -231,11 +238,13 @@ async fn follow_locked<E: Send + Sync + 'static>(
         reader_targets,
         config,
         stop.clone(),
-        // One batch waiting beside the one the reader builds: batches are built at the size the
-        // throttle allowed when they were read, so every batch queued at full speed is a
-        // full-size burst production feels once the throttle has cut the rate. The reader is
-        // many times faster than the writer, so a deeper queue adds no speed.
-        1,
+        // Under a throttle, one batch waiting beside the one the reader builds: batches are built
+        // at the size the throttle allowed when they were read, so every batch queued at full
+        // speed is a full-size burst production feels once the throttle has cut the rate.
+        // Unthrottled, as many as one catch-up write takes.
+        catch_up.map_or(1, |limit| {
+            (limit / engine.tuning.batch_events.max(1)).clamp(1, MAX_QUEUED_CATCH_UP_BATCHES)
+        }),
         // One reader: a bounded read here ends at the first batch marked done, and these reads
         // are short or paced by the database.
         1,
@@ -249,6 +258,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
         Feed {
             batches: &mut batches,
             batch_size,
+            catch_up,
         },
         sharing,
     )
@@ -259,12 +269,69 @@ async fn follow_locked<E: Send + Sync + 'static>(
     outcome
 }
 
+/// Where a follow's reader queues its batches.
+type BatchQueue =
+    tokio::sync::mpsc::Receiver<std::result::Result<reader::Batch, reader::ReadError>>;
+
 /// What a follow's reader hands its writer: the batches, and the size the reader builds them at
 /// (which the throttle and `reproject tune` change).
 struct Feed<'a> {
-    batches:
-        &'a mut tokio::sync::mpsc::Receiver<std::result::Result<reader::Batch, reader::ReadError>>,
+    batches: &'a mut BatchQueue,
     batch_size: Arc<AtomicUsize>,
+    /// See [`catch_up_limit`].
+    catch_up: Option<usize>,
+}
+
+/// Batches queued for one catch-up write at most: with tiny batches (`--batch-events 7`) a deep
+/// queue would hold little and cost a channel slot per batch.
+const MAX_QUEUED_CATCH_UP_BATCHES: usize = 64;
+
+/// The most events a follow writes in one transaction while behind, when nothing limits its rate
+/// (see [`super::Tuning::catch_up_batch_events`]); None: each batch is written on its own, in
+/// slices the throttle sizes. `reproject tune` may still set a rate or a batch size later: checked
+/// again per batch ([`catching_up`]).
+fn catch_up_limit<E>(engine: &Engine<E>) -> Option<usize> {
+    let limit = engine.tuning.catch_up_batch_events;
+    (engine.governor.is_none()
+        && engine.tuning.max_rate.is_none()
+        && limit > engine.tuning.batch_events)
+        .then_some(limit)
+}
+
+/// Whether the next batch may take in the batches queued behind it: `reproject tune` has set
+/// neither a rate nor a batch size since the follow started.
+fn catching_up(limit: Option<usize>, controls: &Controls) -> Option<usize> {
+    let live = controls.live();
+    limit.filter(|_| live.max_rate.is_none() && live.batch_events.is_none())
+}
+
+/// Join the batches already queued behind `batch` into it, while it holds fewer than `limit`
+/// events: what the reader read while the writer was busy, written in one transaction. Never
+/// waits for a batch; stops after a bounded read's last one.
+fn take_queued(batches: &mut BatchQueue, batch: &mut reader::Batch, limit: usize) -> Result<()> {
+    while !batch.done && (batch.events as usize) < limit {
+        let Ok(next) = batches.try_recv() else {
+            return Ok(());
+        };
+        let next = next?;
+        for (log, later) in batch.changes.iter_mut().zip(next.changes) {
+            log.append(later);
+        }
+        for (partition, offset) in next.next {
+            let entry = batch.next.entry(partition).or_insert(offset);
+            *entry = (*entry).max(offset);
+        }
+        batch.events += next.events;
+        batch.bytes += next.bytes;
+        batch.change_bytes += next.change_bytes;
+        if next.log_end.is_some() {
+            batch.log_end = next.log_end;
+        }
+        batch.done = next.done;
+        batch.dead_letters.extend(next.dead_letters);
+        batch.processing += next.processing;
+    }
+    Ok(())
 }
 
 async fn apply_batches<E: Send + Sync + 'static>(
@@ -279,6 +346,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
     let Feed {
         batches,
         batch_size,
+        catch_up,
     } = feed;
     // A writer (a connection, a transaction per slice) per build: the builds' writes run side by
     // side on the server, and beside the fold of the next build's share.
@@ -288,11 +356,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
         writers.push(connect_writer(engine, targets.len(), shared).await?);
     }
     let mut progress = Progress::new(label.to_string(), None, false);
-    let mut events = 0u64;
-    let mut rows_written = 0u64;
-    let mut dead_letters = 0u64;
-    let mut read_wait = Duration::ZERO;
-    let mut last_lag: Option<i64> = None;
+    let mut tally = Tally::default();
     let mut log_end = Positions::new();
     let mut last_snapshot = Instant::now() - Duration::from_secs(60);
     let mut last_controls_check = Instant::now() - Duration::from_secs(60);
@@ -311,17 +375,21 @@ async fn apply_batches<E: Send + Sync + 'static>(
         }
         wait_while_throttled(engine, &mut controls, targets, &writer_name, cancel).await?;
         let waiting = Instant::now();
-        let batch = tokio::select! {
+        let mut batch = tokio::select! {
             _ = cancel.cancelled() => {
                 progress.finish();
-                return Ok(finished(targets, events, rows_written, last_lag, dead_letters, read_wait));
+                return Ok(finished(targets, &tally));
             }
             next = batches.recv() => match next {
                 Some(batch) => batch?,
                 None => return Err(EngineError::Interrupted),
             },
         };
-        read_wait += waiting.elapsed();
+        tally.read_wait += waiting.elapsed();
+        let catch_up = catching_up(catch_up, &controls);
+        if let Some(limit) = catch_up {
+            take_queued(batches, &mut batch, limit)?;
+        }
         let last = batch.done;
         if let Some(end) = &batch.log_end {
             log_end = sharing.restrict(end.clone());
@@ -371,7 +439,12 @@ async fn apply_batches<E: Send + Sync + 'static>(
         let mut letters_stored = vec![false; targets.len()];
         loop {
             let from: Vec<&Positions> = targets.iter().map(|t| &t.positions).collect();
-            let limit = slice_limit.load(Ordering::Relaxed) as u64;
+            // Caught up or not, an unthrottled batch goes in whole: it holds at most what one
+            // catch-up write may.
+            let limit = match catch_up {
+                Some(_) => u64::MAX,
+                None => slice_limit.load(Ordering::Relaxed) as u64,
+            };
             let Some(slice) = unwritten.take(limit, &from, &nexts) else {
                 break;
             };
@@ -392,16 +465,17 @@ async fn apply_batches<E: Send + Sync + 'static>(
             .await?;
             for (i, (t, rows)) in targets.iter_mut().zip(&written).enumerate() {
                 if let Some(rows) = rows {
-                    rows_written += rows;
+                    tally.rows_written += rows;
                     t.positions = slice.next[i].clone();
                     if !letters_stored[i] {
-                        dead_letters += stored[i].len() as u64;
+                        tally.dead_letters += stored[i].len() as u64;
                         letters_stored[i] = true;
                     }
                 }
             }
             if written.iter().all(Option::is_some) {
-                events += slice.events;
+                tally.events += slice.events;
+                tally.largest_write = tally.largest_write.max(slice.events);
                 for t in targets.iter() {
                     super::metrics::events_applied(t.projection.name(), "follow", slice.events);
                 }
@@ -425,14 +499,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
             wait_while_throttled(engine, &mut controls, targets, &writer_name, cancel).await?;
             if cancel.is_cancelled() {
                 progress.finish();
-                return Ok(finished(
-                    targets,
-                    events,
-                    rows_written,
-                    last_lag,
-                    dead_letters,
-                    read_wait,
-                ));
+                return Ok(finished(targets, &tally));
             }
         }
         for (t, next) in targets.iter_mut().zip(nexts) {
@@ -454,15 +521,15 @@ async fn apply_batches<E: Send + Sync + 'static>(
         }
         let min_lag = targets.iter().map(|t| lag(&t.positions, &log_end)).max();
         if !log_end.is_empty() {
-            last_lag = min_lag;
+            tally.last_lag = min_lag;
         }
-        progress.update(events, last_lag);
+        progress.update(tally.events, tally.last_lag);
         if last_snapshot.elapsed() >= Duration::from_secs(2) {
             last_snapshot = Instant::now();
             for t in targets.iter() {
                 let snap = Snapshot::new(
                     "following",
-                    events,
+                    tally.events,
                     progress.elapsed(),
                     &t.positions,
                     &log_end,
@@ -481,13 +548,13 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 if let Sharing::Partitions(mine) = sharing {
                     // One line per process in `status`: the build's progress is the last writer's.
                     let partitions: Vec<i32> = mine.iter().copied().collect();
-                    let rate = events as f64 / progress.elapsed().as_secs_f64().max(1e-3);
+                    let rate = tally.events as f64 / progress.elapsed().as_secs_f64().max(1e-3);
                     crate::sink::catalog::record_worker(
                         engine.catalog.pool(),
                         t.build.build_id,
                         &writer_name,
                         &partitions,
-                        events,
+                        tally.events,
                         rate,
                     )
                     .await?;
@@ -506,14 +573,14 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 .filter(|r| *r > 0)
             {
                 // Hold the average at the cap: sleep until this many events are due.
-                let due = Duration::from_secs_f64(events as f64 / rate as f64);
+                let due = Duration::from_secs_f64(tally.events as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(progress.elapsed()) {
                     tokio::time::sleep(wait).await;
                 }
             }
         }
         let reached = last && matches!(until, Until::Reached(_));
-        let caught_up = if let (Until::CaughtUp { lag_below }, Some(l)) = (&until, last_lag) {
+        let caught_up = if let (Until::CaughtUp { lag_below }, Some(l)) = (&until, tally.last_lag) {
             let lag_below = *lag_below;
             // A batch's log end was measured when it was read; batches may have waited since. Ask
             // the brokers again before calling it caught up.
@@ -527,7 +594,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 }
                 let fresh_lag = furthest_behind(targets, &fresh);
                 log_end = fresh;
-                last_lag = Some(fresh_lag);
+                tally.last_lag = Some(fresh_lag);
                 fresh_lag <= lag_below
             };
             confirmed
@@ -536,35 +603,33 @@ async fn apply_batches<E: Send + Sync + 'static>(
         };
         if reached || caught_up {
             progress.finish();
-            return Ok(finished(
-                targets,
-                events,
-                rows_written,
-                last_lag,
-                dead_letters,
-                read_wait,
-            ));
+            return Ok(finished(targets, &tally));
         }
     }
 }
 
 /// Where a follow ended: the targets' positions and what it did.
-fn finished<E>(
-    targets: &[FollowTarget<E>],
+fn finished<E>(targets: &[FollowTarget<E>], tally: &Tally) -> FollowOutcome {
+    FollowOutcome {
+        read_wait: tally.read_wait,
+        positions: targets.iter().map(|t| t.positions.clone()).collect(),
+        events: tally.events,
+        rows_written: tally.rows_written,
+        lag: tally.last_lag,
+        dead_letters: tally.dead_letters,
+        largest_write: tally.largest_write,
+    }
+}
+
+/// What a follow has done so far.
+#[derive(Default)]
+struct Tally {
     events: u64,
     rows_written: u64,
-    lag: Option<i64>,
     dead_letters: u64,
     read_wait: Duration,
-) -> FollowOutcome {
-    FollowOutcome {
-        read_wait,
-        positions: targets.iter().map(|t| t.positions.clone()).collect(),
-        events,
-        rows_written,
-        lag,
-        dead_letters,
-    }
+    last_lag: Option<i64>,
+    largest_write: u64,
 }
 
 /// While the throttle holds writes, wait, recording it in the builds' progress; then size the

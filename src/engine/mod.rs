@@ -183,6 +183,9 @@ impl SchemaSource {
     }
 }
 
+/// See [`Tuning::catch_up_batch_events`].
+pub const DEFAULT_CATCH_UP_BATCH_EVENTS: usize = 200_000;
+
 /// Knobs of the engine that every command shares.
 #[derive(Clone, Debug)]
 pub struct Tuning {
@@ -211,6 +214,11 @@ pub struct Tuning {
     /// Committed rows a follow's writer keeps for its next batches instead of reading them back
     /// (see [`crate::sink::known`]), in bytes; 0 reads every row a batch touches.
     pub known_rows_bytes: usize,
+    /// While a follow is behind and nothing limits its rate (no throttle, no `max_rate`, no batch
+    /// size from `reproject tune`), the batches read while its writer was busy are written
+    /// together, in transactions of up to this many events: a backlog in fewer, larger writes
+    /// (BENCHMARKS.md, "Catch-up in larger transactions"). At or below `batch_events`: off.
+    pub catch_up_batch_events: usize,
 }
 
 /// One replay reader per core, up to 8: on two cores, two readers took the replay from one core
@@ -243,6 +251,7 @@ impl Default for Tuning {
             replay_readers: default_replay_readers(),
             fold_in_readers: false,
             known_rows_bytes: crate::sink::known::DEFAULT_KNOWN_ROWS_BYTES,
+            catch_up_batch_events: DEFAULT_CATCH_UP_BATCH_EVENTS,
         }
     }
 }

@@ -114,6 +114,9 @@ pub fn tuning() -> Tuning {
         replay_readers: 2,
         fold_in_readers: false,
         known_rows_bytes: reproject::sink::known::DEFAULT_KNOWN_ROWS_BYTES,
+        // Off, so that the tests' small batches are each written as one: the suite test
+        // `a_backlog_is_written_in_larger_transactions_and_gives_the_same_tables` turns it on.
+        catch_up_batch_events: 0,
     }
 }
 

@@ -1,6 +1,7 @@
-//! `run`'s follow keeps the rows it committed for its next batches instead of reading them back:
-//! the tables it leaves must be those a rebuild of the same log gives, byte for byte, as when it
-//! reads every row back.
+//! `run`'s follow keeps the rows it committed for its next batches instead of reading them back,
+//! and writes a backlog in larger transactions than its batches: the tables it leaves must be those
+//! a rebuild of the same log gives, byte for byte, as when it reads every row back and writes every
+//! batch on its own.
 
 use crate::common;
 
@@ -96,5 +97,97 @@ async fn a_follow_that_keeps_its_rows_leaves_the_tables_a_rebuild_of_the_same_lo
     assert!(
         kept_fetched < read_fetched,
         "rows fetched by index: {kept_fetched} keeping rows, {read_fetched} reading them back"
+    );
+}
+
+/// Position updates the builds' writers made (each transaction updates the partitions it moved),
+/// once the statistics of the ended follow have settled.
+async fn position_updates(pool: &PgPool) -> i64 {
+    let read = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce(sum(n_tup_upd), 0)::int8 FROM pg_stat_user_tables
+             WHERE schemaname = 'reproject' AND relname = 'positions'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("read the positions' statistics")
+    };
+    let mut last = read().await;
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = read().await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_written_in_larger_transactions_and_gives_the_same_tables() {
+    let kafka = Kafka::start(4);
+    let mut history = history(40_000, 23);
+    append(&kafka.settings, &mut history, 10_000);
+    let small_batches = Tuning {
+        batch_events: 400,
+        ..tuning()
+    };
+    let one_by_one_db = fresh_database("follow_batch_by_batch").await;
+    let one_by_one = Arc::new(engine(&one_by_one_db, &kafka.settings, small_batches.clone()).await);
+    let joined_db = fresh_database("follow_catching_up").await;
+    let joined = Arc::new(
+        engine(
+            &joined_db,
+            &kafka.settings,
+            Tuning {
+                catch_up_batch_events: 12_000,
+                ..small_batches
+            },
+        )
+        .await,
+    );
+    for engine in [&one_by_one, &joined] {
+        rebuild_all(engine).await.expect("rebuild the first events");
+    }
+    let (one_pool, joined_pool) = (one_by_one.catalog.pool(), joined.catalog.pool());
+    let before = (
+        position_updates(one_pool).await,
+        position_updates(joined_pool).await,
+    );
+
+    append(&kafka.settings, &mut history, 30_000);
+    drain(one_by_one.clone()).await;
+    drain(joined.clone()).await;
+
+    let whole_db = fresh_database("follow_catching_up_whole").await;
+    let whole = engine(&whole_db, &kafka.settings, tuning()).await;
+    rebuild_all(&whole).await.expect("rebuild the whole log");
+    for (table, key) in [
+        ("order_summary", "order_id"),
+        ("customer_stats", "customer_id"),
+        ("daily_sales", "day, currency"),
+    ] {
+        let expected = checksum(whole.catalog.pool(), "public", table, key).await;
+        assert_eq!(
+            checksum(one_pool, "public", table, key).await,
+            expected,
+            "{table}, every batch written on its own"
+        );
+        assert_eq!(
+            checksum(joined_pool, "public", table, key).await,
+            expected,
+            "{table}, batches joined while the writer was busy"
+        );
+    }
+
+    // 30,000 events in batches of 400 are at least 75 transactions per build, each moving one
+    // partition at least (246 updates in one run); joined, the reader runs ahead of the writer and
+    // the batches queued meanwhile go in together (30 in that run).
+    let one_by_one_updates = position_updates(one_pool).await - before.0;
+    let joined_updates = position_updates(joined_pool).await - before.1;
+    assert!(
+        joined_updates * 2 < one_by_one_updates,
+        "position updates: {joined_updates} joining batches, {one_by_one_updates} batch by batch"
     );
 }

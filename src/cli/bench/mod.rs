@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// Committed rows the follow's writer keeps for its next batches (0: reads every row back)
     #[arg(long, value_name = "SIZE", value_parser = super::config::parse_size_or_zero, default_value = "256MiB")]
     pub writer_memory: usize,
+    /// The follow phase writes what was read while its writer was busy in transactions of up to
+    /// this many events (0: every batch on its own)
+    #[arg(long, default_value_t = Tuning::default().catch_up_batch_events, value_name = "EVENTS")]
+    pub catch_up_batch_events: usize,
     /// Also rebuild the same log with this many processes of this program sharing one build
     /// (`rebuild --all --shared`), and with one process on that path, for the ratio (0: not)
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -179,6 +183,8 @@ pub struct FollowFigures {
     pub rows_written: u64,
     /// Of `seconds`, how long the writer waited for the log to be read.
     pub read_wait_seconds: f64,
+    /// The most events one transaction wrote (see `--catch-up-batch-events`).
+    pub largest_write_events: u64,
 }
 
 pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outcome> {
@@ -228,6 +234,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
         fold_in_readers: args.fold_in_readers,
         batch_events: args.batch_events.max(1),
         known_rows_bytes: args.writer_memory,
+        catch_up_batch_events: args.catch_up_batch_events,
         ..Tuning::default()
     };
     let engine = Arc::new(cx.engine(&settings, tuning).await?);
@@ -542,12 +549,13 @@ fn print_figures(f: &BenchFigures) {
     let follow = &f.follow;
     if follow.backlog_events > 0 {
         outln!(
-            "follow: a backlog of {} events caught up by {} builds in {:.2}s = {:.0} events/s ({} rows written; the writer waited {:.2}s for reads)",
+            "follow: a backlog of {} events caught up by {} builds in {:.2}s = {:.0} events/s ({} rows written, up to {} events a transaction; the writer waited {:.2}s for reads)",
             follow.backlog_events,
             follow.builds,
             follow.seconds,
             follow.events_per_second,
             follow.rows_written,
+            follow.largest_write_events,
             follow.read_wait_seconds
         );
     }
@@ -603,6 +611,7 @@ async fn follow_backlog<E: Send + Sync + 'static>(
         events_per_second: events as f64 / seconds,
         rows_written: outcome.rows_written,
         read_wait_seconds: outcome.read_wait.as_secs_f64(),
+        largest_write_events: outcome.largest_write,
     })
 }
 
