@@ -184,7 +184,7 @@ impl SchemaSource {
 }
 
 /// See [`Tuning::catch_up_batch_events`].
-pub const DEFAULT_CATCH_UP_BATCH_EVENTS: usize = 200_000;
+pub const DEFAULT_CATCH_UP_BATCH_EVENTS: usize = 100_000;
 
 /// Knobs of the engine that every command shares.
 #[derive(Clone, Debug)]

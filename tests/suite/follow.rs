@@ -11,17 +11,14 @@ use common::*;
 use reproject::engine::Tuning;
 use sqlx::PgPool;
 
-/// Index look-ups and heap fetches through them on the build's tables, once the statistics of the
-/// ended follow have settled (a backend reports them when it ends).
-async fn rows_fetched_by_index(pool: &PgPool) -> i64 {
+/// A statistic of the builds' tables, once the statistics of an ended follow have settled (a
+/// backend reports them when it ends).
+async fn settled(pool: &PgPool, sql: &str) -> i64 {
     let read = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT coalesce(sum(idx_tup_fetch), 0)::int8 FROM pg_stat_user_tables
-             WHERE schemaname LIKE 'rp\\_%' AND relname IN ('order_summary', 'customer_stats', 'daily_sales')",
-        )
-        .fetch_one(pool)
-        .await
-        .expect("read the table statistics")
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(pool)
+            .await
+            .unwrap_or_else(|e| panic!("read the statistics ({sql}): {e}"))
     };
     let mut last = read().await;
     for _ in 0..20 {
@@ -33,6 +30,52 @@ async fn rows_fetched_by_index(pool: &PgPool) -> i64 {
         last = now;
     }
     last
+}
+
+/// Index look-ups and heap fetches through them on the build's tables.
+async fn rows_fetched_by_index(pool: &PgPool) -> i64 {
+    settled(
+        pool,
+        "SELECT coalesce(sum(idx_tup_fetch), 0)::int8 FROM pg_stat_user_tables
+         WHERE schemaname LIKE 'rp\\_%' AND relname IN ('order_summary', 'customer_stats', 'daily_sales')",
+    )
+    .await
+}
+
+/// Position updates the builds' writers made (each transaction updates the partitions it moved).
+async fn position_updates(pool: &PgPool) -> i64 {
+    settled(
+        pool,
+        "SELECT coalesce(sum(n_tup_upd), 0)::int8 FROM pg_stat_user_tables
+         WHERE schemaname = 'reproject' AND relname = 'positions'",
+    )
+    .await
+}
+
+/// The log rebuilt whole into a database of its own: each of the shop's tables followed into
+/// `pools` (with what each followed that way, for messages) must hold exactly its rows.
+async fn assert_as_a_rebuild_of_the_whole_log(
+    kafka: &Kafka,
+    name: &str,
+    pools: [(&PgPool, &str); 2],
+) {
+    let whole_db = fresh_database(name).await;
+    let whole = engine(&whole_db, &kafka.settings, tuning()).await;
+    rebuild_all(&whole).await.expect("rebuild the whole log");
+    for (table, key) in [
+        ("order_summary", "order_id"),
+        ("customer_stats", "customer_id"),
+        ("daily_sales", "day, currency"),
+    ] {
+        let expected = checksum(whole.catalog.pool(), "public", table, key).await;
+        for (pool, how) in pools {
+            assert_eq!(
+                checksum(pool, "public", table, key).await,
+                expected,
+                "{table}, {how}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,27 +110,16 @@ async fn a_follow_that_keeps_its_rows_leaves_the_tables_a_rebuild_of_the_same_lo
     drain(kept.clone()).await;
     drain(read_back.clone()).await;
 
-    let whole_db = fresh_database("follow_whole").await;
-    let whole = engine(&whole_db, &kafka.settings, tuning()).await;
-    rebuild_all(&whole).await.expect("rebuild the whole log");
     let (kept_pool, read_pool) = (kept.catalog.pool(), read_back.catalog.pool());
-    for (table, key) in [
-        ("order_summary", "order_id"),
-        ("customer_stats", "customer_id"),
-        ("daily_sales", "day, currency"),
-    ] {
-        let expected = checksum(whole.catalog.pool(), "public", table, key).await;
-        assert_eq!(
-            checksum(kept_pool, "public", table, key).await,
-            expected,
-            "{table}, rows kept by the writer"
-        );
-        assert_eq!(
-            checksum(read_pool, "public", table, key).await,
-            expected,
-            "{table}, rows read back"
-        );
-    }
+    assert_as_a_rebuild_of_the_whole_log(
+        &kafka,
+        "follow_whole",
+        [
+            (kept_pool, "rows kept by the writer"),
+            (read_pool, "rows read back"),
+        ],
+    )
+    .await;
 
     // The rows kept were used: the follow that kept them looked fewer up.
     let (kept_fetched, read_fetched) = (
@@ -98,30 +130,6 @@ async fn a_follow_that_keeps_its_rows_leaves_the_tables_a_rebuild_of_the_same_lo
         kept_fetched < read_fetched,
         "rows fetched by index: {kept_fetched} keeping rows, {read_fetched} reading them back"
     );
-}
-
-/// Position updates the builds' writers made (each transaction updates the partitions it moved),
-/// once the statistics of the ended follow have settled.
-async fn position_updates(pool: &PgPool) -> i64 {
-    let read = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT coalesce(sum(n_tup_upd), 0)::int8 FROM pg_stat_user_tables
-             WHERE schemaname = 'reproject' AND relname = 'positions'",
-        )
-        .fetch_one(pool)
-        .await
-        .expect("read the positions' statistics")
-    };
-    let mut last = read().await;
-    for _ in 0..20 {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        let now = read().await;
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,26 +168,15 @@ async fn a_backlog_is_written_in_larger_transactions_and_gives_the_same_tables()
     drain(one_by_one.clone()).await;
     drain(joined.clone()).await;
 
-    let whole_db = fresh_database("follow_catching_up_whole").await;
-    let whole = engine(&whole_db, &kafka.settings, tuning()).await;
-    rebuild_all(&whole).await.expect("rebuild the whole log");
-    for (table, key) in [
-        ("order_summary", "order_id"),
-        ("customer_stats", "customer_id"),
-        ("daily_sales", "day, currency"),
-    ] {
-        let expected = checksum(whole.catalog.pool(), "public", table, key).await;
-        assert_eq!(
-            checksum(one_pool, "public", table, key).await,
-            expected,
-            "{table}, every batch written on its own"
-        );
-        assert_eq!(
-            checksum(joined_pool, "public", table, key).await,
-            expected,
-            "{table}, batches joined while the writer was busy"
-        );
-    }
+    assert_as_a_rebuild_of_the_whole_log(
+        &kafka,
+        "follow_catching_up_whole",
+        [
+            (one_pool, "every batch written on its own"),
+            (joined_pool, "batches joined while the writer was busy"),
+        ],
+    )
+    .await;
 
     // 30,000 events in batches of 400 are at least 75 transactions per build, each moving one
     // partition at least (246 updates in one run); joined, the reader runs ahead of the writer and
