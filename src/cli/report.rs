@@ -44,8 +44,8 @@ pub fn print_report(report: &RebuildReport) {
     }
     if report.events_replayed > 0 {
         outln!(
-            "  the fold peaked at {:.0} MB{}",
-            report.peak_fold_bytes as f64 / 1e6,
+            "  the fold peaked at {}{}",
+            size(report.peak_fold_bytes),
             if report.spills > 0 {
                 format!(
                     " and was flushed to PostgreSQL {} time(s) to stay within --memory-budget",
@@ -57,12 +57,11 @@ pub fn print_report(report: &RebuildReport) {
         );
     }
     if let (Some(budget), rss) = (report.memory_budget, report.peak_rss_bytes) {
-        const MIB: f64 = (1 << 20) as f64;
         outln!(
-            "  the process peaked at {:.0} MiB resident, {} its --memory-budget of {:.0} MiB",
-            rss as f64 / MIB,
+            "  the process peaked at {} resident, {} its --memory-budget of {}",
+            size(rss),
             if rss <= budget { "within" } else { "over" },
-            budget as f64 / MIB
+            size(budget)
         );
     }
     if report.dead_letters > 0 {
@@ -92,4 +91,16 @@ pub fn print_swapped(report: &SwapReport, what: &str, after: &str) {
         report.attempts,
         report.commit_ms
     );
+}
+
+/// Bytes as the report says them: MiB, or KiB below one (a test's budget of 300KiB is not "0 MiB").
+fn size(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    const MIB: f64 = KIB * KIB;
+    let bytes = bytes as f64;
+    if bytes < MIB {
+        format!("{:.0} KiB", bytes / KIB)
+    } else {
+        format!("{:.0} MiB", bytes / MIB)
+    }
 }

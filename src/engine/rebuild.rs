@@ -91,6 +91,14 @@ pub struct RebuildReport {
     pub verifications: Vec<verify::Verification>,
 }
 
+impl RebuildReport {
+    /// The process's peak resident set so far, beside the budget it was given.
+    pub(super) fn record_peak_memory(&mut self, budget: Option<usize>) {
+        self.peak_rss_bytes = super::memory::peak_rss_bytes(None).unwrap_or(0);
+        self.memory_budget = budget.map(|b| b as u64);
+    }
+}
+
 /// `budget` shared out for a replay of `partitions` by up to `readers` threads (see
 /// [`MemoryShares`]), warning when it is below what the process takes whatever its budget.
 pub(super) fn budget_shares(budget: usize, partitions: usize, readers: usize) -> MemoryShares {
@@ -230,8 +238,7 @@ async fn rebuild_locked<E: Send + Sync + 'static>(
     let mut jobs = to_replay;
     jobs.extend(to_resume);
     finish_builds(engine, jobs, aggregate_index, options, cancel, &mut report).await?;
-    report.peak_rss_bytes = super::memory::peak_rss_bytes(None).unwrap_or(0);
-    report.memory_budget = options.memory_budget.map(|b| b as u64);
+    report.record_peak_memory(options.memory_budget);
     Ok(report)
 }
 

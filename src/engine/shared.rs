@@ -186,9 +186,12 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
         )
         .await?
         {
-            Some((events, seconds)) => {
-                report.events_replayed += events;
-                report.load_seconds += seconds;
+            Some(loaded) => {
+                report.events_replayed += loaded.events;
+                report.load_seconds += loaded.load_seconds;
+                report.peak_fold_bytes = report.peak_fold_bytes.max(loaded.peak_fold_bytes as u64);
+                // A round cut at the budget is what a spill is to one process's rebuild.
+                report.spills += u64::from(loaded.cut_at_budget);
                 reported = None;
             }
             None => continue,
@@ -250,6 +253,7 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
     if !mine.is_empty() {
         finish_builds(engine, mine, None, options, cancel, &mut report).await?;
     }
+    report.record_peak_memory(options.memory_budget);
     Ok(report)
 }
 
@@ -287,6 +291,18 @@ struct Folded {
     continued: Vec<merge::Continued>,
     /// True when it reached every target; false when it was cut at the memory budget.
     complete: bool,
+    /// The most the fold held (rows, and rows read back), in bytes.
+    peak_bytes: usize,
+}
+
+/// What a round that was loaded did, for the report.
+struct RoundLoaded {
+    events: u64,
+    load_seconds: f64,
+    /// The most its fold held, in bytes.
+    peak_fold_bytes: usize,
+    /// Cut where its fold outgrew the memory budget, and loaded so far.
+    cut_at_budget: bool,
 }
 
 /// The shared build of `projection` in phase `loading`, or a new one, one process at a time.
@@ -381,7 +397,7 @@ async fn replay_round<E: Send + Sync + 'static>(
     budget: Option<usize>,
     member: &GroupMember,
     cancel: &CancellationToken,
-) -> Result<Option<(u64, f64)>> {
+) -> Result<Option<RoundLoaded>> {
     let busy: Vec<usize> = (0..jobs.len())
         .filter(|&i| !round.starts[i].is_empty())
         .collect();
@@ -483,6 +499,7 @@ async fn replay_round<E: Send + Sync + 'static>(
             &database_url,
             runtime.clone(),
         )?;
+        let mut peak_bytes = 0;
         let mut continued: Vec<merge::Continued> = (0..continuing.len())
             .map(|b| merge::Continued::new(fold.build_tables(b).specs.len()))
             .collect();
@@ -507,6 +524,7 @@ async fn replay_round<E: Send + Sync + 'static>(
                     .iter()
                     .map(merge::Continued::approx_bytes)
                     .sum::<usize>();
+            peak_bytes = peak_bytes.max(held);
             let over_budget = fold_budget.is_some_and(|budget| held > budget);
             if over_budget && !complete {
                 tracing::info!(
@@ -521,6 +539,7 @@ async fn replay_round<E: Send + Sync + 'static>(
                     result,
                     continued,
                     complete,
+                    peak_bytes,
                 };
                 return Ok((folded, conn));
             }
@@ -562,6 +581,7 @@ async fn replay_round<E: Send + Sync + 'static>(
         result,
         continued,
         complete,
+        peak_bytes,
     } = folded;
     // A round cut at the budget has no index: its readers hand theirs over only at the end.
     if let (true, Some(index)) = (complete, &result.aggregates) {
@@ -654,5 +674,10 @@ async fn replay_round<E: Send + Sync + 'static>(
             complete
         );
     }
-    Ok(Some((result.events, started.elapsed().as_secs_f64())))
+    Ok(Some(RoundLoaded {
+        events: result.events,
+        load_seconds: started.elapsed().as_secs_f64(),
+        peak_fold_bytes: peak_bytes,
+        cut_at_budget: !complete,
+    }))
 }

@@ -21,12 +21,14 @@ const TABLES: [(&str, &str); 3] = [
 /// A `rebuild --all --shared` process logging to a file of its own; `extra` are more flags.
 fn spawn_shared(db: &str, kafka: &Kafka, log: &PathBuf, extra: &[&str]) -> Child {
     let file = std::fs::File::create(log).expect("create the worker's log");
+    // The report (stdout) goes in the log too, after the log lines.
+    let report = file.try_clone().expect("share the worker's log");
     Command::new(env!("CARGO_BIN_EXE_reproject"))
         .args(["rebuild", "--all", "--shared"])
         .args(["--brokers", &kafka.settings.brokers, "--database-url", db])
         .args(["--topic", TOPIC])
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(report)
         .stderr(file)
         .spawn()
         .expect("start a shared rebuild")
@@ -313,10 +315,20 @@ async fn processes_within_a_memory_budget_load_in_rounds_and_survivors_continue_
     assert_eq!(active_checksums(&pool).await, reference.tables);
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
     for log in &logs[1..] {
-        let cut = read_log(log).matches("complete=false").count();
+        let log = read_log(log);
+        let cut = log.matches("complete=false").count();
         assert!(
             cut >= 2,
             "each survivor loaded rounds cut at the budget ({cut})"
+        );
+        // Its report says so, and what the process took against its budget.
+        assert!(
+            log.contains(" time(s) to stay within --memory-budget"),
+            "the report counts the rounds cut at the budget: {log}"
+        );
+        assert!(
+            log.contains(" resident, over its --memory-budget of 300 KiB"),
+            "the report gives the peak resident set against the budget: {log}"
         );
     }
     // Rounds cut at the budget keep no index: none is published from pieces with holes (the
