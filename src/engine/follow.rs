@@ -330,6 +330,13 @@ fn take_queued(batches: &mut BatchQueue, batch: &mut reader::Batch, limit: usize
         batch.done = next.done;
         batch.dead_letters.extend(next.dead_letters);
         batch.processing += next.processing;
+        // What only a bounded read's last batch carries (a follow asks for none of it today).
+        if next.aggregates.is_some() {
+            batch.aggregates = next.aggregates;
+        }
+        if next.source_checks.is_some() {
+            batch.source_checks = next.source_checks;
+        }
     }
     Ok(())
 }
@@ -926,6 +933,66 @@ mod tests {
             assert!(log.record(at, &mut changes));
         }
         log
+    }
+
+    /// A reader's batch of `events` one-change events from `first`, per target, ending each
+    /// partition at `next`.
+    fn batch(first: i64, events: i64, next: &[(i32, i64)], done: bool) -> reader::Batch {
+        reader::Batch {
+            changes: vec![
+                recorded(first..first + events),
+                recorded(first..first + events),
+            ],
+            next: next.iter().copied().collect(),
+            events: events as u64,
+            done,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_batches_join_the_one_taken_in_log_order_up_to_the_limit_and_never_past_the_last(
+    ) {
+        let (tx, mut queue) = tokio::sync::mpsc::channel(8);
+        for queued in [
+            batch(10, 10, &[(0, 8), (1, 7)], false),
+            batch(20, 10, &[(0, 13), (1, 12)], false),
+            batch(30, 10, &[(0, 18), (1, 17)], false),
+        ] {
+            tx.send(Ok(queued)).await.expect("queue a batch");
+        }
+        let mut taken = batch(0, 10, &[(0, 3), (1, 2)], false);
+        take_queued(&mut queue, &mut taken, 25).expect("join the queued batches");
+        // 10 events, then 20: below 25, so the next one joins too; at 30 it stops there.
+        assert_eq!(taken.events, 30);
+        assert_eq!(
+            taken.next,
+            [(0, 13), (1, 12)].into_iter().collect::<Positions>()
+        );
+        for log in &taken.changes {
+            let offsets: Vec<i64> = log.times().map(|at| at.occurred_at_micros).collect();
+            assert_eq!(offsets, (0..30).collect::<Vec<_>>());
+        }
+
+        // The last batch of a bounded read ends the join, whatever is queued behind it.
+        tx.send(Ok(batch(40, 10, &[(0, 23), (1, 22)], true)))
+            .await
+            .expect("queue a last batch");
+        tx.send(Ok(batch(50, 10, &[(0, 28), (1, 27)], false)))
+            .await
+            .expect("queue a batch past it");
+        let mut taken = batch(30, 0, &[], false);
+        take_queued(&mut queue, &mut taken, 1_000).expect("join up to the last batch");
+        assert!(taken.done);
+        // The batch left queued by the first join, and the last one.
+        assert_eq!(taken.events, 20);
+        let behind = queue.try_recv().expect("a batch left queued");
+        assert_eq!(behind.expect("a batch").events, 10);
+
+        // Nothing queued: the batch taken is left as it is, without waiting.
+        let mut alone = batch(60, 5, &[(0, 31)], false);
+        take_queued(&mut queue, &mut alone, 1_000).expect("nothing to join");
+        assert_eq!(alone.events, 5);
     }
 
     #[test]
