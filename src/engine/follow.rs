@@ -21,7 +21,7 @@ use super::progress::{lag, Progress, Snapshot};
 use super::reader::{self, ReaderConfig, Target};
 use super::{holder_name, Engine, EngineError, Result};
 use crate::projection::{ChangeLog, DynProjection};
-use crate::sink::catalog::Positions;
+use crate::sink::catalog::{raise_positions, Positions};
 use crate::sink::lock::{writer_lock_subject, AdvisoryLock, LockKind, LockMode};
 use crate::sink::writer::{self, BatchWriter, BuildBatch, BuildTables};
 use crate::sink::Build;
@@ -317,10 +317,7 @@ fn take_queued(batches: &mut BatchQueue, batch: &mut reader::Batch, limit: usize
         for (log, later) in batch.changes.iter_mut().zip(next.changes) {
             log.append(later);
         }
-        for (partition, offset) in next.next {
-            let entry = batch.next.entry(partition).or_insert(offset);
-            *entry = (*entry).max(offset);
-        }
+        raise_positions(&mut batch.next, next.next);
         batch.events += next.events;
         batch.bytes += next.bytes;
         batch.change_bytes += next.change_bytes;
@@ -393,8 +390,8 @@ async fn apply_batches<E: Send + Sync + 'static>(
             },
         };
         tally.read_wait += waiting.elapsed();
-        let catch_up = catching_up(catch_up, &controls);
-        if let Some(limit) = catch_up {
+        let joining = catching_up(catch_up, &controls);
+        if let Some(limit) = joining {
             take_queued(batches, &mut batch, limit)?;
         }
         let last = batch.done;
@@ -405,10 +402,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
             .iter()
             .map(|t| {
                 let mut next = t.positions.clone();
-                for (p, o) in &batch.next {
-                    let entry = next.entry(*p).or_insert(*o);
-                    *entry = (*entry).max(*o);
-                }
+                raise_positions(&mut next, batch.next.iter().map(|(p, o)| (*p, *o)));
                 next
             })
             .collect();
@@ -448,7 +442,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
             let from: Vec<&Positions> = targets.iter().map(|t| &t.positions).collect();
             // Caught up or not, an unthrottled batch goes in whole: it holds at most what one
             // catch-up write may.
-            let limit = match catch_up {
+            let limit = match joining {
                 Some(_) => u64::MAX,
                 None => slice_limit.load(Ordering::Relaxed) as u64,
             };
@@ -595,10 +589,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 // ListOffsets now, but never below what the reader's fetches last reported (kept in
                 // `log_end`): a broker whose two answers disagree must not make this short.
                 let mut fresh = sharing.restrict(fresh_log_end(engine).await?);
-                for (p, seen) in &log_end {
-                    let end = fresh.entry(*p).or_insert(*seen);
-                    *end = (*end).max(*seen);
-                }
+                raise_positions(&mut fresh, log_end.iter().map(|(p, o)| (*p, *o)));
                 let fresh_lag = furthest_behind(targets, &fresh);
                 log_end = fresh;
                 tally.last_lag = Some(fresh_lag);
@@ -727,10 +718,10 @@ impl Unwritten {
             .zip(&changes)
             .map(|(from, log)| {
                 let mut next = (*from).clone();
-                for at in log.times() {
-                    let entry = next.entry(at.partition).or_insert(at.offset + 1);
-                    *entry = (*entry).max(at.offset + 1);
-                }
+                raise_positions(
+                    &mut next,
+                    log.times().map(|at| (at.partition, at.offset + 1)),
+                );
                 next
             })
             .collect();

@@ -218,10 +218,7 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             report.rows_loaded += rows;
             job.build.phase = Phase::Indexing;
             mine.push(job);
-            for (p, end) in ends {
-                let furthest = reach.entry(*p).or_insert(*end);
-                *furthest = (*furthest).max(*end);
-            }
+            catalog::raise_positions(&mut reach, ends.iter().map(|(p, end)| (*p, *end)));
         } else {
             tracing::info!(
                 message = "every partition loaded; another process finishes the build",

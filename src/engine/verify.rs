@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::follow::{self, FollowTarget, Until};
 use super::{Engine, EngineError, Result};
 use crate::projection::DynProjection;
-use crate::sink::catalog::Positions;
+use crate::sink::catalog::{self, Positions};
 use crate::sink::lock::LockError;
 use crate::sink::{Build, Context, Phase};
 use crate::verify::{self, BucketBy, CompareRequest, Comparison};
@@ -325,10 +325,7 @@ async fn line_up<E: Send + Sync + 'static>(
             return Ok(());
         }
         let mut target: Positions = a.clone();
-        for (p, o) in &b {
-            let e = target.entry(*p).or_insert(*o);
-            *e = (*e).max(*o);
-        }
+        catalog::raise_positions(&mut target, b.iter().map(|(p, o)| (*p, *o)));
         let mut moved = false;
         for (build, at) in [(candidate, &a), (baseline, &b)] {
             if *at == target {

@@ -86,6 +86,15 @@ pub struct Build {
 /// row names its topic and partition number; the SQL here converts, through the build's `topics`.
 pub type Positions = BTreeMap<i32, i64>;
 
+/// Move each partition of `positions` to the furthest of where it stands and where `to` says
+/// (partitions only `to` names are added).
+pub fn raise_positions(positions: &mut Positions, to: impl IntoIterator<Item = (i32, i64)>) {
+    for (partition, offset) in to {
+        let at = positions.entry(partition).or_insert(offset);
+        *at = (*at).max(offset);
+    }
+}
+
 /// SQL for a partition id's topic and partition number, given the build row `b` and an id `$id`.
 macro_rules! id_to_topic_sql {
     ($id:literal) => {
