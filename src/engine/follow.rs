@@ -223,8 +223,8 @@ async fn follow_locked<E: Send + Sync + 'static>(
         index_aggregates: false,
         aggregate_index_max_bytes: None,
         measure_processing: false,
-        // The database paces a follow, not the log: a rebuild's gigabyte of read-ahead would only
-        // be memory held while the throttle holds the writes.
+        // The database paces a follow, not the log: more read-ahead would only be memory held
+        // while the throttle holds the writes.
         prefetch_max_bytes: Some(FOLLOW_PREFETCH_BYTES),
         dead_letters: matches!(
             engine.tuning.bad_records,

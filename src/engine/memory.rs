@@ -87,7 +87,8 @@ impl MemoryShares {
         MemoryShares {
             fold: growing / 8 * 3,
             aggregate_index: growing / 8,
-            prefetch: growing / 8 / QUEUED_RECORD_OVERHEAD,
+            // No more than without a budget: a larger queue costs memory and buys no speed.
+            prefetch: (growing / 8 / QUEUED_RECORD_OVERHEAD).min(crate::source::PREFETCH_BYTES),
             batch: (batches / 2 / in_flight).max(LEAST_BATCH_BYTES),
             fold_step: (batches / 2).max(LEAST_FOLD_STEP_BYTES),
             // A sixteenth. The last 3/16 are for what the allocators keep besides the live heap,
@@ -164,6 +165,15 @@ mod tests {
             MemoryShares::of(1 << 30, 8, 2).duplicate_window,
             DUPLICATE_WINDOW
         );
+    }
+
+    #[test]
+    fn a_large_budget_prefetches_no_more_than_no_budget_does() {
+        let small = MemoryShares::of(256 * MB, 128, 2);
+        assert!(small.prefetch < crate::source::PREFETCH_BYTES, "{small:?}");
+        let large = MemoryShares::of(64 << 30, 128, 2);
+        assert_eq!(large.prefetch, crate::source::PREFETCH_BYTES);
+        assert!(large.fold > small.fold, "the rest still goes to the fold");
     }
 
     #[test]

@@ -17,8 +17,12 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most one fetch response may carry (100 MiB; `receive.message.max.bytes` is twice that).
 pub const MAX_FETCH_BYTES: usize = 100 << 20;
 
-/// How far ahead a consumer may fetch (librdkafka's queue, 1 GiB): the replay's readers share it.
-pub const PREFETCH_BYTES: usize = 1 << 30;
+/// How far ahead a consumer may fetch (librdkafka's queue, counted in record bytes): the replay's
+/// readers share it. 64 MiB is about half a second of the replay's reading. It was 1 GiB, which
+/// librdkafka filled in the replay's first seconds with memory the process had never touched (on
+/// the VMs measured, 3-14 us a page to fault in): the same replay speed, ~1 GB more peak RSS
+/// (BENCHMARKS.md, "The prefetch queue: 64 MiB instead of 1 GiB").
+pub const PREFETCH_BYTES: usize = 64 << 20;
 
 /// The prefetch cap of each of `readers` consumers sharing a read: together they stay within what one
 /// consumer would fetch ahead (`cap`, or [`PREFETCH_BYTES`] when uncapped).
