@@ -21,7 +21,7 @@ pub const MAX_FETCH_BYTES: usize = 100 << 20;
 /// readers share it. 64 MiB is about half a second of the replay's reading. It was 1 GiB, which
 /// librdkafka filled in the replay's first seconds with memory the process had never touched (on
 /// the VMs measured, 3-14 us a page to fault in): the same replay speed, ~1 GB more peak RSS
-/// (BENCHMARKS.md, "The prefetch queue: 64 MiB instead of 1 GiB").
+/// (BENCHMARKS.md, issue 20, session 30: "... the prefetch queue: 64 MiB instead of 1 GiB").
 pub const PREFETCH_BYTES: usize = 64 << 20;
 
 /// The prefetch cap of each of `readers` consumers sharing a read: together they stay within what one
