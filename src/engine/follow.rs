@@ -402,7 +402,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
             .iter()
             .map(|t| {
                 let mut next = t.positions.clone();
-                raise_positions(&mut next, batch.next.iter().map(|(p, o)| (*p, *o)));
+                raise_positions(&mut next, &batch.next);
                 next
             })
             .collect();
@@ -589,7 +589,7 @@ async fn apply_batches<E: Send + Sync + 'static>(
                 // ListOffsets now, but never below what the reader's fetches last reported (kept in
                 // `log_end`): a broker whose two answers disagree must not make this short.
                 let mut fresh = sharing.restrict(fresh_log_end(engine).await?);
-                raise_positions(&mut fresh, log_end.iter().map(|(p, o)| (*p, *o)));
+                raise_positions(&mut fresh, &log_end);
                 let fresh_lag = furthest_behind(targets, &fresh);
                 log_end = fresh;
                 tally.last_lag = Some(fresh_lag);

@@ -218,7 +218,7 @@ async fn rebuild_shared_locked<E: Send + Sync + 'static>(
             report.rows_loaded += rows;
             job.build.phase = Phase::Indexing;
             mine.push(job);
-            catalog::raise_positions(&mut reach, ends.iter().map(|(p, end)| (*p, *end)));
+            catalog::raise_positions(&mut reach, ends);
         } else {
             tracing::info!(
                 message = "every partition loaded; another process finishes the build",

@@ -325,7 +325,7 @@ async fn line_up<E: Send + Sync + 'static>(
             return Ok(());
         }
         let mut target: Positions = a.clone();
-        catalog::raise_positions(&mut target, b.iter().map(|(p, o)| (*p, *o)));
+        catalog::raise_positions(&mut target, &b);
         let mut moved = false;
         for (build, at) in [(candidate, &a), (baseline, &b)] {
             if *at == target {

@@ -1,6 +1,7 @@
 //! reproject's catalog in PostgreSQL (schema `reproject`, see `schemas/catalog.sql`): the builds of
 //! each projection version, their phase, and per partition the next offset each build will read.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -87,9 +88,14 @@ pub struct Build {
 pub type Positions = BTreeMap<i32, i64>;
 
 /// Move each partition of `positions` to the furthest of where it stands and where `to` says
-/// (partitions only `to` names are added).
-pub fn raise_positions(positions: &mut Positions, to: impl IntoIterator<Item = (i32, i64)>) {
+/// (partitions only `to` names are added). `to` may be another `Positions`, owned or borrowed.
+pub fn raise_positions<P, O>(positions: &mut Positions, to: impl IntoIterator<Item = (P, O)>)
+where
+    P: Borrow<i32>,
+    O: Borrow<i64>,
+{
     for (partition, offset) in to {
+        let (partition, offset) = (*partition.borrow(), *offset.borrow());
         let at = positions.entry(partition).or_insert(offset);
         *at = (*at).max(offset);
     }
@@ -895,4 +901,20 @@ pub async fn advance_positions(
         expected: expected.get(&partition).copied().unwrap_or(-1),
         found: found.map_or_else(|| "missing".to_string(), |o| o.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_only_move_forward_and_partitions_named_only_by_the_other_side_are_added() {
+        let mut positions: Positions = [(0, 10), (1, 5)].into();
+        let other: Positions = [(0, 7), (1, 9), (2, 3)].into();
+        raise_positions(&mut positions, &other);
+        assert_eq!(positions, [(0, 10), (1, 9), (2, 3)].into());
+        // Owned pairs, as the follow's furthest offsets come.
+        raise_positions(&mut positions, [(2, 1), (3, 4)]);
+        assert_eq!(positions, [(0, 10), (1, 9), (2, 3), (3, 4)].into());
+    }
 }
