@@ -382,10 +382,7 @@ async fn read_window<E: Send + Sync + 'static>(
     let stores = &mut sample.stores;
     let targets = projections
         .iter()
-        .map(|p| Target {
-            projection: p.clone(),
-            positions: from.clone(),
-        })
+        .map(|p| Target::from(p.clone(), from.clone()))
         .collect();
     let config = ReaderConfig {
         topics: engine.topics.clone(),

@@ -398,16 +398,25 @@ async fn replay_round<E: Send + Sync + 'static>(
     let busy: Vec<usize> = (0..jobs.len())
         .filter(|&i| !round.starts[i].is_empty())
         .collect();
+    // The builds of a set need not stand alike: a process that died between its builds' loads, or
+    // a build joined from an earlier start beside builds created now, leaves one build past a
+    // partition (or with an earlier target) that another still replays. The read spans them all;
+    // each build takes only its own partitions, from its position to its target.
     let mut start = Positions::new();
     let mut stop_at = Positions::new();
+    let mut ends: Vec<Positions> = Vec::new();
     for &i in &busy {
+        let mut own = Positions::new();
         for (p, o) in &round.starts[i] {
             let first = start.entry(*p).or_insert(*o);
             *first = (*first).min(*o);
             if let Some(end) = round.targets[i].get(p) {
-                stop_at.insert(*p, *end);
+                let last = stop_at.entry(*p).or_insert(*end);
+                *last = (*last).max(*end);
+                own.insert(*p, *end);
             }
         }
+        ends.push(own);
     }
     // Per build replayed, the partitions earlier rounds loaded part of.
     let continuing: Vec<BTreeSet<i32>> = busy
@@ -422,9 +431,11 @@ async fn replay_round<E: Send + Sync + 'static>(
         .collect();
     let targets = busy
         .iter()
-        .map(|&i| Target {
+        .zip(ends)
+        .map(|(&i, ends)| Target {
             projection: jobs[i].projection.clone(),
             positions: round.starts[i].clone(),
+            ends: Some(ends),
         })
         .collect();
     // What a whole round reads, for its piece of the aggregate index.
@@ -620,12 +631,14 @@ async fn replay_round<E: Send + Sync + 'static>(
             .begin()
             .await
             .context(|| format!("starting to load a round into {}", tables.schema))?;
+        // The recorded log ends are the targets every process replays to, read by processes
+        // that join later: a round moves the positions only.
         match catalog::advance_positions(
             &mut tx,
             job.build.build_id,
             &round.starts[i],
             &next,
-            &next,
+            &Positions::new(),
         )
         .await
         {

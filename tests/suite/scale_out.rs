@@ -340,6 +340,94 @@ async fn processes_within_a_memory_budget_load_in_rounds_and_survivors_continue_
     assert_eq!(index_pieces_left(&pool).await, 0);
 }
 
+/// The builds of one shared set need not stand alike. Here `daily_sales`'s build was begun alone,
+/// its rounds cut at a memory budget, and only half its partitions loaded (another member of the
+/// group held the rest and loaded nothing); the other two builds were created later, over a longer
+/// log. The round that goes on reads every partition to the newer end for them: `daily_sales` must
+/// take only the partitions it still misses, and only up to its own target (its catch-up brings
+/// the rest), or it counts events twice; and the read must go to the newer end, or the new builds
+/// miss events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_of_a_shared_set_left_at_different_positions_each_take_only_what_they_miss() {
+    use reproject::engine::rebuild::RebuildOptions;
+    use reproject::engine::shared::rebuild_shared;
+    use reproject::sink::catalog::read_targets;
+    use reproject::source::{group::GroupMember, Topics};
+    use tokio_util::sync::CancellationToken;
+
+    let kafka = Kafka::start(4);
+    let mut history = history(40_000, 37);
+    append(&kafka.settings, &mut history, 20_000);
+    let db = fresh_database("sharedapart").await;
+    let engine = engine(&db, &kafka.settings, tuning()).await;
+    let pool = pool(&db).await;
+    let first_end = engine.log_bounds("test").await.expect("the log's end").end;
+
+    // A fresh catalog numbers the first build 1, and its group is named after it.
+    let topics = Topics::new([TOPIC]).expect("the topic");
+    let idle = GroupMember::join(&kafka.settings, "reproject-shared-1", &topics).expect("join");
+    wait_until(
+        "the idle member to hold every partition",
+        60,
+        || async { idle.assignment().partitions.len() },
+        |n| *n == 4,
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let alone = RebuildOptions {
+        memory_budget: Some(300 << 10),
+        ..rebuild_options()
+    };
+    // Rounds cut at the budget move the positions, never the targets every process replays to.
+    let watch = async {
+        let loaded_half = "SELECT count(*) FROM reproject.positions WHERE build_id = 1 AND next_offset = log_end_offset AND next_offset > 0";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(targets) = read_targets(&pool, 1).await {
+                if !targets.is_empty() {
+                    assert_eq!(targets, first_end, "build 1's targets moved");
+                }
+            }
+            if scalar::<i64>(&pool, loaded_half).await == Some(2) {
+                cancel.cancel();
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process did not load its half of daily_sales in time"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let first = ["daily_sales".to_string()];
+    let (interrupted, ()) = tokio::join!(rebuild_shared(&engine, &first, &alone, &cancel), watch);
+    assert!(
+        matches!(
+            interrupted,
+            Err(reproject::engine::EngineError::Interrupted)
+        ),
+        "{interrupted:?}"
+    );
+    drop(idle);
+
+    append(&kafka.settings, &mut history, 20_000);
+    let reference = single_process_checksums("sharedapart", &kafka).await;
+    let report = rebuild_shared(
+        &engine,
+        &all_projections(),
+        &rebuild_options(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("the shared rebuild goes on");
+    assert_eq!(
+        report.builds,
+        vec![2, 3, 1],
+        "daily_sales's build was joined"
+    );
+    assert_eq!(active_checksums(&pool).await, reference.tables);
+}
+
 /// The worker rows of the active builds written by the `run --shared` process `pid`: its
 /// partitions and the events it applied, per build.
 async fn follower_rows(pool: &PgPool, pid: u32) -> Vec<(Vec<i32>, i64)> {

@@ -89,12 +89,30 @@ impl From<SourceError> for ReadError {
 pub struct Target<E> {
     pub projection: DynProjection<E>,
     pub positions: Positions,
+    /// Where a bounded target stops: it takes only the partitions named here, each up to (not
+    /// including) its offset, however far the read goes for the other targets. None: every
+    /// partition read, as far as the read goes.
+    pub ends: Option<Positions>,
 }
 
 impl<E> Target<E> {
-    /// Whether this target still needs the record at `offset` (it may stand past it).
+    /// A target fed from `positions` (and any partition the read finds besides) to the read's end.
+    pub fn from(projection: DynProjection<E>, positions: Positions) -> Target<E> {
+        Target {
+            projection,
+            positions,
+            ends: None,
+        }
+    }
+
+    /// Whether this target still needs the record at `offset` (it may stand past it, or stop
+    /// before it).
     fn wants(&self, partition: i32, offset: i64) -> bool {
         self.positions.get(&partition).is_none_or(|&p| offset >= p)
+            && self
+                .ends
+                .as_ref()
+                .is_none_or(|ends| ends.get(&partition).is_some_and(|&end| offset < end))
     }
 }
 
@@ -266,6 +284,7 @@ pub fn spawn_split<E: Send + Sync + 'static>(
                 .map(|t| Target {
                     projection: t.projection.clone(),
                     positions: only_mine(&t.positions),
+                    ends: t.ends.as_ref().map(only_mine),
                 })
                 .collect();
             let mut config = config.clone();
