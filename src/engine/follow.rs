@@ -306,13 +306,15 @@ fn catching_up(limit: Option<usize>, controls: &Controls) -> Option<usize> {
 /// events: what the reader read while the writer was busy, written in one transaction. Never
 /// waits for a batch; stops after a bounded read's last one.
 fn take_queued(batches: &mut BatchQueue, batch: &mut reader::Batch, limit: usize) -> Result<()> {
+    // Per target, the logs of the batches joined, appended at the end in one go.
+    let mut later: Vec<Vec<ChangeLog>> = batch.changes.iter().map(|_| Vec::new()).collect();
     while !batch.done && (batch.events as usize) < limit {
         let Ok(next) = batches.try_recv() else {
-            return Ok(());
+            break;
         };
         let next = next?;
-        for (log, later) in batch.changes.iter_mut().zip(next.changes) {
-            log.append(later);
+        for (logs, log) in later.iter_mut().zip(next.changes) {
+            logs.push(log);
         }
         raise_positions(&mut batch.next, next.next);
         batch.events += next.events;
@@ -331,6 +333,9 @@ fn take_queued(batches: &mut BatchQueue, batch: &mut reader::Batch, limit: usize
         if next.source_checks.is_some() {
             batch.source_checks = next.source_checks;
         }
+    }
+    for (log, later) in batch.changes.iter_mut().zip(later) {
+        log.append_all(later);
     }
     Ok(())
 }

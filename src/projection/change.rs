@@ -314,6 +314,19 @@ impl ChangeLog {
         ChangeLog { changes, events }
     }
 
+    /// [`ChangeLog::append`] each of `later` in turn, with room made for all of them at once:
+    /// appended one by one, a log joined from many batches copies what it holds at every doubling,
+    /// each time into memory the process touches for the first time (see BENCHMARKS.md).
+    pub fn append_all(&mut self, later: Vec<ChangeLog>) {
+        self.changes
+            .reserve_exact(later.iter().map(|l| l.changes.len()).sum());
+        self.events
+            .reserve_exact(later.iter().map(|l| l.events.len()).sum());
+        for log in later {
+            self.append(log);
+        }
+    }
+
     /// Put the events of `later` (read after this log's) at its end: the inverse of
     /// [`ChangeLog::split_off_events`].
     pub fn append(&mut self, later: ChangeLog) {
@@ -468,6 +481,18 @@ mod tests {
         assert_eq!(log.split_off_events(9).event_count(), 0);
         let all = log.split_off_events(0);
         assert_eq!((log.event_count(), all), (0, whole));
+    }
+
+    #[test]
+    fn logs_appended_all_at_once_make_the_log_they_were_split_from_with_room_made_once() {
+        let whole = log_of(6);
+        let mut first = whole.clone();
+        let mut second = first.split_off_events(2);
+        let third = second.split_off_events(3);
+        first.changes.shrink_to_fit();
+        first.append_all(vec![second, ChangeLog::default(), third]);
+        assert_eq!(first, whole);
+        assert_eq!(first.changes.capacity(), whole.changes().len());
     }
 
     #[test]
