@@ -382,7 +382,7 @@ async fn read_window<E: Send + Sync + 'static>(
     let stores = &mut sample.stores;
     let targets = projections
         .iter()
-        .map(|p| Target::from(p.clone(), from.clone()))
+        .map(|p| Target::unbounded(p.clone(), from.clone()))
         .collect();
     let config = ReaderConfig {
         topics: engine.topics.clone(),

@@ -201,7 +201,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
     let catch_up = catch_up_limit(engine);
     let reader_targets = targets
         .iter()
-        .map(|t| Target::from(t.projection.clone(), t.positions.clone()))
+        .map(|t| Target::unbounded(t.projection.clone(), t.positions.clone()))
         .collect();
     let config = ReaderConfig {
         topics: engine.topics.clone(),

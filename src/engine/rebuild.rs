@@ -677,7 +677,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let stop = Arc::new(AtomicBool::new(false));
     let targets = jobs
         .iter()
-        .map(|j| Target::from(j.projection.clone(), bounds.start.clone()))
+        .map(|j| Target::unbounded(j.projection.clone(), bounds.start.clone()))
         .collect();
     let budget = options
         .memory_budget

@@ -411,11 +411,11 @@ async fn replay_round<E: Send + Sync + 'static>(
             let first = start.entry(*p).or_insert(*o);
             *first = (*first).min(*o);
             if let Some(end) = round.targets[i].get(p) {
-                let last = stop_at.entry(*p).or_insert(*end);
-                *last = (*last).max(*end);
                 own.insert(*p, *end);
             }
         }
+        // The read goes to the furthest of the builds' targets.
+        catalog::raise_positions(&mut stop_at, &own);
         ends.push(own);
     }
     // Per build replayed, the partitions earlier rounds loaded part of.

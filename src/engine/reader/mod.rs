@@ -97,7 +97,7 @@ pub struct Target<E> {
 
 impl<E> Target<E> {
     /// A target fed from `positions` (and any partition the read finds besides) to the read's end.
-    pub fn from(projection: DynProjection<E>, positions: Positions) -> Target<E> {
+    pub fn unbounded(projection: DynProjection<E>, positions: Positions) -> Target<E> {
         Target {
             projection,
             positions,
