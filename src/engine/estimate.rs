@@ -321,43 +321,58 @@ fn pilot_passes(partitions: i64) -> i64 {
 /// A process's first read runs at a fraction of its later pace on a host where touching memory
 /// the process never had is dear: on the 10M-event bench log (128 partitions, `dev-broker`), a
 /// pilot read in two halves paced 316k-335k events/s in its first half and 462k-515k in its
-/// second, against a replay of 536k (BENCHMARKS.md, session 33). A rebuild pays that once, in its first seconds; the pilot would pay it throughout.
-/// So the first half of the reads brings the memory in, and only the second half is timed; both
-/// count in the sample. A single pass (many partitions) is read as two, its even and odd
-/// partitions; several passes go even passes first. Either way each half has windows from the
-/// whole span of the log, early events (older versions, more upcasting) as much as late ones.
+/// second, against a replay of 536k (BENCHMARKS.md, session 33). A rebuild pays that once, in its
+/// first seconds; the pilot would pay it throughout. So the first half of the reads (rounded down)
+/// brings the memory in, and only the rest is timed; both count in the sample. Each read holds
+/// windows from the whole span of the log, early events (older versions, more upcasting) as much
+/// as late ones: a single pass (many partitions) is read as its even partitions, then its odd
+/// ones; several passes are read along diagonals, read j taking partition k's window of pass
+/// (j + k) mod n, so that every read has every partition once, with windows in as many of the
+/// passes' stretches of time as there are partitions (all of them from 10 partitions up).
 fn pilot_reads(passes: Vec<(Positions, Positions)>) -> (Vec<(Positions, Positions)>, usize) {
-    let halves: [Vec<(Positions, Positions)>; 2] = if let [(from, to)] = passes.as_slice() {
-        let half = |parity: usize| -> (Positions, Positions) {
-            let pick = |positions: &Positions| -> Positions {
-                positions
-                    .iter()
-                    .enumerate()
-                    .filter(|(index, _)| index % 2 == parity)
-                    .map(|(_, (&p, &o))| (p, o))
-                    .collect()
-            };
-            (pick(from), pick(to))
-        };
-        [vec![half(0)], vec![half(1)]]
-    } else {
-        let (even, odd): (Vec<_>, Vec<_>) = passes
-            .into_iter()
-            .enumerate()
-            .partition(|(i, _)| i % 2 == 0);
-        [
-            even.into_iter().map(|(_, pass)| pass).collect(),
-            odd.into_iter().map(|(_, pass)| pass).collect(),
-        ]
+    type Side = fn(&(Positions, Positions)) -> &Positions;
+    let (from, to): (Side, Side) = (|pass| &pass.0, |pass| &pass.1);
+    let reads: Vec<(Positions, Positions)> = match passes.as_slice() {
+        [] => Vec::new(),
+        [pass] => (0..2)
+            .map(|parity| {
+                let half = |side: Side| -> Positions {
+                    side(pass)
+                        .iter()
+                        .enumerate()
+                        .filter(|(k, _)| k % 2 == parity)
+                        .map(|(_, (&p, &o))| (p, o))
+                        .collect()
+                };
+                (half(from), half(to))
+            })
+            .collect(),
+        several => {
+            let n = several.len();
+            (0..n)
+                .map(|j| {
+                    let diagonal = |side: Side| -> Positions {
+                        several[0]
+                            .0
+                            .keys()
+                            .enumerate()
+                            .filter_map(|(k, p)| {
+                                side(&several[(j + k) % n]).get(p).map(|&o| (*p, o))
+                            })
+                            .collect()
+                    };
+                    (diagonal(from), diagonal(to))
+                })
+                .collect()
+        }
     };
-    // A read with no partition (the odd half of a log of one) is left out.
-    let [warm, timed] = halves.map(|half| {
-        half.into_iter()
-            .filter(|(from, _)| !from.is_empty())
-            .collect::<Vec<_>>()
-    });
-    let first_timed = warm.len();
-    (warm.into_iter().chain(timed).collect(), first_timed)
+    // A read with no partition (a log without any) is left out.
+    let reads: Vec<_> = reads
+        .into_iter()
+        .filter(|(from, _)| !from.is_empty())
+        .collect();
+    let first_timed = reads.len() / 2;
+    (reads, first_timed)
 }
 
 /// How many of the pilot's windows met each key of a table.
@@ -652,13 +667,27 @@ mod tests {
     }
 
     #[test]
-    fn several_passes_go_even_passes_first_and_the_odd_half_is_timed() {
-        let pass = |n: i64| (positions(&[(0, n * 100)]), positions(&[(0, n * 100 + 10)]));
-        let (reads, first_timed) = pilot_reads((0..5).map(pass).collect());
-        let starts: Vec<i64> = reads.iter().map(|(from, _)| from[&0]).collect();
-        assert_eq!(starts, vec![0, 200, 400, 100, 300]);
-        // Five passes: the last two reads are timed (the warm half is the larger when odd).
-        assert_eq!(first_timed, 3);
+    fn several_passes_are_read_along_diagonals_and_the_later_half_is_timed() {
+        // Three passes over partitions 0, 1 and 2: pass n's window of partition p starts at
+        // n * 100 + p.
+        let pass = |n: i64| {
+            let at = |offset: i64| positions(&[(0, offset), (1, offset + 1), (2, offset + 2)]);
+            (at(n * 100), at(n * 100 + 10))
+        };
+        let (reads, first_timed) = pilot_reads((0..3).map(pass).collect());
+        let starts: Vec<Vec<i64>> = reads
+            .iter()
+            .map(|(from, _)| from.values().copied().collect())
+            .collect();
+        // Read j takes partition k's window of pass (j + k) mod 3: each read has every partition
+        // once, and a window of every pass.
+        assert_eq!(
+            starts,
+            vec![vec![0, 101, 202], vec![100, 201, 2], vec![200, 1, 102]]
+        );
+        assert_eq!(reads[1].1, positions(&[(0, 110), (1, 211), (2, 12)]));
+        // Three reads: the first warms up, the other two are timed.
+        assert_eq!(first_timed, 1);
         let (reads, first_timed) = pilot_reads(Vec::new());
         assert!(reads.is_empty());
         assert_eq!(first_timed, 0);
