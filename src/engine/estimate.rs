@@ -138,23 +138,17 @@ pub async fn estimate<E: Send + Sync + 'static>(
             .iter()
             .map(|p| vec![Default::default(); p.tables().len()])
             .collect(),
-        streaming_events: 0,
-        streaming: Duration::ZERO,
     };
     let mut sampled = 0u64;
     let mut checks = SourceChecks::default();
     let pilot_started = Instant::now();
     let (reads, first_timed) = pilot_reads(passes);
-    // Every read's stretch too, for a log whose timed half brought nothing.
-    let mut untimed = (0u64, Duration::ZERO);
-    for (i, (from, to)) in reads.into_iter().enumerate() {
-        let (events, pass_checks, (streamed, took)) =
+    // Each read's streaming stretch (see [`streaming_stretch`]): events and time.
+    let mut stretches: Vec<(u64, Duration)> = Vec::new();
+    for (from, to) in reads {
+        let (events, pass_checks, stretch) =
             read_window(engine, &projections, &mut sample, from, to).await?;
-        untimed = (untimed.0 + streamed, untimed.1 + took);
-        if i >= first_timed {
-            sample.streaming_events += streamed;
-            sample.streaming += took;
-        }
+        stretches.push(stretch);
         sampled += events;
         checks.aggregates_started += pass_checks.aggregates_started;
         checks.aggregates =
@@ -167,11 +161,19 @@ pub async fn estimate<E: Send + Sync + 'static>(
     } else {
         0.0
     };
-    if sample.streaming_events == 0 {
-        (sample.streaming_events, sample.streaming) = untimed;
-    }
-    let events_per_second =
-        sample.streaming_events as f64 / sample.streaming.as_secs_f64().max(1e-6);
+    let sum = |stretches: &[(u64, Duration)]| {
+        stretches
+            .iter()
+            .fold((0u64, Duration::ZERO), |(e, t), &(events, took)| {
+                (e + events, t + took)
+            })
+    };
+    // The timed reads' pace; every read's for a log whose timed half brought nothing.
+    let (streamed, took) = match sum(stretches.get(first_timed..).unwrap_or_default()) {
+        (0, _) => sum(&stretches),
+        timed => timed,
+    };
+    let events_per_second = streamed as f64 / took.as_secs_f64().max(1e-6);
     let root_scale = scale.max(1.0).sqrt();
     let aggregates_est = (checks.aggregates_started > 0)
         .then(|| (checks.aggregates_started as f64 * scale).round() as u64);
@@ -330,41 +332,31 @@ fn pilot_passes(partitions: i64) -> i64 {
 /// (j + k) mod n, so that every read has every partition once, with windows in as many of the
 /// passes' stretches of time as there are partitions (all of them from 10 partitions up).
 fn pilot_reads(passes: Vec<(Positions, Positions)>) -> (Vec<(Positions, Positions)>, usize) {
-    type Side = fn(&(Positions, Positions)) -> &Positions;
-    let (from, to): (Side, Side) = (|pass| &pass.0, |pass| &pass.1);
-    let reads: Vec<(Positions, Positions)> = match passes.as_slice() {
-        [] => Vec::new(),
-        [pass] => (0..2)
-            .map(|parity| {
-                let half = |side: Side| -> Positions {
-                    side(pass)
-                        .iter()
-                        .enumerate()
-                        .filter(|(k, _)| k % 2 == parity)
-                        .map(|(_, (&p, &o))| (p, o))
-                        .collect()
-                };
-                (half(from), half(to))
-            })
-            .collect(),
-        several => {
-            let n = several.len();
-            (0..n)
-                .map(|j| {
-                    let diagonal = |side: Side| -> Positions {
-                        several[0]
-                            .0
-                            .keys()
-                            .enumerate()
-                            .filter_map(|(k, p)| {
-                                side(&several[(j + k) % n]).get(p).map(|&o| (*p, o))
-                            })
-                            .collect()
-                    };
-                    (diagonal(from), diagonal(to))
-                })
-                .collect()
+    let Some((first, _)) = passes.first() else {
+        return (Vec::new(), 0);
+    };
+    let partitions: Vec<i32> = first.keys().copied().collect();
+    // A read: partition k's window from the pass `pass_of(k)` names, if it names one.
+    let read = |pass_of: &dyn Fn(usize) -> Option<usize>| -> (Positions, Positions) {
+        let (mut from, mut to) = (Positions::new(), Positions::new());
+        for (k, p) in partitions.iter().enumerate() {
+            let Some((pass_from, pass_to)) = pass_of(k).and_then(|i| passes.get(i)) else {
+                continue;
+            };
+            if let (Some(&f), Some(&t)) = (pass_from.get(p), pass_to.get(p)) {
+                from.insert(*p, f);
+                to.insert(*p, t);
+            }
         }
+        (from, to)
+    };
+    let n = passes.len();
+    let reads: Vec<(Positions, Positions)> = if n == 1 {
+        (0..2)
+            .map(|parity| read(&|k| (k % 2 == parity).then_some(0)))
+            .collect()
+    } else {
+        (0..n).map(|j| read(&|k| Some((j + k) % n))).collect()
     };
     // A read with no partition (a log without any) is left out.
     let reads: Vec<_> = reads
@@ -407,14 +399,11 @@ fn key_hash(key: &[Value]) -> u64 {
     hasher.finish()
 }
 
-/// What the pilot gathered: the folded rows, how often each key was touched, and time spent.
+/// What the pilot gathered: the folded rows, and how often each key was touched.
 struct Sample {
     stores: Vec<RowStore>,
     /// Per projection and table.
     key_counts: Vec<Vec<KeyCounts>>,
-    /// Events and time of the timed reads' streaming stretches (see [`streaming_stretch`]), summed.
-    streaming_events: u64,
-    streaming: Duration,
 }
 
 /// The stretch of a pass that shows its pace: from the batch that brings its first tenth of events
