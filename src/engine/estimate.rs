@@ -96,6 +96,10 @@ pub async fn estimate<E: Send + Sync + 'static>(
         engine.schemas.load(p.name(), p.version())?;
     }
     let bounds = engine.log_bounds("reproject-estimate").await?;
+    tracing::debug!(
+        message = "estimate: log bounds read",
+        ms = started.elapsed().as_millis() as u64
+    );
     let events_total: i64 = bounds
         .end
         .iter()
@@ -145,9 +149,12 @@ pub async fn estimate<E: Send + Sync + 'static>(
     let (reads, first_timed) = pilot_reads(passes);
     // Each read's streaming stretch (see [`streaming_stretch`]): events and time.
     let mut stretches: Vec<(u64, Duration)> = Vec::new();
+    // The reads' consumers closing, awaited last (see [`read_window`]).
+    let mut closing = Vec::new();
     for (from, to) in reads {
-        let (events, pass_checks, stretch) =
+        let (events, pass_checks, stretch, close) =
             read_window(engine, &projections, &mut sample, from, to).await?;
+        closing.push(close);
         stretches.push(stretch);
         sampled += events;
         checks.aggregates_started += pass_checks.aggregates_started;
@@ -286,6 +293,14 @@ pub async fn estimate<E: Send + Sync + 'static>(
             load_seconds += seconds * ratio;
             fold_bytes += store.approx_bytes() as f64 * ratio;
         }
+    }
+    tracing::debug!(
+        message = "estimate: scratch loads measured",
+        ms = started.elapsed().as_millis() as u64,
+        pilot_ms = (pilot_seconds * 1000.0) as u64
+    );
+    for close in closing {
+        let _ = close.await;
     }
     let replay_seconds = events_total as f64 / events_per_second.max(1.0) * MARGIN;
     Ok(Estimate {
@@ -432,14 +447,22 @@ fn streaming_stretch(arrivals: &[(Instant, u64)]) -> Option<(u64, Duration)> {
 }
 
 /// Read one window of each partition in `from` and fold it into the sample; returns events, source
-/// checks, and the events and time of its streaming stretch.
+/// checks, the events and time of its streaming stretch, and its reader threads closing their
+/// consumers. rdkafka closes a consumer by polling in steps of 100 ms until its group is closed,
+/// which took 100 ms of most reads once their last batch was in; the next read, the scratch loads
+/// and the rest of the estimate need nothing from them, so they close meanwhile.
 async fn read_window<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projections: &[DynProjection<E>],
     sample: &mut Sample,
     from: Positions,
     to: Positions,
-) -> Result<(u64, SourceChecks, (u64, Duration))> {
+) -> Result<(
+    u64,
+    SourceChecks,
+    (u64, Duration),
+    tokio::task::JoinHandle<()>,
+)> {
     let stores = &mut sample.stores;
     let targets = projections
         .iter()
@@ -540,10 +563,27 @@ async fn read_window<E: Send + Sync + 'static>(
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(batches);
-    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
-    outcome?;
+    let closing = tokio::task::spawn_blocking(move || readers.join());
+    // Where a read's time goes besides its stretch: the brokers' first answers, its last
+    // partitions.
+    let since_start = |at: Option<&(Instant, u64)>| {
+        at.map_or(0, |(at, _)| (*at - pass_started).as_millis() as u64)
+    };
+    tracing::debug!(
+        message = "estimate: pilot read",
+        events,
+        batches = arrivals.len(),
+        first_batch_ms = since_start(arrivals.first()),
+        last_batch_ms = since_start(arrivals.last()),
+        stretch_events = stretch.0,
+        stretch_ms = stretch.1.as_millis() as u64,
+    );
+    if let Err(e) = outcome {
+        let _ = closing.await;
+        return Err(e);
+    }
     checks.aggregates = aggregates.or(checks.aggregates);
-    Ok((events, checks, stretch))
+    Ok((events, checks, stretch, closing))
 }
 
 fn duration(seconds: f64) -> String {

@@ -147,7 +147,7 @@ async fn log_end(source: &Source) -> Result<BTreeMap<i32, i64>, String> {
         if slot.is_none() {
             *slot = Some(
                 kafka
-                    .consumer("reproject-health")
+                    .metadata_client("reproject-health")
                     .map_err(|e| e.to_string())?,
             );
         }

@@ -421,7 +421,7 @@ impl<E: Send + Sync + 'static> Engine<E> {
     pub async fn log_bounds(&self, client: &'static str) -> Result<crate::source::LogBounds> {
         let (kafka, topics) = (self.kafka.clone(), self.topics.clone());
         tokio::task::spawn_blocking(move || {
-            let consumer = kafka.consumer(client)?;
+            let consumer = kafka.metadata_client(client)?;
             let partitions = kafka.partitions(&consumer, &topics)?;
             kafka.bounds(&consumer, &topics, &partitions)
         })

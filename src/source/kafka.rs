@@ -131,6 +131,18 @@ impl KafkaSettings {
             .map_err(self.error("creating a consumer"))
     }
 
+    /// A client for the brokers' metadata and offsets only (topics, partitions, log bounds), named
+    /// `client` in their logs. It reads no records, so it joins no consumer group: rdkafka drops a
+    /// group's consumer by closing the group and polling in steps of 100 ms until it is closed,
+    /// which took up to 100 ms of every look at the log bounds (an estimate's among them).
+    pub fn metadata_client(&self, client: &str) -> Result<BaseConsumer, SourceError> {
+        let mut config = self.base();
+        config.set("client.id", client);
+        self.with_user_properties(config)
+            .create()
+            .map_err(self.error("creating a metadata client"))
+    }
+
     /// [`KafkaSettings::consumer`] with its prefetch queue (and so its fetch responses) capped at
     /// `prefetch_max_bytes`; None keeps the consumer's default of [`PREFETCH_BYTES`].
     pub fn consumer_with_prefetch(
@@ -372,7 +384,7 @@ impl KafkaSettings {
         partitions: Option<i32>,
     ) -> Result<(), SourceError> {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let consumer = self.consumer("reproject-admin")?;
+        let consumer = self.metadata_client("reproject-admin")?;
         // Look before creating: a broker without CreateTopics support (the mock cluster) leaves the
         // request unanswered until it times out, so an existing topic must not pay for that.
         match self.topic_partitions(&consumer, topic) {
@@ -662,7 +674,8 @@ mod tests {
             }
         }
         producer.flush(Duration::from_secs(10)).expect("flush");
-        let consumer = settings.consumer("bounds-test").expect("consumer");
+        // The client the engine asks the log bounds with: in no consumer group.
+        let consumer = settings.metadata_client("bounds-test").expect("client");
         let topics = Topics::new(["bounds"]).expect("topic");
         let partitions = settings.partitions(&consumer, &topics).expect("partitions");
         let batched = settings
