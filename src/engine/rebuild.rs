@@ -783,6 +783,10 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     let names: Vec<&str> = jobs.iter().map(|j| j.projection.name()).collect();
     let mut controls = Controls::new(&names, batch_size.clone(), &engine.tuning);
     tokio::pin!(fold);
+    // Its first tick is at once: `status` shows a replay from its start, not after half a second
+    // (a short replay would otherwise finish without ever showing).
+    let mut every_half_second = tokio::time::interval(Duration::from_millis(500));
+    every_half_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let folded = loop {
         tokio::select! {
             result = &mut fold => break result.map_err(|e| EngineError::Projection { projection: "-".into(), reason: format!("fold task failed: {e}") })??,
@@ -790,7 +794,7 @@ async fn replay_and_load<E: Send + Sync + 'static>(
                 stop.store(true, Ordering::Relaxed);
                 return Err(EngineError::Interrupted);
             }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+            _ = every_half_second.tick() => {
                 controls.refresh(&engine.catalog).await?;
                 paused.store(!controls.paused().is_empty(), Ordering::Relaxed);
                 let done = read_events.load(Ordering::Relaxed);
