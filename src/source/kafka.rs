@@ -137,7 +137,11 @@ impl KafkaSettings {
     /// which took up to 100 ms of every look at the log bounds (an estimate's among them).
     pub fn metadata_client(&self, client: &str) -> Result<BaseConsumer, SourceError> {
         let mut config = self.base();
-        config.set("client.id", client);
+        config
+            .set("client.id", client)
+            // As the readers: the log end it is told is the last stable offset, the end a reader
+            // can reach while a transaction is open, not the high watermark past it.
+            .set("isolation.level", "read_committed");
         self.with_user_properties(config)
             .create()
             .map_err(self.error("creating a metadata client"))
