@@ -808,7 +808,15 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         }
     };
     progress.finish();
-    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
+    // The reader threads have sent their last batches and are closing their consumers, which
+    // rdkafka does by polling in steps of 100 ms: the load does not wait for it, unless the
+    // consumers' buffers must be gone before it (a memory budget) or the fold is shared with them.
+    let mut closing = Some(tokio::task::spawn_blocking(move || readers.join()));
+    if options.memory_budget.is_some() {
+        if let Some(closing) = closing.take() {
+            let _ = closing.await;
+        }
+    }
     let FoldResult {
         mut stores,
         spill,
@@ -820,6 +828,9 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         dead_letters,
     } = folded;
     if let Some(shared) = shared_fold {
+        if let Some(closing) = closing.take() {
+            let _ = closing.await;
+        }
         // The readers are joined: theirs were the only other handles.
         let shards = Arc::try_unwrap(shared).map_err(|_| EngineError::Projection {
             projection: "-".into(),
@@ -879,6 +890,9 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     };
     load_all(engine, jobs, stores, spill, &dead_letters, &loaded, report).await?;
     report.load_seconds = started.elapsed().as_secs_f64();
+    if let Some(closing) = closing {
+        let _ = closing.await;
+    }
     Ok(aggregate_index)
 }
 
