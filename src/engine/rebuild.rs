@@ -811,12 +811,13 @@ async fn replay_and_load<E: Send + Sync + 'static>(
     // The reader threads have sent their last batches and are closing their consumers, which
     // rdkafka does by polling in steps of 100 ms: the load does not wait for it, unless the
     // consumers' buffers must be gone before it (a memory budget) or the fold is shared with them.
-    let mut closing = Some(tokio::task::spawn_blocking(move || readers.join()));
-    if options.memory_budget.is_some() {
-        if let Some(closing) = closing.take() {
-            let _ = closing.await;
-        }
-    }
+    let closing = tokio::task::spawn_blocking(move || readers.join());
+    let closing = if options.memory_budget.is_some() || shared_fold.is_some() {
+        let _ = closing.await;
+        None
+    } else {
+        Some(closing)
+    };
     let FoldResult {
         mut stores,
         spill,
@@ -828,9 +829,6 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         dead_letters,
     } = folded;
     if let Some(shared) = shared_fold {
-        if let Some(closing) = closing.take() {
-            let _ = closing.await;
-        }
         // The readers are joined: theirs were the only other handles.
         let shards = Arc::try_unwrap(shared).map_err(|_| EngineError::Projection {
             projection: "-".into(),
