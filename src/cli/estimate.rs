@@ -1,5 +1,6 @@
 //! `reproject estimate <projection>...`: how long a rebuild will take, how many rows and how much
-//! disk and memory, from a pilot over about 2% of the log. Writes nothing.
+//! disk and memory, from a pilot over about 2% of the log (200,000 events at the least). Writes
+//! nothing.
 
 use super::output::{out, outln};
 use clap::Args;
@@ -20,6 +21,10 @@ pub struct EstimateArgs {
     /// The share of the log the pilot reads
     #[arg(long, default_value_t = estimate::DEFAULT_SAMPLE, value_name = "FRACTION")]
     pub sample: f64,
+    /// The events the pilot reads at the least, whatever the share (all of a smaller log): its
+    /// pace needs a few batches per reader thread to be measured
+    #[arg(long, default_value_t = estimate::LEAST_PILOT_EVENTS, value_name = "EVENTS")]
+    pub least_events: u64,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     #[command(flatten)]
@@ -36,7 +41,15 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: EstimateArgs) -> anyhow::Result<Ou
     let settings = cx.settings()?;
     let engine = cx.writing_engine(&settings, args.tuning.tuning()).await?;
     let names = super::chosen_projections(&engine, args.all, &args.projections);
-    let estimate = estimate::estimate(&engine, &names, args.sample).await?;
+    let estimate = estimate::estimate(
+        &engine,
+        &names,
+        estimate::PilotSize {
+            share: args.sample,
+            least_events: args.least_events,
+        },
+    )
+    .await?;
     match args.format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&estimate)?),
         Format::Text => out!("{}", estimate.render()),

@@ -1,4 +1,5 @@
-//! `estimate`: what a rebuild will take, from a pilot over about 2% of the log, before starting it.
+//! `estimate`: what a rebuild will take, from a pilot over about 2% of the log (200,000 events at
+//! the least, all of a smaller log), before starting it.
 //!
 //! The pilot reads windows spread over every partition and over time (a window per partition,
 //! staggered from the start to the end, or several per partition where there are few), with the
@@ -14,7 +15,8 @@
 //! events of one aggregate, close together in one partition, would otherwise count one key many
 //! times. The replay's pace is the pilot's, by the clock, while its windows stream in (fetch,
 //! decode, upcast, project, fold, many partitions at once as in a rebuild; see
-//! [`streaming_stretch`]), timed over the later half of its reads only (see [`pilot_reads`]).
+//! [`streaming_stretch`]), timed over the later half of its reads only (see [`pilot_reads`]), plus
+//! the wait for the brokers' first answers once, as the pilot's first read met it.
 //! Every figure gets a 20% margin for periods denser than the sample.
 
 use std::hash::{Hash, Hasher};
@@ -37,6 +39,12 @@ use rustc_hash::FxHashMap;
 const POINTS_IN_TIME: i64 = 128;
 /// Windows per partition, at most: each pass waits once for the brokers' first answer.
 const MAX_PASSES: i64 = 10;
+/// The events a pass brings at the least (where the pilot reads that many): a read gets under
+/// way partition by partition before it reaches its pace, which a rebuild pays once. With 16
+/// partitions, 8 passes of 25,000 events predicted 0.77-1.59x of the rebuild's replay, 2 passes of
+/// 100,000 0.92-0.99x; the 10M-event bench log's passes are 100,000 (BENCHMARKS.md, "The estimate
+/// on logs smaller than the bench's").
+const LEAST_READ_EVENTS: i64 = 100_000;
 /// The share of the log the pilot reads unless told otherwise. On the 10M-event bench log (128
 /// partitions) 2% took 0.5-0.8 s of reading (the whole estimate 0.7-1.1 s) where the rebuild takes
 /// 20 s. Its pace, like the replay's, is its fold thread's (busy 95% of a pass), and varied from
@@ -46,6 +54,38 @@ const MAX_PASSES: i64 = 10;
 pub const DEFAULT_SAMPLE: f64 = 0.02;
 /// The margin added for periods denser than the sample.
 pub const MARGIN: f64 = 1.2;
+/// The events the pilot reads at the least, however small the share: a pace is the time of a few
+/// batches per reader thread in the timed half of the reads, and a read pays ~0.1 s for the
+/// brokers' first answers besides. On a 200,000-event log (128 partitions) 2% was one batch per
+/// reader thread and its pace came out at 24k-146k events/s where the rebuild replayed at 324k
+/// (BENCHMARKS.md, "The estimate on logs smaller than the bench's"); 200,000 is what 2% is of the
+/// 10M-event bench log, where the prediction is within 25%. On a smaller log the pilot reads all
+/// of it.
+pub const LEAST_PILOT_EVENTS: u64 = 200_000;
+
+/// How much of the log the pilot reads: `share` of it, but at least `least_events` (or all of it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PilotSize {
+    pub share: f64,
+    pub least_events: u64,
+}
+
+impl Default for PilotSize {
+    fn default() -> Self {
+        PilotSize {
+            share: DEFAULT_SAMPLE,
+            least_events: LEAST_PILOT_EVENTS,
+        }
+    }
+}
+
+impl PilotSize {
+    /// The share of a log of `events` the pilot reads.
+    fn share_of(&self, events: i64) -> f64 {
+        let least = self.least_events as f64 / events.max(1) as f64;
+        self.share.max(least).min(1.0)
+    }
+}
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Estimate {
@@ -85,7 +125,7 @@ pub struct TableEstimate {
 pub async fn estimate<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     names: &[String],
-    share: f64,
+    size: PilotSize,
 ) -> Result<Estimate> {
     let started = Instant::now();
     let projections = names
@@ -105,10 +145,16 @@ pub async fn estimate<E: Send + Sync + 'static>(
         .iter()
         .map(|(p, e)| e - bounds.start.get(p).copied().unwrap_or(0))
         .sum();
+    let share = size.share_of(events_total);
 
     // Window i of every partition is read in pass i: windows spread evenly from start to end.
     let partitions = bounds.end.len() as i64;
-    let windows_per_partition = pilot_passes(partitions);
+    // Half the log or more is read as one window per partition: several would overlap.
+    let windows_per_partition = if share >= 0.5 {
+        1
+    } else {
+        pilot_passes(partitions, (events_total as f64 * share) as i64)
+    };
     let mut passes: Vec<(Positions, Positions)> = Vec::new();
     for i in 0..windows_per_partition {
         let (mut from, mut to) = (Positions::new(), Positions::new());
@@ -149,17 +195,21 @@ pub async fn estimate<E: Send + Sync + 'static>(
     let (reads, first_timed) = pilot_reads(passes);
     // Each read's streaming stretch (see [`streaming_stretch`]): events and time.
     let mut stretches: Vec<(u64, Duration)> = Vec::new();
+    // The wait for the brokers' first answers, as the pilot's first read (a fresh process's, as
+    // a rebuild's) met it: a rebuild pays it once, and on a small log it is a good part of the
+    // replay (0.1-0.13 s of 0.7 s on 200,000 events).
+    let mut first_answer: Option<Duration> = None;
     // The reads' consumers closing, awaited last (see [`read_window`]).
     let mut closing = Vec::new();
     for (from, to) in reads {
-        let (events, pass_checks, stretch, close) =
-            read_window(engine, &projections, &mut sample, from, to).await?;
-        closing.push(close);
-        stretches.push(stretch);
-        sampled += events;
-        checks.aggregates_started += pass_checks.aggregates_started;
+        let read = read_window(engine, &projections, &mut sample, from, to).await?;
+        closing.push(read.closing);
+        stretches.push(read.stretch);
+        first_answer = first_answer.or(read.first_batch);
+        sampled += read.events;
+        checks.aggregates_started += read.checks.aggregates_started;
         checks.aggregates =
-            Some(checks.aggregates.unwrap_or(0) + pass_checks.aggregates.unwrap_or(0));
+            Some(checks.aggregates.unwrap_or(0) + read.checks.aggregates.unwrap_or(0));
     }
     let stores = &sample.stores;
     let pilot_seconds = pilot_started.elapsed().as_secs_f64();
@@ -302,7 +352,9 @@ pub async fn estimate<E: Send + Sync + 'static>(
     for close in closing {
         let _ = close.await;
     }
-    let replay_seconds = events_total as f64 / events_per_second.max(1.0) * MARGIN;
+    let replay_seconds = (first_answer.unwrap_or_default().as_secs_f64()
+        + events_total as f64 / events_per_second.max(1.0))
+        * MARGIN;
     Ok(Estimate {
         projections: projections.iter().map(|p| p.name().to_string()).collect(),
         events_total,
@@ -327,10 +379,14 @@ pub async fn estimate<E: Send + Sync + 'static>(
 }
 
 /// Windows per partition the pilot reads, one per pass: enough passes that the partitions'
-/// windows together stand at [`POINTS_IN_TIME`] points, at most [`MAX_PASSES`].
-fn pilot_passes(partitions: i64) -> i64 {
+/// windows together stand at [`POINTS_IN_TIME`] points, at most [`MAX_PASSES`], and few enough
+/// that each pass brings [`LEAST_READ_EVENTS`] of the pilot's `events`.
+fn pilot_passes(partitions: i64, events: i64) -> i64 {
     let partitions = partitions.max(1);
-    ((POINTS_IN_TIME + partitions - 1) / partitions).clamp(1, MAX_PASSES)
+    let for_points = (POINTS_IN_TIME + partitions - 1) / partitions;
+    for_points
+        .min(events / LEAST_READ_EVENTS)
+        .clamp(1, MAX_PASSES)
 }
 
 /// The pilot's reads, in the order it makes them, and the index of the first whose pace is timed.
@@ -446,23 +502,29 @@ fn streaming_stretch(arrivals: &[(Instant, u64)]) -> Option<(u64, Duration)> {
     }
 }
 
-/// Read one window of each partition in `from` and fold it into the sample; returns events, source
-/// checks, the events and time of its streaming stretch, and its reader threads closing their
-/// consumers. rdkafka closes a consumer by polling in steps of 100 ms until its group is closed,
-/// which took 100 ms of most reads once their last batch was in; the next read, the scratch loads
-/// and the rest of the estimate need nothing from them, so they close meanwhile.
+/// One of the pilot's reads, folded into the sample.
+struct WindowRead {
+    events: u64,
+    checks: SourceChecks,
+    /// The events and time of its streaming stretch.
+    stretch: (u64, Duration),
+    /// From its start to its first batch, if one came.
+    first_batch: Option<Duration>,
+    /// Its reader threads closing their consumers. rdkafka closes a consumer by polling in steps
+    /// of 100 ms until its group is closed, which took 100 ms of most reads once their last batch
+    /// was in; the next read, the scratch loads and the rest of the estimate need nothing from
+    /// them, so they close meanwhile.
+    closing: tokio::task::JoinHandle<()>,
+}
+
+/// Read one window of each partition in `from` and fold it into the sample.
 async fn read_window<E: Send + Sync + 'static>(
     engine: &Engine<E>,
     projections: &[DynProjection<E>],
     sample: &mut Sample,
     from: Positions,
     to: Positions,
-) -> Result<(
-    u64,
-    SourceChecks,
-    (u64, Duration),
-    tokio::task::JoinHandle<()>,
-)> {
+) -> Result<WindowRead> {
     let stores = &mut sample.stores;
     let targets = projections
         .iter()
@@ -583,7 +645,13 @@ async fn read_window<E: Send + Sync + 'static>(
         return Err(e);
     }
     checks.aggregates = aggregates.or(checks.aggregates);
-    Ok((events, checks, stretch, closing))
+    Ok(WindowRead {
+        events,
+        checks,
+        stretch,
+        first_batch: arrivals.first().map(|(at, _)| *at - pass_started),
+        closing,
+    })
 }
 
 fn duration(seconds: f64) -> String {
@@ -660,14 +728,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn many_partitions_take_one_pass_and_few_take_several_up_to_ten() {
-        assert_eq!(pilot_passes(128), 1);
-        assert_eq!(pilot_passes(200), 1);
-        assert_eq!(pilot_passes(64), 2);
-        assert_eq!(pilot_passes(16), 8);
-        assert_eq!(pilot_passes(4), 10);
-        assert_eq!(pilot_passes(1), 10);
-        assert_eq!(pilot_passes(0), 10);
+    fn the_pilot_reads_its_share_but_never_fewer_than_its_least_events_nor_more_than_the_log() {
+        let size = PilotSize::default();
+        assert_eq!(size.share_of(100_000_000), DEFAULT_SAMPLE);
+        assert_eq!(size.share_of(10_000_000), DEFAULT_SAMPLE);
+        assert_eq!(size.share_of(1_000_000), 0.2);
+        assert_eq!(size.share_of(200_000), 1.0);
+        assert_eq!(size.share_of(20_000), 1.0);
+        assert_eq!(size.share_of(0), 1.0);
+        let share_only = PilotSize {
+            share: 0.05,
+            least_events: 0,
+        };
+        assert_eq!(share_only.share_of(60_000), 0.05);
+    }
+
+    #[test]
+    fn many_partitions_take_one_pass_and_few_take_several_up_to_ten_of_their_least_events_each() {
+        let plenty = 10 * LEAST_READ_EVENTS;
+        assert_eq!(pilot_passes(128, plenty), 1);
+        assert_eq!(pilot_passes(200, plenty), 1);
+        assert_eq!(pilot_passes(64, plenty), 2);
+        assert_eq!(pilot_passes(16, plenty), 8);
+        assert_eq!(pilot_passes(4, plenty), 10);
+        assert_eq!(pilot_passes(1, plenty), 10);
+        assert_eq!(pilot_passes(0, plenty), 10);
+        // No pass under its least events: a small pilot takes fewer, and always one.
+        assert_eq!(pilot_passes(16, 2 * LEAST_READ_EVENTS), 2);
+        assert_eq!(pilot_passes(16, 2 * LEAST_READ_EVENTS - 1), 1);
+        assert_eq!(pilot_passes(4, 3_000), 1);
     }
 
     fn positions(pairs: &[(i32, i64)]) -> Positions {

@@ -450,11 +450,7 @@ fn bench_reports_every_figure_as_json_with_its_limits_measured_in_the_same_run()
             "estimate.{field}: {figures}"
         );
     }
-    assert!(
-        estimate["sample_share"]
-            .as_f64()
-            .is_some_and(|share| share > 0.0 && share < 0.1),
-        "{figures}"
-    );
+    // 20,000 events are fewer than a pilot reads at the least: it reads them all, once.
+    assert_eq!(estimate["sample_share"].as_f64(), Some(1.0), "{figures}");
     let _ = std::fs::remove_file(&json);
 }

@@ -256,9 +256,7 @@ pub async fn run<D: Domain>(cx: &Cx<D>, args: BenchArgs) -> anyhow::Result<Outco
         verify: None,
     };
     let cancel = super::shutdown_token();
-    let estimate =
-        crate::engine::estimate::estimate(&engine, &names, crate::engine::estimate::DEFAULT_SAMPLE)
-            .await?;
+    let estimate = crate::engine::estimate::estimate(&engine, &names, Default::default()).await?;
     let started = Instant::now();
     let report = rebuild::rebuild(&engine, &names, &options, &cancel).await?;
     figures.rebuild_seconds = started.elapsed().as_secs_f64();
