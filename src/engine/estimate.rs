@@ -149,12 +149,7 @@ pub async fn estimate<E: Send + Sync + 'static>(
 
     // Window i of every partition is read in pass i: windows spread evenly from start to end.
     let partitions = bounds.end.len() as i64;
-    // Half the log or more is read as one window per partition: several would overlap.
-    let windows_per_partition = if share >= 0.5 {
-        1
-    } else {
-        pilot_passes(partitions, (events_total as f64 * share) as i64)
-    };
+    let windows_per_partition = pilot_passes(partitions, share, events_total);
     let mut passes: Vec<(Positions, Positions)> = Vec::new();
     for i in 0..windows_per_partition {
         let (mut from, mut to) = (Positions::new(), Positions::new());
@@ -380,8 +375,13 @@ pub async fn estimate<E: Send + Sync + 'static>(
 
 /// Windows per partition the pilot reads, one per pass: enough passes that the partitions'
 /// windows together stand at [`POINTS_IN_TIME`] points, at most [`MAX_PASSES`], and few enough
-/// that each pass brings [`LEAST_READ_EVENTS`] of the pilot's `events`.
-fn pilot_passes(partitions: i64, events: i64) -> i64 {
+/// that each pass brings [`LEAST_READ_EVENTS`] of the pilot's `share` of the log's `events`. A
+/// pilot over half the log or more takes one pass: several windows per partition would overlap.
+fn pilot_passes(partitions: i64, share: f64, events: i64) -> i64 {
+    if share >= 0.5 {
+        return 1;
+    }
+    let events = (events as f64 * share) as i64;
     let partitions = partitions.max(1);
     let for_points = (POINTS_IN_TIME + partitions - 1) / partitions;
     for_points
@@ -745,18 +745,21 @@ mod tests {
 
     #[test]
     fn many_partitions_take_one_pass_and_few_take_several_up_to_ten_of_their_least_events_each() {
-        let plenty = 10 * LEAST_READ_EVENTS;
-        assert_eq!(pilot_passes(128, plenty), 1);
-        assert_eq!(pilot_passes(200, plenty), 1);
-        assert_eq!(pilot_passes(64, plenty), 2);
-        assert_eq!(pilot_passes(16, plenty), 8);
-        assert_eq!(pilot_passes(4, plenty), 10);
-        assert_eq!(pilot_passes(1, plenty), 10);
-        assert_eq!(pilot_passes(0, plenty), 10);
+        // A pilot of `n` events over a log of a billion.
+        let share = |n: i64| n as f64 / 1e9;
+        const LOG: i64 = 1_000_000_000;
+        let plenty = share(10 * LEAST_READ_EVENTS);
+        assert_eq!(pilot_passes(128, plenty, LOG), 1);
+        assert_eq!(pilot_passes(200, plenty, LOG), 1);
+        assert_eq!(pilot_passes(64, plenty, LOG), 2);
+        assert_eq!(pilot_passes(16, plenty, LOG), 8);
+        assert_eq!(pilot_passes(4, plenty, LOG), 10);
+        assert_eq!(pilot_passes(1, plenty, LOG), 10);
+        assert_eq!(pilot_passes(0, plenty, LOG), 10);
         // No pass under its least events: a small pilot takes fewer, and always one.
-        assert_eq!(pilot_passes(16, 2 * LEAST_READ_EVENTS), 2);
-        assert_eq!(pilot_passes(16, 2 * LEAST_READ_EVENTS - 1), 1);
-        assert_eq!(pilot_passes(4, 3_000), 1);
+        assert_eq!(pilot_passes(16, share(2 * LEAST_READ_EVENTS), LOG), 2);
+        assert_eq!(pilot_passes(16, share(2 * LEAST_READ_EVENTS - 1), LOG), 1);
+        assert_eq!(pilot_passes(4, 0.05, 60_000), 1);
     }
 
     fn positions(pairs: &[(i32, i64)]) -> Positions {
