@@ -54,14 +54,39 @@ impl<E> FoldBuild<E> {
     }
 }
 
+/// Batches gathered into steps of about a given number of bytes of changes, for a fold that reads
+/// rows back from the database before it folds them: a read-back costs a few round trips however
+/// few rows it brings, and batches under a budget are small. A reader's last batch ends a step, so a
+/// step never waits for batches that will not come.
+pub struct Steps {
+    bytes: usize,
+    pending: Vec<Batch>,
+}
+
+impl Steps {
+    /// Steps of `bytes` of changes; 0 makes each batch a step of its own.
+    pub fn of(bytes: usize) -> Steps {
+        Steps {
+            bytes,
+            pending: Vec::new(),
+        }
+    }
+
+    /// `batch` added to the step under way: the step's batches, in order, once it is full.
+    pub fn push(&mut self, batch: Batch) -> Option<Vec<Batch>> {
+        let done = batch.done;
+        self.pending.push(batch);
+        let bytes: usize = self.pending.iter().map(|b| b.change_bytes).sum();
+        (done || bytes >= self.bytes).then(|| std::mem::take(&mut self.pending))
+    }
+}
+
 pub struct Fold<E> {
     builds: Vec<FoldBuild<E>>,
     /// The fold's share of the memory budget, if there is one.
     budget: Option<usize>,
-    /// Under a budget: the bytes of changes folded as one step (see [`Fold::apply`]).
-    step_bytes: Option<usize>,
-    /// The batches of the step under way.
-    pending: Vec<Batch>,
+    /// Under a budget: the batches folded as one step (see [`Fold::apply`]).
+    steps: Option<Steps>,
     policy: BadRecordPolicy,
     runtime: tokio::runtime::Handle,
     /// How many readers share the partitions out: each ends with a batch marked done.
@@ -121,14 +146,13 @@ impl<E: Send + Sync + 'static> Fold<E> {
             readers_done: 0,
             result,
             governor: None,
-            step_bytes: None,
-            pending: Vec::new(),
+            steps: None,
         })
     }
 
     /// Under a budget, fold batches in steps of about `bytes` of changes (see [`Fold::apply`]).
     pub fn in_steps_of(mut self, bytes: Option<usize>) -> Self {
-        self.step_bytes = bytes;
+        self.steps = bytes.map(Steps::of);
         self
     }
 
@@ -152,17 +176,13 @@ impl<E: Send + Sync + 'static> Fold<E> {
     /// their changes take a step's bytes, and folded together: rows spilled earlier are read back
     /// once per step, since a read-back costs a few round trips however few rows it brings.
     pub fn apply(&mut self, batch: Batch) -> Result<bool> {
-        let Some(step) = self.step_bytes.filter(|_| self.result.spill.is_some()) else {
+        let Some(steps) = self.steps.as_mut().filter(|_| self.result.spill.is_some()) else {
             return self.fold_step(vec![batch]);
         };
-        let done = batch.done;
-        self.pending.push(batch);
-        let pending: usize = self.pending.iter().map(|b| b.change_bytes).sum();
-        if !done && pending < step {
-            return Ok(false);
+        match steps.push(batch) {
+            Some(batches) => self.fold_step(batches),
+            None => Ok(false),
         }
-        let batches = std::mem::take(&mut self.pending);
-        self.fold_step(batches)
     }
 
     /// Fold `batches` in order: read back what they touch that was spilled, fold them, and spill

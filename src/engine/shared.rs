@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
-use super::fold::{Fold, FoldBuild};
+use super::fold::{Fold, FoldBuild, Steps};
 use super::memory::BATCHES_QUEUED;
 use super::reader::{self, ReaderConfig, SourceChecks, Target};
 use super::rebuild::{
@@ -454,9 +454,9 @@ async fn replay_round<E: Send + Sync + 'static>(
         max_batch_events: Arc::new(std::sync::atomic::AtomicUsize::new(
             engine.tuning.batch_events,
         )),
-        // Not cut by bytes: a round reads rows back per batch (`merge::Continued`), and small
-        // batches would multiply its queries; the plain rebuild's fold folds them in steps.
-        max_batch_bytes: None,
+        // Under a budget, cut by bytes as the plain rebuild's are: the round reads rows back once
+        // per fold step of several batches (`merge::Continued`), not once per batch.
+        max_batch_bytes: shares.map(|s| s.batch),
         max_batch_wait: Duration::from_millis(100),
         duplicate_window: shares.map_or(reader::DUPLICATE_WINDOW, |s| s.duplicate_window),
         log_end_every: None,
@@ -494,7 +494,7 @@ async fn replay_round<E: Send + Sync + 'static>(
     let mut conn = sqlx::PgConnection::connect(&engine.database_url)
         .await
         .context(|| "connecting to load a round".into())?;
-    let fold_budget = shares.map(|s| s.fold);
+    let (fold_budget, fold_step) = (shares.map(|s| s.fold), shares.map_or(0, |s| s.fold_step));
     let (policy, database_url) = (engine.tuning.bad_records, engine.database_url.clone());
     let runtime = tokio::runtime::Handle::current();
     let fold = tokio::task::spawn_blocking(move || {
@@ -511,22 +511,35 @@ async fn replay_round<E: Send + Sync + 'static>(
         let mut continued: Vec<merge::Continued> = (0..continuing.len())
             .map(|b| merge::Continued::new(fold.build_tables(b).specs.len()))
             .collect();
+        let mut steps = Steps::of(fold_step);
+        let (mut steps_folded, mut batches_folded) = (0usize, 0usize);
         while let Some(batch) = batches.blocking_recv() {
-            let batch = batch?;
-            for (b, changes) in batch.changes.iter().enumerate() {
-                if continuing[b].is_empty() {
+            let Some(step) = steps.push(batch?) else {
+                continue;
+            };
+            steps_folded += 1;
+            batches_folded += step.len();
+            for (b, continuing) in continuing.iter().enumerate() {
+                if continuing.is_empty() {
                     continue;
                 }
+                let changes = step
+                    .iter()
+                    .filter_map(|batch| batch.changes.get(b))
+                    .flat_map(|log| log.iter());
                 let (tables, store) = fold.tables_and_store(b);
                 runtime.block_on(continued[b].read_back(
                     &mut conn,
                     tables,
                     store,
                     changes,
-                    |p| continuing[b].contains(&p),
+                    |p| continuing.contains(&p),
                 ))?;
             }
-            let complete = fold.apply(batch)?;
+            let mut complete = false;
+            for batch in step {
+                complete |= fold.apply(batch)?;
+            }
             let held = fold.held_bytes()
                 + continued
                     .iter()
@@ -538,7 +551,9 @@ async fn replay_round<E: Send + Sync + 'static>(
                 tracing::info!(
                     message = "fold over its memory budget: loading the round so far",
                     fold_bytes = held,
-                    budget = fold_budget
+                    budget = fold_budget,
+                    batches = batches_folded,
+                    fold_steps = steps_folded
                 );
             }
             if complete || over_budget {

@@ -11,7 +11,7 @@
 //!
 //! Under a memory budget a worker loads its partitions in several rounds, each cut where its fold
 //! outgrew the budget. A round that continues partitions earlier rounds loaded reads back, before
-//! folding a batch, the per-aggregate rows its changes touch ([`Continued`]): those rows hold
+//! folding a step of batches, the per-aggregate rows their changes touch ([`Continued`]): those rows hold
 //! exactly the earlier events of their one partition, so the fold goes on from them, and the load
 //! upserts them. Rows that gather partitions are never read back: each round folds them from
 //! nothing and joins them in like another worker's.
@@ -22,7 +22,7 @@ use sqlx::PgConnection;
 use super::spill;
 use super::writer::{self, Absent, BuildTables, StagingNames};
 use super::{qualified, stable_hash, Context, Result, SinkError};
-use crate::projection::{ChangeLog, Key, RowStore, Value};
+use crate::projection::{Change, Key, LogicalTime, RowStore, Value};
 
 /// The first key of the transaction advisory lock that serialises one build's merges.
 const MERGE_LOCK: i32 = 0x5250_0003;
@@ -62,20 +62,21 @@ impl Continued {
         self.present.iter().map(|s| s.capacity() * 64).sum()
     }
 
-    /// Before `changes` are folded into `store`: read back the rows of per-aggregate tables they
-    /// touch, of events of partitions `continues` says earlier rounds loaded, that the fold does not
-    /// hold yet (or that the table does not hold them).
-    pub async fn read_back(
+    /// Before `changes` (a step's, with their events' times: one batch or several) are folded into
+    /// `store`: read back the rows of per-aggregate tables they touch, of events of partitions
+    /// `continues` says earlier rounds loaded, that the fold does not hold yet (or that the table
+    /// does not hold them).
+    pub async fn read_back<'c>(
         &mut self,
         conn: &mut PgConnection,
         tables: BuildTables<'_>,
         store: &mut RowStore,
-        changes: &ChangeLog,
+        changes: impl IntoIterator<Item = (LogicalTime, &'c Change)>,
         continues: impl Fn(i32) -> bool,
     ) -> Result<()> {
         let mut wanted: Vec<Vec<Vec<Value>>> = vec![Vec::new(); tables.specs.len()];
-        let mut seen: Vec<FxHashSet<&[Value]>> = vec![FxHashSet::default(); tables.specs.len()];
-        for (at, change) in changes.iter() {
+        let mut seen: Vec<FxHashSet<&'c [Value]>> = vec![FxHashSet::default(); tables.specs.len()];
+        for (at, change) in changes {
             let index = change.table();
             let Some(spec) = tables.specs.get(index) else {
                 continue;

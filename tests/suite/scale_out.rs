@@ -18,6 +18,16 @@ const TABLES: [(&str, &str); 3] = [
     ("daily_sales", "day, currency"),
 ];
 
+/// The number a log line gives as `name=N`.
+fn field(line: &str, name: &str) -> Option<u64> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
 /// A `rebuild --all --shared` process logging to a file of its own; `extra` are more flags.
 fn spawn_shared(db: &str, kafka: &Kafka, log: &PathBuf, extra: &[&str]) -> Child {
     let file = std::fs::File::create(log).expect("create the worker's log");
@@ -316,6 +326,17 @@ async fn processes_within_a_memory_budget_load_in_rounds_and_survivors_continue_
     assert_eq!(events_replayed(&pool).await, vec![events as i64; 3]);
     for log in &logs[1..] {
         let log = read_log(log);
+        // Under a budget the readers cut their batches by bytes, and a round reads rows back once
+        // per step of several batches, not once per batch.
+        let gathered = log
+            .lines()
+            .filter(|line| line.contains("loading the round so far"))
+            .filter_map(|line| Some((field(line, "batches")?, field(line, "fold_steps")?)))
+            .any(|(batches, steps)| batches > steps);
+        assert!(
+            gathered,
+            "a round folded several batches in one step: {log}"
+        );
         let cut = log.matches("complete=false").count();
         assert!(
             cut >= 2,
