@@ -625,7 +625,7 @@ async fn read_window<E: Send + Sync + 'static>(
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(batches);
-    let closing = tokio::task::spawn_blocking(move || readers.join());
+    let closing = readers.close();
     // Where a read's time goes besides its stretch: the brokers' first answers, its last
     // partitions.
     let since_start = |at: Option<&(Instant, u64)>| {

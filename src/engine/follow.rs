@@ -262,7 +262,7 @@ async fn follow_locked<E: Send + Sync + 'static>(
     .await;
     stop.store(true, Ordering::Relaxed);
     drop(batches);
-    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
+    let _ = readers.close().await;
     outcome
 }
 

@@ -581,7 +581,7 @@ async fn replay_round<E: Send + Sync + 'static>(
                 if member.assignment().generation != round.generation {
                     stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(message = "the group moved partitions during the round; dropping it and starting again");
-                    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
+                    let _ = readers.close().await;
                     return Ok(None);
                 }
             }
@@ -589,7 +589,7 @@ async fn replay_round<E: Send + Sync + 'static>(
     };
     // A round cut at the budget leaves readers mid-read.
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || readers.join()).await;
+    let _ = readers.close().await;
     let (folded, mut conn) = folded?;
     if member.assignment().generation != round.generation {
         tracing::info!(

@@ -204,6 +204,12 @@ impl ReaderThreads {
             let _ = handle.join();
         }
     }
+
+    /// Join the threads on a blocking thread of the runtime, which the caller may await or not:
+    /// they close their consumers, which rdkafka does by polling in steps of 100 ms.
+    pub fn close(self) -> tokio::task::JoinHandle<()> {
+        tokio::task::spawn_blocking(move || self.join())
+    }
 }
 
 /// How the partitions are shared out to reader threads: in partition order, round robin, so that
