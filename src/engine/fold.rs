@@ -56,8 +56,8 @@ impl<E> FoldBuild<E> {
 
 /// Batches gathered into steps of about a given number of bytes of changes, for a fold that reads
 /// rows back from the database before it folds them: a read-back costs a few round trips however
-/// few rows it brings, and batches under a budget are small. A reader's last batch ends a step, so a
-/// step never waits for batches that will not come.
+/// few rows it brings, and batches under a budget are small. A reader's last batch ends a step, so
+/// a step never waits for batches that will not come.
 pub struct Steps {
     bytes: usize,
     pending: Vec<Batch>,
