@@ -510,10 +510,9 @@ struct WindowRead {
     stretch: (u64, Duration),
     /// From its start to its first batch, if one came.
     first_batch: Option<Duration>,
-    /// Its reader threads closing their consumers. rdkafka closes a consumer by polling in steps
-    /// of 100 ms until its group is closed, which took 100 ms of most reads once their last batch
-    /// was in; the next read, the scratch loads and the rest of the estimate need nothing from
-    /// them, so they close meanwhile.
+    /// Its reader threads closing their consumers (`ReaderThreads::close`), which took 100 ms of
+    /// most reads once their last batch was in; the next read, the scratch loads and the rest of
+    /// the estimate need nothing from them, so they close meanwhile.
     closing: tokio::task::JoinHandle<()>,
 }
 

@@ -808,9 +808,9 @@ async fn replay_and_load<E: Send + Sync + 'static>(
         }
     };
     progress.finish();
-    // The reader threads have sent their last batches and are closing their consumers, which
-    // rdkafka does by polling in steps of 100 ms: the load does not wait for it, unless the
-    // consumers' buffers must be gone before it (a memory budget) or the fold is shared with them.
+    // The reader threads have sent their last batches and are closing their consumers
+    // (`ReaderThreads::close`): the load does not wait for it, unless the consumers' buffers must
+    // be gone before it (a memory budget) or the fold is shared with them.
     let closing = readers.close();
     let closing = if options.memory_budget.is_some() || shared_fold.is_some() {
         let _ = closing.await;
