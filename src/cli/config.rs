@@ -235,6 +235,30 @@ mod tests {
     }
 
     #[test]
+    fn a_size_as_reproject_prints_it_reads_back_as_the_same_budget() {
+        use crate::engine::memory::size_text;
+        assert_eq!(size_text(300 << 10), "300 KiB");
+        assert_eq!(size_text(147 << 20), "147 MiB");
+        assert_eq!(size_text(12 << 30), "12.0 GiB");
+        // An estimate's fold of the 10M-event example log, and a peak RSS.
+        for bytes in [
+            300u64 << 10,
+            147 << 20,
+            1_142_113_512,
+            2_342_682_624,
+            12 << 30,
+        ] {
+            let printed = size_text(bytes);
+            let read = parse_size(&printed).expect("a printed size parses") as f64;
+            let off = (read - bytes as f64).abs() / bytes as f64;
+            assert!(
+                off < 0.005,
+                "{bytes} printed as {printed} reads back as {read}"
+            );
+        }
+    }
+
+    #[test]
     fn topics_come_from_flags_then_the_config_file_then_the_domain_in_the_order_given() {
         let defaults = ["ledger.accounts", "ledger.transfers"];
         let from_domain = Settings::resolve(&GlobalArgs::default(), &defaults).expect("defaults");

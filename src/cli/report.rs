@@ -2,6 +2,7 @@
 //! shows it (`rebuild`, `demo` and `bench` print a rebuild; `swap` and `rollback` a swap).
 
 use super::output::{out, outln};
+use crate::engine::memory::size_text as size;
 use crate::engine::rebuild::RebuildReport;
 use crate::swap::SwapReport;
 
@@ -91,16 +92,4 @@ pub fn print_swapped(report: &SwapReport, what: &str, after: &str) {
         report.attempts,
         report.commit_ms
     );
-}
-
-/// Bytes as the report says them: MiB, or KiB below one (a test's budget of 300KiB is not "0 MiB").
-fn size(bytes: u64) -> String {
-    const KIB: f64 = 1024.0;
-    const MIB: f64 = KIB * KIB;
-    let bytes = bytes as f64;
-    if bytes < MIB {
-        format!("{:.0} KiB", bytes / KIB)
-    } else {
-        format!("{:.0} MiB", bytes / MIB)
-    }
 }

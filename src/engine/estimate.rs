@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::Connection;
 
+use super::memory::size_text;
 use super::reader::{self, ReaderConfig, SourceChecks, Target};
 use super::{Engine, EngineError, Result};
 use crate::projection::{DynProjection, RowStore, Value};
@@ -663,17 +664,6 @@ fn duration(seconds: f64) -> String {
     }
 }
 
-fn bytes(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.1} GB", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.0} MB", n / 1e6)
-    } else {
-        format!("{:.0} kB", n / 1e3)
-    }
-}
-
 impl Estimate {
     pub fn render(&self) -> String {
         let mut s = format!(
@@ -706,13 +696,13 @@ impl Estimate {
                 "  {:<18} ~{} rows, ~{}   (scaled {})\n",
                 t.table,
                 t.rows,
-                bytes(t.bytes),
+                size_text(t.bytes),
                 t.scaled
             ));
         }
         s.push_str(&format!(
             "  memory (fold)     ~{}   (without --memory-budget; with one the rebuild spills instead)\n",
-            bytes(self.fold_bytes)
+            size_text(self.fold_bytes)
         ));
         s.push_str(&format!(
             "  every figure includes a {:.0}% margin for periods denser than the sample\n",

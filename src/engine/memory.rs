@@ -113,6 +113,23 @@ pub fn return_freed_memory_at_once() {
     unsafe { libmimalloc_sys::mi_option_set(MIMALLOC_PURGE_DELAY, 0) };
 }
 
+/// A size as reproject prints it, in the powers of 1024 that `--memory-budget` reads, so that a
+/// figure read off an estimate or a report can be given back as a budget: KiB below 1 MiB (a
+/// test's budget of 300KiB is not "0 MiB"), GiB from 10 GiB up, MiB between.
+pub fn size_text(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    const MIB: f64 = KIB * KIB;
+    const GIB: f64 = MIB * KIB;
+    let bytes = bytes as f64;
+    if bytes < MIB {
+        format!("{:.0} KiB", bytes / KIB)
+    } else if bytes < 10.0 * GIB {
+        format!("{:.0} MiB", bytes / MIB)
+    } else {
+        format!("{:.1} GiB", bytes / GIB)
+    }
+}
+
 /// The peak resident set of process `pid` (this process when None) so far, from /proc's VmHWM;
 /// None where /proc is not available or the process is gone.
 pub fn peak_rss_bytes(pid: Option<u32>) -> Option<u64> {

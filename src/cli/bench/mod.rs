@@ -17,6 +17,7 @@ mod limits;
 mod workers;
 
 use super::output::outln;
+use crate::engine::memory::size_text;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -489,8 +490,8 @@ fn print_figures(f: &BenchFigures) {
         e.replay_events_per_second
     );
     outln!(
-        "  peak RSS {:.0} MB{}",
-        f.peak_rss_bytes as f64 / 1e6,
+        "  peak RSS {}{}",
+        size_text(f.peak_rss_bytes),
         if f.broker == BrokerPlace::InProcess {
             " (the in-process mock cluster's copy of the log included)"
         } else {
@@ -499,19 +500,19 @@ fn print_figures(f: &BenchFigures) {
     );
     let (read, write) = (&f.read_limit, &f.write_limit);
     outln!(
-        "limits, same run: raw read of the log ({} threads, nothing decoded) {} records, {:.0} MB in {:.2}s = {:.0} records/s; the replay ran at {:.0}% of it",
+        "limits, same run: raw read of the log ({} threads, nothing decoded) {} records, {} in {:.2}s = {:.0} records/s; the replay ran at {:.0}% of it",
         read.readers,
         read.records,
-        read.bytes as f64 / 1e6,
+        size_text(read.bytes),
         read.seconds,
         read.records_per_second,
         f.replay_share_of_read_limit * 100.0
     );
     outln!(
-        "  raw COPY of the rebuild's {} tables ({} rows, row clocks included, {:.0} MB binary) into unindexed tables {:.2}s, the same indexes and ANALYZE {:.2}s; the rebuild's load + indexes took {:.2}x that",
+        "  raw COPY of the rebuild's {} tables ({} rows, row clocks included, {} binary) into unindexed tables {:.2}s, the same indexes and ANALYZE {:.2}s; the rebuild's load + indexes took {:.2}x that",
         write.tables,
         write.rows,
-        write.bytes as f64 / 1e6,
+        size_text(write.bytes),
         write.copy_seconds,
         write.index_seconds,
         f.load_and_indexes_over_write_limit
@@ -536,12 +537,12 @@ fn print_figures(f: &BenchFigures) {
     }
     for shared in &f.shared_rebuilds {
         outln!(
-            "{} process(es) sharing one rebuild (`rebuild --all --shared`, start to last exit): {:.2}s = {:.0} events/s, {:.2}x the plain rebuild's time; largest peak RSS of one process {:.0} MB",
+            "{} process(es) sharing one rebuild (`rebuild --all --shared`, start to last exit): {:.2}s = {:.0} events/s, {:.2}x the plain rebuild's time; largest peak RSS of one process {}",
             shared.workers,
             shared.seconds,
             shared.events_per_second,
             shared.seconds / f.rebuild_seconds,
-            shared.largest_peak_rss_bytes as f64 / 1e6
+            size_text(shared.largest_peak_rss_bytes)
         );
     }
     let follow = &f.follow;
