@@ -2,7 +2,7 @@
 //! shows it (`rebuild`, `demo` and `bench` print a rebuild; `swap` and `rollback` a swap).
 
 use super::output::{out, outln};
-use crate::engine::memory::size_text as size;
+use crate::engine::memory::size_text;
 use crate::engine::rebuild::RebuildReport;
 use crate::swap::SwapReport;
 
@@ -46,7 +46,7 @@ pub fn print_report(report: &RebuildReport) {
     if report.events_replayed > 0 {
         outln!(
             "  the fold peaked at {}{}",
-            size(report.peak_fold_bytes),
+            size_text(report.peak_fold_bytes),
             if report.spills > 0 {
                 format!(
                     " and was flushed to PostgreSQL {} time(s) to stay within --memory-budget",
@@ -60,9 +60,9 @@ pub fn print_report(report: &RebuildReport) {
     if let (Some(budget), rss) = (report.memory_budget, report.peak_rss_bytes) {
         outln!(
             "  the process peaked at {} resident, {} its --memory-budget of {}",
-            size(rss),
+            size_text(rss),
             if rss <= budget { "within" } else { "over" },
-            size(budget)
+            size_text(budget)
         );
     }
     if report.dead_letters > 0 {

@@ -35,8 +35,9 @@ const LEAST_BATCH_BYTES: usize = 256 << 10;
 const LEAST_FOLD_STEP_BYTES: usize = 4 * LEAST_BATCH_BYTES;
 
 /// What librdkafka holds for a queued record against the payload bytes its queue limit counts:
-/// about 3.5x for the example domain's records of a hundred-odd bytes (the queue's per-record operation and
-/// message structures, the fetch buffers), measured as RSS against `queued.max.messages.kbytes`.
+/// about 3.5x for the example domain's records of a hundred-odd bytes (the queue's per-record
+/// operation and message structures, the fetch buffers), measured as RSS against
+/// `queued.max.messages.kbytes`.
 /// Larger records need less; the queue is then only smaller than it could be.
 pub const QUEUED_RECORD_OVERHEAD: usize = 4;
 
@@ -106,8 +107,8 @@ const MIMALLOC_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// Have the allocator hand memory back to the system as soon as it is freed. mimalloc (v3), the
 /// stock binary's allocator, otherwise keeps freed pages for a second (its arenas longer) for
 /// reuse, and a replay that spills frees its whole fold at once: under a 256 MiB budget on the
-/// example's 10M-event log that was ~36 MiB of the peak, at no measurable cost in time. Without mimalloc
-/// as the global allocator this sets an option nothing reads.
+/// example's 10M-event log that was ~36 MiB of the peak, at no measurable cost in time. Without
+/// mimalloc as the global allocator this sets an option nothing reads.
 pub fn return_freed_memory_at_once() {
     // SAFETY: sets one integer option; mimalloc reads options without locks by design.
     unsafe { libmimalloc_sys::mi_option_set(MIMALLOC_PURGE_DELAY, 0) };

@@ -13,8 +13,8 @@
 //! outgrew the budget. A round that continues partitions earlier rounds loaded reads back, before
 //! folding a step of batches, the per-aggregate rows their changes touch ([`Continued`]): those
 //! rows hold exactly the earlier events of their one partition, so the fold goes on from them, and
-//! the load upserts them. Rows that gather partitions are never read back: each round folds them from
-//! nothing and joins them in like another worker's.
+//! the load upserts them. Rows that gather partitions are never read back: each round folds them
+//! from nothing and joins them in like another worker's.
 
 use rustc_hash::FxHashSet;
 use sqlx::PgConnection;
